@@ -1,0 +1,46 @@
+"""lora-onnx: add, apply, swap and fold LoRA adapters in exported ONNX models, proven in onnxruntime.
+
+The pipeline, one module per stage: :mod:`~lora_onnx.load` (graph only) -> :mod:`~lora_onnx.sites`
+(find sites from metadata) -> :mod:`~lora_onnx.plan` (ranks, names, shapes) -> :mod:`~lora_onnx.rewrite`
+(insert branches) -> :mod:`~lora_onnx.save` (atomic, external data linked or streamed) ->
+:mod:`~lora_onnx.validation` (onnxruntime). :mod:`~lora_onnx.fold` undoes a rewrite into the weights.
+
+The functions below are what the ``lora-onnx`` command line calls.
+"""
+
+from lora_onnx.config import LoraConfig
+from lora_onnx.errors import LoraOnnxError
+from lora_onnx.injection import InjectResult, inject
+from lora_onnx.inspection import Inspection, inspect_model
+from lora_onnx.load import LoadedModel, load_model
+from lora_onnx.merging import MergeResult, merge
+from lora_onnx.save import save_model
+from lora_onnx.sites import Site, SiteScan, Skipped, find_sites
+from lora_onnx.targets import TargetSelector
+from lora_onnx.validation import ValidationReport, validate
+
+inspect = inspect_model
+
+__all__ = [
+    "InjectResult",
+    "Inspection",
+    "LoadedModel",
+    "LoraConfig",
+    "LoraOnnxError",
+    "MergeResult",
+    "Site",
+    "SiteScan",
+    "Skipped",
+    "TargetSelector",
+    "ValidationReport",
+    "find_sites",
+    "inject",
+    "inspect",
+    "inspect_model",
+    "load_model",
+    "merge",
+    "save_model",
+    "validate",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""``lora-onnx inject``: add fresh LoRA branches to a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
+from lora_onnx.cli.render import info, print_skipped, print_validation, warn
+from lora_onnx.errors import EXIT_MISMATCH
+from lora_onnx.injection import inject
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inject",
+        help="add LoRA branches beside Gemm / MatMul / Conv nodes",
+        description="Add a LoRA branch y += s * B(A(x)) beside every targeted Gemm, MatMul and Conv node. "
+        "Reads tensor shapes only, never weight bytes.",
+    )
+    parser.add_argument("model", help="input .onnx model (never modified)")
+    parser.add_argument("-o", "--output", required=True, help="output .onnx path")
+    add_recipe_arguments(parser)
+    parser.add_argument(
+        "--validate", action="store_true",
+        help="prove the output in onnxruntime before writing it (unchanged outputs for B = 0 inits, "
+        "otherwise equal to its own fold)",
+    )  # fmt: skip
+    add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = inject(
+        args.model, config_from_args(args), output=args.output, validate=args.validate,
+        providers=args.providers, dims=dims_from_args(args),
+    )  # fmt: skip
+    for message in result.warnings:
+        warn(message)
+    print_skipped((*result.scan.skipped, *result.plan.skipped))
+    sites = len(result.branches)
+    info(f"Planned {sites} LoRA branch(es), {result.plan.lora_params:,} LoRA parameters.")
+    if result.validation is not None:
+        print_validation(result.validation, "Proof in onnxruntime")
+        if not result.validation.ok:
+            warn("validation failed; nothing was written")
+            return EXIT_MISMATCH
+    info(f"Wrote {result.output}")
+    return 0

@@ -1,0 +1,44 @@
+"""Entry point: parse, dispatch to a command module, turn user errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lora_onnx import __version__
+from lora_onnx.cli import inject, inspect, merge, validate
+from lora_onnx.cli.render import error
+from lora_onnx.errors import LoraOnnxError
+
+#: Command modules; each has ``register(subparsers)`` which sets ``func`` (args -> exit code).
+COMMANDS = (inject, merge, validate, inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-onnx",
+        description="Add, apply, swap and fold LoRA adapters in ONNX models, proven in onnxruntime.",
+        epilog="Exit codes: 0 success, 1 validation mismatch, 2 bad input or impossible request.",
+    )
+    parser.add_argument("--version", action="version", version=f"lora-onnx {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LoraOnnxError as exc:
+        error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        error("interrupted; nothing was written")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

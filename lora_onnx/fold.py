@@ -1,0 +1,218 @@
+"""Fold (merge) branches into their base weights: ``W' = W + s * delta`` in the weight's own layout.
+
+The graph edit is immediate (branch nodes and tensors removed, the base output renamed back); the new
+weight values are *producers* run when the model is saved, one weight at a time, reading the old weight
+memory-mapped, computing in float32 and casting back to the weight's type.
+
+A weight can be folded only when every node that uses it (through any Identity / Transpose / Cast chain)
+carries the same set of folded branches; otherwise folding would change a node that has no branch, or
+give two nodes each other's delta. Such branches, and a dense A on a grouped conv (its delta mixes input
+groups), are refused with their reason, or kept in place with a warning when a partial fold is asked for.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from lora_onnx.errors import FoldError
+from lora_onnx.graph import GraphIndex
+from lora_onnx.load import LoadedModel, TensorProducer
+from lora_onnx.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.tensors import np_dtype
+from lora_onnx.weights import PASS_THROUGH_OPS
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A branch left in place by a partial fold, and why."""
+
+    branch: BranchRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    model: LoadedModel
+    folded: tuple[BranchRecord, ...]
+    kept: tuple[Kept, ...]
+
+
+def dense_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """``s * A @ B`` in (in, out) orientation, float32, from MatMul-layout A (in, r) and B (r, out)."""
+    return scale * (a.astype(np.float32) @ b.astype(np.float32))
+
+
+def conv_delta(a: np.ndarray, b: np.ndarray, scale: float, group: int) -> np.ndarray:
+    """The (out, in/group, k...) delta of ConvB(ConvA(x)) with both convs split into ``group`` groups.
+
+    Group j's output channels see only group j's rank channels, which see only group j's input channels,
+    so the delta is one ``B_j @ A_j`` block per group, exactly a grouped weight's shape.
+    """
+    rank, out = a.shape[0], b.shape[0]
+    a2 = a.astype(np.float32).reshape(rank, -1)
+    b2 = b.astype(np.float32).reshape(out, -1)
+    rank_g, out_g = rank // group, out // group
+    blocks = [b2[j * out_g : (j + 1) * out_g] @ a2[j * rank_g : (j + 1) * rank_g] for j in range(group)]
+    return scale * np.concatenate(blocks).reshape(out, *a.shape[1:])
+
+
+def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
+    """The branch's delta in the layout of its source weight initializer (float32)."""
+    a, b = model.array(branch.a), model.array(branch.b)
+    if branch.kind == "conv":
+        return conv_delta(a, b, branch.scale, branch.b_group)
+    delta = dense_delta(a, b, branch.scale)
+    return delta.T if branch.source_layout == "out,in" else delta
+
+
+def _why_not_foldable(branch: BranchRecord) -> str | None:
+    if branch.variant != "constant":
+        return f"its tensors are {branch.variant} inputs, not constants; fold it with a chosen adapter"
+    if branch.kind == "conv" and branch.a_group != branch.base_group:
+        return (
+            f"its conv A is dense (group {branch.a_group}) but the base conv has group {branch.base_group}: "
+            "the delta mixes input groups and has no grouped-weight form (PEFT cannot merge it either)"
+        )
+    return None
+
+
+def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
+    """Nodes using ``weight`` directly or through pass-through chains (the chain nodes excluded)."""
+    users, pending = [], [weight]
+    while pending:
+        value = pending.pop()
+        for node in index.consumers.get(value, []):
+            if node.op_type in PASS_THROUGH_OPS:
+                pending.extend(node.output)
+            else:
+                users.append(node.name)
+    return users
+
+
+def fold_branches(
+    model: LoadedModel, *, adapters: Collection[str] | None = None, partial: bool = False
+) -> FoldResult:
+    """Fold the branches of ``adapters`` (all when None) into their weights; see the module doc."""
+    branches = read_branches(model.proto)
+    if not branches:
+        raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
+    chosen = [b for b in branches if adapters is None or b.adapter in adapters]
+    if not chosen:
+        names = sorted({b.adapter for b in branches})
+        raise FoldError(f"no branch of adapter(s) {sorted(adapters or [])}; the model has {names}")
+    index = GraphIndex(model.proto.graph)
+    reasons = _refusals(index, chosen)
+    if reasons and not partial:
+        first = next(iter(reasons.items()))
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        raise FoldError(
+            f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}{more}; "
+            "use a partial fold to keep such branches in place"
+        )
+    folding = [b for b in chosen if b not in reasons]
+    kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
+    remaining = tuple(b for b in branches if b not in folding)
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    _remove_branches(proto, folding, remaining)
+    write_branches(proto, remaining)
+    producers = _weight_producers(model, folding)
+    return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
+
+
+def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchRecord, str]:
+    reasons: dict[BranchRecord, str] = {}
+    for branch in chosen:
+        reason = _why_not_foldable(branch)
+        if reason:
+            reasons[branch] = reason
+        elif branch.weight not in index.initializers:
+            reasons[branch] = f"its weight {branch.weight!r} is no longer an initializer of the graph"
+    by_weight: dict[str, list[BranchRecord]] = defaultdict(list)
+    for branch in chosen:
+        by_weight[branch.weight].append(branch)
+    for weight, group in by_weight.items():
+        per_node: dict[str, set[tuple[str, str, float]]] = defaultdict(set)
+        for branch in group:
+            per_node[branch.site].add((branch.a, branch.b, branch.scale))
+        users = _terminal_users(index, weight) if weight in index.initializers else []
+        bare = [user for user in users if user not in per_node]
+        distinct = {frozenset(deltas) for deltas in per_node.values()}
+        reason = None
+        if bare:
+            reason = f"its weight {weight!r} is shared with node {bare[0]!r}, which has no branch to fold"
+        elif len(distinct) > 1:
+            reason = (
+                f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
+            )
+        if reason:
+            for branch in group:
+                reasons.setdefault(branch, reason)
+    # A weight is folded whole or not at all: one refused branch keeps its weight's other branches too.
+    refused_weights = {b.weight for b in reasons}
+    for branch in chosen:
+        if branch.weight in refused_weights and branch not in reasons:
+            reasons[branch] = f"another branch on its weight {branch.weight!r} cannot be folded"
+    return reasons
+
+
+def _remove_branches(
+    proto: onnx.ModelProto, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
+) -> None:
+    graph = proto.graph
+    nodes = {node.name: node for node in graph.node}
+    producer = {name: node for node in graph.node for name in node.output}
+    for branch in folding:
+        # The branch's Add may have been renamed by a branch stacked on it later, so rename the base
+        # producer to whatever the Add outputs *now*: the stacked branch then reads the base directly.
+        add, base = nodes.get(branch.nodes[-1]), producer.get(branch.base_join)
+        if add is None or base is None:
+            raise FoldError(
+                f"the branch at node {branch.site!r} is not in the graph as recorded; was the model edited "
+                "after lora-onnx rewrote it?"
+            )
+        joined = add.output[0]
+        base.output[list(base.output).index(branch.base_join)] = joined
+        producer[joined] = base
+    drop_nodes = {name for branch in folding for name in branch.nodes}
+    kept_nodes = [node for node in graph.node if node.name not in drop_nodes]
+    kept_values = {name for node in kept_nodes for name in node.output}
+    dropped_values = {out for name in drop_nodes if name in nodes for out in nodes[name].output} - kept_values
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    still_used = {name for node in kept_nodes for name in node.input}
+    still_used |= {name for branch in remaining for name in branch.tensors}
+    drop_tensors = {name for branch in folding for name in branch.tensors} - still_used
+    kept_tensors = [t for t in graph.initializer if t.name not in drop_tensors]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_tensors)
+    kept_info = [v for v in graph.value_info if v.name not in dropped_values]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+
+
+def _weight_producers(model: LoadedModel, folding: Sequence[BranchRecord]) -> dict[str, TensorProducer]:
+    # One delta per distinct (A, B, scale) on a weight: a module run twice shares its branch tensors,
+    # and its delta must be added once, not once per node.
+    deltas: dict[str, dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
+    for branch in folding:
+        deltas[branch.weight].setdefault((branch.a, branch.b, branch.scale), branch)
+    return {weight: _producer(model, weight, list(group.values())) for weight, group in deltas.items()}
+
+
+def _producer(model: LoadedModel, weight: str, branches: list[BranchRecord]) -> TensorProducer:
+    dtype = np_dtype(model.initializer(weight).data_type)
+
+    def produce() -> np.ndarray:
+        merged = np.array(model.array(weight), dtype=np.float32)
+        for branch in branches:
+            merged += branch_delta(model, branch)
+        return merged.astype(dtype)
+
+    return produce

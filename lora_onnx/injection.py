@@ -1,0 +1,108 @@
+"""``inject``: add fresh LoRA branches (load -> find sites -> plan -> rewrite -> save -> validate)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_onnx.config import LoraConfig
+from lora_onnx.errors import LoraOnnxError
+from lora_onnx.fold import fold_branches
+from lora_onnx.graph import GraphIndex
+from lora_onnx.init import initial_values
+from lora_onnx.load import LoadedModel, ModelLike, load_model
+from lora_onnx.manifest import BranchRecord, adapter_names, read_branches
+from lora_onnx.plan import Plan, plan_branches
+from lora_onnx.rewrite import insert_branches
+from lora_onnx.save import save_model
+from lora_onnx.sites import SiteScan, find_sites
+from lora_onnx.validation import ValidationReport, validate
+
+#: Zero-B branches add exact zeros, so outputs must agree far tighter than the default tolerance.
+UNCHANGED_RTOL, UNCHANGED_ATOL = 1e-6, 1e-6
+
+
+@dataclass(frozen=True)
+class InjectResult:
+    """What ``inject`` did: the rewritten model, its branches, and every site it passed over and why."""
+
+    model: LoadedModel
+    branches: tuple[BranchRecord, ...]
+    scan: SiteScan
+    plan: Plan
+    output: Path | None = None
+    validation: ValidationReport | None = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.plan.warnings
+
+
+def existing_branches(model: LoadedModel) -> tuple[BranchRecord, ...]:
+    return read_branches(model.proto)
+
+
+def refuse_existing_adapter(model: LoadedModel, adapter: str) -> None:
+    if adapter in adapter_names(existing_branches(model)):
+        raise LoraOnnxError(
+            f"{model.name} already carries an adapter named {adapter!r}; choose another name (--name) "
+            "or merge / remove it first"
+        )
+
+
+def scan_sites(model: LoadedModel, ops: Sequence[str] | frozenset[str]) -> SiteScan:
+    """Sites of the base graph, leaving out the nodes of branches the model already carries."""
+    ignore = {name for branch in existing_branches(model) for name in branch.nodes}
+    return find_sites(model, ops, ignore_nodes=ignore)
+
+
+def prove(
+    source: LoadedModel,
+    rewritten: LoadedModel,
+    zero_init: bool,
+    *,
+    providers: str | Sequence[str] = ("cpu",),
+    dims: Mapping[str, int] | None = None,
+) -> ValidationReport:
+    """A rewrite's proof: zero-B branches leave outputs unchanged; others equal their own fold."""
+    if zero_init:
+        return validate(
+            source, rewritten, providers=providers, rtol=UNCHANGED_RTOL, atol=UNCHANGED_ATOL, dims=dims
+        )
+    folded = fold_branches(rewritten).model
+    return validate(rewritten, folded, providers=providers, dims=dims)
+
+
+def inject(
+    model: ModelLike,
+    config: LoraConfig | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    validate: bool = False,
+    providers: str | Sequence[str] = ("cpu",),
+    dims: Mapping[str, int] | None = None,
+) -> InjectResult:
+    """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
+
+    Reads tensor shapes only, never weight bytes. With ``validate`` the rewrite is checked in
+    onnxruntime before anything is written: outputs unchanged for zero-B inits, otherwise equal to the
+    rewrite's own fold. Raises :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
+    """
+    config = config or LoraConfig()
+    source = load_model(model)
+    refuse_existing_adapter(source, config.adapter_name)
+    scan = scan_sites(source, config.ops)
+    plan = plan_branches(scan, config, GraphIndex(source.proto.graph)).require_branches()
+    values = {}
+    for branch in plan.branches:
+        if branch.a_name not in values:
+            values[branch.a_name], values[branch.b_name] = initial_values(branch, config.init, config.seed)
+    zero_init = config.init != "random"
+    rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    report = prove(source, rewritten, zero_init, providers=providers, dims=dims) if validate else None
+    written = None
+    if output is not None and (report is None or report.ok):
+        written = save_model(rewritten, output)
+    return InjectResult(rewritten, records, scan, plan, written, report)

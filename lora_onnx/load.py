@@ -1,0 +1,201 @@
+"""Load a model's graph without its weights.
+
+Everything downstream works on a graph-only ``ModelProto``: initializers stored as external data keep just
+their metadata (dims, data type, location), so a multi-GB model costs what its graph costs. Loading also
+checks what a later stage would otherwise trip over: a missing or truncated data file, a location that
+escapes the model's folder, a graph that is not topologically sorted or refers to undefined values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from lora_onnx.errors import ModelLoadError
+from lora_onnx.tensors import ExternalRef, external_ref, read_array
+
+#: Produces a tensor's new value when the model is saved (folding streams one weight at a time).
+TensorProducer = Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A graph-only model and the folder its external data locations are relative to.
+
+    ``proto`` is owned by this record: stages copy it before they change it, so a caller's model is
+    never modified. ``path`` is the file it came from (None for a model built in memory). ``overrides``
+    maps initializer names to producers of their new values, computed only when the model is saved.
+    """
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    base_dir: Path | None = None
+    overrides: Mapping[str, TensorProducer] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """A short label for messages: the file name, or the graph name for in-memory models."""
+        return self.path.name if self.path else (self.proto.graph.name or "<in-memory model>")
+
+    def external_files(self) -> list[Path]:
+        """Every data file the model's initializers refer to, resolved against ``base_dir``."""
+        if self.base_dir is None:
+            return []
+        locations = {ref.location for ref in self.external_refs().values()}
+        return [self.base_dir / location for location in sorted(locations)]
+
+    def external_refs(self) -> dict[str, ExternalRef]:
+        """Tensor name -> where its bytes live, for tensors stored as external data."""
+        refs = {}
+        for tensor in all_tensors(self.proto.graph):
+            ref = external_ref(tensor)
+            if ref is not None:
+                refs[tensor.name] = ref
+        return refs
+
+    def initializer(self, name: str) -> onnx.TensorProto:
+        for tensor in self.proto.graph.initializer:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(name)
+
+    def array(self, name: str) -> np.ndarray:
+        """An initializer's current value (an override's, else read or memory-mapped from the source)."""
+        if name in self.overrides:
+            return self.overrides[name]()
+        return read_array(self.initializer(name), self.base_dir)
+
+    def with_proto(
+        self, proto: onnx.ModelProto, overrides: Mapping[str, TensorProducer] | None = None
+    ) -> LoadedModel:
+        """The same source (path, data folder) with another graph, e.g. a rewritten copy."""
+        merged = {**self.overrides, **(overrides or {})}
+        return LoadedModel(proto=proto, path=self.path, base_dir=self.base_dir, overrides=merged)
+
+
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes (Constant values), including those of subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from all_tensors(sub)
+
+
+ModelLike = str | os.PathLike | onnx.ModelProto | LoadedModel
+
+
+def load_model(model: ModelLike, *, base_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """Load ``model`` (a path, a ``ModelProto`` or a :class:`LoadedModel`) graph-only and check it.
+
+    A ``ModelProto`` is copied, so the caller's object is never modified; pass ``base_dir`` when its
+    initializers refer to external data. Raises :class:`ModelLoadError` with a one-line reason.
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        loaded = LoadedModel(proto, None, Path(base_dir) if base_dir is not None else None)
+    else:
+        path = Path(model)
+        loaded = LoadedModel(_read_graph(path), path, path.parent)
+    _name_unnamed_nodes(loaded.proto.graph)
+    _check_graph(loaded)
+    _check_external_data(loaded)
+    return loaded
+
+
+def _read_graph(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror})") from exc
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated ({exc})") from exc
+    if not proto.graph.node or not proto.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated (the graph is empty)")
+    return proto
+
+
+def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name: sites, reports and branch records refer to nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{index}"
+            name, suffix = base, 0
+            while name in seen:
+                suffix += 1
+                name = f"{base}_{suffix}"
+            node.name = name
+        seen.add(node.name)
+
+
+def _check_graph(model: LoadedModel) -> None:
+    """Every node input must be defined before use: catches truncation and unsorted graphs early."""
+    graph = model.proto.graph
+    defined = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    defined |= {tensor.name for tensor in graph.sparse_initializer}
+    defined.add("")
+    for node in graph.node:
+        for name in node.input:
+            if name not in defined:
+                raise ModelLoadError(
+                    f"{model.name}: node {node.name!r} ({node.op_type}) uses {name!r}, which no earlier "
+                    "node, input or initializer defines (the file may be truncated or the graph unsorted)"
+                )
+        defined.update(node.output)
+    for output in graph.output:
+        if output.name not in defined:
+            raise ModelLoadError(f"{model.name}: graph output {output.name!r} is never computed")
+
+
+def _check_external_data(model: LoadedModel) -> None:
+    refs = model.external_refs()
+    if not refs:
+        return
+    if model.base_dir is None:
+        first = next(iter(refs))
+        raise ModelLoadError(
+            f"{model.name}: initializer {first!r} is stored as external data; load the model from its file "
+            "or pass base_dir="
+        )
+    sizes: dict[str, int] = {}
+    for name, ref in refs.items():
+        if Path(ref.location).is_absolute() or ".." in Path(ref.location).parts:
+            raise ModelLoadError(
+                f"{model.name}: initializer {name!r} refers to {ref.location!r} outside the model's folder; "
+                "onnxruntime refuses such locations"
+            )
+        file = model.base_dir / ref.location
+        if ref.location not in sizes:
+            try:
+                sizes[ref.location] = file.stat().st_size
+            except OSError as exc:
+                raise ModelLoadError(
+                    f"{model.name}: external data file {file} for initializer {name!r} is missing"
+                ) from exc
+        if ref.length is not None and ref.offset + ref.length > sizes[ref.location]:
+            raise ModelLoadError(
+                f"{model.name}: external data file {file} is truncated: initializer {name!r} needs bytes "
+                f"{ref.offset}..{ref.offset + ref.length} but the file has {sizes[ref.location]}"
+            )

@@ -1,0 +1,95 @@
+"""The record of LoRA branches a rewritten model carries, so later commands can fold or export them.
+
+Stored as JSON under the model-level ``metadata_props`` key :data:`MANIFEST_KEY` (valid at every IR
+version, ignored by runtimes). One :class:`BranchRecord` per site: which nodes and tensors the branch
+added, where it joins the base graph, and what folding it back needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import onnx
+
+from lora_onnx.errors import LoraOnnxError
+
+MANIFEST_KEY = "lora_onnx.manifest"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BranchRecord:
+    """One branch as inserted.
+
+    ``source_layout`` is the layout of the *source* initializer ``weight`` relative to the delta:
+    ``in,out`` or ``out,in`` for dense branches (after undoing any Transpose chain and Gemm transB),
+    ``conv`` for conv branches. ``scale`` is the LoRA scale s; ``gemm_alpha`` the base Gemm's alpha,
+    which the branch also applies. ``join`` is the value the branch's Add produces (the base output's
+    original name), ``base_join`` the name the base output was renamed to.
+    """
+
+    adapter: str
+    site: str
+    op: str
+    module_path: str
+    kind: str
+    weight: str
+    source_layout: str
+    rank: int
+    alpha: float
+    scale: float
+    a: str
+    b: str
+    scale_tensor: str
+    join: str
+    base_join: str
+    nodes: tuple[str, ...]
+    a_group: int = 1
+    b_group: int = 1
+    base_group: int = 1
+    gemm_alpha: float = 1.0
+    zero_init: bool = False
+    variant: str = "constant"
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> BranchRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["nodes"] = tuple(values.get("nodes", ()))  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return (self.a, self.b, self.scale_tensor)
+
+
+def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
+    """The branches recorded in ``model``; empty for a model lora-onnx has not rewritten."""
+    for entry in model.metadata_props:
+        if entry.key == MANIFEST_KEY:
+            try:
+                data = json.loads(entry.value)
+                return tuple(BranchRecord.from_json(item) for item in data["branches"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LoraOnnxError(f"the model's {MANIFEST_KEY} metadata is unreadable: {exc}") from exc
+    return ()
+
+
+def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -> None:
+    """Replace the model's manifest with ``branches`` (removing it when there are none)."""
+    kept = [entry for entry in model.metadata_props if entry.key != MANIFEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if branches:
+        payload = {"version": MANIFEST_VERSION, "branches": [branch.to_json() for branch in branches]}
+        entry = model.metadata_props.add()
+        entry.key, entry.value = MANIFEST_KEY, json.dumps(payload, separators=(",", ":"))
+
+
+def adapter_names(branches: tuple[BranchRecord, ...]) -> list[str]:
+    return list(dict.fromkeys(branch.adapter for branch in branches))

@@ -1,0 +1,177 @@
+"""Insert planned branches into a copy of the graph.
+
+For each site the base output ``y`` is renamed ``y.lora_base`` and a branch re-creates ``y``:
+
+    dense:  y = y.lora_base + MatMul(Mul(MatMul(x', A), s), B)        x' = x, or x^T for Gemm transA=1
+    conv:   y = y.lora_base + ConvB(Mul(ConvA(x), s))
+
+so every consumer and graph output keeps its name. The scale multiplies the rank-r intermediate, the
+cheapest place for it. New nodes go right after the node producing ``y``, which keeps the graph sorted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lora_onnx.graph import GraphIndex
+from lora_onnx.load import LoadedModel
+from lora_onnx.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.plan import BranchPlan
+from lora_onnx.sites import Site
+from lora_onnx.tensors import make_tensor, np_dtype
+
+
+@dataclass(frozen=True)
+class _Built:
+    nodes: list[onnx.NodeProto]
+    record: BranchRecord
+    producer: str
+
+
+def source_layout(site: Site) -> str:
+    """The source initializer's layout relative to a dense delta in (in, out) orientation."""
+    if site.op == "Conv":
+        return "conv"
+    node_is_out_in = site.layout == "out,in"
+    return "out,in" if node_is_out_in != site.weight.transposed else "in,out"
+
+
+def insert_branches(
+    model: LoadedModel,
+    plans: Sequence[BranchPlan],
+    values: Mapping[str, np.ndarray],
+    *,
+    zero_init: bool = False,
+) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+    """A copy of ``model`` with one branch per plan; ``values`` maps every A/B tensor name to its array."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    index = GraphIndex(graph)
+    for plan in plans:
+        index.reserve(plan.a_name)
+        index.reserve(plan.b_name)
+    built = [_build(index, plan, zero_init) for plan in plans]
+
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for item in built:
+        producer = index.nodes[item.producer]
+        outputs = list(producer.output)
+        outputs[outputs.index(item.record.join)] = item.record.base_join
+        del producer.output[:]
+        producer.output.extend(outputs)
+        after.setdefault(item.producer, []).extend(item.nodes)
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:
+        graph.node.append(node)
+        graph.node.extend(after.get(node.name, ()))
+
+    added: set[str] = set()
+    for plan, item in zip(plans, built, strict=True):
+        for name in (plan.a_name, plan.b_name):
+            if name not in added:
+                graph.initializer.append(make_tensor(name, values[name], plan.site.dtype))
+                added.add(name)
+        scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
+        graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
+    records = tuple(item.record for item in built)
+    write_branches(proto, read_branches(proto) + records)
+    return model.with_proto(proto), records
+
+
+def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
+    site = plan.site
+    stem = plan.stem
+    join = site.output
+    base_join = index.unique_name(f"{join}.lora_base")
+    scale_name = index.unique_name(f"{stem}.lora_scale")
+    a_out = index.unique_name(f"{stem}.lora_A.output")
+    scaled = index.unique_name(f"{stem}.lora_scaled")
+    b_out = index.unique_name(f"{stem}.lora_B.output")
+    nodes: list[onnx.NodeProto] = []
+    data = site.data_input
+    if site.gemm is not None and site.gemm.trans_a:
+        data_t = index.unique_name(f"{stem}.lora_input_t")
+        nodes.append(
+            helper.make_node(
+                "Transpose",
+                [site.data_input],
+                [data_t],
+                index.unique_name(f"{stem}.lora_input_T"),
+                perm=[1, 0],
+            )
+        )
+        data = data_t
+    if plan.kind == "conv":
+        assert site.conv is not None
+        pad_attrs: dict[str, object] = (
+            {"pads": list(site.conv.pads)}
+            if site.conv.auto_pad == "NOTSET"
+            else {"auto_pad": site.conv.auto_pad}
+        )
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [data, plan.a_name],
+                [a_out],
+                index.unique_name(f"{stem}.lora_A"),
+                kernel_shape=list(site.conv.kernel_shape),
+                strides=list(site.conv.strides),
+                dilations=list(site.conv.dilations),
+                group=plan.a_group,
+                **pad_attrs,
+            )
+        )
+        ones = [1] * len(site.conv.kernel_shape)
+        b_node = helper.make_node(
+            "Conv",
+            [scaled, plan.b_name],
+            [b_out],
+            index.unique_name(f"{stem}.lora_B"),
+            kernel_shape=ones,
+            strides=ones,
+            group=plan.b_group,
+        )
+    else:
+        nodes.append(
+            helper.make_node("MatMul", [data, plan.a_name], [a_out], index.unique_name(f"{stem}.lora_A"))
+        )
+        b_node = helper.make_node(
+            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
+        )
+    nodes.append(
+        helper.make_node("Mul", [a_out, scale_name], [scaled], index.unique_name(f"{stem}.lora_scale_mul"))
+    )
+    nodes.append(b_node)
+    nodes.append(helper.make_node("Add", [base_join, b_out], [join], index.unique_name(f"{stem}.lora_add")))
+    producer = index.producer[join].name
+    record = BranchRecord(
+        adapter=plan.adapter,
+        site=site.node,
+        op=site.op,
+        module_path=site.module_path,
+        kind=plan.kind,
+        weight=site.weight.initializer,
+        source_layout=source_layout(site),
+        rank=plan.rank,
+        alpha=plan.alpha,
+        scale=plan.scale,
+        a=plan.a_name,
+        b=plan.b_name,
+        scale_tensor=scale_name,
+        join=join,
+        base_join=base_join,
+        nodes=tuple(node.name for node in nodes),
+        a_group=plan.a_group,
+        b_group=plan.b_group,
+        base_group=site.group,
+        gemm_alpha=site.gemm.alpha if site.gemm else 1.0,
+        zero_init=zero_init,
+    )
+    return _Built(nodes, record, producer)

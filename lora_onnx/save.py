@@ -1,0 +1,235 @@
+"""Write a model atomically, bringing its external data, never touching an input.
+
+Two ways to place external data, chosen per save:
+
+- *link*: no external tensor changed (injection). Each source data file is hard-linked next to the
+  output as ``<out>.data`` (copied when a link is impossible) and locations are rewritten to it, so the
+  output folder is self-contained and nothing points back through ``..``. New tensors of 1 KiB or more
+  go to their own small ``<out>.lora.data``.
+- *stream*: some external tensor changed (folding). One new ``<out>.data`` is written tensor by tensor:
+  untouched ranges are copied by the kernel, changed tensors are computed one at a time. Peak memory is
+  a few times the largest tensor, never the model.
+
+Every file is written to a temporary name and renamed into place; the model file is renamed last, and
+an older output's model file is removed before its data files are replaced, so an interrupted run leaves
+the old model or no model, never a model with the wrong data. Any failure removes the temporary files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lora_onnx.errors import OutputError
+from lora_onnx.load import LoadedModel, all_tensors
+from lora_onnx.tensors import ExternalRef, external_ref, make_tensor, nbytes, set_external_ref
+
+#: Tensors at least this large leave the .onnx file when the model keeps data outside it (onnx's default).
+EXTERNAL_THRESHOLD = 1024
+#: Keep the protobuf well under its 2 GiB limit.
+MAX_INLINE_BYTES = 1_800_000_000
+_ALIGN = 4096
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass
+class _Staged:
+    """Temporary files written so far and the final names they take on commit."""
+
+    renames: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def temp_for(self, final: Path) -> Path:
+        temp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.renames.append((temp, final))
+        return temp
+
+    def discard(self) -> None:
+        for temp, _ in self.renames:
+            temp.unlink(missing_ok=True)
+
+
+def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
+    """Refuse to write over any of ``inputs`` (by path or, for existing files, by identity)."""
+    for protected in inputs:
+        same = output.resolve() == protected.resolve()
+        if not same and output.exists() and protected.exists():
+            same = os.path.samefile(output, protected)
+        if same:
+            raise OutputError(f"refusing to overwrite the input {protected}; choose another output path")
+
+
+def save_model(model: LoadedModel, path: str | os.PathLike, *, protect: Iterable[Path] = ()) -> Path:
+    """Write ``model`` to ``path`` with its data (see the module doc); returns the output path.
+
+    ``protect`` lists more files that must not be overwritten (the inputs of the command).
+    """
+    output = Path(path)
+    inputs = [p for p in (model.path, *model.external_files(), *protect) if p is not None]
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    refs = model.external_refs()
+    changed_external = any(name in refs for name in model.overrides)
+    data_name, lora_name = f"{output.name}.data", f"{output.name}.lora.data"
+    for target in (output, output.with_name(data_name), output.with_name(lora_name)):
+        check_output_path(target, inputs)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {output.parent}: {exc.strerror}") from exc
+
+    staged = _Staged()
+    try:
+        _apply_inline_overrides(proto, model, refs)
+        stream = changed_external or _inline_bytes(proto) > MAX_INLINE_BYTES
+        if stream:
+            _stream_data(proto, model, refs, output.with_name(data_name), staged)
+        elif refs:
+            _link_data(proto, model, refs, output.with_name(data_name), staged)
+            _externalize_inline(proto, output.with_name(lora_name), staged)
+        model_temp = staged.temp_for(output)
+        model_temp.write_bytes(proto.SerializeToString())
+        _commit(staged, output)
+    except OSError as exc:
+        staged.discard()
+        raise OutputError(_describe_os_error(exc, output)) from exc
+    except BaseException:
+        staged.discard()
+        raise
+    return output
+
+
+def _describe_os_error(exc: OSError, output: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"disk full while writing {output}; nothing was written"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {output}: {exc.strerror} (is the folder read-only?); nothing was written"
+    return f"cannot write {output}: {exc.strerror or exc}; nothing was written"
+
+
+def _commit(staged: _Staged, output: Path) -> None:
+    data_renames = staged.renames[:-1]
+    if data_renames and output.exists():
+        # The old model refers to the data files about to be replaced: remove it first, so a crash in
+        # between leaves no model rather than an old model with new data.
+        output.unlink()
+    for temp, final in staged.renames:
+        os.replace(temp, final)
+
+
+def _inline_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in all_tensors(proto.graph) if external_ref(t) is None)
+
+
+def _apply_inline_overrides(proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef]) -> None:
+    for tensor in proto.graph.initializer:
+        if tensor.name in model.overrides and tensor.name not in refs:
+            tensor.CopyFrom(make_tensor(tensor.name, model.overrides[tensor.name](), tensor.data_type))
+
+
+def _link_or_copy(source: Path, temp: Path) -> None:
+    try:
+        os.link(source, temp)
+    except OSError:
+        # Another file system, or links not allowed: a copy is slower but just as correct.
+        shutil.copyfile(source, temp)
+
+
+def _link_data(
+    proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef], data_path: Path, staged: _Staged
+) -> None:
+    assert model.base_dir is not None
+    locations = sorted({ref.location for ref in refs.values()})
+    renamed: dict[str, str] = {}
+    for number, location in enumerate(locations):
+        final = data_path if len(locations) == 1 else data_path.with_name(f"{data_path.name}.{number}")
+        _link_or_copy(model.base_dir / location, staged.temp_for(final))
+        renamed[location] = final.name
+    for tensor in all_tensors(proto.graph):
+        ref = external_ref(tensor)
+        if ref is not None:
+            set_external_ref(tensor, ExternalRef(renamed[ref.location], ref.offset, ref.length))
+
+
+def _externalize_inline(proto: onnx.ModelProto, data_path: Path, staged: _Staged) -> None:
+    """Move inline initializers of EXTERNAL_THRESHOLD bytes or more to their own data file."""
+    movable = [
+        t
+        for t in proto.graph.initializer
+        if external_ref(t) is None and len(t.raw_data) >= EXTERNAL_THRESHOLD
+    ]
+    if not movable:
+        return
+    with open(staged.temp_for(data_path), "wb") as out:
+        for tensor in movable:
+            offset = _pad_to_alignment(out, len(tensor.raw_data))
+            out.write(tensor.raw_data)
+            set_external_ref(tensor, ExternalRef(data_path.name, offset, len(tensor.raw_data)))
+
+
+def _pad_to_alignment(out, size: int) -> int:  # type: ignore[no-untyped-def]
+    """Pad so a tensor of ``size`` bytes starts page-aligned (mmap-friendly); returns its offset."""
+    position = out.tell()
+    align = _ALIGN if size >= _ALIGN else 16
+    padding = -position % align
+    if padding:
+        out.write(b"\0" * padding)
+    return position + padding
+
+
+def _stream_data(
+    proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef], data_path: Path, staged: _Staged
+) -> None:
+    """Write every external (or large inline) tensor into one new data file, one tensor at a time."""
+    with open(staged.temp_for(data_path), "wb") as out:
+        for tensor in all_tensors(proto.graph):
+            ref = external_ref(tensor)
+            if (
+                ref is None
+                and len(tensor.raw_data) < EXTERNAL_THRESHOLD
+                and tensor.name not in model.overrides
+            ):
+                continue
+            size = nbytes(tensor)
+            offset = _pad_to_alignment(out, size)
+            if tensor.name in model.overrides:
+                values = np.ascontiguousarray(model.overrides[tensor.name]())
+                out.write(values.tobytes())
+            elif ref is not None:
+                assert model.base_dir is not None
+                _copy_range(model.base_dir / ref.location, ref.offset, size, out)
+            else:
+                out.write(tensor.raw_data)
+            set_external_ref(tensor, ExternalRef(data_path.name, offset, size))
+
+
+def _copy_range(source: Path, offset: int, size: int, out) -> None:  # type: ignore[no-untyped-def]
+    out.flush()
+    with open(source, "rb") as src:
+        remaining = size
+        position = offset
+        try:
+            while remaining:
+                copied = os.copy_file_range(src.fileno(), out.fileno(), remaining, position)
+                if copied == 0:
+                    raise OSError(errno.EIO, f"{source} ended early")
+                position += copied
+                remaining -= copied
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, None):
+                raise
+            src.seek(position)
+            while remaining:
+                chunk = src.read(min(_COPY_CHUNK, remaining))
+                if not chunk:
+                    raise OSError(errno.EIO, f"{source} ended early") from exc
+                out.write(chunk)
+                remaining -= len(chunk)
+    out.seek(0, os.SEEK_END)

@@ -1,0 +1,249 @@
+"""Find the nodes that can take a LoRA branch, from graph structure and tensor metadata alone.
+
+A *site* is one Gemm, MatMul or Conv node whose weight is a constant initializer (directly or through
+Identity / Transpose / Cast). Every other node of those op types is *skipped* with the reason, so nothing
+is dropped silently. Each site records what the later stages need: the data input, the value the branch
+joins, the weight's source and layout, in/out features, op attributes and the module path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+
+import onnx
+
+from lora_onnx.graph import GraphIndex
+from lora_onnx.load import LoadedModel, ModelLike, load_model
+from lora_onnx.module_paths import module_path
+from lora_onnx.weights import WeightRef, resolve_weight
+
+#: op keys used by --ops, mapped to ONNX op types.
+OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv"}
+DEFAULT_OPS = frozenset(OP_KEYS)
+
+
+@dataclass(frozen=True)
+class GemmAttrs:
+    alpha: float = 1.0
+    beta: float = 1.0
+    trans_a: int = 0
+    trans_b: int = 0
+
+
+@dataclass(frozen=True)
+class ConvAttrs:
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str
+    group: int
+
+
+@dataclass(frozen=True)
+class Site:
+    """A node that can take a branch ``y += s * B(A(x))``.
+
+    ``output`` is the value the branch is added to: the node's own output, or, for a MatMul followed by
+    its bias Add, that Add's output, so onnxruntime can still fuse MatMul + bias. ``layout`` describes the
+    weight as the node sees it: ``in,out`` (MatMul, Gemm transB=0), ``out,in`` (Gemm transB=1) or
+    ``out,in/group,k...`` (Conv).
+    """
+
+    node: str
+    op: str
+    module_path: str
+    data_input: str
+    output: str
+    weight: WeightRef
+    layout: str
+    in_features: int
+    out_features: int
+    gemm: GemmAttrs | None = None
+    conv: ConvAttrs | None = None
+    bias_add: str | None = None
+
+    @property
+    def dtype(self) -> int:
+        """The element type the node computes in; LoRA tensors take it."""
+        return self.weight.node_dtype
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return self.conv.kernel_shape if self.conv else ()
+
+    @property
+    def group(self) -> int:
+        return self.conv.group if self.conv else 1
+
+    @property
+    def weight_params(self) -> int:
+        count = 1
+        for dim in self.weight.source_shape:
+            count *= dim
+        return count
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A node of a supported op type that cannot take a branch, and why."""
+
+    node: str
+    op: str
+    module_path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiteScan:
+    sites: tuple[Site, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def find_sites(
+    model: ModelLike,
+    ops: Collection[str] = DEFAULT_OPS,
+    *,
+    ignore_nodes: Collection[str] = (),
+) -> SiteScan:
+    """Every eligible node of the op types in ``ops`` (keys of :data:`OP_KEYS`), and every skipped one.
+
+    ``ignore_nodes`` are left out entirely (the nodes of existing LoRA branches).
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    graph = loaded.proto.graph
+    index = GraphIndex(graph)
+    op_types = {OP_KEYS[key] for key in ops}
+    sites: list[Site] = []
+    skipped: list[Skipped] = []
+    ignored = set(ignore_nodes)
+    for node in graph.node:
+        if node.op_type not in op_types or node.domain not in ("", "ai.onnx") or node.name in ignored:
+            continue
+        found = _site_or_reason(index, node)
+        if isinstance(found, Site):
+            sites.append(found)
+        else:
+            weight = node.input[1] if len(node.input) > 1 else None
+            skipped.append(Skipped(node.name, node.op_type, module_path(index, node, weight), found))
+    for parent, node in _subgraph_nodes(graph):
+        if node.op_type in op_types:
+            reason = f"inside a subgraph of {parent.op_type} {parent.name!r}; only the main graph is changed"
+            skipped.append(Skipped(node.name, node.op_type, node.name, reason))
+    return SiteScan(tuple(sites), tuple(skipped))
+
+
+def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    for parent in graph.node:
+        for attr in parent.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                for node in sub.node:
+                    yield parent, node
+                for _, nested in _subgraph_nodes(sub):
+                    yield parent, nested
+
+
+def _site_or_reason(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+    if len(node.input) < 2 or not node.input[1]:
+        return "has no weight input"
+    data, weight_value = node.input[0], node.input[1]
+    data_is_constant = index.is_constant(data) or _is_traced_constant(index, data)
+    if data_is_constant:
+        if node.op_type == "Conv":
+            return "the data input is a constant"
+        return "the weight is the first input (W @ x); a LoRA branch needs x @ W with W as the second input"
+    weight = resolve_weight(index, weight_value)
+    if isinstance(weight, str):
+        return weight
+    path = module_path(index, node, weight.initializer)
+    if node.op_type == "Conv":
+        return _conv_site(index, node, weight, path)
+    return _dense_site(index, node, weight, path)
+
+
+def _is_traced_constant(index: GraphIndex, value: str) -> bool:
+    return not isinstance(resolve_weight(index, value), str)
+
+
+def _dense_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path: str) -> Site | str:
+    shape = weight.node_shape
+    if len(shape) != 2:
+        return f"weight {weight.initializer!r} has shape {list(shape)}; only 2-D weights take a dense branch"
+    if 0 in shape:
+        return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
+    if node.op_type == "Gemm":
+        attrs = index.attributes(node)
+        gemm = GemmAttrs(
+            alpha=float(attrs.get("alpha", 1.0)),  # type: ignore[arg-type]
+            beta=float(attrs.get("beta", 1.0)),  # type: ignore[arg-type]
+            trans_a=int(attrs.get("transA", 0)),  # type: ignore[call-overload]
+            trans_b=int(attrs.get("transB", 0)),  # type: ignore[call-overload]
+        )
+        in_f, out_f = (shape[1], shape[0]) if gemm.trans_b else shape
+        layout = "out,in" if gemm.trans_b else "in,out"
+        return Site(
+            node.name, "Gemm", path, node.input[0], node.output[0], weight, layout, in_f, out_f, gemm=gemm
+        )
+    output, bias_add = _join_after_bias(index, node, out_features=shape[1])
+    return Site(
+        node.name,
+        "MatMul",
+        path,
+        node.input[0],
+        output,
+        weight,
+        "in,out",
+        shape[0],
+        shape[1],
+        bias_add=bias_add,
+    )
+
+
+def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int) -> tuple[str, str | None]:
+    """A MatMul's lone consumer ``Add(mm, bias)`` with a constant (out,) bias: join after it."""
+    output = node.output[0]
+    consumers = index.consumers.get(output, [])
+    if output in index.graph_outputs or len(consumers) != 1 or consumers[0].op_type != "Add":
+        return output, None
+    add = consumers[0]
+    other = add.input[1] if add.input[0] == output else add.input[0]
+    bias = resolve_weight(index, other)
+    if isinstance(bias, str) or bias.node_shape != (out_features,) or other == output:
+        return output, None
+    return add.output[0], add.name
+
+
+def _conv_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path: str) -> Site | str:
+    shape = weight.node_shape
+    if len(shape) < 3:
+        return f"conv weight {weight.initializer!r} has shape {list(shape)}; expected (out, in/group, k...)"
+    if 0 in shape:
+        return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
+    spatial = len(shape) - 2
+    attrs = index.attributes(node)
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))  # type: ignore[union-attr]
+    if kernel != tuple(shape[2:]):
+        return f"kernel_shape {list(kernel)} disagrees with weight {weight.initializer!r} {list(shape)}"
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    conv = ConvAttrs(
+        kernel_shape=kernel,
+        strides=tuple(int(v) for v in attrs.get("strides", [1] * spatial)),  # type: ignore[union-attr]
+        dilations=tuple(int(v) for v in attrs.get("dilations", [1] * spatial)),  # type: ignore[union-attr]
+        pads=tuple(int(v) for v in attrs.get("pads", [0] * 2 * spatial)),  # type: ignore[union-attr]
+        auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad),
+        group=int(attrs.get("group", 1)),  # type: ignore[call-overload]
+    )
+    layout = "out,in/group," + ",".join(f"k{i + 1}" for i in range(spatial))
+    return Site(
+        node.name,
+        "Conv",
+        path,
+        node.input[0],
+        node.output[0],
+        weight,
+        layout,
+        in_features=shape[1] * conv.group,
+        out_features=shape[0],
+        conv=conv,
+    )

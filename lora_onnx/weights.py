@@ -1,0 +1,77 @@
+"""Follow a node's weight input back to the initializer that stores it.
+
+Exporters put small layout or type changes between a parameter and the node that uses it: Identity,
+Transpose (perm [1, 0]) and Cast (fp16 storage, fp32 compute). The branch attaches to the node; folding
+edits the source initializer, undoing the chain's layout change, so both need the chain spelled out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_onnx.graph import GraphIndex
+from lora_onnx.tensors import shape_of
+
+#: Ops a weight may pass through on its way to the node, in any order and number.
+PASS_THROUGH_OPS = ("Identity", "Transpose", "Cast")
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A node's weight traced to its source initializer.
+
+    ``transposed`` says the chain swaps the axes of the 2-D source, so the node sees ``source.T``;
+    ``node_dtype`` is the element type the node computes in (after any Cast), which the LoRA tensors take.
+    """
+
+    initializer: str
+    source_shape: tuple[int, ...]
+    source_dtype: int
+    node_shape: tuple[int, ...]
+    node_dtype: int
+    chain: tuple[str, ...] = ()
+    transposed: bool = False
+
+
+def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
+    """Trace ``value`` to its initializer; on failure return the reason it cannot be a LoRA weight."""
+    chain: list[str] = []
+    transposes = 0
+    cast_to: int | None = None
+    name = value
+    while not index.is_constant(name):
+        if name in index.initializers:
+            return f"weight {name!r} is also a graph input, so it can change per run"
+        producer = index.producer.get(name)
+        if producer is None:
+            return f"weight {value!r} is not a constant (it is a graph input or computed at run time)"
+        op = producer.op_type
+        if op not in PASS_THROUGH_OPS:
+            return (
+                f"weight {value!r} is computed by {op} node {producer.name!r}, not read from an initializer"
+            )
+        if op == "Transpose":
+            perm = index.attributes(producer).get("perm")
+            if perm is not None and list(perm) != [1, 0]:
+                return f"weight {value!r} passes Transpose {producer.name!r} with perm {list(perm)}"
+            transposes += 1
+        elif op == "Cast" and cast_to is None:
+            cast_to = int(index.attributes(producer)["to"])  # type: ignore[call-overload]
+        chain.append(producer.name)
+        name = producer.input[0]
+    tensor = index.initializers[name]
+    source_shape = shape_of(tensor)
+    if transposes and len(source_shape) != 2:
+        return (
+            f"weight {name!r} of shape {list(source_shape)} passes a Transpose; only 2-D weights are traced"
+        )
+    transposed = transposes % 2 == 1
+    return WeightRef(
+        initializer=name,
+        source_shape=source_shape,
+        source_dtype=tensor.data_type,
+        node_shape=source_shape[::-1] if transposed else source_shape,
+        node_dtype=cast_to if cast_to is not None else tensor.data_type,
+        chain=tuple(reversed(chain)),
+        transposed=transposed,
+    )
