@@ -56,13 +56,25 @@ class _Staged:
             temp.unlink(missing_ok=True)
 
 
+def _same_entry(output: Path, protected: Path) -> bool:
+    """True when ``output`` names the same directory entry as ``protected`` (not merely a hard link:
+    outputs are renamed into place, so replacing a hard link of an input leaves the input intact)."""
+    if output.resolve() == protected.resolve():
+        return True
+    try:  # case-insensitive file systems: another spelling of the same entry
+        return (
+            output.name.lower() == protected.name.lower()
+            and os.path.samefile(output.parent, protected.parent)
+            and os.path.samefile(output, protected)
+        )
+    except OSError:
+        return False
+
+
 def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse to write over any of ``inputs`` (by path or, for existing files, by identity)."""
+    """Refuse to write over any of ``inputs``."""
     for protected in inputs:
-        same = output.resolve() == protected.resolve()
-        if not same and output.exists() and protected.exists():
-            same = os.path.samefile(output, protected)
-        if same:
+        if _same_entry(output, protected):
             raise OutputError(f"refusing to overwrite the input {protected}; choose another output path")
 
 
@@ -122,6 +134,9 @@ def _commit(staged: _Staged, output: Path) -> None:
         output.unlink()
     for temp, final in staged.renames:
         os.replace(temp, final)
+        # rename() between two links of one file does nothing (POSIX): the final name already holds
+        # exactly these bytes, so the temporary link just goes.
+        temp.unlink(missing_ok=True)
 
 
 def _inline_bytes(proto: onnx.ModelProto) -> int:

@@ -36,7 +36,7 @@ class WeightRef:
 def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
     """Trace ``value`` to its initializer; on failure return the reason it cannot be a LoRA weight."""
     chain: list[str] = []
-    transposes = 0
+    perms: list[tuple[str, list[int] | None]] = []
     cast_to: int | None = None
     name = value
     while not index.is_constant(name):
@@ -44,28 +44,24 @@ def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
             return f"weight {name!r} is also a graph input, so it can change per run"
         producer = index.producer.get(name)
         if producer is None:
-            return f"weight {value!r} is not a constant (it is a graph input or computed at run time)"
+            return f"input {value!r} is a graph input, not a constant weight"
         op = producer.op_type
         if op not in PASS_THROUGH_OPS:
-            return (
-                f"weight {value!r} is computed by {op} node {producer.name!r}, not read from an initializer"
-            )
+            return f"input {value!r} is not a constant weight: {op} {producer.name!r} computes it at run time"
         if op == "Transpose":
             perm = index.attributes(producer).get("perm")
-            if perm is not None and list(perm) != [1, 0]:
-                return f"weight {value!r} passes Transpose {producer.name!r} with perm {list(perm)}"
-            transposes += 1
+            perms.append((producer.name, list(perm) if perm is not None else None))  # type: ignore[call-overload]
         elif op == "Cast" and cast_to is None:
             cast_to = int(index.attributes(producer)["to"])  # type: ignore[call-overload]
         chain.append(producer.name)
         name = producer.input[0]
     tensor = index.initializers[name]
     source_shape = shape_of(tensor)
-    if transposes and len(source_shape) != 2:
-        return (
-            f"weight {name!r} of shape {list(source_shape)} passes a Transpose; only 2-D weights are traced"
-        )
-    transposed = transposes % 2 == 1
+    for node, perm in perms:
+        if len(source_shape) != 2 or perm not in (None, [1, 0]):
+            where = f"weight {name!r} {list(source_shape)} passes Transpose {node!r}"
+            return f"{where} with perm {perm}; only 2-D swaps are traced"
+    transposed = len(perms) % 2 == 1
     return WeightRef(
         initializer=name,
         source_shape=source_shape,

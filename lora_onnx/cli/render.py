@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -15,8 +17,16 @@ from lora_onnx.inspection import Inspection
 from lora_onnx.sites import Skipped
 from lora_onnx.validation import ValidationReport
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _console(stream: TextIO) -> Console:
+    # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, so module
+    # paths stay on one line and stay greppable; terminals use their own width.
+    width = None if stream.isatty() else 240
+    return Console(file=stream, highlight=False, soft_wrap=True, width=width)
+
+
+out = _console(sys.stdout)
+err = _console(sys.stderr)
 
 
 def error(message: str) -> None:
