@@ -32,8 +32,12 @@ class GraphIndex:
         self._taken = set(self.initializers) | set(self.nodes) | set(self.producer) | self.graph_inputs
 
     def is_constant(self, name: str) -> bool:
-        """A value fixed at load time: an initializer that is not also an overridable graph input."""
-        return name in self.initializers and name not in self.graph_inputs
+        """A value with a value at load time: an initializer.
+
+        Initializers also listed as graph inputs count too: IR < 4 requires that listing and
+        ``keep_initializers_as_inputs=True`` exports use it, yet those tensors are the model's weights.
+        """
+        return name in self.initializers
 
     def elem_type(self, name: str) -> int | None:
         """The element type of a value from initializers or value_info, None when unknown."""

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.errors import LoraOnnxError
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
@@ -49,6 +50,7 @@ def insert_branches(
     zero_init: bool = False,
 ) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
     """A copy of ``model`` with one branch per plan; ``values`` maps every A/B tensor name to its array."""
+    _require_opset(model)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     graph = proto.graph
@@ -83,6 +85,19 @@ def insert_branches(
     records = tuple(item.record for item in built)
     write_branches(proto, read_branches(proto) + records)
     return model.with_proto(proto), records
+
+
+#: Branches rely on numpy-style broadcasting in Mul / Add, which ONNX has from opset 7 on.
+MIN_OPSET = 7
+
+
+def _require_opset(model: LoadedModel) -> None:
+    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is not None and version < MIN_OPSET:
+        raise LoraOnnxError(
+            f"{model.name} uses opset {version}; branches need opset {MIN_OPSET} or newer "
+            "(convert it with onnx.version_converter.convert_version)"
+        )
 
 
 def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:

@@ -40,8 +40,6 @@ def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
     cast_to: int | None = None
     name = value
     while not index.is_constant(name):
-        if name in index.initializers:
-            return f"weight {name!r} is also a graph input, so it can change per run"
         producer = index.producer.get(name)
         if producer is None:
             return f"input {value!r} is a graph input, not a constant weight"

@@ -236,3 +236,10 @@ def test_caller_model_is_not_modified() -> None:
     before = model.SerializeToString()
     lora_onnx.inject(model, LoraConfig(init="random"))
     assert model.SerializeToString() == before
+
+
+def test_opsets_without_broadcasting_are_refused_with_a_fix() -> None:
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
+    model = make_model([node], {"x": (F, [2, 8])}, ["y"], {"W": rng_array((8, 8))}, opset=6)
+    with pytest.raises(LoraOnnxError, match=r"opset 6; .*onnx\.version_converter"):
+        lora_onnx.inject(model, LoraConfig())
