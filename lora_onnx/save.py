@@ -17,6 +17,7 @@ the old model or no model, never a model with the wrong data. Any failure remove
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -114,7 +115,19 @@ def _describe_os_error(exc: OSError, output: Path) -> str:
     return f"cannot write {output}: {exc.strerror or exc}; nothing was written"
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _commit(staged: _Staged, output: Path) -> None:
+    # A rename is atomic for processes, but after a power loss or kernel crash a renamed file whose data
+    # never reached the disk can show up empty or partial. Flush every temp file before any rename.
+    for temp, _ in staged.renames:
+        _fsync(temp)
     data_renames = staged.renames[:-1]
     if data_renames and output.exists():
         # The old model refers to the data files about to be replaced: remove it first, so a crash in
@@ -122,6 +135,8 @@ def _commit(staged: _Staged, output: Path) -> None:
         output.unlink()
     for temp, final in staged.renames:
         os.replace(temp, final)
+    with contextlib.suppress(OSError):  # make the renames durable; not every platform can sync a folder
+        _fsync(output.parent)
 
 
 def _inline_bytes(proto: onnx.ModelProto) -> int:
