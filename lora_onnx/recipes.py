@@ -242,6 +242,13 @@ def _check_values(file: Path, options: Mapping[str, Any]) -> None:
     for name, value in options.get("dims", {}).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RecipeError(f"{file}: dims[{name!r}] must be a positive whole number, got {value!r}")
+    if options.get("layers_to_transform") not in (None, []) and options.get("target_regex") is not None:
+        raise RecipeError(
+            f"{file}: layers_to_transform filters listed target names, not a regex target (PEFT refuses "
+            "this too); put the layer into the regex instead"
+        )
+    if options.get("layers_pattern") and options.get("layers_to_transform") in (None, []):
+        raise RecipeError(f"{file}: layers_pattern needs layers_to_transform (as in PEFT)")
     ops = options.get("ops")
     if ops is not None:
         items = ops.split(",") if isinstance(ops, str) else ops

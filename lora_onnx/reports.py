@@ -42,6 +42,10 @@ class SkippedNode:
     reason: str
 
 
+def _number(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 @dataclass(frozen=True)
 class ModelReport:
     """What happened to one model. ``path`` is relative to the inputs' common root (the report key).
@@ -79,8 +83,8 @@ class ModelReport:
                 note = f" ({item['note']})" if item.get("note") else ""
                 lines.append(
                     f"{item.get('provider', '?')} output {item.get('name')!r}: max abs err "
-                    f"{item.get('max_abs')}, max rel err {item.get('max_rel')}, rtol {item.get('rtol')} / "
-                    f"atol {item.get('atol')}{note}"
+                    f"{_number(item.get('max_abs'))}, max rel err {_number(item.get('max_rel'))}, rtol "
+                    f"{_number(item.get('rtol'))} / atol {_number(item.get('atol'))}{note}"
                 )
         return tuple(lines)
 
