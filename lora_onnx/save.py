@@ -58,11 +58,22 @@ class _Staged:
 
 
 def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse to write over any of ``inputs`` (by path or, for existing files, by identity)."""
+    """Refuse to write over any of ``inputs``: the same path, or another spelling of the same folder entry.
+
+    Writes replace folder entries (temp file + rename), never file contents, so only the entry matters.
+    An earlier output's data file is a hard link to the input's data: the same file, but another entry,
+    and replacing it leaves the input alone (comparing file identity refused every re-run). Identity
+    still counts within one folder for names equal but for case (case-insensitive file systems).
+    """
     for protected in inputs:
         same = output.resolve() == protected.resolve()
-        if not same and output.exists() and protected.exists():
-            same = os.path.samefile(output, protected)
+        if (
+            not same
+            and output.exists()
+            and protected.exists()
+            and output.name.lower() == protected.name.lower()
+        ):
+            same = os.path.samefile(output, protected) and os.path.samefile(output.parent, protected.parent)
         if same:
             raise OutputError(f"refusing to overwrite the input {protected}; choose another output path")
 

@@ -319,3 +319,20 @@ def test_unusable_provider_fails_the_run_once(tmp_path: Path) -> None:
     result = cli("batch", tmp_path / "in", "-o", tmp_path / "out", "--validate", "--providers", "cuda")
     assert result.returncode == 2 and "CUDAExecutionProvider was requested" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rerun_into_the_same_outputs(bundled: Path, tmp_path: Path) -> None:
+    """Regression: an earlier output's data file is a hard link to the input's data; replacing it on a
+    re-run must not be mistaken for overwriting the input (it was refused before)."""
+    before = tree_hashes(bundled)
+    out = tmp_path / "out"
+    options = BatchOptions(LoraConfig(rank=2, init="random"))
+    first = run_batch([bundled / "tiny_llama", bundled / "convnet"], out, options)
+    second = run_batch([bundled / "tiny_llama", bundled / "convnet"], out, BatchOptions(LoraConfig(rank=4)))
+    assert [m.status for m in first.models] == [m.status for m in second.models] == ["ok", "ok"]
+    for entry in second.models:
+        assert {b.rank for b in read_branches(load_model(entry.output).proto)} == {4}
+        assert validate(entry.source, entry.output).ok, "rank 4 default init: outputs unchanged"
+    assert tree_hashes(bundled) == before
+    again = cli("inject", bundled / "tiny_llama/model.onnx", "-o", out / "tiny_llama/model.onnx")
+    assert again.returncode == 0, again.stderr
