@@ -12,18 +12,21 @@
 - **Sharding** (``Shard(i, n)``): models sorted by relative path (POSIX form, byte order); the k-th
   (counting from 0) belongs to shard ``k % n + 1``. Every machine that sees the same inputs computes the
   same split, shard sizes differ by at most one, and the shards' reports merge into the whole run's.
-- **Parallel jobs** (``jobs > 1``): one process per model, ``jobs`` at a time, started from a fork server
-  that has the libraries loaded already; a job that crashes (a native crash, the OOM killer) fails only
-  its own model. Each job's onnxruntime sessions get ``cpus // jobs`` threads (:data:`THREADS_ENV`).
+- **Parallel jobs** (``jobs > 1``): a pool of ``jobs`` worker processes, forked from a fork server that
+  has the libraries loaded already, each converting one model at a time for the whole run. A worker
+  that dies (a native crash, the OOM killer) fails only the model it was converting and is replaced.
+  Each worker's onnxruntime sessions get ``cpus // jobs`` threads (:data:`THREADS_ENV`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
+import multiprocessing.process
 import os
 import signal
 import time
@@ -368,18 +371,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _job_main(
-    job: ModelJob, wire: _Wire, threads: int, connection: multiprocessing.connection.Connection
-) -> None:
+def _worker_main(wire: _Wire, threads: int, connection: multiprocessing.connection.Connection) -> None:
+    """A worker: convert the models the parent sends, one at a time, until it sends None."""
     # SIGTERM (the batch being stopped) unwinds like Ctrl-C, so save_model removes its temporary files.
     signal.signal(signal.SIGTERM, _interrupt)
     os.environ.setdefault(THREADS_ENV, str(threads))
+    options = wire.unpack()
     try:
-        report = convert_model(job, wire.unpack())
-    except KeyboardInterrupt:
+        while (job := connection.recv()) is not None:
+            connection.send(convert_model(job, options))
+    except (KeyboardInterrupt, EOFError):
         return
-    connection.send(report)
-    connection.close()
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -399,8 +401,18 @@ def _died(job: ModelJob, exitcode: int | None, seconds: float) -> ModelReport:
         why = f"exited with code {exitcode} without a result"
     return ModelReport(
         job.path, str(job.source), str(job.output), "failed", seconds=seconds,
-        error=f"the job process {why}; nothing was written",
+        error=f"the worker process converting it {why}; nothing was written",
     )  # fmt: skip
+
+
+@dataclass
+class _Worker:
+    """A worker process, its end of the pipe, and the model it is converting (None when idle)."""
+
+    process: multiprocessing.process.BaseProcess
+    connection: multiprocessing.connection.Connection
+    job: ModelJob | None = None
+    started: float = 0.0
 
 
 def _run_parallel(
@@ -410,45 +422,74 @@ def _run_parallel(
     on_start: Callable[[ModelJob], None],
     on_result: Callable[[ModelReport], None],
 ) -> list[ModelReport]:
+    """Convert ``jobs`` on a pool of ``workers`` processes.
+
+    Workers live for the whole run, so each model costs no process start-up; a worker that dies (a
+    native crash, the OOM killer) fails only the model it was converting and is replaced.
+    """
     context = _context()
     wire = _Wire.pack(options)
     threads = max(1, available_cpus() // workers)
     pending = deque(jobs)
-    running: dict[Any, tuple[Any, ModelJob, float]] = {}
+    pool: list[_Worker] = []
     results: list[ModelReport] = []
+    spawned = 0
+
+    def spawn() -> _Worker:
+        nonlocal spawned
+        spawned += 1
+        parent_end, child_end = context.Pipe()
+        process = context.Process(
+            target=_worker_main,
+            args=(wire, threads, child_end),
+            name=f"lora-onnx worker {spawned}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()  # the worker holds the only other end: it reads as closed when the worker dies
+        return _Worker(process, parent_end)
+
+    def dispatch(worker: _Worker) -> None:
+        job = pending.popleft()
+        worker.job, worker.started = job, time.perf_counter()
+        worker.connection.send(job)
+        on_start(job)
+
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.popleft()
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(
-                    target=_job_main,
-                    args=(job, wire, threads, sender),
-                    name=f"lora-onnx {job.path}",
-                    daemon=True,
-                )
-                process.start()
-                sender.close()  # the job holds the only writer: its end of the pipe closes when it exits
-                running[receiver] = (process, job, time.perf_counter())
-                on_start(job)
-            # Wait on the pipes, not the processes: a large report must be read before its job can exit.
-            for receiver in multiprocessing.connection.wait(list(running)):
-                process, job, started = running.pop(receiver)  # type: ignore[index]
+        for _ in range(min(workers, len(pending))):
+            pool.append(spawn())
+        for worker in pool:
+            dispatch(worker)
+        while any(worker.job is not None for worker in pool):
+            busy = {worker.connection: worker for worker in pool if worker.job is not None}
+            for connection in multiprocessing.connection.wait(list(busy)):
+                worker = busy[connection]  # type: ignore[index]
+                assert worker.job is not None
                 try:
-                    report = receiver.recv()  # type: ignore[union-attr]
+                    report = worker.connection.recv()
                 except (EOFError, OSError):
-                    report = None
-                receiver.close()  # type: ignore[union-attr]
-                process.join()
-                if report is None:
-                    report = _died(job, process.exitcode, time.perf_counter() - started)
+                    worker.process.join()
+                    report = _died(worker.job, worker.process.exitcode, time.perf_counter() - worker.started)
+                    worker.connection.close()
+                    pool[pool.index(worker)] = worker = spawn()
+                else:
+                    worker.job = None
                 results.append(report)
                 on_result(report)
+                if pending:
+                    dispatch(worker)
+                else:
+                    worker.job = None
     finally:
-        for process, _, _ in running.values():
-            process.terminate()
-        for process, _, _ in running.values():
-            process.join()
+        for worker in pool:
+            if worker.job is None and worker.process.is_alive():
+                with contextlib.suppress(OSError):
+                    worker.connection.send(None)
+            else:
+                worker.process.terminate()
+        for worker in pool:
+            worker.process.join()
+            worker.connection.close()
     return results
 
 

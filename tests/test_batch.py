@@ -195,7 +195,7 @@ def test_shards_partition_the_models_and_merge(tmp_path: Path) -> None:
     for index in (1, 2, 3):
         result = cli(
             "batch", inputs, "-o", tmp_path / "out", "--rank", "2", "--shard", f"{index}/3",
-            "--report", tmp_path / f"s{index}.json",
+            "--report", tmp_path / f"s{index}.json", "--jobs", "2",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert f"(shard {index}/3 of 5 models)" in result.stdout
@@ -250,9 +250,11 @@ def test_a_killed_job_fails_only_its_model(tmp_path: Path) -> None:
         save(dense_model(index), inputs / f"m{index}.onnx")
 
     def kill_m1(job: ModelJob) -> None:
-        if job.path == "m1.onnx":  # the job process has just started: kill it as the OOM killer would
-            (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-onnx m1.onnx"]
-            os.kill(process.pid, signal.SIGKILL)
+        # Jobs go out in sorted order, one to each new worker: worker 2 has just received m1. Kill it
+        # as the OOM killer would, before it can finish.
+        if job.path == "m1.onnx":
+            (worker,) = [p for p in multiprocessing.active_children() if p.name == "lora-onnx worker 2"]
+            os.kill(worker.pid, signal.SIGKILL)
 
     seen: list[ModelReport] = []
     report = run_batch(
@@ -263,6 +265,7 @@ def test_a_killed_job_fails_only_its_model(tmp_path: Path) -> None:
     assert status == {"m0.onnx": "ok", "m1.onnx": "failed", "m2.onnx": "ok"}
     assert "killed by SIGKILL" in (report.models[1].error or "")
     assert len(seen) == 3 and files_under(tmp_path / "out") == ["m0.onnx", "m2.onnx"]
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("lora-onnx")], "all joined"
 
 
 def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path: Path) -> None:

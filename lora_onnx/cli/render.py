@@ -105,6 +105,7 @@ def write_json(path: str | os.PathLike, payload: object) -> None:
     target = Path(path)
     temp = target.with_name(f".{target.name}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # as for models: a fresh CI checkout has no reports/
         temp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         os.replace(temp, target)
     except OSError as exc:
