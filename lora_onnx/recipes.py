@@ -114,6 +114,10 @@ class PeftTargetSelector(TargetSelector):
         for pattern in self.layers_pattern:
             compile_regex(pattern, "layers_pattern")
 
+    @property
+    def selects_everything(self) -> bool:
+        return super().selects_everything and not self.layers and not self.protected
+
     def selects(self, path: str) -> bool:
         if self.exclude and name_matches(path, self.exclude):
             return False

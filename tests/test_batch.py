@@ -339,3 +339,39 @@ def test_rerun_into_the_same_outputs(bundled: Path, tmp_path: Path) -> None:
     assert tree_hashes(bundled) == before
     again = cli("inject", bundled / "tiny_llama/model.onnx", "-o", out / "tiny_llama/model.onnx")
     assert again.returncode == 0, again.stderr
+
+
+def test_an_internal_error_is_recorded_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (not a user error) in one model's conversion: that model fails with its traceback."""
+    import lora_onnx.batch as batch
+
+    for index in range(3):
+        save(dense_model(index), tmp_path / "in" / f"m{index}.onnx")
+    real = batch.apply_config
+
+    def flaky(source, config, options):  # type: ignore[no-untyped-def]
+        if source.path.name == "m1.onnx":
+            raise ZeroDivisionError("simulated bug")
+        return real(source, config, options)
+
+    monkeypatch.setattr(batch, "apply_config", flaky)
+    report = run_batch([tmp_path / "in"], tmp_path / "out", BatchOptions(LoraConfig(rank=2)))
+    assert [m.status for m in report.models] == ["ok", "failed", "ok"]
+    broken = report.models[1]
+    assert broken.error is not None and "internal error (ZeroDivisionError: simulated bug)" in broken.error
+    assert broken.traceback is not None and "flaky" in broken.traceback
+    assert files_under(tmp_path / "out") == ["m0.onnx", "m2.onnx"]
+
+
+def test_thread_cap_for_onnxruntime_sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_onnx.validation import THREADS_ENV, create_session
+
+    path = save(dense_model(), tmp_path / "m.onnx")
+    monkeypatch.setenv(THREADS_ENV, "1")
+    session = create_session(path, "CPUExecutionProvider")
+    assert session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.setenv(THREADS_ENV, "many")
+    with pytest.raises(LoraOnnxError, match="LORA_ONNX_THREADS must be a positive whole number"):
+        create_session(path, "CPUExecutionProvider")

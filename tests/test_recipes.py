@@ -239,3 +239,10 @@ def test_peft_recipe_file_paths_resolve_relative_to_the_file(tmp_path: Path) -> 
 def test_digest_is_stable_and_order_free() -> None:
     assert recipe_digest({"rank": 4, "target": ["a"]}) == recipe_digest({"target": ["a"], "rank": 4})
     assert recipe_digest({"rank": 4}) != recipe_digest({"rank": 8})
+
+
+def test_a_layer_filter_that_selects_nothing_is_an_error(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path / "r.toml", "layers_to_transform = [7]\n"))
+    with pytest.raises(Exception, match="no site matches the targets") as caught:
+        inspect_model(MODELS / "tiny_llama" / "model.onnx", build_config(recipe.options))
+    assert "in layers [7]" in str(caught.value)

@@ -12,6 +12,8 @@ import errno
 import io
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +22,12 @@ import onnx
 import pytest
 from batch_helpers import (
     MODELS,
+    REPO,
     cli,
     custom_op_model,
     dense_model,
     files_under,
+    is_root,
     no_site_model,
     save,
     tree_hashes,
@@ -301,6 +305,41 @@ def test_output_inside_a_read_only_folder(
         one_line_error(captured.err, str(readonly_folder), "cannot")
     assert files_under(readonly_folder) == []
     assert {k: v for k, v in tree_hashes(inputs).items() if k in before} == before
+
+
+def test_output_inside_a_really_read_only_folder(inputs: Path, tmp_path: Path) -> None:
+    """The same through the OS: as root, run the CLI without CAP_DAC_OVERRIDE so chmod 555 binds."""
+    prefix: list[str] = []
+    if is_root():
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("as root this needs setpriv to drop CAP_DAC_OVERRIDE; the simulated test covers it")
+        caps = "-dac_override,-dac_read_search"
+        prefix = [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    before = tree_hashes(inputs)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        for target in (folder / "m.onnx", folder / "sub" / "m.onnx"):
+            argv = [
+                *prefix,
+                sys.executable,
+                "-m",
+                "lora_onnx",
+                "inject",
+                str(inputs / "ext.onnx"),
+                "-o",
+                str(target),
+            ]
+            result = subprocess.run(argv, capture_output=True, text=True, env=env)
+            assert result.returncode == 2, result.stderr
+            one_line_error(result.stderr, str(target.parent) if target.parent != folder else str(target))
+            assert "Permission denied" in result.stderr
+    finally:
+        folder.chmod(0o755)
+    assert files_under(folder) == [] and tree_hashes(inputs) == before
 
 
 @pytest.mark.parametrize(
