@@ -126,11 +126,13 @@ def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def noisy_model() -> onnx.ModelProto:
-    """dense_model plus RandomUniformLike noise on the output: no two runs agree, so validation fails."""
+def chaotic_model() -> onnx.ModelProto:
+    """dense_model followed by sin(1e7 * y): the last-bit rounding differences between a LoRA branch and
+    its fold become O(1) output differences, so proving a random-init rewrite fails, deterministically."""
     model = dense_model()
     graph = model.graph
-    graph.output[0].name = "noisy"
-    graph.node.append(helper.make_node("RandomUniformLike", ["y"], ["noise"], name="noise"))
-    graph.node.append(helper.make_node("Add", ["y", "noise"], ["noisy"], name="add_noise"))
+    graph.output[0].name = "chaotic"
+    graph.initializer.append(numpy_helper.from_array(np.array(1e7, np.float32), "gain"))
+    graph.node.append(helper.make_node("Mul", ["y", "gain"], ["amplified"], name="amplify"))
+    graph.node.append(helper.make_node("Sin", ["amplified"], ["chaotic"], name="sin"))
     return model

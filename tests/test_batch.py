@@ -12,13 +12,13 @@ from pathlib import Path
 import onnx
 import pytest
 from batch_helpers import (
+    chaotic_model,
     cli,
     copy_bundled,
     custom_op_model,
     dense_model,
     files_under,
     no_site_model,
-    noisy_model,
     save,
     tree_hashes,
 )
@@ -110,14 +110,15 @@ def test_one_failure_never_stops_the_others(tmp_path: Path) -> None:
 
 def test_validation_mismatch_exits_1_and_writes_nothing(tmp_path: Path) -> None:
     save(dense_model(), tmp_path / "in" / "fine.onnx")
-    save(noisy_model(), tmp_path / "in" / "noisy.onnx")
+    save(chaotic_model(), tmp_path / "in" / "chaotic.onnx")
     result = cli(
-        "batch", tmp_path / "in", "-o", tmp_path / "out", "--validate", "--junit", tmp_path / "j.xml"
-    )
+        "batch", tmp_path / "in", "-o", tmp_path / "out", "--init", "random", "--validate",
+        "--junit", tmp_path / "j.xml",
+    )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     assert files_under(tmp_path / "out") == ["fine.onnx"]
-    assert "MISMATCH noisy.onnx: validation failed: CPUExecutionProvider output 'noisy'" in result.stdout
-    case = next(c for c in ET.parse(tmp_path / "j.xml").iter("testcase") if c.get("name") == "noisy.onnx")
+    assert "MISMATCH chaotic.onnx: validation failed: CPUExecutionProvider output 'chaotic'" in result.stdout
+    case = next(c for c in ET.parse(tmp_path / "j.xml").iter("testcase") if c.get("name") == "chaotic.onnx")
     assert case.find("failure") is not None
 
 
@@ -293,6 +294,10 @@ def test_config_file_with_flag_overrides(tmp_path: Path) -> None:
     assert entry.sites == 1 and entry.validation is not None
     branches = read_branches(onnx.load(tmp_path / "out" / "a.onnx", load_external_data=False))
     assert [(b.module_path, b.rank) for b in branches] == [("fc1", 3)]
+    config.write_text("rank = 2\nrnak = 4\n")
+    bad = cli("batch", tmp_path / "in", "-o", tmp_path / "out2", "--config", config)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and not (tmp_path / "out2").exists()
+    assert f"{config}: unknown key 'rnak' (did you mean 'rank'?)" in bad.stderr
 
 
 def test_peft_adapter_config_as_a_recipe(tmp_path: Path) -> None:

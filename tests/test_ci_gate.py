@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from batch_helpers import BUNDLED, MODELS, REPO, cli
+from batch_helpers import BUNDLED, MODELS, REPO, cli, dense_model, save
 
 WORKFLOW = REPO / "scripts" / "ci-gate.yml"
 
@@ -68,3 +68,14 @@ def test_ci_gate_workflow_runs_as_written(tmp_path: Path, monkeypatch) -> None: 
         result = cli(*argv)
         assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(Path("reports/validate.json").read_text())["ok"] is True
+
+
+def test_validate_gate_fails_on_disagreement(tmp_path: Path) -> None:
+    """The single-model gate: outputs that disagree exit 1 and say so in the JSON report."""
+    reference = save(dense_model(0), tmp_path / "reference.onnx")
+    candidate = save(dense_model(1), tmp_path / "candidate.onnx")  # other weights
+    result = cli("validate", reference, candidate, "--json", tmp_path / "reports" / "v.json")
+    assert result.returncode == 1
+    report = json.loads((tmp_path / "reports" / "v.json").read_text())
+    assert report["ok"] is False and report["outputs"][0]["name"] == "y"
+    assert cli("validate", reference, reference).returncode == 0

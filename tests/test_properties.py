@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -196,6 +196,7 @@ def graphs(draw: st.DrawFn) -> Graph:
     groups: dict[str, int] = {}
     for i, kind in enumerate(kinds):
         sites, group = draw(blocks[kind](b, i))
+        event(f"{kind} block" + (f", group {group}" if kind == "conv" else ""))
         if sites:
             eligible += 1
             groups[f"b{i}"] = group
