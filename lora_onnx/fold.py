@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from lora_onnx.branch_checks import check_branch_shapes
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel, TensorProducer
@@ -105,6 +106,8 @@ def fold_branches(
     if not chosen:
         names = sorted({b.adapter for b in branches})
         raise FoldError(f"no branch of adapter(s) {sorted(adapters or [])}; the model has {names}")
+    # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
+    check_branch_shapes(model, chosen)
     index = GraphIndex(model.proto.graph)
     reasons = _refusals(index, chosen)
     if reasons and not partial:

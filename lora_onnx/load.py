@@ -133,7 +133,25 @@ def _read_graph(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated ({exc})") from exc
     if not proto.graph.node or not proto.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated (the graph is empty)")
+    _check_opsets(path, proto)
     return proto
+
+
+def _check_opsets(path: Path, proto: onnx.ModelProto) -> None:
+    """Protobuf parses a file cut at a top-level field boundary: a cut right after the graph loses
+    opset_import (which follows it) yet parses cleanly, so a complete-looking graph needs its opsets."""
+    if not proto.opset_import:
+        raise ModelLoadError(
+            f"{path}: the model imports no opset (opset_import is empty); the file is truncated or not a "
+            "complete ONNX model"
+        )
+    imported = {entry.domain or "ai.onnx" for entry in proto.opset_import}
+    for index, node in enumerate(proto.graph.node):
+        if (node.domain or "ai.onnx") not in imported:
+            raise ModelLoadError(
+                f"{path}: node {node.name or f'#{index}'!r} ({node.op_type}) is in domain {node.domain!r}, "
+                f"which the model does not import ({', '.join(sorted(imported))}); the file may be truncated"
+            )
 
 
 def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:

@@ -17,6 +17,7 @@ the old model or no model, never a model with the wrong data. Any failure remove
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -72,7 +73,12 @@ def _same_entry(output: Path, protected: Path) -> bool:
 
 
 def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse to write over any of ``inputs``."""
+    """Refuse to write over any of ``inputs``: the same path, or another spelling of the same folder entry.
+
+    Writes replace folder entries (temp file + rename), never file contents, so only the entry matters:
+    an earlier output's data file is a hard link to the input's data, and replacing it leaves the input
+    alone.
+    """
     for protected in inputs:
         if _same_entry(output, protected):
             raise OutputError(f"refusing to overwrite the input {protected}; choose another output path")
@@ -126,7 +132,19 @@ def _describe_os_error(exc: OSError, output: Path) -> str:
     return f"cannot write {output}: {exc.strerror or exc}; nothing was written"
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _commit(staged: _Staged, output: Path) -> None:
+    # A rename is atomic for processes, but after a power loss or kernel crash a renamed file whose data
+    # never reached the disk can show up empty or partial. Flush every temp file before any rename.
+    for temp, _ in staged.renames:
+        _fsync(temp)
     data_renames = staged.renames[:-1]
     if data_renames and output.exists():
         # The old model refers to the data files about to be replaced: remove it first, so a crash in
@@ -137,6 +155,8 @@ def _commit(staged: _Staged, output: Path) -> None:
         # rename() between two links of one file does nothing (POSIX): the final name already holds
         # exactly these bytes, so the temporary link just goes.
         temp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # make the renames durable; not every platform can sync a folder
+        _fsync(output.parent)
 
 
 def _inline_bytes(proto: onnx.ModelProto) -> int:

@@ -27,6 +27,9 @@ from lora_onnx.load import LoadedModel
 from lora_onnx.save import save_model
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: Environment variable capping onnxruntime's threads per session (intra-op). Unset, onnxruntime uses
+#: every core; ``batch --jobs N`` sets it in each job so N parallel validations share the machine.
+THREADS_ENV = "LORA_ONNX_THREADS"
 
 Tolerances = float | Mapping[str, float] | None
 
@@ -83,8 +86,22 @@ def parse_providers(providers: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def create_session(path: str | os.PathLike, provider: str) -> ort.InferenceSession:
-    """A session on exactly ``provider``; raises :class:`ProviderError` when it is not the one in use."""
+def session_threads() -> int | None:
+    """Threads per session from :data:`THREADS_ENV`, or None for onnxruntime's default."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise LoraOnnxError(f"{THREADS_ENV} must be a positive whole number, got {raw!r}")
+    return int(raw)
+
+
+def create_session(path: str | os.PathLike, provider: str, label: str | None = None) -> ort.InferenceSession:
+    """A session on exactly ``provider``; raises :class:`ProviderError` when it is not the one in use.
+
+    ``label`` names the model in messages (the user's file, when ``path`` is a temporary copy).
+    """
+    label = label or str(path)
     if provider not in ort.get_available_providers():
         extra = " (install onnxruntime-gpu, e.g. pip install 'lora-onnx[cuda]')" if "CUDA" in provider else ""
         raise ProviderError(
@@ -93,14 +110,19 @@ def create_session(path: str | os.PathLike, provider: str) -> ort.InferenceSessi
         )
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = session_threads()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), options, providers=chain)
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable models
-        raise LoraOnnxError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+        message = _first_line(exc).replace(str(path), label)
+        raise LoraOnnxError(f"onnxruntime cannot load {label}: {message}") from exc
     if session.get_providers()[0] != provider:
         raise ProviderError(
-            f"{provider} was requested but onnxruntime fell back to {session.get_providers()[0]} for {path} "
+            f"{provider} was requested but onnxruntime fell back to {session.get_providers()[0]} for {label} "
             "(is the GPU driver / CUDA runtime usable?)"
         )
     return session
@@ -171,11 +193,13 @@ def compare(
     return OutputComparison(provider, name, shape, max_abs, max_rel, r, a, max_abs <= a + r * scale)
 
 
-def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> Path:
+def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[Path, str]:
+    """A file onnxruntime can load, and the name to show for it (never a temporary path)."""
     if not isinstance(model, LoadedModel):
-        return Path(model)
+        return Path(model), str(model)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-")))
-    return save_model(model, folder / "model.onnx")
+    label = str(model.path) if model.path is not None else model.name
+    return save_model(model, folder / "model.onnx"), label
 
 
 def run_model(
@@ -209,10 +233,13 @@ def validate(
     comparisons: list[OutputComparison] = []
     feeds: dict[str, np.ndarray] = {}
     with ExitStack() as stack:
-        ref_path, cand_path = _as_path(reference, stack), _as_path(candidate, stack)
+        (ref_path, ref_label), (cand_path, cand_label) = (
+            _as_path(reference, stack),
+            _as_path(candidate, stack),
+        )
         for provider in chosen:
-            ref_session = create_session(ref_path, provider)
-            cand_session = create_session(cand_path, provider)
+            ref_session = create_session(ref_path, provider, ref_label)
+            cand_session = create_session(cand_path, provider, cand_label)
             if not feeds:
                 specs = input_specs(ref_session)
                 if isinstance(inputs, Mapping):
@@ -221,8 +248,8 @@ def validate(
                     feeds = load_inputs(inputs, specs)
                 else:
                     feeds = make_inputs(specs, dims, seed)
-            ref_out = run_model(ref_session, feeds, str(ref_path))
-            cand_out = run_model(cand_session, feeds, str(cand_path))
+            ref_out = run_model(ref_session, feeds, ref_label)
+            cand_out = run_model(cand_session, feeds, cand_label)
             for name, value in ref_out.items():
                 if name not in cand_out:
                     comparisons.append(

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.builders import MODELS
+from builders import MODELS
 
 BERT = MODELS / "tiny_bert" / "model.onnx"
 CONV = MODELS / "convnet" / "model.onnx"

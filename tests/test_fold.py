@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from builders import conv_reference, make_model, rel_err, rng_array, run
 from onnx import TensorProto, helper
 
 import lora_onnx
@@ -16,7 +17,6 @@ from lora_onnx.load import load_model
 from lora_onnx.plan import BranchPlan
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.sites import find_sites
-from tests.builders import conv_reference, make_model, rel_err, rng_array, run
 
 F = TensorProto.FLOAT
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from builders import make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import LoraConfig, find_sites
@@ -10,7 +11,6 @@ from lora_onnx.graph import GraphIndex
 from lora_onnx.init import initial_values
 from lora_onnx.load import load_model
 from lora_onnx.plan import plan_branches
-from tests.builders import make_model, rng_array
 
 
 def _plan(rank: int = 8, conv: bool = False):

@@ -7,13 +7,13 @@ import itertools
 import numpy as np
 import onnx
 import pytest
+from builders import conv_reference, make_model, rel_err, rng_array, run
 from onnx import TensorProto, helper
 
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.manifest import read_branches
-from tests.builders import conv_reference, make_model, rel_err, rng_array, run
 
 F = TensorProto.FLOAT
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from builders import MODELS
+
 import lora_onnx
 from lora_onnx import LoraConfig
-from tests.builders import MODELS
 
 
 def test_convnet_rows_skips_and_totals() -> None:

@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from builders import MODELS
 
 from lora_onnx.errors import ModelLoadError
 from lora_onnx.load import load_model
-from tests.builders import MODELS
 
 
 def test_missing_not_onnx_and_truncated_files(tmp_path: Path) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import onnx
 import pytest
+from builders import BUNDLED, MODELS
 
 import lora_onnx
 from lora_onnx import LoraConfig
-from tests.builders import BUNDLED, MODELS
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from builders import MODELS, make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import find_sites
 from lora_onnx.graph import GraphIndex
 from lora_onnx.module_paths import FOLDED_FROM_KEY, NAME_SCOPES_KEY, module_path
-from tests.builders import MODELS, make_model, rng_array
 
 
 @pytest.mark.parametrize(

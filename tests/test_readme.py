@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.builders import REPO
+from builders import REPO
 
 README = (REPO / "README.md").read_text()
 

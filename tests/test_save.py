@@ -9,13 +9,13 @@ from pathlib import Path
 
 import onnx
 import pytest
+from builders import MODELS, rel_err, run
 
 import lora_onnx
 from lora_onnx import LoraConfig
 from lora_onnx.errors import OutputError
 from lora_onnx.load import load_model
 from lora_onnx.tensors import external_ref
-from tests.builders import MODELS, rel_err, run
 
 
 @pytest.fixture

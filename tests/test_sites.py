@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import LoraConfig, find_sites
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import load_model
 from lora_onnx.plan import plan_branches
-from tests.builders import make_model, rng_array
 
 F = TensorProto.FLOAT
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from builders import MODELS, make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import validate
 from lora_onnx.errors import LoraOnnxError, ProviderError
 from lora_onnx.inputs import InputSpec, make_inputs, parse_dims
 from lora_onnx.validation import compare, create_session
-from tests.builders import MODELS, make_model, rng_array
 
 
 def _linear(path: Path, scale: float = 1.0) -> Path:

@@ -7,7 +7,6 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -18,15 +17,17 @@ from lora_onnx.sites import Skipped
 from lora_onnx.validation import ValidationReport
 
 
-def _console(stream: TextIO) -> Console:
+def _console(stderr: bool) -> Console:
     # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, so module
-    # paths stay on one line and stay greppable; terminals use their own width.
+    # paths stay on one line and stay greppable; terminals use their own width. The stream itself is
+    # looked up at each write (no file=), so redirections made later still apply.
+    stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else 240
-    return Console(file=stream, highlight=False, soft_wrap=True, width=width)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
-out = _console(sys.stdout)
-err = _console(sys.stderr)
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 def error(message: str) -> None:
@@ -115,6 +116,7 @@ def write_json(path: str | os.PathLike, payload: object) -> None:
     target = Path(path)
     temp = target.with_name(f".{target.name}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # as for models: a fresh CI checkout has no reports/
         temp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         os.replace(temp, target)
     except OSError as exc:

@@ -1,0 +1,222 @@
+"""``lora-onnx batch``: one recipe over many models, with a report a CI system can gate on."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lora_onnx.batch import AdapterSource, BatchOptions, ModelJob, plan_batch, run_batch
+from lora_onnx.cli import render
+from lora_onnx.cli.options import _pairs, add_recipe_arguments, add_run_arguments
+from lora_onnx.cli.render import info, warn
+from lora_onnx.errors import LoraOnnxError
+from lora_onnx.inputs import parse_dims
+from lora_onnx.recipes import RECIPE_KEYS, build_config, load_recipe
+from lora_onnx.reports import BatchReport, ModelReport, parse_shard, write_junit, write_report
+
+#: argparse destinations of recipe and run flags -> recipe option names (see lora_onnx.recipes).
+_FLAG_KEYS = {
+    "rank": "rank",
+    "alpha": "alpha",
+    "rslora": "rslora",
+    "target": "target",
+    "target_regex": "target_regex",
+    "exclude": "exclude",
+    "exclude_regex": "exclude_regex",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "ops": "ops",
+    "init": "init",
+    "seed": "seed",
+    "name": "name",
+    "merge": "merge",
+    "validate": "validate",
+    "providers": "providers",
+    "dim": "dims",
+    "peft": "peft",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="convert many models with one recipe; per-model report (JSON, JUnit) and exit code for CI",
+        description="Apply one recipe to every model of INPUT... (files, folders searched for *.onnx, glob "
+        "patterns), writing outputs under OUTDIR in the inputs' layout. A model's failure never stops the "
+        "others. Exit 0 when every model converted (and validated, with --validate), 1 when some validation "
+        "disagreed, 2 when some model could not be converted.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="model files, folders or glob patterns")
+    parser.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR", help="folder for the outputs")
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="a TOML / JSON recipe (inject options) or a PEFT adapter_config.json; flags override its values",
+    )  # fmt: skip
+    add_recipe_arguments(parser)
+    parser.add_argument(
+        "--peft",
+        metavar="DIR",
+        help="apply a trained PEFT adapter (adapter_config.json + safetensors) instead",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", default=None, help="fold the branches into the weights"
+    )
+    parser.add_argument(
+        "--validate", action="store_true", default=None,
+        help="prove each model in onnxruntime before writing it (inject: unchanged outputs for B = 0, else "
+        "equal to its fold; --merge: merged equals unmerged)",
+    )  # fmt: skip
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--jobs", "-j", type=int, default=1, metavar="N",
+        help="models converted in parallel, each in its own process (0: one per CPU; default 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard", metavar="I/N",
+        help="convert only part I of N (1-based): models sorted by relative path, the k-th to part k%%N+1",
+    )  # fmt: skip
+    parser.add_argument("--skip-existing", action="store_true", help="leave models whose output exists")
+    parser.add_argument("--report", metavar="FILE.json", help="write the per-model report as JSON")
+    parser.add_argument("--junit", metavar="FILE.xml", help="write the per-model report as JUnit XML")
+    # Flags left out must not hide the config file's values: unset flags are None, and only the flags
+    # given on the command line override the file.
+    parser.set_defaults(**{dest: None for dest in _FLAG_KEYS})
+    parser.set_defaults(func=run)
+
+
+def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe and run options given on the command line, as recipe option values."""
+    given: dict[str, Any] = {}
+    for dest, key in _FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is None or value == []:
+            continue
+        if dest == "rank_pattern":
+            value = _pairs(value, "--rank-pattern", int)
+        elif dest == "alpha_pattern":
+            value = _pairs(value, "--alpha-pattern", float)
+        elif dest == "dim":
+            value = parse_dims(value)
+        given[key] = value
+    return given
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str, ...]]:
+    """Batch options from ``--config`` overridden by flags, and notes on how a PEFT config was read."""
+    recipe_file = load_recipe(args.config) if args.config else None
+    options = {**(recipe_file.options if recipe_file else {}), **_given_flags(args)}
+    notes = recipe_file.notes if recipe_file else ()
+    if "peft" in options:
+        recipe_keys = sorted(key for key in options if key in RECIPE_KEYS)
+        if recipe_keys or (recipe_file and recipe_file.kind == "peft"):
+            what = ", ".join(recipe_keys) or f"the recipe {args.config}"
+            raise LoraOnnxError(
+                f"--peft applies a trained adapter with its own ranks and targets; {what} cannot apply to it"
+            )
+        recipe: Any = AdapterSource(Path(options["peft"]))
+    else:
+        recipe = build_config(options)
+    batch_options = BatchOptions(
+        recipe=recipe,
+        merge=bool(options.get("merge", False)),
+        validate=bool(options.get("validate", False)),
+        providers=options.get("providers", "cpu"),
+        dims=options.get("dims", {}),
+        skip_existing=args.skip_existing,
+    )
+    return batch_options, notes
+
+
+def _line(report: ModelReport, done: int, total: int) -> str:
+    label = {"ok": "ok", "mismatch": "MISMATCH", "failed": "FAILED", "skipped": "skipped"}[report.status]
+    return f"[{done}/{total}] {label:<8} {report.path}: {report.message} ({report.seconds:.1f} s)"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A CI runner cancels with SIGTERM: unwind like Ctrl-C so jobs stop and temporary files go."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (e.g. called from a test runner's worker)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    options, notes = options_from_args(args)
+    for note in notes:
+        warn(note)
+    shard = parse_shard(args.shard) if args.shard else None
+    plan = plan_batch(args.inputs, args.output_dir, shard)
+    total = len(plan.jobs)
+    part = f" (shard {shard} of {plan.total} models)" if shard else ""
+    info(f"Converting {total} model(s) from {plan.root} into {plan.output_dir}{part}")
+    done = 0
+    interactive = render.out.is_interactive
+
+    def log(report: ModelReport) -> None:
+        nonlocal done
+        done += 1
+        info(_line(report, done, total))
+
+    try:
+        with _sigterm_as_interrupt():
+            if interactive and total:
+                columns = (
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                )
+                with Progress(*columns, console=render.out) as progress:
+                    task = progress.add_task("converting", total=total)
+
+                    def started(job: ModelJob) -> None:
+                        progress.update(task, description=job.path)
+
+                    def finished(report: ModelReport) -> None:
+                        log(report)
+                        progress.advance(task)
+
+                    report = run_batch(
+                        args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan,
+                        on_start=started, on_result=finished,
+                    )  # fmt: skip
+            else:
+                report = run_batch(
+                    args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan, on_result=log
+                )
+    except KeyboardInterrupt:
+        render.error(
+            f"interrupted after {done} of {total} model(s); finished outputs are complete, the others were "
+            "not written"
+        )
+        return 130
+    return finish(report, args.report, args.junit)
+
+
+def finish(report: BatchReport, json_path: str | None, junit_path: str | None) -> int:
+    """Write the reports asked for, print failures and the summary; the run's exit code."""
+    if json_path:
+        write_report(json_path, report)
+    if junit_path:
+        write_junit(junit_path, report)
+    for model in report.models:
+        if model.status in ("failed", "mismatch"):
+            render.error(f"{model.path}: {model.message}")
+    info(report.summary())
+    return report.exit_code
