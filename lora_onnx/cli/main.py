@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from lora_onnx import __version__
-from lora_onnx.cli import inject, inspect, merge, validate
+from lora_onnx.cli import check_adapter, export_adapter, inject, inspect, merge, validate
 from lora_onnx.cli.render import error
 from lora_onnx.errors import LoraOnnxError
 
 #: Command modules; each has ``register(subparsers)`` which sets ``func`` (args -> exit code).
-COMMANDS = (inject, merge, validate, inspect)
+COMMANDS = (inject, merge, validate, inspect, export_adapter, check_adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:
