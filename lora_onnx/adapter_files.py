@@ -114,7 +114,8 @@ def write_adapter_file(
     output = Path(path)
     kind = format_for(output, format)
     check_output_path(output, protect)
-    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    # np.require keeps 0-d arrays 0-d (ascontiguousarray would silently make them 1-d)
+    arrays = {name: np.require(value, requirements="C") for name, value in tensors.items()}
     if kind == "onnx_adapter":
         scalars = [name for name, value in arrays.items() if value.ndim == 0]
         if scalars:
