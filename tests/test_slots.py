@@ -211,3 +211,30 @@ def test_a_second_adapter_needs_its_own_name() -> None:
     first = inject_slots(mixed_model(), LoraConfig(rank=2))
     with pytest.raises(lora_onnx.LoraOnnxError, match="already carries an adapter named 'default'"):
         inject_slots(first.model, LoraConfig(rank=2))
+
+
+def test_constant_adapter_stacked_on_slots_is_proven_and_both_apply(tmp_path: Path) -> None:
+    base = mixed_model()
+    feeds = mixed_feeds()
+    slotted = inject_slots(base, LoraConfig(rank=2))
+    fresh_adapter(
+        slotted.model, LoraConfig(rank=2, init="random", seed=1), output=tmp_path / "a.onnx_adapter"
+    )
+    # fc3's weight is float16: its fold (the proof's reference) rounds, so it is left out here
+    extra = LoraConfig(
+        rank=2, init="random", seed=2, adapter_name="x", targets=TargetSelector(exclude=("fc3",))
+    )
+    stacked = lora_onnx.inject(slotted.model, extra, validate=True, output=tmp_path / "stacked.onnx")
+    assert stacked.validation is not None and stacked.validation.ok  # proves only the new adapter's fold
+    expected = run(
+        _constant(
+            lora_onnx.inject(base, LoraConfig(rank=2, init="random", seed=1)).model.proto,
+            extra,
+            tmp_path,
+            "c.onnx",
+        ),
+        feeds,
+    )
+    got = run_with(session(tmp_path / "stacked.onnx"), feeds, load_adapter(tmp_path / "a.onnx_adapter"))
+    for a, b in zip(got, expected, strict=True):
+        assert rel_err(a, b) <= 1e-4
