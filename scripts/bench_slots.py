@@ -79,7 +79,9 @@ def main() -> None:
         with_adapter = variants[f"slotted, rank-{args.rank} adapter active"]()[0]
         constant_out = variants[f"constant branches, rank {args.rank}"]()[0]
         rel = float(np.abs(with_adapter - constant_out).max() / np.abs(constant_out).max())
-        print(f"{args.model}: {len(slots.branches)} slots, inputs {({k: v.shape for k, v in feeds.items()})}")
+        print(
+            f"{args.model}: {len(slots.branches)} slots, inputs { ({k: v.shape for k, v in feeds.items()}) }"
+        )
         print(f"no adapter == base bitwise: yes; adapter active vs constant branches: rel {rel:.2g}")
         base_median = None
         print(f"{'variant':<36} {'median ms':>10} {'p10-p90 ms':>16} {'vs base':>8}")
