@@ -139,7 +139,7 @@ def _spec(
 
 
 def insert_slots(
-    model: LoadedModel, plans: Sequence[BranchPlan], *, strength: bool = False
+    model: LoadedModel, plans: Sequence[BranchPlan], *, strength_input: bool = False
 ) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
     """A copy of ``model`` with one slot per plan (only sites, groups and names of the plans are used).
 
@@ -159,7 +159,7 @@ def insert_slots(
     rewritten, records = insert_branches(model, plans, empties, zero_init=True)
     proto = rewritten.proto  # a fresh copy owned by ``rewritten``: safe to edit in place
     earlier = read_branches(proto)[: -len(records)]
-    editor = _SlotEditor(proto, plans[0].adapter, strength, plans[0].site.dtype)
+    editor = _SlotEditor(proto, plans[0].adapter, strength_input)
     slots = tuple(editor.convert(plan, record) for plan, record in zip(plans, records, strict=True))
     editor.finish()
     write_branches(proto, earlier + slots)
@@ -169,12 +169,13 @@ def insert_slots(
 class _SlotEditor:
     """Turns freshly inserted constant branches into slots, in place on one proto."""
 
-    def __init__(self, proto: onnx.ModelProto, adapter: str, strength: bool, strength_type: int) -> None:
+    def __init__(self, proto: onnx.ModelProto, adapter: str, strength: bool) -> None:
         self.graph = proto.graph
         self.index = GraphIndex(self.graph)
         self.nodes = {node.name: node for node in self.graph.node}
         self.strength = strength_name(adapter) if strength else None
-        self.strength_type = strength_type
+        # float32 whatever the sites compute in, so applications feed one type; fp16 sites Cast it.
+        self.strength_type = onnx.TensorProto.FLOAT
         if self.strength is not None and not self.index.is_free(self.strength):
             raise AdapterError(
                 f"the model already has a value named {self.strength!r}; choose another --name"

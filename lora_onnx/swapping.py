@@ -220,7 +220,7 @@ def inject_slots(
     config: LoraConfig | None = None,
     *,
     peft: str | os.PathLike | None = None,
-    strength: bool = False,
+    strength_input: bool = False,
     output: str | os.PathLike | None = None,
     adapter_output: str | os.PathLike | None = None,
     adapter_format: str | None = None,
@@ -231,8 +231,9 @@ def inject_slots(
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
     Sites come from the recipe ``config`` (``--rank``/``--target``...) or from the PEFT adapter
-    ``peft``. ``strength`` adds the per-adapter strength input. ``adapter_output`` also writes the
-    adapter the slots were planned from (the fresh init, or the PEFT adapter) as a file for them. With
+    ``peft``. ``strength_input`` adds the per-adapter strength input (float32, shape (1,), default 1).
+    ``adapter_output`` also writes the adapter the slots were planned from (the fresh init, or the PEFT
+    adapter) as a file for them. With
     ``validate``, before anything is written: outputs with no adapter active must equal the base's
     exactly, and (when an adapter file is asked for or ``peft`` given) outputs with it active must equal
     the same tensors inserted as constant branches.
@@ -242,7 +243,7 @@ def inject_slots(
     adapter = config.adapter_name
     refuse_existing_adapter(source, adapter)
     produced = peft_source(source, peft, adapter) if peft is not None else fresh_source(source, config)
-    slotted, records = insert_slots(source, produced.plans, strength=strength)
+    slotted, records = insert_slots(source, produced.plans, strength_input=strength_input)
     tensors = retarget(produced.plans, produced.values, slotted, adapter)
     report = adapter_report = None
     if validate:
@@ -356,12 +357,19 @@ def export_adapter(
     if model is None:
         raise LoraOnnxError("give MODEL (a model with constant LoRA branches) or --peft DIR --for MODEL")
     loaded = load_model(model)
-    source = model_source(loaded, adapter)
+    carried = {b.adapter for b in read_branches(loaded.proto) if b.variant == "constant"}
+    # With --for, --name may name the target's slots only (the source then has one adapter).
+    source = model_source(loaded, adapter if target is None or adapter in carried else None)
     chosen = source.plans[0].adapter
     if target is not None:
-        slot_name = choose_adapter(target, chosen if chosen in slot_adapters(target) else adapter)
-        tensors = retarget(source.plans, source.values, target, slot_name)
-        chosen = slot_name
+        slot_names = slot_adapters(target)
+        wanted = adapter if adapter in slot_names else (chosen if chosen in slot_names else None)
+        if adapter is not None and wanted is None:
+            raise AdapterError(
+                f"neither {loaded.name} nor the slots of {target.name} have an adapter {adapter!r}"
+            )
+        chosen = choose_adapter(target, wanted)
+        tensors = retarget(source.plans, source.values, target, chosen)
     else:
         tensors = slot_tensors(source.plans, source.values)
     protect = _inputs_of(loaded, target)

@@ -4,9 +4,9 @@
 
 Slots go on every site; the adapter is a random-init one of ``--rank``. Each variant runs in its own
 onnxruntime session (CPU, default graph optimizations, one intra-op thread for stable numbers) on the
-same inputs; the table shows the median and 10th-90th percentile latency per run and the ratio to the
-base's median. Also checks, as the tests do, that the slotted model with no adapter equals the base
-bitwise and with the adapter equals the constant branches.
+same inputs, interleaved run by run; the table shows the median and 10th-90th percentile latency per
+run and the ratio to the base's median. Also checks, as the tests do, that the slotted model with no
+adapter equals the base bitwise and with the adapter equals the constant branches.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +33,17 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _time(run, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
-    for _ in range(20):
-        run()
-    times = []
+def _time(variants: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Milliseconds per run of each variant, interleaved round-robin so machine drift hits all alike."""
+    for run in variants.values():
+        for _ in range(20):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -83,12 +87,12 @@ def main() -> None:
             f"{args.model}: {len(slots.branches)} slots, inputs { ({k: v.shape for k, v in feeds.items()}) }"
         )
         print(f"no adapter == base bitwise: yes; adapter active vs constant branches: rel {rel:.2g}")
-        base_median = None
         print(f"{'variant':<36} {'median ms':>10} {'p10-p90 ms':>16} {'vs base':>8}")
-        for name, run in variants.items():
-            times = sorted(_time(run, args.runs))
+        timings = _time(variants, args.runs)
+        base_median = statistics.median(timings["base"])
+        for name, times in timings.items():
+            times = sorted(times)
             median = statistics.median(times)
-            base_median = base_median or median
             spread = f"{times[len(times) // 10]:.3f}-{times[len(times) * 9 // 10]:.3f}"
             print(f"{name:<36} {median:>10.3f} {spread:>16} {median / base_median:>7.2f}x")
 

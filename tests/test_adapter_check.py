@@ -19,7 +19,7 @@ from tests.swap_builders import mixed_model
 
 @pytest.fixture(scope="module")
 def slotted():
-    return inject_slots(mixed_model(), LoraConfig(rank=2), strength=True).model
+    return inject_slots(mixed_model(), LoraConfig(rank=2), strength_input=True).model
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def _inputs(sess) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
 def test_strength_input_blends_and_switches_an_adapter_off(tmp_path: Path) -> None:
     base = mixed_model()
     feeds = mixed_feeds()
-    inject_slots(base, LoraConfig(rank=2), strength=True, output=tmp_path / "s.onnx")
+    inject_slots(base, LoraConfig(rank=2), strength_input=True, output=tmp_path / "s.onnx")
     config = LoraConfig(rank=2, alpha=4, init="random", seed=5)
     tensors = fresh_adapter(tmp_path / "s.onnx", config, output=tmp_path / "a.onnx_adapter")
     halved = {
@@ -178,7 +178,9 @@ def test_named_adapters_have_their_own_slots_and_run_alone_or_together(tmp_path:
         targets=TargetSelector(names=("fc1", "fc3")),
     )
     first = inject_slots(base, style, adapter_output=tmp_path / "style.onnx_adapter")
-    second = inject_slots(first.model, topic, strength=True, adapter_output=tmp_path / "topic.onnx_adapter")
+    second = inject_slots(
+        first.model, topic, strength_input=True, adapter_output=tmp_path / "topic.onnx_adapter"
+    )
     lora_onnx.save_model(second.model, tmp_path / "two.onnx")
     assert {b.a for b in second.branches} == {"fc1.topic.lora_A.weight", "fc3.topic.lora_A.weight"}
     assert {b.adapter for b in read_branches(second.model.proto)} == {"style", "topic"}
@@ -238,3 +240,30 @@ def test_constant_adapter_stacked_on_slots_is_proven_and_both_apply(tmp_path: Pa
     got = run_with(session(tmp_path / "stacked.onnx"), feeds, load_adapter(tmp_path / "a.onnx_adapter"))
     for a, b in zip(got, expected, strict=True):
         assert rel_err(a, b) <= 1e-4
+
+
+def test_float16_model_slots_take_float16_tensors_and_a_float32_strength(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from tests.builders import make_model, rng_array
+
+    w = rng_array((8, 6), 1).astype(np.float16)
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
+    base = make_model([node], {"x": (TensorProto.FLOAT16, ["batch", 8])}, ["y"], {"W": w})
+    inject_slots(base, LoraConfig(rank=2), strength_input=True, output=tmp_path / "s.onnx")
+    specs = slot_specs(lora_onnx.load_model(tmp_path / "s.onnx"))
+    assert (
+        specs["fc.lora_A.weight"].dtype == np.float16 and specs["default.lora_strength"].dtype == np.float32
+    )
+    tensors = fresh_adapter(
+        tmp_path / "s.onnx", LoraConfig(rank=2, init="random"), output=tmp_path / "a.onnx_adapter"
+    )
+    a, b = tensors["fc.lora_A.weight"], tensors["fc.lora_B.weight"]
+    assert a.dtype == b.dtype == np.float16
+    x = rng_array((3, 8), 2).astype(np.float16)
+    sess = session(tmp_path / "s.onnx")
+    assert np.array_equal(run_with(sess, {"x": x})[0], run(base, {"x": x})[0])
+    half = {"x": x, "default.lora_strength": np.array([0.5], np.float32)}
+    (got,) = run_with(sess, half, load_adapter(tmp_path / "a.onnx_adapter"))
+    expected = x.astype(np.float32) @ w.astype(np.float32) + 0.5 * (x.astype(np.float32) @ a) @ b
+    assert got.dtype == np.float16 and rel_err(got, expected) <= 2e-3

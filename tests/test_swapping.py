@@ -84,7 +84,7 @@ def test_peft_paths_say_when_the_peft_import_is_missing(tmp_path: Path) -> None:
 def test_fold_with_a_chosen_adapter_equals_running_it_active(tmp_path: Path) -> None:
     base = mixed_model()
     feeds = mixed_feeds()
-    two = inject_slots(base, LoraConfig(rank=2), strength=True).model
+    two = inject_slots(base, LoraConfig(rank=2), strength_input=True).model
     two = inject_slots(
         two, LoraConfig(rank=2, adapter_name="other", targets=TargetSelector(names=("fc3",)))
     ).model
@@ -136,3 +136,19 @@ def test_external_data_model_slots_and_fold(tmp_path: Path) -> None:
     }
     assert merged.output is not None
     assert rel_err(run(merged.output, feeds)[0], run(constant, feeds)[0]) <= 1e-4
+
+
+def test_export_for_a_model_with_several_slot_adapters_takes_name(tmp_path: Path) -> None:
+    base = mixed_model()
+    constant = lora_onnx.inject(base, LoraConfig(rank=2, init="random")).model
+    slots = inject_slots(base, LoraConfig(rank=2, adapter_name="a")).model
+    slots = inject_slots(
+        slots, LoraConfig(rank=2, adapter_name="b", targets=TargetSelector(names=("fc1",)))
+    ).model
+    with pytest.raises(AdapterError, match="choose one with --name"):
+        export_adapter(constant, tmp_path / "x.npz", for_model=slots)
+    with pytest.raises(AdapterError, match="has no slot there for adapter 'b'"):
+        export_adapter(constant, tmp_path / "x.npz", for_model=slots, adapter="b")
+    result = export_adapter(constant, tmp_path / "x.npz", for_model=slots, adapter="a")
+    assert result.adapter == "a" and len(result.tensors) == 10
+    assert all(".a.lora_" in name for name in result.tensors)

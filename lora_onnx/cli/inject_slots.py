@@ -50,9 +50,11 @@ def run_slots(args: argparse.Namespace) -> int:
         if given and not args.as_inputs:
             raise AdapterError(f"{flag} needs --as-inputs")
     require_peft_support(args)
+    if args.init != "default" and args.adapter_out is None and getattr(args, "peft", None) is None:
+        warn(f"--init {args.init} only shapes an --adapter-out file; the slots themselves stay empty")
     config = config_from_args(args)
     result = inject_slots(
-        args.model, config, peft=getattr(args, "peft", None), strength=args.strength_input,
+        args.model, config, peft=getattr(args, "peft", None), strength_input=args.strength_input,
         output=args.output, adapter_output=args.adapter_out, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args),
     )  # fmt: skip
