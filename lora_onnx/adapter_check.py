@@ -125,7 +125,7 @@ def check_tensors(
             rows[name] = _compare(spec, np.asarray(tensors[name]))
     for record in slot_records(model):
         if record.adapter in targets:
-            _check_pair(record, tensors, rows, partial)
+            _check_pair(record, tensors, rows, partial, specs)
     unexpected = [
         _unexpected(name, np.asarray(value), specs, targets)
         for name, value in tensors.items()
@@ -169,23 +169,23 @@ def _rank_axis(record: BranchRecord) -> tuple[int, int]:
 
 
 def _check_pair(
-    record: BranchRecord, tensors: Mapping[str, np.ndarray], rows: dict[str, TensorCheck], partial: bool
+    record: BranchRecord,
+    tensors: Mapping[str, np.ndarray],
+    rows: dict[str, TensorCheck],
+    partial: bool,
+    specs: Mapping[str, SlotSpec],
 ) -> None:
     present = [name in tensors for name in (record.a, record.b)]
     if not any(present):
         for name in (record.a, record.b):
             if name not in rows:
                 status, detail = (UNUSED, "not in the file: the slot stays off") if partial else (MISSING, "")
-                rows[name] = TensorCheck(name, status, record.adapter, detail=detail)
+                rows[name] = _absent(specs[name], status, detail)
         return
     if not all(present):
         have, lack = (record.a, record.b) if present[0] else (record.b, record.a)
-        rows[lack] = TensorCheck(
-            lack,
-            MISSING,
-            record.adapter,
-            detail=f"{have!r} is in the file: onnxruntime would fail on this pair",
-        )
+        detail = f"{have!r} is in the file: onnxruntime would fail on this pair"
+        rows[lack] = _absent(specs[lack], MISSING, detail)
         return
     if not (rows[record.a].ok and rows[record.b].ok):
         return
@@ -200,6 +200,13 @@ def _check_pair(
         problem = f"rank {rank_a} is not a multiple of the conv branch's group {group}"
     if problem:
         rows[record.b] = _replace_status(rows[record.b], RANK, problem)
+
+
+def _absent(spec: SlotSpec, status: str, detail: str) -> TensorCheck:
+    return TensorCheck(
+        spec.name, status, spec.adapter, spec.role, expected_shape=spec.dims, expected_dtype=str(spec.dtype),
+        detail=detail,
+    )  # fmt: skip
 
 
 def _replace_status(row: TensorCheck, status: str, detail: str) -> TensorCheck:

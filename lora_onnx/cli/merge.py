@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         warn(f"kept the branch at node {kept.branch.site!r} ({kept.branch.module_path}): {kept.reason}")
     info(f"Folded {len(result.folded)} branch(es); {len(result.kept)} kept.")
     if result.validation is not None:
-        print_validation(result.validation, "Merged vs input")
+        title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
+        print_validation(result.validation, title)
         if not result.validation.ok:
             warn("validation failed; nothing was written")
             return EXIT_MISMATCH
