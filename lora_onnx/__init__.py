@@ -5,9 +5,14 @@ The pipeline, one module per stage: :mod:`~lora_onnx.load` (graph only) -> :mod:
 (insert branches) -> :mod:`~lora_onnx.save` (atomic, external data linked or streamed) ->
 :mod:`~lora_onnx.validation` (onnxruntime). :mod:`~lora_onnx.fold` undoes a rewrite into the weights.
 
-The functions below are what the ``lora-onnx`` command line calls.
+The functions below are what the ``lora-onnx`` command line calls. Run-time adapters (LoRA slots that
+onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.slots` (graph),
+:mod:`~lora_onnx.adapter_files` (file formats), :mod:`~lora_onnx.adapter_check` and
+:mod:`~lora_onnx.swapping` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
 """
 
+from lora_onnx.adapter_check import AdapterCheck, check_adapter
+from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
 from lora_onnx.config import LoraConfig
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.injection import InjectResult, inject
@@ -16,12 +21,15 @@ from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.merging import MergeResult, merge
 from lora_onnx.save import save_model
 from lora_onnx.sites import Site, SiteScan, Skipped, find_sites
+from lora_onnx.swapping import ExportResult, SlotInjectResult, export_adapter, fresh_adapter, inject_slots
 from lora_onnx.targets import TargetSelector
 from lora_onnx.validation import ValidationReport, validate
 
 inspect = inspect_model
 
 __all__ = [
+    "AdapterCheck",
+    "ExportResult",
     "InjectResult",
     "Inspection",
     "LoadedModel",
@@ -31,16 +39,23 @@ __all__ = [
     "Site",
     "SiteScan",
     "Skipped",
+    "SlotInjectResult",
     "TargetSelector",
     "ValidationReport",
+    "check_adapter",
+    "export_adapter",
     "find_sites",
+    "fresh_adapter",
     "inject",
+    "inject_slots",
     "inspect",
     "inspect_model",
     "load_model",
     "merge",
+    "read_adapter_file",
     "save_model",
     "validate",
+    "write_adapter_file",
 ]
 
 __version__ = "0.1.0"

@@ -73,7 +73,10 @@ def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
 
 def _why_not_foldable(branch: BranchRecord) -> str | None:
     if branch.variant != "constant":
-        return f"its tensors are {branch.variant} inputs, not constants; fold it with a chosen adapter"
+        return (
+            f"its tensors are {branch.variant} inputs, not constants; fold it with a chosen adapter file "
+            "(merge --adapter-file FILE)"
+        )
     if branch.kind == "conv" and branch.a_group != branch.base_group:
         return (
             f"its conv A is dense (group {branch.a_group}) but the base conv has group {branch.base_group}: "
@@ -123,7 +126,7 @@ def fold_branches(
 
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    _remove_branches(proto, folding, remaining)
+    remove_branches(proto, folding, remaining)
     write_branches(proto, remaining)
     producers = _weight_producers(model, folding)
     return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
@@ -165,9 +168,14 @@ def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchR
     return reasons
 
 
-def _remove_branches(
+def remove_branches(
     proto: onnx.ModelProto, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
 ) -> None:
+    """Take ``folding``'s nodes and tensors out of ``proto`` (in place), reconnecting each base output.
+
+    No weight changes here: folding pairs it with new weight values; :mod:`lora_onnx.slots` uses it
+    alone to drop LoRA slots (which add zeros when no adapter is active).
+    """
     graph = proto.graph
     nodes = {node.name: node for node in graph.node}
     producer = {name: node for node in graph.node for name in node.output}
@@ -195,6 +203,10 @@ def _remove_branches(
     kept_tensors = [t for t in graph.initializer if t.name not in drop_tensors]
     del graph.initializer[:]
     graph.initializer.extend(kept_tensors)
+    # Slot branches (lora_onnx.slots) also declare their tensors as graph inputs.
+    kept_inputs = [v for v in graph.input if v.name not in drop_tensors]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
     kept_info = [v for v in graph.value_info if v.name not in dropped_values]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_onnx import validation
+from lora_onnx.errors import LoraOnnxError
 from lora_onnx.fold import FoldResult, Kept, fold_branches
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
 from lora_onnx.save import save_model
+from lora_onnx.swapping import bind_adapter_file
 from lora_onnx.validation import ValidationReport
 
 
@@ -22,6 +24,8 @@ class MergeResult:
     kept: tuple[Kept, ...]
     output: Path | None = None
     validation: ValidationReport | None = None
+    #: With an adapter file: the slots dropped because they stay off (not in the file, or other adapters).
+    slots_removed: tuple[BranchRecord, ...] = ()
 
 
 def merge(
@@ -33,17 +37,32 @@ def merge(
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    adapter_file: str | os.PathLike | None = None,
+    strength: float | None = None,
 ) -> MergeResult:
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
     Refuses a branch that cannot be folded (with its reason) unless ``partial``, which keeps such
     branches in place and lists them in ``kept``. With ``validate`` the merged model is compared
     with the input in onnxruntime before anything is written.
+
+    A model with LoRA slots (``inject --as-inputs``) is folded with a chosen ``adapter_file``: its
+    adapter becomes constant branches (at ``strength``, default the model's strength default, 1.0)
+    and every other slot, which adds zero when inactive, is removed; ``validate`` then compares the
+    merged model with the input running that file active.
     """
-    source = load_model(model)
+    source = reference = load_model(model)
+    removed: tuple[BranchRecord, ...] = ()
+    if strength is not None and adapter_file is None:
+        raise LoraOnnxError("a strength applies to an adapter file: pass --adapter-file FILE with it")
+    if adapter_file is not None:
+        bound, reference = bind_adapter_file(source, adapter_file, strength=strength)
+        source, removed = bound.model, bound.removed
     result: FoldResult = fold_branches(source, adapters=adapters, partial=partial)
-    report = validation.validate(source, result.model, providers=providers, dims=dims) if validate else None
+    report = (
+        validation.validate(reference, result.model, providers=providers, dims=dims) if validate else None
+    )
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(result.model, output)
-    return MergeResult(result.model, result.folded, result.kept, written, report)
+        written = save_model(result.model, output, protect=[Path(adapter_file)] if adapter_file else ())
+    return MergeResult(result.model, result.folded, result.kept, written, report, removed)

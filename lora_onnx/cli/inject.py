@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lora_onnx.cli.inject_slots import add_slot_arguments, require_peft_support, run_slots
 from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
 from lora_onnx.cli.render import info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH
@@ -25,11 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prove the output in onnxruntime before writing it (unchanged outputs for B = 0 inits, "
         "otherwise equal to its own fold)",
     )  # fmt: skip
+    add_slot_arguments(parser)
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.as_inputs or args.strength_input or args.adapter_out:
+        return run_slots(args)
+    require_peft_support(args)
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args),

@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from lora_onnx import __version__
-from lora_onnx.cli import batch, inject, inspect, merge, report, validate
+from lora_onnx.cli import batch, check_adapter, export_adapter, inject, inspect, merge, report, validate
 from lora_onnx.cli.render import error
 from lora_onnx.errors import LoraOnnxError
 
 #: Command modules; each has ``register(subparsers)`` which sets ``func`` (args -> exit code).
-COMMANDS = (inject, merge, validate, inspect, batch, report)
+COMMANDS = (inject, merge, validate, inspect, export_adapter, check_adapter, batch, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

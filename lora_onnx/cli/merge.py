@@ -30,6 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--validate", action="store_true", help="compare merged and input in onnxruntime first"
     )
+    parser.add_argument(
+        "--adapter-file", metavar="FILE",
+        help="for a model with LoRA slots: fold this adapter file (the other slots, off, are removed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help="with --adapter-file: fold at this strength (default: the model's, 1.0)",
+    )
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -37,13 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = merge(
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
-        providers=args.providers, dims=dims_from_args(args),
+        providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,
+        strength=args.strength,
     )  # fmt: skip
+    if result.slots_removed:
+        info(f"Removed {len(result.slots_removed)} LoRA slot(s) the adapter file leaves off.")
     for kept in result.kept:
         warn(f"kept the branch at node {kept.branch.site!r} ({kept.branch.module_path}): {kept.reason}")
     info(f"Folded {len(result.folded)} branch(es); {len(result.kept)} kept.")
     if result.validation is not None:
-        print_validation(result.validation, "Merged vs input")
+        title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
+        print_validation(result.validation, title)
         if not result.validation.ok:
             warn("validation failed; nothing was written")
             return EXIT_MISMATCH

@@ -1,0 +1,151 @@
+"""Read and write adapter files: tensor name -> array, in three formats.
+
+- ``.onnx_adapter``: onnxruntime's FlatBuffers format (``onnxruntime.AdapterFormat``), loadable with
+  ``onnxruntime.LoraAdapter`` and activated per run with ``RunOptions.add_active_adapter``. It stores an
+  adapter version and a model version (integers) besides the tensors; every tensor needs at least one
+  dim (onnxruntime refuses scalars on read).
+- ``.safetensors``: the Hugging Face format, with string metadata.
+- ``.npz``: numpy's archive, for anything else that feeds graph inputs by name.
+
+Writes are atomic (temporary file + rename) and never replace an input; unreadable files raise
+:class:`~lora_onnx.errors.AdapterError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.save import check_output_path
+
+#: Format name -> file suffix.
+FORMATS = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter file's tensors (and, for ``.onnx_adapter``, its versions; safetensors: metadata)."""
+
+    path: Path
+    format: str
+    tensors: Mapping[str, np.ndarray]
+    adapter_version: int | None = None
+    model_version: int | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def format_for(path: str | os.PathLike, format: str | None = None) -> str:
+    """``format`` if given, else the format the suffix of ``path`` names."""
+    if format is not None:
+        if format not in FORMATS:
+            raise AdapterError(f"unknown adapter format {format!r}; use one of {', '.join(FORMATS)}")
+        return format
+    suffix = Path(path).suffix.lower()
+    for name, ending in FORMATS.items():
+        if suffix == ending:
+            return name
+    raise AdapterError(
+        f"{path}: cannot tell the adapter format from the suffix {suffix or '(none)'!r}; use "
+        f"{', '.join(FORMATS.values())} or pass --format"
+    )
+
+
+def _sniff(path: Path) -> str | None:
+    """The format of an existing file from its first bytes, for files with an unusual suffix."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK"):
+        return "npz"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
+def read_adapter_file(path: str | os.PathLike, format: str | None = None) -> AdapterFile:
+    """The tensors of an adapter file (format from ``format``, else the suffix, else the content)."""
+    file = Path(path)
+    if not file.is_file():
+        raise AdapterError(f"{file}: no such adapter file")
+    try:
+        kind = format_for(file, format)
+    except AdapterError:
+        kind = _sniff(file) or format_for(file, format)
+    try:
+        if kind == "onnx_adapter":
+            adapter = ort.AdapterFormat.read_adapter(str(file))
+            # get_parameters() returns views into the reader's buffer: copy them out.
+            tensors = {name: np.array(value.numpy()) for name, value in adapter.get_parameters().items()}
+            return AdapterFile(
+                file, kind, tensors, adapter.get_adapter_version(), adapter.get_model_version()
+            )
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), "np") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+                metadata = dict(handle.metadata() or {})
+            return AdapterFile(file, kind, tensors, metadata=metadata)
+        with np.load(file, allow_pickle=False) as archive:
+            tensors = {name: archive[name] for name in archive.files}
+        return AdapterFile(file, kind, tensors)
+    except Exception as exc:  # onnxruntime, safetensors and numpy each raise their own types
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise AdapterError(f"{file}: not a readable {kind} adapter file ({first[:200]})") from exc
+
+
+def write_adapter_file(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    adapter_version: int = 1,
+    model_version: int = 1,
+    metadata: Mapping[str, str] | None = None,
+    protect: Iterable[Path] = (),
+) -> Path:
+    """Write ``tensors`` atomically; returns the path. ``protect`` lists inputs that must not be replaced."""
+    output = Path(path)
+    kind = format_for(output, format)
+    check_output_path(output, protect)
+    # np.require keeps 0-d arrays 0-d (ascontiguousarray would silently make them 1-d)
+    arrays = {name: np.require(value, requirements="C") for name, value in tensors.items()}
+    if kind == "onnx_adapter":
+        scalars = [name for name, value in arrays.items() if value.ndim == 0]
+        if scalars:
+            raise AdapterError(
+                f"{scalars[0]!r} is a scalar; .onnx_adapter files need tensors of 1 dim or more"
+            )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {output.parent}: {exc.strerror}") from exc
+    temp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if kind == "onnx_adapter":
+            writer = ort.AdapterFormat()
+            writer.set_adapter_version(adapter_version)
+            writer.set_model_version(model_version)
+            writer.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in arrays.items()})
+            writer.export_adapter(str(temp.resolve()))
+        elif kind == "safetensors":
+            from safetensors.numpy import save_file
+
+            save_file(arrays, str(temp), metadata=dict(metadata or {}) or None)
+        else:
+            with open(temp, "wb") as handle:
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
+        os.replace(temp, output)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}; nothing was written") from exc
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return output

@@ -1,0 +1,48 @@
+"""``lora-onnx export-adapter``: write an adapter file for a model's LoRA slots."""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_onnx.adapter_files import FORMATS
+from lora_onnx.cli.render import info
+from lora_onnx.swapping import export_adapter
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export-adapter",
+        help="write an adapter file (.onnx_adapter, .safetensors, .npz) for a model's LoRA slots",
+        description="Convert an adapter into the tensors a slotted model (inject --as-inputs) expects: "
+        "names, layouts, dtypes, with each site's LoRA scale folded into B. The adapter comes from a PEFT "
+        "folder (--peft DIR --for MODEL) or from MODEL's constant branches (renamed for --for's slots if "
+        "given). --format peft writes MODEL's constant branches as a PEFT folder instead.",
+    )
+    parser.add_argument("model", nargs="?", help="a model carrying the adapter as constant branches")
+    parser.add_argument("-o", "--output", required=True, help="output file (a folder for --format peft)")
+    parser.add_argument("--peft", metavar="DIR", help="a PEFT adapter folder (needs --for)")
+    parser.add_argument(
+        "--for", dest="for_model", metavar="MODEL", help="the slotted model the file is for (its slot names)"
+    )
+    parser.add_argument("--name", help="the adapter (default: the only one the model has)")
+    parser.add_argument("--format", choices=(*FORMATS, "peft"), help="default: from the output suffix")
+    parser.add_argument("--adapter-version", type=int, default=1, help=".onnx_adapter adapter version (1)")
+    parser.add_argument("--model-version", type=int, default=1, help=".onnx_adapter model version (1)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = export_adapter(
+        args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
+        format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
+    )  # fmt: skip
+    if result.format == "peft":
+        info(f"Wrote PEFT adapter folder {result.output}")
+        return 0
+    slots = sum(1 for name in result.tensors if name.endswith(".lora_A.weight"))
+    empty = f"; {len(result.empty)} left empty (rank 0: those slots stay off)" if result.empty else ""
+    info(
+        f"Wrote {result.output} ({result.format}): adapter {result.adapter!r} from {result.origin}, "
+        f"{len(result.tensors)} tensors for {slots} slot(s){empty}."
+    )
+    return 0

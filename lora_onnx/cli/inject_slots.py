@@ -1,0 +1,80 @@
+"""``lora-onnx inject --as-inputs``: LoRA slots (graph inputs with empty defaults), not constant branches.
+
+Registered on the ``inject`` command (:func:`add_slot_arguments`); ``inject`` hands a run with
+``--as-inputs`` to :func:`run_slots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_onnx.cli.options import config_from_args, dims_from_args
+from lora_onnx.cli.render import info, print_skipped, print_validation, warn
+from lora_onnx.errors import EXIT_MISMATCH, AdapterError
+from lora_onnx.slots import strength_name
+from lora_onnx.swapping import PEFT_UNAVAILABLE, inject_slots, peft_available
+
+
+def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run-time adapters (LoRA slots)")
+    group.add_argument(
+        "--as-inputs", action="store_true",
+        help="make every LoRA tensor a graph input with an empty (rank 0) default, so onnxruntime can "
+        "activate adapter files per run (LoraAdapter); outputs equal the base's with no adapter active",
+    )  # fmt: skip
+    group.add_argument(
+        "--strength-input", action="store_true",
+        help="with --as-inputs: add a per-adapter strength input '<name>.lora_strength' (shape (1,), "
+        "default 1.0) that scales the adapter per run",
+    )  # fmt: skip
+    group.add_argument(
+        "--adapter-out", metavar="FILE",
+        help="with --as-inputs: also write the adapter the slots were planned from (the fresh init or the "
+        "--peft adapter) as .onnx_adapter, .safetensors or .npz",
+    )  # fmt: skip
+    # The PEFT import (issue 3) defines --peft on this command too; keep one definition, dest "peft".
+    if "--peft" not in parser._option_string_actions:
+        group.add_argument(
+            "--peft", metavar="DIR", help="take the sites (and adapter) from a PEFT adapter folder"
+        )
+
+
+def require_peft_support(args: argparse.Namespace) -> None:
+    """Fail clearly when --peft is asked of a build without the PEFT import."""
+    if getattr(args, "peft", None) and not peft_available():
+        raise AdapterError(PEFT_UNAVAILABLE)
+
+
+def run_slots(args: argparse.Namespace) -> int:
+    for flag, given in (("--strength-input", args.strength_input), ("--adapter-out", args.adapter_out)):
+        if given and not args.as_inputs:
+            raise AdapterError(f"{flag} needs --as-inputs")
+    require_peft_support(args)
+    if args.init != "default" and args.adapter_out is None and getattr(args, "peft", None) is None:
+        warn(f"--init {args.init} only shapes an --adapter-out file; the slots themselves stay empty")
+    config = config_from_args(args)
+    result = inject_slots(
+        args.model, config, peft=getattr(args, "peft", None), strength_input=args.strength_input,
+        output=args.output, adapter_output=args.adapter_out, validate=args.validate,
+        providers=args.providers, dims=dims_from_args(args),
+    )  # fmt: skip
+    for message in result.source.warnings:
+        warn(message)
+    print_skipped(result.source.skipped)
+    names = {name for branch in result.branches for name in (branch.a, branch.b)}
+    extra = f" and strength input {strength_name(config.adapter_name)!r}" if args.strength_input else ""
+    info(
+        f"Added {len(result.branches)} LoRA slot(s) for adapter {config.adapter_name!r}: {len(names)} graph "
+        f"inputs with empty defaults{extra}."
+    )
+    if result.validation is not None:
+        print_validation(result.validation, "No adapter active vs base (must be exact)")
+    if result.adapter_validation is not None:
+        print_validation(result.adapter_validation, "Adapter active vs the same tensors as constant branches")
+    if not result.ok:
+        warn("validation failed; nothing was written")
+        return EXIT_MISMATCH
+    if result.adapter_output is not None:
+        info(f"Wrote adapter {result.adapter_output}")
+    info(f"Wrote {result.output}")
+    return 0
