@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import multiprocessing
 import multiprocessing.connection
@@ -336,47 +335,17 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _config_state(config: LoraConfig) -> tuple[type, dict[str, Any]]:
-    # LoraConfig keeps its patterns in read-only MappingProxyType views, which pickle refuses; a job
-    # process gets the fields as plain values and builds its own LoraConfig.
-    state = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    state["rank_pattern"] = dict(config.rank_pattern)
-    state["alpha_pattern"] = dict(config.alpha_pattern)
-    return type(config), state
-
-
-@dataclass(frozen=True)
-class _Wire:
-    """What a job process receives: picklable options."""
-
-    options: BatchOptions
-    config: tuple[type, dict[str, Any]] | None
-
-    @classmethod
-    def pack(cls, options: BatchOptions) -> _Wire:
-        if isinstance(options.recipe, LoraConfig):
-            return cls(
-                dataclasses.replace(options, recipe=AdapterSource(Path())), _config_state(options.recipe)
-            )
-        return cls(options, None)
-
-    def unpack(self) -> BatchOptions:
-        if self.config is None:
-            return self.options
-        kind, state = self.config
-        return dataclasses.replace(self.options, recipe=kind(**state))
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _worker_main(wire: _Wire, threads: int, connection: multiprocessing.connection.Connection) -> None:
+def _worker_main(
+    options: BatchOptions, threads: int, connection: multiprocessing.connection.Connection
+) -> None:
     """A worker: convert the models the parent sends, one at a time, until it sends None."""
     # SIGTERM (the batch being stopped) unwinds like Ctrl-C, so save_model removes its temporary files.
     signal.signal(signal.SIGTERM, _interrupt)
     os.environ.setdefault(THREADS_ENV, str(threads))
-    options = wire.unpack()
     try:
         while (job := connection.recv()) is not None:
             connection.send(convert_model(job, options))
@@ -428,7 +397,6 @@ def _run_parallel(
     native crash, the OOM killer) fails only the model it was converting and is replaced.
     """
     context = _context()
-    wire = _Wire.pack(options)
     threads = max(1, available_cpus() // workers)
     pending = deque(jobs)
     pool: list[_Worker] = []
@@ -441,7 +409,7 @@ def _run_parallel(
         parent_end, child_end = context.Pipe()
         process = context.Process(
             target=_worker_main,
-            args=(wire, threads, child_end),
+            args=(options, threads, child_end),
             name=f"lora-onnx worker {spawned}",
             daemon=True,
         )

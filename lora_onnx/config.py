@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.sites import DEFAULT_OPS, OP_KEYS
@@ -37,8 +36,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", frozenset(self.ops))
-        object.__setattr__(self, "rank_pattern", MappingProxyType(dict(self.rank_pattern)))
-        object.__setattr__(self, "alpha_pattern", MappingProxyType(dict(self.alpha_pattern)))
+        # Private copies (plain dicts, so configs pickle for batch's worker processes).
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
         _check_rank(self.rank, "--rank")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise LoraOnnxError(f"--alpha must be a positive number, got {self.alpha}")

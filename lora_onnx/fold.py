@@ -43,6 +43,19 @@ class FoldResult:
     kept: tuple[Kept, ...]
 
 
+#: Tolerances for comparing a fold with its unfolded model when folded weights are stored in half precision:
+#: rounding W + delta to float16 / bfloat16 moves outputs by ~1e-3, which float32 output defaults would flag.
+HALF_PRECISION_TOLERANCE = (1e-2, 1e-3)
+_HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
+    """(rtol, atol) for proving ``result`` against its input: None picks the output type's defaults."""
+    weights = {branch.weight for branch in result.folded}
+    stored = {result.model.initializer(name).data_type for name in weights}
+    return HALF_PRECISION_TOLERANCE if stored & set(_HALF_TYPES) else (None, None)
+
+
 def dense_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
     """``s * A @ B`` in (in, out) orientation, float32, from MatMul-layout A (in, r) and B (r, out)."""
     return scale * (a.astype(np.float32) @ b.astype(np.float32))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from lora_onnx.config import LoraConfig
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.fold import fold_branches
+from lora_onnx.fold import fold_branches, fold_tolerance
 from lora_onnx.graph import GraphIndex
 from lora_onnx.init import initial_values
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches
 from lora_onnx.plan import Plan, plan_branches
 from lora_onnx.rewrite import insert_branches
-from lora_onnx.save import save_model
+from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.sites import SiteScan, find_sites
 from lora_onnx.validation import ValidationReport, validate
 
@@ -73,8 +73,9 @@ def prove(
         )
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.slots), not foldable.
     added = set(adapter_names(read_branches(rewritten.proto))) - set(adapter_names(existing_branches(source)))
-    folded = fold_branches(rewritten, adapters=added).model
-    return validate(rewritten, folded, providers=providers, dims=dims)
+    folded = fold_branches(rewritten, adapters=added)
+    rtol, atol = fold_tolerance(folded)
+    return validate(rewritten, folded.model, providers=providers, rtol=rtol, atol=atol, dims=dims)
 
 
 def inject(
@@ -94,6 +95,8 @@ def inject(
     """
     config = config or LoraConfig()
     source = load_model(model)
+    if output is not None:
+        check_output_paths(source, output)
     refuse_existing_adapter(source, config.adapter_name)
     scan = scan_sites(source, config.ops)
     plan = plan_branches(scan, config, GraphIndex(source.proto.graph)).require_branches()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from lora_onnx import validation
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.fold import FoldResult, Kept, fold_branches
+from lora_onnx.fold import FoldResult, Kept, fold_branches, fold_tolerance
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
-from lora_onnx.save import save_model
+from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.swapping import bind_adapter_file
 from lora_onnx.validation import ValidationReport
 
@@ -52,6 +52,9 @@ def merge(
     merged model with the input running that file active.
     """
     source = reference = load_model(model)
+    protect = [Path(adapter_file)] if adapter_file else []
+    if output is not None:
+        check_output_paths(source, output, protect)
     removed: tuple[BranchRecord, ...] = ()
     if strength is not None and adapter_file is None:
         raise LoraOnnxError("a strength applies to an adapter file: pass --adapter-file FILE with it")
@@ -59,10 +62,13 @@ def merge(
         bound, reference = bind_adapter_file(source, adapter_file, strength=strength)
         source, removed = bound.model, bound.removed
     result: FoldResult = fold_branches(source, adapters=adapters, partial=partial)
+    rtol, atol = fold_tolerance(result)
     report = (
-        validation.validate(reference, result.model, providers=providers, dims=dims) if validate else None
+        validation.validate(reference, result.model, providers=providers, rtol=rtol, atol=atol, dims=dims)
+        if validate
+        else None
     )
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(result.model, output, protect=[Path(adapter_file)] if adapter_file else ())
+        written = save_model(result.model, output, protect=protect)
     return MergeResult(result.model, result.folded, result.kept, written, report, removed)

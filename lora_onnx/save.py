@@ -84,20 +84,26 @@ def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
             raise OutputError(f"refusing to overwrite the input {protected}; choose another output path")
 
 
+def check_output_paths(model: LoadedModel, output: str | os.PathLike, protect: Iterable[Path] = ()) -> None:
+    """Refuse, before any work, an output whose model or data files would replace one of the inputs."""
+    output = Path(output)
+    inputs = [p for p in (model.path, *model.external_files(), *protect) if p is not None]
+    for suffix in ("", ".data", ".lora.data"):
+        check_output_path(output.with_name(output.name + suffix), inputs)
+
+
 def save_model(model: LoadedModel, path: str | os.PathLike, *, protect: Iterable[Path] = ()) -> Path:
     """Write ``model`` to ``path`` with its data (see the module doc); returns the output path.
 
     ``protect`` lists more files that must not be overwritten (the inputs of the command).
     """
     output = Path(path)
-    inputs = [p for p in (model.path, *model.external_files(), *protect) if p is not None]
+    check_output_paths(model, output, protect)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     refs = model.external_refs()
     changed_external = any(name in refs for name in model.overrides)
     data_name, lora_name = f"{output.name}.data", f"{output.name}.lora.data"
-    for target in (output, output.with_name(data_name), output.with_name(lora_name)):
-        check_output_path(target, inputs)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

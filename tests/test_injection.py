@@ -243,3 +243,24 @@ def test_opsets_without_broadcasting_are_refused_with_a_fix() -> None:
     model = make_model([node], {"x": (F, [2, 8])}, ["y"], {"W": rng_array((8, 8))}, opset=6)
     with pytest.raises(LoraOnnxError, match=r"opset 6; .*onnx\.version_converter"):
         lora_onnx.inject(model, LoraConfig())
+
+
+def test_proof_allows_for_half_precision_storage_of_folded_weights() -> None:
+    model, _ = _chain_model("cast")  # fp16 weight, Cast to float32: the fold rounds W + delta to fp16
+    result = lora_onnx.inject(model, LoraConfig(rank=2, alpha=8, init="random"), validate=True)
+    assert result.validation.ok
+    assert {c.rtol for c in result.validation.comparisons} == {1e-2}
+
+
+def test_an_output_that_is_the_input_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    from lora_onnx import injection
+    from lora_onnx.errors import OutputError
+
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(
+        make_model([node], {"x": (F, [2, 8])}, ["y"], {"W": rng_array((8, 8))}).SerializeToString()
+    )
+    monkeypatch.setattr(injection, "plan_branches", lambda *a, **k: pytest.fail("planned before refusing"))
+    with pytest.raises(OutputError, match="refusing to overwrite the input"):
+        lora_onnx.inject(path, LoraConfig(), output=path, validate=True)
