@@ -5,7 +5,8 @@ The pipeline, one module per stage: :mod:`~lora_onnx.load` (graph only) -> :mod:
 (insert branches) -> :mod:`~lora_onnx.save` (atomic, external data linked or streamed) ->
 :mod:`~lora_onnx.validation` (onnxruntime). :mod:`~lora_onnx.fold` undoes a rewrite into the weights.
 
-The functions below are what the ``lora-onnx`` command line calls.
+The functions below are what the ``lora-onnx`` command line calls; :mod:`lora_onnx.peft` applies
+trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters back to PEFT.
 """
 
 from lora_onnx.config import LoraConfig
@@ -14,6 +15,7 @@ from lora_onnx.injection import InjectResult, inject
 from lora_onnx.inspection import Inspection, inspect_model
 from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.merging import MergeResult, merge
+from lora_onnx.peft import PeftResult, apply_peft, export_peft_adapter
 from lora_onnx.save import save_model
 from lora_onnx.sites import Site, SiteScan, Skipped, find_sites
 from lora_onnx.targets import TargetSelector
@@ -28,11 +30,14 @@ __all__ = [
     "LoraConfig",
     "LoraOnnxError",
     "MergeResult",
+    "PeftResult",
     "Site",
     "SiteScan",
     "Skipped",
     "TargetSelector",
     "ValidationReport",
+    "apply_peft",
+    "export_peft_adapter",
     "find_sites",
     "inject",
     "inspect",

@@ -8,6 +8,10 @@ A weight can be folded only when every node that uses it (through any Identity /
 carries the same set of folded branches; otherwise folding would change a node that has no branch, or
 give two nodes each other's delta. Such branches, and a dense A on a grouped conv (its delta mixes input
 groups), are refused with their reason, or kept in place with a warning when a partial fold is asked for.
+
+PEFT variants fold with PEFT's ``merge_and_unload`` numerics: a DoRA branch gives
+``W' = (m / norm) * (W + s * delta)`` (scaled per output channel, so it must be its weight's only delta),
+and a ``lora_B.bias`` is added, times s, to the base node's bias (see :mod:`lora_onnx.bias_fold`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from lora_onnx.bias_fold import fold_lora_biases, lora_bias_refusal
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel, TensorProducer
@@ -70,6 +75,18 @@ def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
     return delta.T if branch.source_layout == "out,in" else delta
 
 
+def dora_factor(model: LoadedModel, branch: BranchRecord, ndim: int) -> np.ndarray:
+    """A DoRA branch's ``magnitude / weight_norm``, shaped to scale the output channels of its source
+    weight (``ndim`` axes, in the branch's source layout)."""
+    factor = np.asarray(model.array(branch.magnitude), np.float32) / np.asarray(
+        model.array(branch.weight_norm), np.float32
+    )
+    factor = factor.reshape(-1)
+    if branch.kind == "conv":
+        return factor.reshape(-1, *(1,) * (ndim - 1))
+    return factor[:, None] if branch.source_layout == "out,in" else factor[None, :]
+
+
 def _why_not_foldable(branch: BranchRecord) -> str | None:
     if branch.variant != "constant":
         return f"its tensors are {branch.variant} inputs, not constants; fold it with a chosen adapter"
@@ -78,7 +95,7 @@ def _why_not_foldable(branch: BranchRecord) -> str | None:
             f"its conv A is dense (group {branch.a_group}) but the base conv has group {branch.base_group}: "
             "the delta mixes input groups and has no grouped-weight form (PEFT cannot merge it either)"
         )
-    return None
+    return lora_bias_refusal(branch)
 
 
 def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
@@ -123,6 +140,7 @@ def fold_branches(
     _remove_branches(proto, folding, remaining)
     write_branches(proto, remaining)
     producers = _weight_producers(model, folding)
+    producers.update(fold_lora_biases(model, proto, [b for b in folding if b.lora_bias]))
     return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
 
 
@@ -150,6 +168,11 @@ def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchR
         elif len(distinct) > 1:
             reason = (
                 f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
+            )
+        elif any(b.magnitude for b in group) and len({(b.a, b.b, b.scale) for b in group}) > 1:
+            reason = (
+                f"its weight {weight!r} carries a DoRA branch and another branch; DoRA rescales the whole "
+                "weight, so the two have no single fold (fold one adapter at a time)"
             )
         if reason:
             for branch in group:
@@ -213,6 +236,8 @@ def _producer(model: LoadedModel, weight: str, branches: list[BranchRecord]) -> 
         merged = np.array(model.array(weight), dtype=np.float32)
         for branch in branches:
             merged += branch_delta(model, branch)
+            if branch.magnitude:  # DoRA (alone on its weight, see _refusals): f * (W + s * delta)
+                merged *= dora_factor(model, branch, merged.ndim)
         return merged.astype(dtype)
 
     return produce
