@@ -166,8 +166,10 @@ def _refuse_unsupported(file: Path, data: Mapping[str, Any]) -> None:
                 raise AdapterError(f"{file}: init_lora_weights={init!r}: {hint}")
         if lowered == "loftq" or data.get("loftq_config"):
             raise AdapterError(
-                f"{file}: init_lora_weights={init!r}: LoftQ adapters are trained against LoftQ-quantized base "
-                "weights, not the exported ones; merge it in PyTorch (merge_and_unload) and export the merged "
+                f"{file}: init_lora_weights={init!r}: LoftQ adapters are trained against "
+                "LoftQ-quantized base "
+                "weights, not the exported ones; merge it in PyTorch (merge_and_unload) and export "
+                "the merged "
                 "model"
             )
     for key, why in _REFUSED_FIELDS.items():

@@ -128,7 +128,8 @@ def _unknown_key(source: str, key: str, name: str, modules_to_save: Sequence[str
     module = name.split(".modules_to_save.")[0] if ".modules_to_save." in name else name.rsplit(".", 1)[0]
     if ".modules_to_save." in name or (modules_to_save and name_matches(module, modules_to_save)):
         return (
-            f"{source}: key {key!r} is a modules_to_save copy of module {module!r} (a whole retrained module, "
+            f"{source}: key {key!r} is a modules_to_save copy of module {module!r} (a whole retrained "
+            "module, "
             "not a LoRA branch); merge the adapter into the base in PyTorch (merge_and_unload) and export "
             "that, or train without modules_to_save"
         )
@@ -136,7 +137,8 @@ def _unknown_key(source: str, key: str, name: str, modules_to_save: Sequence[str
         return f"{source}: key {key!r} holds trainable tokens (rows replacing embedding rows), not LoRA"
     if name.endswith((".weight", ".bias")):
         return (
-            f"{source}: key {key!r} is a plain parameter of the base model (saved by bias='all'/'lora_only' or "
+            f"{source}: key {key!r} is a plain parameter of the base model (saved by "
+            "bias='all'/'lora_only' or "
             "modules_to_save), not a LoRA tensor; merge in PyTorch and export the merged model"
         )
     return f"{source}: key {key!r} is not a LoRA tensor (expected lora_A/B, lora_embedding_A/B, magnitude)"
@@ -170,7 +172,8 @@ def match_modules(modules: Sequence[AdapterModule], scan: SiteScan, *, source: s
             raise AdapterError(_no_site(module, scan, paths, source))
         if graph_path in owner:
             raise AdapterError(
-                f"{source}: adapter modules {owner[graph_path]!r} and {module.path!r} both match graph module "
+                f"{source}: adapter modules {owner[graph_path]!r} and {module.path!r} both match "
+                "graph module "
                 f"{graph_path!r}"
             )
         owner[graph_path] = module.path

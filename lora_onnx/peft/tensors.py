@@ -74,7 +74,8 @@ class SafetensorsFile:
             info = self._entry(key, entry, data_start)
             if info.offset + info.length > size:
                 raise AdapterError(
-                    f"{path} is truncated: tensor {key!r} needs bytes up to {info.offset + info.length} but the "
+                    f"{path} is truncated: tensor {key!r} needs bytes up to "
+                    f"{info.offset + info.length} but the "
                     f"file has {size}"
                 )
             self.tensors[key] = info
