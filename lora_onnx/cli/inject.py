@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
+from lora_onnx.cli.peft import add_peft_arguments, run_peft
 from lora_onnx.cli.render import info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH
 from lora_onnx.injection import inject
@@ -15,11 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "inject",
         help="add LoRA branches beside Gemm / MatMul / Conv nodes",
         description="Add a LoRA branch y += s * B(A(x)) beside every targeted Gemm, MatMul and Conv node. "
-        "Reads tensor shapes only, never weight bytes.",
+        "Reads tensor shapes only, never weight bytes. With --peft, applies a trained PEFT adapter instead.",
     )
     parser.add_argument("model", help="input .onnx model (never modified)")
     parser.add_argument("-o", "--output", required=True, help="output .onnx path")
     add_recipe_arguments(parser)
+    add_peft_arguments(parser)
     parser.add_argument(
         "--validate", action="store_true",
         help="prove the output in onnxruntime before writing it (unchanged outputs for B = 0 inits, "
@@ -30,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peft or args.merge:
+        return run_peft(args)
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args),
