@@ -123,7 +123,7 @@ def fold_branches(
         names = sorted({b.adapter for b in branches})
         raise FoldError(f"no branch of adapter(s) {sorted(adapters or [])}; the model has {names}")
     index = GraphIndex(model.proto.graph)
-    reasons = _refusals(index, chosen)
+    reasons = _refusals(index, chosen, branches)
     if reasons and not partial:
         first = next(iter(reasons.items()))
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
@@ -144,7 +144,9 @@ def fold_branches(
     return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
 
 
-def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchRecord, str]:
+def _refusals(
+    index: GraphIndex, chosen: Sequence[BranchRecord], branches: Sequence[BranchRecord] = ()
+) -> dict[BranchRecord, str]:
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
         reason = _why_not_foldable(branch)
@@ -169,10 +171,11 @@ def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchR
             reason = (
                 f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
             )
-        elif any(b.magnitude for b in group) and len({(b.a, b.b, b.scale) for b in group}) > 1:
+        elif _mixes_dora(weight, branches or group):
             reason = (
                 f"its weight {weight!r} carries a DoRA branch and another branch; DoRA rescales the whole "
-                "weight, so the two have no single fold (fold one adapter at a time)"
+                "weight, so neither folds without changing the other's output (keep them unmerged)"
+            )"
             )
         if reason:
             for branch in group:
@@ -183,6 +186,13 @@ def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchR
         if branch.weight in refused_weights and branch not in reasons:
             reasons[branch] = f"another branch on its weight {branch.weight!r} cannot be folded"
     return reasons
+
+
+def _mixes_dora(weight: str, branches: Sequence[BranchRecord]) -> bool:
+    """A DoRA branch on ``weight`` beside any other delta (folded or not): DoRA's norm and rescaling are
+    of one exact weight, so neither can be folded without changing the other's output."""
+    on_weight = [b for b in branches if b.weight == weight]
+    return any(b.magnitude for b in on_weight) and len({(b.a, b.b, b.scale) for b in on_weight}) > 1
 
 
 def _remove_branches(
