@@ -175,7 +175,6 @@ def _refusals(
             reason = (
                 f"its weight {weight!r} carries a DoRA branch and another branch; DoRA rescales the whole "
                 "weight, so neither folds without changing the other's output (keep them unmerged)"
-            )"
             )
         if reason:
             for branch in group:

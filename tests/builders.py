@@ -127,8 +127,8 @@ def write_adapter(folder: Path, tensors: Mapping[str, np.ndarray], **config: obj
         {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "adapter_model.safetensors")
     )
     defaults: dict[str, object] = {
-        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": False, "use_dora": False, "lora_bias": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "modules_to_save": None,
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": False, "use_dora": False,
+        "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "modules_to_save": None,
         "init_lora_weights": True, "target_modules": None,
     }  # fmt: skip
     (folder / "adapter_config.json").write_text(json.dumps({**defaults, **config}))

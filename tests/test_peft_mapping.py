@@ -157,7 +157,7 @@ def test_a_module_that_cannot_take_a_branch_is_reported_with_its_node_and_reason
 def test_two_adapter_modules_on_one_graph_module_are_refused(tmp_path: Path) -> None:
     model = _linears("fc")
     tensors = {**_lora("encoder.fc"), **_lora("decoder.fc", seed=1)}
-    with pytest.raises(AdapterError, match="'decoder.fc' and 'encoder.fc' both match graph module 'fc'"):
+    with pytest.raises(AdapterError, match=r"'decoder\.fc' and 'encoder\.fc' both match graph module 'fc'"):
         plan_peft_adapter(model, write_adapter(tmp_path / "a", tensors))  # keys are read in sorted order
 
 
@@ -167,7 +167,7 @@ def test_an_embedding_adapter_on_a_linear_names_the_export(tmp_path: Path) -> No
         "model.embed.lora_embedding_A": rng_array((2, 10)),
         "model.embed.lora_embedding_B": rng_array((6, 2)),
     }
-    with pytest.raises(AdapterError, match="adapts an embedding.*exported as MatMul"):
+    with pytest.raises(AdapterError, match=r"adapts an embedding.*exported as MatMul"):
         plan_peft_adapter(model, write_adapter(tmp_path / "a", tensors))
 
 
