@@ -40,7 +40,8 @@ def _model() -> onnx.ModelProto:
     ]
     inits = {
         "b_shared": rng_array((OUT,), 1), "W_lin": rng_array((IN, OUT), 2),
-        "W_other": rng_array((IN, OUT), 3), "W_gemm": rng_array((OUT, IN), 4), "C_gemm": rng_array((OUT,), 5), "W_nob": rng_array((OUT, IN), 6),
+        "W_other": rng_array((IN, OUT), 3), "W_gemm": rng_array((OUT, IN), 4), "C_gemm": rng_array((OUT,), 5),
+        "W_nob": rng_array((OUT, IN), 6),
         "W_plain": rng_array((IN, OUT), 7), "W_conv": rng_array((OUT, 4, 3, 3), 8),
         "W_convb": rng_array((OUT, 4, 3, 3), 9), "b_convb": rng_array((OUT,), 10),
     }  # fmt: skip
