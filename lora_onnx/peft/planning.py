@@ -145,7 +145,7 @@ def _check_flags(config: PeftAdapterConfig, modules: list[AdapterModule], source
 
 
 def _shape(values: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(v) for v in values) + ")"
+    return str(tuple(int(v) for v in values))
 
 
 class _Planner:
