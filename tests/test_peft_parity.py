@@ -10,11 +10,18 @@ properties (``--junitxml``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 import lora_onnx
 from lora_onnx.errors import AdapterError, FoldError
@@ -129,3 +136,68 @@ def test_one_step_merge_equals_inject_then_merge(
     (a,), (b,) = pc.run_onnx(one_step, case.inputs), pc.run_onnx(tmp_path / "two.onnx", case.inputs)
     np.testing.assert_array_equal(a, b)
     assert pc.rel_err(a, case.merged_output) <= RTOL
+
+
+class _Dilated(nn.Module):
+    """A dilated Conv2d (padded to keep its size) and a strided, dilated Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, kernel_size=3, padding=2, dilation=2)
+        self.conv1d = nn.Conv1d(8, 8, kernel_size=3, padding=2, dilation=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1d(torch.relu(self.conv(x)).flatten(2))
+
+
+_DILATED_EXPORTS: dict[str, Path] = {}
+
+
+def _dilated_export(exporter: str, model: nn.Module, folder: Path) -> Path:
+    if exporter not in _DILATED_EXPORTS:
+        path = folder / f"dilated_{exporter}.onnx"
+        kwargs = (
+            {"dynamo": False, "dynamic_axes": {"x": {0: "batch"}}}
+            if exporter == "torchscript"
+            else {"dynamo": True, "dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1, max=8)}}}
+        )
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 4, 8, 8),), str(path), input_names=["x"], **kwargs)
+        _DILATED_EXPORTS[exporter] = path
+    return _DILATED_EXPORTS[exporter]
+
+
+@pytest.mark.parametrize("exporter", pc.EXPORTERS)
+def test_dilated_convs_match_peft_merged_model(exporter: str, export_dir: Path, tmp_path: Path) -> None:
+    """PEFT's conv lora_A drops the base's dilation (peft issue 3697): its forward fails here (the branch's
+    output size differs), while merge_and_unload is right. Our conv A keeps the dilation, so both our
+    unmerged and merged models equal PEFT's merged model."""
+    torch.manual_seed(0)
+    base = _Dilated().eval()
+    onnx_path = _dilated_export(exporter, base, export_dir)
+    x = torch.randn(3, 4, 8, 8)
+    for dora in (False, True):
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["conv", "conv1d"], init_lora_weights=False, use_dora=dora
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    parameter.mul_(0.5 + torch.rand(parameter.shape))
+            with pytest.raises(RuntimeError, match="must match the size"):
+                peft_model(x)
+            adapter = tmp_path / f"adapter_{dora}"
+            peft_model.save_pretrained(str(adapter))
+            reference = peft_model.merge_and_unload()(x).numpy()
+        result = lora_onnx.apply_peft(onnx_path, adapter, output=tmp_path / f"lora_{dora}.onnx")
+        assert sum("peft issue 3697" in w for w in result.warnings) == 2
+        (unmerged,) = pc.run_onnx(tmp_path / f"lora_{dora}.onnx", {"x": x.numpy()})
+        assert pc.rel_err(unmerged, reference) <= RTOL
+        lora_onnx.merge(tmp_path / f"lora_{dora}.onnx", output=tmp_path / f"merged_{dora}.onnx")
+        (merged,) = pc.run_onnx(tmp_path / f"merged_{dora}.onnx", {"x": x.numpy()})
+        assert pc.rel_err(merged, reference) <= RTOL
+        assert pc.rel_err(merged, base(x).detach().numpy()) > 1e-3
