@@ -57,10 +57,7 @@ def test_round_trip_gives_back_the_same_adapter(
     lora_onnx.apply_peft(case.onnx_path, case.adapter_dir, output=model)
     exported = export_peft_adapter(model, tmp_path / "exported")
 
-    original, again = (
-        pc.adapter_tensors(case),
-        pc.adapter_tensors(pc.PeftCase(**{**case.__dict__, "adapter_dir": exported})),
-    )
+    original, again = pc.adapter_tensors(case), load_file(str(exported / "adapter_model.safetensors"))
     # PEFT also saves whole copies of targeted embedding / lm_head base weights; they are the base's own
     # weights, not adapter tensors, and PEFT loads an adapter without them.
     assert set(again) == {key for key in original if not key.endswith(".base_layer.weight")}
