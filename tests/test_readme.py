@@ -44,8 +44,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_python_examples(tmp_path: Path) -> None:
     blocks = _blocks("python")
     assert blocks
+    workdir = _workdir(tmp_path)  # once: the blocks share it (and the models link)
     for code in blocks:
-        result = subprocess.run(
-            [sys.executable, "-c", code], cwd=_workdir(tmp_path), capture_output=True, text=True
-        )
+        result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
