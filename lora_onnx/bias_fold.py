@@ -29,9 +29,8 @@ def lora_bias_refusal(branch: BranchRecord) -> str | None:
     """Why ``branch``'s ``lora_B.bias`` cannot be folded, None when it can (or the branch has none)."""
     if branch.lora_bias and branch.op not in ("Gemm", "Conv") and not branch.base_bias:
         return (
-            f"its lora_B.bias has no bias to fold into: {branch.op} node {branch.site!r} has no bias "
-            "Add, and "
-            "folding would have to add one (PEFT refuses this merge too: the base layer has no bias)"
+            f"its lora_B.bias has no bias to fold into: {branch.op} node {branch.site!r} has no bias Add, "
+            "and folding would have to add one (PEFT refuses this merge too: the base layer has no bias)"
         )
     return None
 

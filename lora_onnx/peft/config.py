@@ -60,8 +60,8 @@ _CONVERSION_HINT = (
 _REFUSED_FIELDS = {
     "use_qalora": "QA-LoRA pools the input before lora_A, which a plain branch does not reproduce",
     "alora_invocation_tokens": (
-        "aLoRA (activated LoRA) applies the adapter only after its invocation tokens, which depends on the "
-        "input ids"
+        "aLoRA (activated LoRA) applies the adapter only after its invocation tokens, which depends on "
+        "the input ids"
     ),
     "monteclora_config": "MonteCLoRA samples lora_A perturbations in its forward pass",
     "use_bdlora": "BD-LoRA stores block-diagonal lora_A / lora_B blocks",
@@ -166,11 +166,9 @@ def _refuse_unsupported(file: Path, data: Mapping[str, Any]) -> None:
                 raise AdapterError(f"{file}: init_lora_weights={init!r}: {hint}")
         if lowered == "loftq" or data.get("loftq_config"):
             raise AdapterError(
-                f"{file}: init_lora_weights={init!r}: LoftQ adapters are trained against "
-                "LoftQ-quantized base "
-                "weights, not the exported ones; merge it in PyTorch (merge_and_unload) and export "
-                "the merged "
-                "model"
+                f"{file}: init_lora_weights={init!r}: LoftQ adapters are trained against LoftQ-quantized "
+                "base weights, not the exported ones; merge it in PyTorch (merge_and_unload) and export "
+                "the merged model"
             )
     for key, why in _REFUSED_FIELDS.items():
         if data.get(key):
@@ -178,8 +176,8 @@ def _refuse_unsupported(file: Path, data: Mapping[str, Any]) -> None:
     bias = data.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterError(
-            f"{file}: bias={bias!r} trains the base model's own biases, which is not a LoRA branch; retrain "
-            "with bias='none' (or lora_bias=True), or merge in PyTorch and export the merged model"
+            f"{file}: bias={bias!r} trains the base model's own biases, which is not a LoRA branch; "
+            "retrain with bias='none' (or lora_bias=True), or merge in PyTorch and export the merged model"
         )
     if data.get("use_dora") and data.get("lora_bias"):
         raise AdapterError(f"{file}: use_dora and lora_bias are both set, which PEFT itself rejects")

@@ -67,9 +67,8 @@ def _array(model: LoadedModel, branch: BranchRecord, name: str) -> np.ndarray:
         return np.asarray(model.array(name))
     except KeyError as exc:
         raise AdapterError(
-            f"tensor {name!r} of the branch at node {branch.site!r} ({branch.module_path}) is not "
-            "stored in the "
-            "model (a graph input?); export a model whose adapter is stored as constants"
+            f"tensor {name!r} of the branch at node {branch.site!r} ({branch.module_path}) is not stored "
+            "in the model (a graph input?); export a model whose adapter is stored as constants"
         ) from exc
 
 

@@ -129,17 +129,16 @@ def _unknown_key(source: str, key: str, name: str, modules_to_save: Sequence[str
     if ".modules_to_save." in name or (modules_to_save and name_matches(module, modules_to_save)):
         return (
             f"{source}: key {key!r} is a modules_to_save copy of module {module!r} (a whole retrained "
-            "module, "
-            "not a LoRA branch); merge the adapter into the base in PyTorch (merge_and_unload) and export "
-            "that, or train without modules_to_save"
+            "module, not a LoRA branch); merge the adapter into the base in PyTorch (merge_and_unload) "
+            "and export that, or train without modules_to_save"
         )
     if ".trainable_tokens_" in name:
         return f"{source}: key {key!r} holds trainable tokens (rows replacing embedding rows), not LoRA"
     if name.endswith((".weight", ".bias")):
         return (
             f"{source}: key {key!r} is a plain parameter of the base model (saved by "
-            "bias='all'/'lora_only' or "
-            "modules_to_save), not a LoRA tensor; merge in PyTorch and export the merged model"
+            "bias='all'/'lora_only' or modules_to_save), not a LoRA tensor; merge in PyTorch and export "
+            "the merged model"
         )
     return f"{source}: key {key!r} is not a LoRA tensor (expected lora_A/B, lora_embedding_A/B, magnitude)"
 
@@ -172,9 +171,8 @@ def match_modules(modules: Sequence[AdapterModule], scan: SiteScan, *, source: s
             raise AdapterError(_no_site(module, scan, paths, source))
         if graph_path in owner:
             raise AdapterError(
-                f"{source}: adapter modules {owner[graph_path]!r} and {module.path!r} both match "
-                "graph module "
-                f"{graph_path!r}"
+                f"{source}: adapter modules {owner[graph_path]!r} and {module.path!r} both match graph "
+                f"module {graph_path!r}"
             )
         owner[graph_path] = module.path
         matches.append(ModuleMatch(module, graph_path, tuple(paths[graph_path])))
@@ -188,8 +186,8 @@ def _match_path(module: AdapterModule, paths: Sequence[str], source: str) -> str
     longer = [p for p in paths if p.endswith("." + path)]
     if len(longer) > 1:
         raise AdapterError(
-            f"{source}: adapter module {path!r} ({module.keys[min(module.keys)]!r}) is ambiguous: it matches "
-            f"graph modules {', '.join(sorted(longer)[:5])}"
+            f"{source}: adapter module {path!r} ({module.keys[min(module.keys)]!r}) is ambiguous: it "
+            f"matches graph modules {', '.join(sorted(longer)[:5])}"
         )
     if longer:
         return longer[0]
@@ -215,8 +213,8 @@ def _no_site(module: AdapterModule, scan: SiteScan, paths: Mapping[str, list[Sit
 
 def _skipped_message(source: str, key: str, skipped: Skipped) -> str:
     return (
-        f"{source}: key {key!r}: module {skipped.module_path!r} is {skipped.op} node {skipped.node!r}, which "
-        f"cannot take a branch: {skipped.reason}"
+        f"{source}: key {key!r}: module {skipped.module_path!r} is {skipped.op} node {skipped.node!r}, "
+        f"which cannot take a branch: {skipped.reason}"
     )
 
 

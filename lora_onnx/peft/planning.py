@@ -123,9 +123,9 @@ def _check_flags(config: PeftAdapterConfig, modules: list[AdapterModule], source
         has_magnitude = "lora_magnitude_vector" in roles
         if config.use_dora != has_magnitude:
             raise AdapterError(
-                f"{source}: adapter_config.json {'sets' if config.use_dora else 'does not set'} "
-                "use_dora, but "
-                f"module {module.path!r} {'has no' if config.use_dora else 'has a'} lora_magnitude_vector key"
+                f"{source}: adapter_config.json {'sets' if config.use_dora else 'does not set'} use_dora, "
+                f"but module {module.path!r} {'has no' if config.use_dora else 'has a'} "
+                "lora_magnitude_vector key"
             )
         if module.kind == "embedding":
             if "lora_B.bias" in roles:
@@ -133,9 +133,8 @@ def _check_flags(config: PeftAdapterConfig, modules: list[AdapterModule], source
             continue
         if "lora_B.bias" in roles and not config.lora_bias:
             raise AdapterError(
-                f"{source}: key {module.keys['lora_B.bias']!r} is a lora_B bias, but "
-                "adapter_config.json does "
-                "not set lora_bias"
+                f"{source}: key {module.keys['lora_B.bias']!r} is a lora_B bias, but adapter_config.json "
+                "does not set lora_bias"
             )
         if config.lora_bias and "lora_B.bias" not in roles:
             raise AdapterError(
@@ -181,9 +180,8 @@ class _Planner:
             weight = site.weight
             raise AdapterError(
                 f"{self.source}: key {key!r} has shape {_shape(actual)}, but {what or 'it'} needs "
-                f"{_shape(expected)} "
-                f"for {site.op} node {site.node!r} ({site.module_path}, weight {weight.initializer!r} "
-                f"{_shape(weight.node_shape)})"
+                f"{_shape(expected)} for {site.op} node {site.node!r} ({site.module_path}, weight "
+                f"{weight.initializer!r} {_shape(weight.node_shape)})"
             )
 
     def _unique_stem(self, wanted: str, suffixes: tuple[str, ...]) -> str:
@@ -270,10 +268,9 @@ class _Planner:
             )
             if conv and site.conv is not None and any(d != 1 for d in site.conv.dilations):
                 self.warnings.append(
-                    f"{site.module_path}: dilated conv (dilations {list(site.conv.dilations)}): the branch's "
-                    "conv A uses the base's dilation, which PEFT's forward does not (peft issue "
-                    "3697); outputs "
-                    "equal PEFT's merged model"
+                    f"{site.module_path}: dilated conv (dilations {list(site.conv.dilations)}): the "
+                    "branch's conv A uses the base's dilation, which PEFT's forward does not (peft issue "
+                    "3697); outputs equal PEFT's merged model"
                 )
 
     def _check_site(self, module: AdapterModule, site: Site, rank: int, a_key: str, b_key: str) -> None:
@@ -281,9 +278,8 @@ class _Planner:
         if site.gemm is not None and (site.gemm.alpha != 1.0 or site.gemm.beta != 1.0):
             raise AdapterError(
                 f"{self.source}: module {module.path!r} is Gemm node {site.node!r} with "
-                f"alpha={site.gemm.alpha}, "
-                f"beta={site.gemm.beta}: its stored weight is not the PyTorch module's, so PEFT's tensors do "
-                "not apply to it"
+                f"alpha={site.gemm.alpha}, beta={site.gemm.beta}: its stored weight is not the PyTorch "
+                "module's, so PEFT's tensors do not apply to it"
             )
         in_f, out_f = site.in_features, site.out_features
         rank_note = f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
@@ -296,9 +292,8 @@ class _Planner:
             group = site.group
             if rank % group:
                 raise AdapterError(
-                    f"{self.source}: module {module.path!r}: rank {rank} is not a multiple of the "
-                    f"groups ({group}) "
-                    f"of conv node {site.node!r}; PEFT requires it"
+                    f"{self.source}: module {module.path!r}: rank {rank} is not a multiple of the groups "
+                    f"({group}) of conv node {site.node!r}; PEFT requires it"
                 )
             ones = tuple(1 for _ in site.kernel)
             self._check(a_key, site, (rank, in_f, *site.kernel), rank_note)

@@ -74,9 +74,8 @@ class SafetensorsFile:
             info = self._entry(key, entry, data_start)
             if info.offset + info.length > size:
                 raise AdapterError(
-                    f"{path} is truncated: tensor {key!r} needs bytes up to "
-                    f"{info.offset + info.length} but the "
-                    f"file has {size}"
+                    f"{path} is truncated: tensor {key!r} needs bytes up to {info.offset + info.length} "
+                    f"but the file has {size}"
                 )
             self.tensors[key] = info
 
@@ -115,9 +114,10 @@ def open_adapter_weights(folder: Path) -> SafetensorsFile:
     if not path.is_file():
         if (folder / PICKLE_NAME).is_file():
             raise AdapterError(
-                f"{folder} has its adapter weights only in {PICKLE_NAME} (a pickle, which lora-onnx does not "
-                f"load); convert them to {WEIGHTS_NAME}: load the adapter with PEFT and save_pretrained() it "
-                "again (safetensors is the default), or safetensors.torch.save_file(torch.load(...), ...)"
+                f"{folder} has its adapter weights only in {PICKLE_NAME} (a pickle, which lora-onnx does "
+                f"not load); convert them to {WEIGHTS_NAME}: load the adapter with PEFT and "
+                "save_pretrained() it again (safetensors is the default), or "
+                "safetensors.torch.save_file(torch.load(...), ...)"
             )
         raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")
     return SafetensorsFile(path)
