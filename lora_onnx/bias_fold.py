@@ -81,7 +81,10 @@ def fold_lora_biases(
             dtype = index.elem_type(node.input[1]) or onnx.TensorProto.FLOAT
             name = index.unique_name(f"{branch.module_path}.bias")
             proto.graph.initializer.append(make_tensor(name, _scaled_lora_bias(model, branch), dtype))
-            node.input.append(name)
+            if len(node.input) > 2:  # an empty optional input
+                node.input[2] = name
+            else:
+                node.input.append(name)
             continue
         ref = resolve_weight(index, node.input[slot])
         if isinstance(ref, str):

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import FoldError
-from lora_onnx.manifest import BranchRecord, read_branches
+from lora_onnx.manifest import BranchRecord, read_branches, read_peft_config
 from tests.builders import conv_reference, make_model, rel_err, rng_array, run, write_adapter
 
 F = TensorProto.FLOAT
@@ -132,8 +132,10 @@ def test_dora_applied_and_merged_match_peft(tmp_path: Path) -> None:
     tensors, result = _apply(tmp_path, DORA_MODULES, dora=True)
     assert all(b.magnitude and b.weight_norm for b in result.branches)
     _check_outputs(run(result.model.proto, FEEDS), tensors, DORA_MODULES)
+    assert read_peft_config(result.model.proto, "default")["use_dora"] is True
     merged = lora_onnx.merge(result.model)
     assert len(merged.folded) == len(DORA_MODULES)
+    assert read_peft_config(merged.model.proto, "default") is None  # no branch left: the config goes too
     proto = _saved(merged.model, tmp_path / "merged.onnx")
     assert [n.op_type for n in proto.graph.node] == [n.op_type for n in MODEL.graph.node]
     assert sorted(t.name for t in proto.graph.initializer) == sorted(INITS)
