@@ -1,11 +1,11 @@
 """PEFT parity: ``inject --peft`` and ``merge`` in onnxruntime against PEFT's own PyTorch outputs.
 
-Every preset of tests/peft_cases.py (plain, rsLoRA, rank/alpha patterns, DoRA on Linear / Conv1D / conv /
-embedding, lora_bias, embeddings, grouped convs, target regexes and excludes, Optimum-style roots) on every
-architecture (llama, bert, gpt2 with Conv1D, a conv net, llama_inner / llama_outer), each exported with
-TorchScript and with dynamo; adapters have non-zero A and B (and perturbed DoRA magnitudes). fp32
-relative error <= 1e-4 (the rule of peft_cases.rel_err). The per-case errors are recorded as junit
-properties (``--junitxml``).
+The presets of tests/peft_cases.py (plain, rsLoRA, rank/alpha patterns, DoRA on Linear / Conv1D / conv /
+embedding, lora_bias, embeddings, grouped convs, target regexes and excludes) on llama, bert, gpt2 (Conv1D)
+and a conv net, plus the Optimum-style roots (llama_inner / llama_outer), each exported with TorchScript and
+with dynamo (dynamo skips the presets that only change which modules are targeted); adapters have non-zero
+A and B and perturbed DoRA magnitudes. fp32 relative error <= 1e-4 (peft_cases.rel_err); the per-case
+errors are recorded as junit properties (``--junitxml``). Also: dilated convs against PEFT's merged model.
 """
 
 from __future__ import annotations
