@@ -33,6 +33,8 @@ def _model() -> onnx.ModelProto:
         helper.make_node("Gemm", ["x", "W_gemm", "C_gemm"], ["gemm"], name="/m/gemm/Gemm", transB=1),
         helper.make_node("Gemm", ["x", "W_nob"], ["nob"], name="/m/nob/Gemm", transB=1),
         helper.make_node("MatMul", ["x", "W_plain"], ["plain"], name="/m/plain/MatMul"),
+        helper.make_node("Transpose", ["W_tr"], ["W_tr_t"], name="/m/tr/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "W_tr_t"], ["tr"], name="/m/tr/MatMul"),
         helper.make_node("Conv", ["img", "W_conv"], ["conv"], name="/m/conv/Conv", pads=[1, 1, 1, 1]),
         helper.make_node(
             "Conv", ["img", "W_convb", "b_convb"], ["convb"], name="/m/convb/Conv", strides=[2, 2]
@@ -44,8 +46,9 @@ def _model() -> onnx.ModelProto:
         "W_nob": rng_array((OUT, IN), 6),
         "W_plain": rng_array((IN, OUT), 7), "W_conv": rng_array((OUT, 4, 3, 3), 8),
         "W_convb": rng_array((OUT, 4, 3, 3), 9), "b_convb": rng_array((OUT,), 10),
+        "W_tr": rng_array((OUT, IN), 11),
     }  # fmt: skip
-    outputs = ["lin", "other", "gemm", "nob", "plain", "conv", "convb"]
+    outputs = ["lin", "other", "gemm", "nob", "plain", "conv", "convb", "tr"]
     return make_model(nodes, {"x": (F, [3, IN]), "img": (F, [2, 4, 5, 5])}, outputs, inits)
 
 
@@ -60,8 +63,9 @@ MODULES = {
     "m.plain": (INITS["W_plain"].T, None, None),
     "m.conv": (INITS["W_conv"], None, {"pads": [1, 1, 1, 1]}),
     "m.convb": (INITS["W_convb"], INITS["b_convb"], {"strides": [2, 2]}),
+    "m.tr": (INITS["W_tr"], None, None),  # stored (out, in), transposed by a node on its way to the MatMul
 }
-OUTPUT_OF = {"m.lin": 0, "m.gemm": 2, "m.nob": 3, "m.plain": 4, "m.conv": 5, "m.convb": 6}
+OUTPUT_OF = {"m.lin": 0, "m.gemm": 2, "m.nob": 3, "m.plain": 4, "m.conv": 5, "m.convb": 6, "m.tr": 7}
 
 
 def _tensors(module: str, seed: int, dora: bool, lora_bias: bool) -> dict[str, np.ndarray]:
@@ -125,7 +129,7 @@ def _check_outputs(outputs: list[np.ndarray], tensors: dict[str, np.ndarray], mo
         assert rel_err(outputs[OUTPUT_OF[module]], _peft_reference(module, tensors, 1.5)) <= 1e-5, module
 
 
-DORA_MODULES = ["m.lin", "m.gemm", "m.nob", "m.plain", "m.conv", "m.convb"]
+DORA_MODULES = ["m.lin", "m.gemm", "m.nob", "m.plain", "m.conv", "m.convb", "m.tr"]
 
 
 def test_dora_applied_and_merged_match_peft(tmp_path: Path) -> None:
