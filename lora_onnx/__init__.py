@@ -5,9 +5,10 @@ The pipeline, one module per stage: :mod:`~lora_onnx.load` (graph only) -> :mod:
 (insert branches) -> :mod:`~lora_onnx.save` (atomic, external data linked or streamed) ->
 :mod:`~lora_onnx.validation` (onnxruntime). :mod:`~lora_onnx.fold` undoes a rewrite into the weights.
 
-The functions below are what the ``lora-onnx`` command line calls. Run-time adapters (LoRA slots that
-onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.slots` (graph),
-:mod:`~lora_onnx.adapter_files` (file formats), :mod:`~lora_onnx.adapter_check` and
+The functions below are what the ``lora-onnx`` command line calls. :mod:`lora_onnx.peft` applies
+trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters back to PEFT. Run-time
+adapters (LoRA slots that onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.slots`
+(graph), :mod:`~lora_onnx.adapter_files` (file formats), :mod:`~lora_onnx.adapter_check` and
 :mod:`~lora_onnx.swapping` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
 """
 
@@ -19,6 +20,7 @@ from lora_onnx.injection import InjectResult, inject
 from lora_onnx.inspection import Inspection, inspect_model
 from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.merging import MergeResult, merge
+from lora_onnx.peft import PeftResult, apply_peft, export_peft_adapter
 from lora_onnx.save import save_model
 from lora_onnx.sites import Site, SiteScan, Skipped, find_sites
 from lora_onnx.swapping import ExportResult, SlotInjectResult, export_adapter, fresh_adapter, inject_slots
@@ -36,14 +38,17 @@ __all__ = [
     "LoraConfig",
     "LoraOnnxError",
     "MergeResult",
+    "PeftResult",
     "Site",
     "SiteScan",
     "Skipped",
     "SlotInjectResult",
     "TargetSelector",
     "ValidationReport",
+    "apply_peft",
     "check_adapter",
     "export_adapter",
+    "export_peft_adapter",
     "find_sites",
     "fresh_adapter",
     "inject",

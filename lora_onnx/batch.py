@@ -40,11 +40,14 @@ import onnxruntime as ort
 
 from lora_onnx import __version__
 from lora_onnx.config import LoraConfig
-from lora_onnx.errors import AdapterError, LoraOnnxError, OutputError, ProviderError
+from lora_onnx.errors import LoraOnnxError, OutputError, ProviderError
 from lora_onnx.injection import inject
 from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.manifest import read_branches
 from lora_onnx.merging import merge
+from lora_onnx.peft.apply import apply_peft
+from lora_onnx.peft.config import read_adapter_config
+from lora_onnx.peft.planning import adapter_folder
 from lora_onnx.recipes import PeftTargetSelector, recipe_digest
 from lora_onnx.reports import BatchReport, ModelReport, Shard, SkippedNode, now_iso, sort_models
 from lora_onnx.save import save_model
@@ -246,23 +249,23 @@ def apply_config(source: LoadedModel, config: LoraConfig, options: BatchOptions)
     )
 
 
-def peft_available() -> bool:
-    """Whether applying trained PEFT adapters (``--peft``) is available in this build."""
-    return False
-
-
-def _peft_unavailable(adapter: AdapterSource) -> AdapterError:
-    return AdapterError(
-        f"--peft {adapter.path}: applying PEFT adapters is not available in this lora-onnx build yet "
-        "(it comes with 'inject --peft'); use a recipe instead (--config adapter_config.json makes a fresh "
-        "adapter of the same shape)"
-    )
-
-
 def apply_adapter(source: LoadedModel, adapter: AdapterSource, options: BatchOptions) -> Applied:
-    """A trained PEFT adapter. To wire (issue 3): call its ``inject --peft`` twin here and map its result
-    to :class:`Applied` as :func:`apply_config` does, then make :func:`peft_available` return True."""
-    raise _peft_unavailable(adapter)
+    """A trained PEFT adapter (``inject --peft``); proven here unless a fold follows, as for recipes."""
+    result = apply_peft(
+        source,
+        adapter.path,
+        validate=options.validate and not options.merge,
+        providers=options.providers,
+        dims=options.dims,
+    )
+    return Applied(
+        result.model,
+        len(result.branches),
+        result.plan.lora_params,
+        tuple(SkippedNode(s.node, s.op, s.module_path, s.reason) for s in result.plan.skipped),
+        result.warnings,
+        result.validation,
+    )
 
 
 def apply_recipe(source: LoadedModel, options: BatchOptions) -> Applied:
@@ -510,8 +513,9 @@ def check_options(options: BatchOptions) -> None:
                 raise ProviderError(
                     f"{provider} was requested but this onnxruntime build only has {', '.join(available)}"
                 )
-    if isinstance(options.recipe, AdapterSource) and not peft_available():
-        raise _peft_unavailable(options.recipe)
+    if isinstance(options.recipe, AdapterSource):
+        # A bad adapter folder is everyone's problem: say so once, not once per model.
+        read_adapter_config(adapter_folder(options.recipe.path))
 
 
 def run_batch(

@@ -8,6 +8,10 @@ A weight can be folded only when every node that uses it (through any Identity /
 carries the same set of folded branches; otherwise folding would change a node that has no branch, or
 give two nodes each other's delta. Such branches, and a dense A on a grouped conv (its delta mixes input
 groups), are refused with their reason, or kept in place with a warning when a partial fold is asked for.
+
+PEFT variants fold with PEFT's ``merge_and_unload`` numerics: a DoRA branch gives
+``W' = (m / norm) * (W + s * delta)`` (scaled per output channel, so it must be its weight's only delta),
+and a ``lora_B.bias`` is added, times s, to the base node's bias (see :mod:`lora_onnx.bias_fold`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from lora_onnx.bias_fold import fold_lora_biases, lora_bias_refusal
 from lora_onnx.branch_checks import check_branch_shapes
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex
@@ -84,6 +89,18 @@ def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
     return delta.T if branch.source_layout == "out,in" else delta
 
 
+def dora_factor(model: LoadedModel, branch: BranchRecord, ndim: int) -> np.ndarray:
+    """A DoRA branch's ``magnitude / weight_norm``, shaped to scale the output channels of its source
+    weight (``ndim`` axes, in the branch's source layout)."""
+    factor = np.asarray(model.array(branch.magnitude), np.float32) / np.asarray(
+        model.array(branch.weight_norm), np.float32
+    )
+    factor = factor.reshape(-1)
+    if branch.kind == "conv":
+        return factor.reshape(-1, *(1,) * (ndim - 1))
+    return factor[:, None] if branch.source_layout == "out,in" else factor[None, :]
+
+
 def _why_not_foldable(branch: BranchRecord) -> str | None:
     if branch.variant != "constant":
         return (
@@ -95,7 +112,7 @@ def _why_not_foldable(branch: BranchRecord) -> str | None:
             f"its conv A is dense (group {branch.a_group}) but the base conv has group {branch.base_group}: "
             "the delta mixes input groups and has no grouped-weight form (PEFT cannot merge it either)"
         )
-    return None
+    return lora_bias_refusal(branch)
 
 
 def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
@@ -125,7 +142,7 @@ def fold_branches(
     # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
     check_branch_shapes(model, chosen)
     index = GraphIndex(model.proto.graph)
-    reasons = _refusals(index, chosen)
+    reasons = _refusals(index, chosen, branches)
     if reasons and not partial:
         first = next(iter(reasons.items()))
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
@@ -142,10 +159,13 @@ def fold_branches(
     remove_branches(proto, folding, remaining)
     write_branches(proto, remaining)
     producers = _weight_producers(model, folding)
+    producers.update(fold_lora_biases(model, proto, [b for b in folding if b.lora_bias]))
     return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
 
 
-def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchRecord, str]:
+def _refusals(
+    index: GraphIndex, chosen: Sequence[BranchRecord], branches: Sequence[BranchRecord] = ()
+) -> dict[BranchRecord, str]:
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
         reason = _why_not_foldable(branch)
@@ -170,6 +190,11 @@ def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchR
             reason = (
                 f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
             )
+        elif _mixes_dora(weight, branches or group):
+            reason = (
+                f"its weight {weight!r} carries a DoRA branch and another branch; DoRA rescales the whole "
+                "weight, so neither folds without changing the other's output (keep them unmerged)"
+            )
         if reason:
             for branch in group:
                 reasons.setdefault(branch, reason)
@@ -179,6 +204,13 @@ def _refusals(index: GraphIndex, chosen: Sequence[BranchRecord]) -> dict[BranchR
         if branch.weight in refused_weights and branch not in reasons:
             reasons[branch] = f"another branch on its weight {branch.weight!r} cannot be folded"
     return reasons
+
+
+def _mixes_dora(weight: str, branches: Sequence[BranchRecord]) -> bool:
+    """A DoRA branch on ``weight`` beside any other delta (folded or not): DoRA's norm and rescaling are
+    of one exact weight, so neither can be folded without changing the other's output."""
+    on_weight = [b for b in branches if b.weight == weight]
+    return any(b.magnitude for b in on_weight) and len({(b.a, b.b, b.scale) for b in on_weight}) > 1
 
 
 def remove_branches(
@@ -241,6 +273,8 @@ def _producer(model: LoadedModel, weight: str, branches: list[BranchRecord]) -> 
         merged = np.array(model.array(weight), dtype=np.float32)
         for branch in branches:
             merged += branch_delta(model, branch)
+            if branch.magnitude:  # DoRA (alone on its weight, see _refusals): f * (W + s * delta)
+                merged *= dora_factor(model, branch, merged.ndim)
         return merged.astype(dtype)
 
     return produce

@@ -17,6 +17,8 @@ from lora_onnx.errors import LoraOnnxError
 
 MANIFEST_KEY = "lora_onnx.manifest"
 MANIFEST_VERSION = 1
+#: Prefix of the metadata keys holding an imported PEFT adapter's adapter_config.json, one per adapter.
+PEFT_CONFIG_PREFIX = "lora_onnx.peft_config."
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class BranchRecord:
     ``conv`` for conv branches. ``scale`` is the LoRA scale s; ``gemm_alpha`` the base Gemm's alpha,
     which the branch also applies. ``join`` is the value the branch's Add produces (the base output's
     original name), ``base_join`` the name the base output was renamed to.
+
+    Optional fields (PEFT import; empty in older manifests): ``peft_path`` is the module path as the
+    adapter names it (it may differ from ``module_path`` by a wrapper prefix); DoRA branches name their
+    ``magnitude`` (PEFT's ``lora_magnitude_vector``, in PEFT's shape) and ``weight_norm`` (the norm of
+    ``W + s * delta``, same shape, computed at rewrite time) tensors, the branch multiplying the joined
+    output by ``magnitude / weight_norm``; ``lora_bias`` names PEFT's unscaled ``lora_B.bias``; ``base_bias``
+    is the value the base node adds as its bias (a MatMul's bias Add input, Gemm C, Conv B), "" if none;
+    ``extra_tensors`` lists further constants the branch added (removed with it).
     """
 
     adapter: str
@@ -52,6 +62,12 @@ class BranchRecord:
     gemm_alpha: float = 1.0
     zero_init: bool = False
     variant: str = "constant"
+    peft_path: str = ""
+    magnitude: str = ""
+    weight_norm: str = ""
+    lora_bias: str = ""
+    base_bias: str = ""
+    extra_tensors: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -61,11 +77,14 @@ class BranchRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["nodes"] = tuple(values.get("nodes", ()))  # type: ignore[arg-type]
+        values["extra_tensors"] = tuple(values.get("extra_tensors", ()))  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
     @property
     def tensors(self) -> tuple[str, ...]:
-        return (self.a, self.b, self.scale_tensor)
+        """Every initializer the branch added (removed when it is folded)."""
+        optional = (self.magnitude, self.weight_norm, self.lora_bias, *self.extra_tensors)
+        return (self.a, self.b, self.scale_tensor, *(name for name in optional if name))
 
 
 def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
@@ -81,8 +100,17 @@ def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
 
 
 def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -> None:
-    """Replace the model's manifest with ``branches`` (removing it when there are none)."""
-    kept = [entry for entry in model.metadata_props if entry.key != MANIFEST_KEY]
+    """Replace the model's manifest with ``branches`` (removing it when there are none).
+
+    The PEFT config of an adapter that no longer has a branch goes too, so a later adapter of the same
+    name never inherits it.
+    """
+    live = {PEFT_CONFIG_PREFIX + branch.adapter for branch in branches}
+    kept = [
+        entry
+        for entry in model.metadata_props
+        if entry.key != MANIFEST_KEY and (not entry.key.startswith(PEFT_CONFIG_PREFIX) or entry.key in live)
+    ]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     if branches:
@@ -93,3 +121,25 @@ def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -
 
 def adapter_names(branches: tuple[BranchRecord, ...]) -> list[str]:
     return list(dict.fromkeys(branch.adapter for branch in branches))
+
+
+def write_peft_config(model: onnx.ModelProto, adapter: str, config: dict[str, object]) -> None:
+    """Keep an imported adapter's adapter_config.json (so ``export`` can give it back unchanged)."""
+    key = PEFT_CONFIG_PREFIX + adapter
+    kept = [entry for entry in model.metadata_props if entry.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, json.dumps(config, sort_keys=True)
+
+
+def read_peft_config(model: onnx.ModelProto, adapter: str) -> dict[str, object] | None:
+    """The adapter_config.json an adapter was imported with, None for adapters not imported from PEFT."""
+    for entry in model.metadata_props:
+        if entry.key == PEFT_CONFIG_PREFIX + adapter:
+            try:
+                data = json.loads(entry.value)
+            except ValueError as exc:
+                raise LoraOnnxError(f"the model's {entry.key} metadata is unreadable: {exc}") from exc
+            return data if isinstance(data, dict) else None
+    return None

@@ -4,6 +4,7 @@ For each site the base output ``y`` is renamed ``y.lora_base`` and a branch re-c
 
     dense:  y = y.lora_base + MatMul(Mul(MatMul(x', A), s), B)        x' = x, or x^T for Gemm transA=1
     conv:   y = y.lora_base + ConvB(Mul(ConvA(x), s))
+    gather: y = y.lora_base + MatMul(Mul(Gather(A, ids), s), B)       (embedding lookups, PEFT import)
 
 so every consumer and graph output keeps its name. The scale multiplies the rank-r intermediate, the
 cheapest place for it. New nodes go right after the node producing ``y``, which keeps the graph sorted.
@@ -152,6 +153,14 @@ def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
             kernel_shape=ones,
             strides=ones,
             group=plan.b_group,
+        )
+    elif site.op == "Gather":
+        # An embedding's A is a (vocab, r) table looked up by the same ids: A(x) = A[ids].
+        nodes.append(
+            helper.make_node("Gather", [plan.a_name, data], [a_out], index.unique_name(f"{stem}.lora_A"))
+        )
+        b_node = helper.make_node(
+            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
         )
     else:
         nodes.append(

@@ -4,6 +4,9 @@ A *site* is one Gemm, MatMul or Conv node whose weight is a constant initializer
 Identity / Transpose / Cast). Every other node of those op types is *skipped* with the reason, so nothing
 is dropped silently. Each site records what the later stages need: the data input, the value the branch
 joins, the weight's source and layout, in/out features, op attributes and the module path.
+
+Embedding lookups (``Gather`` on a constant 2-D table, op key ``gather``) are sites too, but only when
+asked for: PEFT adapters can carry ``lora_embedding_A/B`` for them; fresh recipes (``--ops``) cannot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from lora_onnx.weights import WeightRef, resolve_weight
 #: op keys used by --ops, mapped to ONNX op types.
 OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv"}
 DEFAULT_OPS = frozenset(OP_KEYS)
+#: Every op key :func:`find_sites` understands: --ops plus embedding lookups, which only PEFT import uses.
+SITE_OPS = {**OP_KEYS, "gather": "Gather"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class Site:
     ``output`` is the value the branch is added to: the node's own output, or, for a MatMul followed by
     its bias Add, that Add's output, so onnxruntime can still fuse MatMul + bias. ``layout`` describes the
     weight as the node sees it: ``in,out`` (MatMul, Gemm transB=0), ``out,in`` (Gemm transB=1) or
-    ``out,in/group,k...`` (Conv).
+    ``out,in/group,k...`` (Conv) or ``vocab,dim`` (Gather: ``in_features`` is the vocabulary, the data
+    input the indices).
     """
 
     node: str
@@ -107,14 +113,14 @@ def find_sites(
     *,
     ignore_nodes: Collection[str] = (),
 ) -> SiteScan:
-    """Every eligible node of the op types in ``ops`` (keys of :data:`OP_KEYS`), and every skipped one.
+    """Every eligible node of the op types in ``ops`` (keys of :data:`SITE_OPS`), and every skipped one.
 
     ``ignore_nodes`` are left out entirely (the nodes of existing LoRA branches).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     graph = loaded.proto.graph
     index = GraphIndex(graph)
-    op_types = {OP_KEYS[key] for key in ops}
+    op_types = {SITE_OPS[key] for key in ops}
     sites: list[Site] = []
     skipped: list[Skipped] = []
     ignored = set(ignore_nodes)
@@ -147,6 +153,8 @@ def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, on
 def _site_or_reason(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
     if len(node.input) < 2 or not node.input[1]:
         return "has no weight input"
+    if node.op_type == "Gather":
+        return _gather_site(index, node)
     data, weight_value = node.input[0], node.input[1]
     data_is_constant = index.is_constant(data) or _is_traced_constant(index, data)
     if data_is_constant:
@@ -246,4 +254,21 @@ def _conv_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path:
         in_features=shape[1] * conv.group,
         out_features=shape[0],
         conv=conv,
+    )
+
+
+def _gather_site(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+    """An embedding lookup: ``Gather(table, ids)`` along axis 0 of a constant 2-D table."""
+    weight = resolve_weight(index, node.input[0])
+    if isinstance(weight, str):
+        return weight
+    shape = weight.node_shape
+    if len(shape) != 2 or 0 in shape:
+        return f"table {weight.initializer!r} has shape {list(shape)}; an embedding is a non-empty 2-D table"
+    axis = int(index.attributes(node).get("axis", 0))  # type: ignore[call-overload]
+    if axis not in (0, -2):
+        return f"gathers along axis {axis}; an embedding lookup gathers rows (axis 0)"
+    path = module_path(index, node, weight.initializer)
+    return Site(
+        node.name, "Gather", path, node.input[1], node.output[0], weight, "vocab,dim", shape[0], shape[1]
     )

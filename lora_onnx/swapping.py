@@ -14,7 +14,6 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
@@ -28,6 +27,8 @@ from lora_onnx.init import initial_values
 from lora_onnx.injection import refuse_existing_adapter, scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, read_branches
+from lora_onnx.peft.export import export_peft_adapter
+from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.plan import BranchPlan, plan_branches, tensor_stem, unique_stem
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import save_model
@@ -47,10 +48,7 @@ from lora_onnx.slots import (
 )
 from lora_onnx.validation import ValidationReport
 
-PEFT_UNAVAILABLE = "PEFT import not available in this build (the lora_onnx.peft module is missing)"
 _SLOT_OPS = ("Gemm", "MatMul", "Conv")
-#: PeftPlan fields (issue 3) naming adapter parts a slot cannot hold: only A and B are slot tensors.
-_SLOTLESS_HINTS = ("dora", "magnitude", "bias", "embedding")
 
 
 @dataclass(frozen=True)
@@ -75,25 +73,6 @@ def fresh_source(model: LoadedModel, config: LoraConfig) -> AdapterSource:
     return AdapterSource(plan.branches, values, "fresh", (*scan.skipped, *plan.skipped), plan.warnings)
 
 
-def _import_peft(module: str = "lora_onnx.peft") -> ModuleType:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == "lora_onnx.peft" or exc.name.startswith("lora_onnx.peft.")):
-            raise AdapterError(PEFT_UNAVAILABLE) from exc
-        raise
-
-
-def peft_available() -> bool:
-    try:
-        _import_peft()
-    except AdapterError:
-        return False
-    return True
-
-
 def peft_source(model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str) -> AdapterSource:
     """A PEFT adapter folder as an :class:`AdapterSource` on ``model`` (which may already carry branches).
 
@@ -102,8 +81,7 @@ def peft_source(model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str
     named after ``model``'s free names for ``adapter``. Adapter parts a slot cannot hold (DoRA
     magnitudes, lora_B biases, embedding adapters) are refused with the reason.
     """
-    peft = _import_peft()
-    result = peft.plan_peft_adapter(base_view(model), adapter_dir, adapter_name=adapter)
+    result = plan_peft_adapter(base_view(model), adapter_dir, adapter_name=adapter)
     _refuse_slotless(result, adapter_dir)
     plans_in = tuple(result.plan.require_branches().branches)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
@@ -125,31 +103,25 @@ def peft_source(model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str
         values[moved.a_name] = np.asarray(result.values[plan.a_name])
         values[moved.b_name] = np.asarray(result.values[plan.b_name])
         plans.append(moved)
-    warnings = (*result.plan.warnings, *getattr(result, "warnings", ()))
-    return AdapterSource(tuple(plans), values, f"PEFT {adapter_dir}", tuple(result.plan.skipped), warnings)
+    origin = f"PEFT {adapter_dir}"
+    return AdapterSource(tuple(plans), values, origin, tuple(result.plan.skipped), result.plan.warnings)
 
 
-def _refuse_slotless(result: object, adapter_dir: str | os.PathLike) -> None:
+def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike) -> None:
+    """A slot holds A and B only: DoRA magnitudes, lora_B biases and embedding adapters cannot be slotted."""
     reason = (
         "which LoRA slots cannot carry (a slot holds only A and B); apply it as constant branches "
         "(inject --peft DIR) or merge it instead"
     )
-    if dataclasses.is_dataclass(result):
-        for item in dataclasses.fields(result):
-            if item.name in ("plan", "values"):
-                continue
-            if any(hint in item.name.lower() for hint in _SLOTLESS_HINTS) and getattr(result, item.name):
-                raise AdapterError(f"{adapter_dir}: the adapter has {item.name.replace('_', ' ')}, {reason}")
-    plans = result.plan.branches  # type: ignore[attr-defined]
-    for plan in plans:
+    for extras in peft.extras.values():
+        part = "a DoRA magnitude" if extras.magnitude else "a lora_B bias" if extras.lora_bias else ""
+        if part:
+            raise AdapterError(f"{adapter_dir}: the adapter has {part} on {extras.adapter_path}, {reason}")
+    for plan in peft.plan.branches:
         if plan.site.op not in _SLOT_OPS:
             raise AdapterError(
                 f"{adapter_dir}: the adapter adapts {plan.site.module_path} ({plan.site.op}), {reason}"
             )
-    expected = {name for plan in plans for name in (plan.a_name, plan.b_name)}
-    extra = sorted(set(result.values) - expected)  # type: ignore[attr-defined]
-    if extra:
-        raise AdapterError(f"{adapter_dir}: the adapter has tensors such as {extra[0]!r}, {reason}")
 
 
 def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSource:
@@ -336,9 +308,8 @@ def export_adapter(
     if format == "peft":
         if model is None or peft is not None or for_model is not None:
             raise LoraOnnxError("--format peft exports the constant branches of MODEL: give MODEL only")
-        exporter = _import_peft("lora_onnx.peft.export")
         loaded = load_model(model)
-        path = exporter.export_peft_adapter(loaded, output, adapter=adapter)
+        path = export_peft_adapter(loaded, output, adapter=adapter)
         return ExportResult(Path(path), "peft", adapter, {}, (), f"model {loaded.name}")
     if format is not None and format not in FORMATS:
         raise LoraOnnxError(f"unknown --format {format!r}; use one of {', '.join((*FORMATS, 'peft'))}")

@@ -113,3 +113,23 @@ def conv_reference(
             xg = patch[:, g * cg : (g + 1) * cg]
             result[:, g * og : (g + 1) * og] += np.einsum("oc,nc...->no...", wg, xg)
     return result
+
+
+def write_adapter(folder: Path, tensors: Mapping[str, np.ndarray], **config: object) -> Path:
+    """A PEFT adapter folder written without torch: adapter_model.safetensors (by the safetensors library)
+    and adapter_config.json (PEFT's LORA defaults, overridden by ``config``)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "adapter_model.safetensors")
+    )
+    defaults: dict[str, object] = {
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": False, "use_dora": False,
+        "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "modules_to_save": None,
+        "init_lora_weights": True, "target_modules": None,
+    }  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps({**defaults, **config}))
+    return folder

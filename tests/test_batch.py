@@ -9,6 +9,7 @@ import signal
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from batch_helpers import (
@@ -22,6 +23,7 @@ from batch_helpers import (
     save,
     tree_hashes,
 )
+from builders import run, write_adapter
 
 from lora_onnx import LoraConfig, load_model, validate
 from lora_onnx.batch import BatchOptions, ModelJob, plan_batch, run_batch
@@ -310,15 +312,31 @@ def test_peft_adapter_config_as_a_recipe(tmp_path: Path) -> None:
     assert [(b.module_path, b.rank, b.scale) for b in branches] == [("fc2", 2, 2.0)]
 
 
-def test_peft_adapters_are_not_available_yet(tmp_path: Path) -> None:
-    save(dense_model(), tmp_path / "in" / "a.onnx")
-    result = cli("batch", tmp_path / "in", "-o", tmp_path / "out", "--peft", tmp_path / "adapter")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "applying PEFT adapters is not available" in result.stderr
-    assert not (tmp_path / "out").exists()
-    both = cli(
-        "batch", tmp_path / "in", "-o", tmp_path / "out", "--peft", tmp_path / "adapter", "--rank", "4"
+def test_a_trained_peft_adapter_is_applied_to_every_model(tmp_path: Path) -> None:
+    save(dense_model(0), tmp_path / "in" / "a.onnx")
+    save(dense_model(1), tmp_path / "in" / "sub" / "b.onnx", external=True)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    adapter = write_adapter(
+        tmp_path / "adapter",
+        {"base_model.model.fc2.lora_A.weight": a, "base_model.model.fc2.lora_B.weight": b},
+        target_modules=["fc2"],
     )
+    result = cli("batch", tmp_path / "in", "-o", tmp_path / "out", "--peft", adapter, "--validate",
+                 "--report", tmp_path / "r.json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [(m.path, m.status, m.sites) for m in read_report(tmp_path / "r.json").models] == [
+        ("a.onnx", "ok", 1), ("sub/b.onnx", "ok", 1)
+    ]  # fmt: skip
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    for name in ("a.onnx", "sub/b.onnx"):
+        base = run(tmp_path / "in" / name, {"x": x})[0]
+        applied = run(tmp_path / "out" / name, {"x": x})[0]
+        hidden = np.maximum(x @ load_model(tmp_path / "in" / name).array("fc1.weight"), 0)
+        assert np.allclose(applied, base + 2.0 * hidden @ a.T @ b.T, rtol=1e-5, atol=1e-5)
+    missing = cli("batch", tmp_path / "in", "-o", tmp_path / "out2", "--peft", tmp_path / "nope")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and not (tmp_path / "out2").exists()
+    both = cli("batch", tmp_path / "in", "-o", tmp_path / "out3", "--peft", adapter, "--rank", "4")
     assert both.returncode == 2 and "rank cannot apply to it" in both.stderr
 
 

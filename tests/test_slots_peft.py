@@ -1,21 +1,12 @@
-"""PEFT adapters through LoRA slots, judged against PEFT's own outputs (tests/peft_cases.py).
-
-Needs the PEFT import (issue 3: ``lora_onnx.peft``); without it this module is skipped by that import
-check alone.
-"""
+"""PEFT adapters through LoRA slots, judged against PEFT's own outputs (tests/peft_cases.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-pytest.importorskip(
-    "lora_onnx.peft", reason="PEFT import not available in this build (issue 3: lora_onnx.peft)"
-)
-
 import peft_cases as pc
+import pytest
 from builders import run
 from swap_builders import load_adapter, run_with, session
 from test_cli import cli

@@ -15,7 +15,7 @@ import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
 from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError
-from lora_onnx.swapping import PEFT_UNAVAILABLE, export_adapter, fresh_adapter, inject_slots, peft_available
+from lora_onnx.swapping import export_adapter, fresh_adapter, inject_slots
 
 
 def test_export_from_a_constant_model_scales_b_and_runs_in_the_slots(tmp_path: Path) -> None:
@@ -67,18 +67,14 @@ def test_export_refusals_are_one_line_user_errors(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_peft_paths_say_when_the_peft_import_is_missing(tmp_path: Path) -> None:
+def test_peft_paths_name_a_missing_adapter_folder(tmp_path: Path) -> None:
     slots = inject_slots(mixed_model(), LoraConfig(rank=2)).model
-    if peft_available():  # after the PEFT import lands: a missing folder is then a user error of its own
-        with pytest.raises(LoraOnnxError):
-            export_adapter(peft=tmp_path / "nothing", for_model=slots, output=tmp_path / "a.onnx_adapter")
-        return
-    with pytest.raises(AdapterError, match=re.escape(PEFT_UNAVAILABLE)):
-        export_adapter(peft=tmp_path, for_model=slots, output=tmp_path / "a.onnx_adapter")
-    with pytest.raises(AdapterError, match=re.escape(PEFT_UNAVAILABLE)):
-        inject_slots(mixed_model(), peft=tmp_path)
-    with pytest.raises(AdapterError, match=re.escape(PEFT_UNAVAILABLE)):
-        export_adapter(mixed_model(), tmp_path / "peft_dir", format="peft")
+    missing = tmp_path / "nothing"
+    with pytest.raises(LoraOnnxError, match=re.escape(str(missing))):
+        export_adapter(peft=missing, for_model=slots, output=tmp_path / "a.onnx_adapter")
+    with pytest.raises(LoraOnnxError, match=re.escape(str(missing))):
+        inject_slots(mixed_model(), peft=missing)
+    assert not list(tmp_path.iterdir())
 
 
 def test_fold_with_a_chosen_adapter_equals_running_it_active(tmp_path: Path) -> None:

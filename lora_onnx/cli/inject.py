@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.inject_slots import add_slot_arguments, require_peft_support, run_slots
+from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
 from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
+from lora_onnx.cli.peft import add_peft_arguments, run_peft
 from lora_onnx.cli.render import info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH
 from lora_onnx.injection import inject
@@ -16,11 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "inject",
         help="add LoRA branches beside Gemm / MatMul / Conv nodes",
         description="Add a LoRA branch y += s * B(A(x)) beside every targeted Gemm, MatMul and Conv node. "
-        "Reads tensor shapes only, never weight bytes.",
+        "Reads tensor shapes only, never weight bytes. With --peft, applies a trained PEFT adapter instead.",
     )
     parser.add_argument("model", help="input .onnx model (never modified)")
     parser.add_argument("-o", "--output", required=True, help="output .onnx path")
     add_recipe_arguments(parser)
+    add_peft_arguments(parser)
     parser.add_argument(
         "--validate", action="store_true",
         help="prove the output in onnxruntime before writing it (unchanged outputs for B = 0 inits, "
@@ -34,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.as_inputs or args.strength_input or args.adapter_out:
         return run_slots(args)
-    require_peft_support(args)
+    if args.peft or args.merge:
+        return run_peft(args)
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args),

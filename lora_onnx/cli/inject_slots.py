@@ -12,7 +12,7 @@ from lora_onnx.cli.options import config_from_args, dims_from_args
 from lora_onnx.cli.render import info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH, AdapterError
 from lora_onnx.slots import strength_name
-from lora_onnx.swapping import PEFT_UNAVAILABLE, inject_slots, peft_available
+from lora_onnx.swapping import inject_slots
 
 
 def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,24 +32,12 @@ def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --as-inputs: also write the adapter the slots were planned from (the fresh init or the "
         "--peft adapter) as .onnx_adapter, .safetensors or .npz",
     )  # fmt: skip
-    # The PEFT import (issue 3) defines --peft on this command too; keep one definition, dest "peft".
-    if "--peft" not in parser._option_string_actions:
-        group.add_argument(
-            "--peft", metavar="DIR", help="take the sites (and adapter) from a PEFT adapter folder"
-        )
-
-
-def require_peft_support(args: argparse.Namespace) -> None:
-    """Fail clearly when --peft is asked of a build without the PEFT import."""
-    if getattr(args, "peft", None) and not peft_available():
-        raise AdapterError(PEFT_UNAVAILABLE)
 
 
 def run_slots(args: argparse.Namespace) -> int:
     for flag, given in (("--strength-input", args.strength_input), ("--adapter-out", args.adapter_out)):
         if given and not args.as_inputs:
             raise AdapterError(f"{flag} needs --as-inputs")
-    require_peft_support(args)
     if args.init != "default" and args.adapter_out is None and getattr(args, "peft", None) is None:
         warn(f"--init {args.init} only shapes an --adapter-out file; the slots themselves stay empty")
     config = config_from_args(args)

@@ -1,0 +1,78 @@
+"""``lora-onnx inject --peft DIR [--merge]``: apply a trained PEFT adapter (options and the run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_onnx.cli.options import add_recipe_arguments, dims_from_args
+from lora_onnx.cli.render import info, print_validation, warn
+from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
+from lora_onnx.peft import apply_peft
+
+#: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
+_RECIPE_FLAGS = {
+    "rank": "--rank", "alpha": "--alpha", "rslora": "--rslora", "target": "--target",
+    "target_regex": "--target-regex", "exclude": "--exclude", "exclude_regex": "--exclude-regex",
+    "rank_pattern": "--rank-pattern", "alpha_pattern": "--alpha-pattern", "ops": "--ops", "init": "--init",
+    "seed": "--seed",
+}  # fmt: skip
+
+
+def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("trained PEFT adapter")
+    group.add_argument(
+        "--peft", metavar="ADAPTER_DIR",
+        help="apply this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with PEFT's "
+        "numerics instead of a fresh recipe",
+    )  # fmt: skip
+    group.add_argument(
+        "--merge", action="store_true",
+        help="with --peft: fold the adapter into the weights in the same step (PEFT's merge_and_unload)",
+    )  # fmt: skip
+
+
+def _recipe_defaults() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_recipe_arguments(parser)
+    return parser.parse_args([])
+
+
+def run_peft(args: argparse.Namespace) -> int:
+    if not args.peft:
+        raise LoraOnnxError("--merge applies with --peft (to fold a fresh adapter, run lora-onnx merge)")
+    defaults = _recipe_defaults()
+    given = [flag for key, flag in _RECIPE_FLAGS.items() if getattr(args, key) != getattr(defaults, key)]
+    if given:
+        raise LoraOnnxError(
+            f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
+        )
+    result = apply_peft(
+        args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
+        adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
+    )  # fmt: skip
+    for message in result.warnings:
+        warn(message)
+    branches = result.branches
+    modules = len({b.peft_path for b in branches})
+    kinds = {
+        "DoRA": sum(1 for b in branches if b.magnitude),
+        "lora_bias": sum(1 for b in branches if b.lora_bias),
+        "embedding": sum(1 for b in branches if b.op == "Gather"),
+    }
+    detail = ", ".join(f"{name} {count}" for name, count in kinds.items() if count)
+    info(
+        f"Applied PEFT adapter {args.peft}: {modules} module(s) on {len(branches)} node(s)"
+        f"{f' ({detail})' if detail else ''}, {result.plan.lora_params:,} LoRA parameters."
+    )
+    if args.merge:
+        info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
+    if result.validation is not None:
+        title = (
+            "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"
+        )
+        print_validation(result.validation, title)
+        if not result.validation.ok:
+            warn("validation failed; nothing was written")
+            return EXIT_MISMATCH
+    info(f"Wrote {result.output}")
+    return 0

@@ -1,0 +1,30 @@
+"""Apply Hugging Face PEFT LoRA adapters to exported models, fold them, and export them back.
+
+- :func:`plan_peft_adapter` reads an adapter folder (:mod:`~lora_onnx.peft.config`,
+  :mod:`~lora_onnx.peft.tensors`), maps its keys to sites (:mod:`~lora_onnx.peft.mapping`) and converts
+  its tensors (:mod:`~lora_onnx.peft.planning`, DoRA norms in :mod:`~lora_onnx.peft.dora`);
+- :func:`insert_peft_branches` adds the branches (:mod:`~lora_onnx.peft.rewrite`);
+- :func:`apply_peft` is ``inject --peft [--merge]`` (:mod:`~lora_onnx.peft.apply`);
+- :func:`export_peft_adapter` writes an adapter folder back (:mod:`~lora_onnx.peft.export`).
+
+Nothing here imports torch or peft.
+"""
+
+from lora_onnx.peft.apply import PeftResult, apply_peft
+from lora_onnx.peft.config import PeftAdapterConfig, read_adapter_config
+from lora_onnx.peft.export import export_peft_adapter
+from lora_onnx.peft.planning import PEFT_OPS, PeftBranchExtras, PeftPlan, plan_peft_adapter
+from lora_onnx.peft.rewrite import insert_peft_branches
+
+__all__ = [
+    "PEFT_OPS",
+    "PeftAdapterConfig",
+    "PeftBranchExtras",
+    "PeftPlan",
+    "PeftResult",
+    "apply_peft",
+    "export_peft_adapter",
+    "insert_peft_branches",
+    "plan_peft_adapter",
+    "read_adapter_config",
+]
