@@ -47,6 +47,7 @@ from lora_onnx.mixed import (
     insert_mixed,
     mixed_info,
     mixed_records,
+    require_opset,
     site_form,
     stack_names,
     stack_pairs,
@@ -278,6 +279,7 @@ def inject_mixed(
     if not adapters:
         raise AdapterError("a mixed batch needs at least one adapter (a PEFT folder or an adapter file)")
     source = load_model(model)
+    require_opset(source)
     host = host_model(source)
     slots_model = load_model(slots) if slots is not None else source
     resolved = resolve_adapters(adapters, host, slots_model)
