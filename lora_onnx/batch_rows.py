@@ -42,9 +42,8 @@ PROBE_RTOL, PROBE_ATOL = 1e-4, 1e-6
 @dataclass(frozen=True)
 class BatchAxes:
     """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
-    (inputs without it are shared by all rows), of every output (None: the output declares dims without
-    the batch, so it cannot depend on any row; 0 when it declares no dims), and ``anchor``, an input
-    whose batch dim sizes the batch at run time."""
+    (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
+    and ``anchor``, an input whose batch dim sizes the batch at run time."""
 
     name: str
     inputs: Mapping[str, int]
@@ -79,14 +78,8 @@ def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxe
         )
     name = firsts.most_common(1)[0][0]
     in_axes = {v.name: _dims(v).index(name) for v in inputs if name in _dims(v)}
-    out_axes = {v.name: _output_axis(_dims(v), name) for v in graph.output}
+    out_axes = {v.name: _dims(v).index(name) if name in _dims(v) else None for v in graph.output}
     return BatchAxes(name, in_axes, out_axes)
-
-
-def _output_axis(dims: list[int | str | None], name: str) -> int | None:
-    if name in dims:
-        return dims.index(name)
-    return None if dims else 0
 
 
 def take_rows(

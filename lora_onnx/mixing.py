@@ -366,25 +366,28 @@ def prove_rows(
             ]
             for name, value in got.items():
                 parts = [row[name] for row in per_row]
-                comparisons.append(_compare_rows(name, value, parts, axes.outputs.get(name, 0), provider))
+                comparisons.append(_compare_rows(name, value, parts, axes.outputs.get(name), provider))
     return ValidationReport(tuple(comparisons), chosen, shapes)
 
 
 def _compare_rows(
     name: str, value: np.ndarray, parts: Sequence[np.ndarray], axis: int | None, provider: str
 ) -> OutputComparison:
-    """The mixed output against the rows run alone: concatenated along the batch axis, or, for an output
-    without one, each row's run must give the mixed output itself (it depends on no row)."""
-    if axis is None:
-        checks = [compare(part, value, name=name, provider=provider, rtol=None, atol=None) for part in parts]
-        return max(checks, key=lambda c: (not c.ok, c.max_rel))
-    if any(part.ndim <= axis or part.shape[axis] != 1 for part in parts):
-        shapes = [list(part.shape) for part in parts[:2]]
-        note = f"a row run alone gives shape {shapes[0]}: no batch axis {axis} to compare rows by"
+    """The mixed output against the rows run alone: concatenated along the output's declared batch axis;
+    for an output that declares none, along axis 0 when that gives the mixed output's shape (rows may be
+    flattened into it, as ``[B*S, out]``), else each row's run must give the mixed output itself (an
+    output that depends on no row)."""
+    if axis is None and np.concatenate(parts).shape != value.shape:
+        if all(part.shape == value.shape for part in parts):
+            checks = [
+                compare(part, value, name=name, provider=provider, rtol=None, atol=None) for part in parts
+            ]
+            return max(checks, key=lambda c: (not c.ok, c.max_rel))
+        note = f"rows run alone give shape {list(parts[0].shape)}: no batch axis to compare rows by"
         return OutputComparison(
             provider, name, tuple(value.shape), float("inf"), float("inf"), 0, 0, False, note
         )
-    reference = np.concatenate(parts, axis=axis)
+    reference = np.concatenate(parts, axis=axis or 0)
     return compare(reference, value, name=name, provider=provider, rtol=None, atol=None)
 
 

@@ -13,6 +13,9 @@ from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.mixed import INDEX_INPUT
 from lora_onnx.swapping import fresh_adapter, inject_slots
 
+#: Inputs whose batch axis is not 0 (swap_builders.mixed_model's ``xt`` is [5, batch]).
+BATCH_AXES = {"xt": 1}
+
 
 def slotted_with_files(
     model: object,
@@ -38,14 +41,15 @@ def slotted_with_files(
 
 
 def rows_alone_with_files(
-    slots: Path, files: Sequence[Path], feeds: Mapping[str, np.ndarray], rows: Sequence[int], axis: int = 0
+    slots: Path, files: Sequence[Path], feeds: Mapping[str, np.ndarray], rows: Sequence[int]
 ) -> list[list[np.ndarray]]:
-    """Each batch row run alone through the slotted model, with file ``rows[i]`` active (-1: none)."""
+    """Each batch row run alone through the slotted model, with file ``rows[i]`` active (-1: none).
+    Inputs are sliced on axis 0, except those in :data:`BATCH_AXES`."""
     sess = session(slots)
     adapters = {}
     out = []
     for b, r in enumerate(rows):
-        row = {k: np.take(v, [b], axis=axis) for k, v in feeds.items()}
+        row = {k: np.take(v, [b], axis=BATCH_AXES.get(k, 0)) for k, v in feeds.items()}
         if r < 0:
             out.append(run_with(sess, row))
             continue
