@@ -40,6 +40,16 @@ PROBE_RTOL, PROBE_ATOL = 1e-4, 1e-6
 
 
 @dataclass(frozen=True)
+class Probe:
+    """The probe's verdict: sites whose input keeps batch rows apart, the others (with the reason), and
+    ``batched``, the dense sites whose input already is ``[B, k, in]`` (no reshape needed to split rows)."""
+
+    kept: tuple[Site, ...]
+    skipped: tuple[Skipped, ...]
+    batched: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class BatchAxes:
     """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
     (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
@@ -152,11 +162,11 @@ def probe_sites(
     *,
     dims: Mapping[str, int] | None = None,
     providers: str | Sequence[str] = ("cpu",),
-) -> tuple[tuple[Site, ...], tuple[Skipped, ...]]:
+) -> Probe:
     """Split ``sites`` into those whose data input is batch-major and those that are not (see the module
     doc); runs ``model`` three times in onnxruntime on its first provider."""
     if not sites:
-        return (), ()
+        return Probe((), ())
     provider = parse_providers(providers)[0]
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -182,15 +192,21 @@ def probe_sites(
             runs.append({**{k: v for k, v in feeds.items()}, **outputs})
     kept: list[Site] = []
     skipped: list[Skipped] = []
+    batched: set[str] = set()
     for site in sites:
         reason = _site_reason(site, runs)
         if reason is None:
             kept.append(site)
+            # A tensor's rank is fixed by the graph, and the probe saw dim 0 follow the batch.
+            shapes = [run[site.data_input].shape for run in runs[:2]]
+            three_d = site.op == "MatMul" and all(len(s) == 3 for s in shapes)
+            if three_d and (shapes[0][0], shapes[1][0]) == (PROBE_ROWS, 2):
+                batched.add(site.node)
         else:
             skipped.append(
                 Skipped(site.node, site.op, site.module_path, f"input {site.data_input!r}: {reason}")
             )
-    return tuple(kept), tuple(skipped)
+    return Probe(tuple(kept), tuple(skipped), frozenset(batched))
 
 
 def _site_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]]) -> str | None:

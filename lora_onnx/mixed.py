@@ -15,7 +15,8 @@ zero-padded to the site's largest)::
     h = MatMul(Reshape(x', [B, -1, in]), Gather(A, safe)) * keep   # rows are batch-major (see batch_rows)
     y = y.lora_base + Reshape(MatMul(h, Gather(B, safe)), Shape(y.lora_base))
 
-x' is x, or x^T for a Gemm with transA; a Gemm's alpha multiplies ``keep``. Conv site (stacks
+x' is x, or x^T for a Gemm with transA; a Gemm's alpha multiplies ``keep``. When the probe saw x as
+``[B, k, in]`` already (a MatMul on ``[B, S, in]``) both Reshapes are left out. Conv site (stacks
 A [n, R, C/ga, k...], B [n, out, R/gb, 1...]): a conv's group is a static attribute, so per-row weights
 cannot be gathered; instead ConvA runs every adapter's A at once (the stack rearranged into one
 [n*R, C/ga, k...] weight, group-major so each input group's channels stay together), a one-hot mask keeps
@@ -290,6 +291,8 @@ class MixedSite:
     a_stack: np.ndarray
     b_stack: np.ndarray
     form: SiteForm
+    #: The data input already is [B, k, in] (see :class:`lora_onnx.batch_rows.Probe`): no reshapes.
+    batched: bool = False
 
     @property
     def kind(self) -> str:
@@ -449,14 +452,17 @@ class _Builder:
                 self.shared, "Concat", [self.batch_shape(), width], f"{self.index_name}.rows_shape", axis=0
             )
 
-        rows_shape = self.shared_value(("rows", site.in_features), make_shape)
-        x = self.node(nodes, "Reshape", [data, rows_shape], f"{stem}.lora_input_rows")
+        x = data
+        if not item.batched:
+            rows_shape = self.shared_value(("rows", site.in_features), make_shape)
+            x = self.node(nodes, "Reshape", [data, rows_shape], f"{stem}.lora_input_rows")
         h = self.node(nodes, "MatMul", [x, a], f"{stem}.lora_A.output")
         alpha = site.gemm.alpha if site.gemm else 1.0
         kept = self.node(nodes, "Mul", [h, self.keep(site.dtype, alpha)], f"{stem}.lora_kept")
-        d = self.node(nodes, "MatMul", [kept, b], f"{stem}.lora_B.output")
-        shape = self.node(nodes, "Shape", [base], f"{stem}.lora_output_shape")
-        delta = self.node(nodes, "Reshape", [d, shape], f"{stem}.lora_delta")
+        delta = self.node(nodes, "MatMul", [kept, b], f"{stem}.lora_B.output")
+        if not item.batched:
+            shape = self.node(nodes, "Shape", [base], f"{stem}.lora_output_shape")
+            delta = self.node(nodes, "Reshape", [delta, shape], f"{stem}.lora_delta")
         nodes.append(helper.make_node("Add", [base, delta], [join], self.name(f"{stem}.lora_add")))
 
     def conv(self, item: MixedSite, data: str, base: str, join: str, nodes: list[onnx.NodeProto]) -> None:

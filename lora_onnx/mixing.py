@@ -287,7 +287,8 @@ def inject_mixed(
     covered = {node for adapter in resolved for node in adapter.pairs}
     sites = [site for site in scan_sites(host, DEFAULT_OPS).sites if site.node in covered]
     axes = batch_axes(host)
-    kept, skipped = probe_sites(host, sites, axes, dims=dims, providers=providers)
+    probe = probe_sites(host, sites, axes, dims=dims, providers=providers)
+    kept, skipped = probe.kept, probe.skipped
     warnings = tuple(
         f"{adapter.label}: its branch at {skip.module_path} is left out: {skip.reason}"
         for skip in skipped
@@ -304,7 +305,8 @@ def inject_mixed(
         form = site_form("conv" if site.op == "Conv" else "dense", pairs)
         a_stack, b_stack = stack_pairs(site, pairs, form, labels)
         stem, a_name, b_name = stack_names(index, site.module_path)
-        items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form))
+        batched = site.node in probe.batched
+        items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form, batched))
     mixed, records = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
     rows = proof_rows(len(resolved))
     report = None

@@ -52,8 +52,10 @@ def _layouts() -> onnx.ModelProto:
 def test_probe_keeps_batch_major_sites_and_skips_the_others_with_reasons() -> None:
     model = load_model(_layouts())
     sites = scan_sites(model, DEFAULT_OPS).sites
-    kept, skipped = probe_sites(model, sites, batch_axes(model))
+    probe = probe_sites(model, sites, batch_axes(model))
+    kept, skipped = probe.kept, probe.skipped
     assert [s.module_path for s in kept] == ["a", "d"]
+    assert probe.batched == {"/a/MatMul"}  # [B, 4, 8] as is; d's [B*4, 8] is reshaped to split rows
     reasons = {s.module_path: s.reason for s in skipped}
     assert set(reasons) == {"b", "c", "e"}
     assert "mix batch rows" in reasons["b"]
