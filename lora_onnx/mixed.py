@@ -47,6 +47,7 @@ from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.fold import remove_branches
 from lora_onnx.graph import GraphIndex
 from lora_onnx.injection import scan_sites
+from lora_onnx.inputs import ADAPTER_INDEX
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.plan import BranchPlan, tensor_stem, unique_stem
@@ -56,8 +57,8 @@ from lora_onnx.tensors import make_tensor, np_dtype
 
 #: ``BranchRecord.variant`` and adapter name of a mixed-batch branch.
 MIXED = "mixed"
-#: The per-row adapter index input.
-INDEX_INPUT = "lora_adapter_index"
+#: The per-row adapter index input (generated validation inputs set it to 0: lora_onnx.inputs).
+INDEX_INPUT = ADAPTER_INDEX
 #: Model metadata key: the index input, the adapters' labels, the shared nodes.
 MIXED_KEY = "lora_onnx.mixed"
 #: Symbolic dim of the adapter count when stacks are graph inputs.
@@ -630,29 +631,29 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
     records = mixed_records(model)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    remaining = tuple(b for b in read_branches(proto) if b not in records)
-    remove_branches(proto, records, remaining)
-    write_branches(proto, remaining)
     graph = proto.graph
     if info is not None:
+        # Shared nodes go first: they read a stack, which must not count as still used below.
         shared = set(info.nodes)
         dropped = {out for node in graph.node if node.name in shared for out in node.output}
         kept = [node for node in graph.node if node.name not in shared]
         del graph.node[:]
         graph.node.extend(kept)
-        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-        constants = {
-            t.name for t in graph.initializer if t.name.startswith(f"{info.index}.") and t.name not in used
-        }
-        inits = [t for t in graph.initializer if t.name not in constants]
-        del graph.initializer[:]
-        graph.initializer.extend(inits)
-        inputs = [v for v in graph.input if v.name != info.index]
-        del graph.input[:]
-        graph.input.extend(inputs)
         infos = [v for v in graph.value_info if v.name not in dropped]
         del graph.value_info[:]
         graph.value_info.extend(infos)
+        inputs = [v for v in graph.input if v.name != info.index]
+        del graph.input[:]
+        graph.input.extend(inputs)
+    remaining = tuple(b for b in read_branches(proto) if b not in records)
+    remove_branches(proto, records, remaining)
+    write_branches(proto, remaining)
+    if info is not None:
+        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        prefix = f"{info.index}."
+        inits = [t for t in graph.initializer if not t.name.startswith(prefix) or t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
     _write_info(proto, None)
     return model.with_proto(proto)
 

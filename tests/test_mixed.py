@@ -253,3 +253,41 @@ def test_opset_too_old_and_models_without_a_batch_dim_are_refused() -> None:
     )
     with pytest.raises(lora_onnx.LoraOnnxError, match="symbolic batch dim"):
         inject_mixed(fixed, [fresh_source(load_model(fixed), LoraConfig(rank=2, init="random"))])
+
+
+def test_float16_sites_stack_float16_tensors() -> None:
+    h = TensorProto.FLOAT16
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul"),
+        helper.make_node("Conv", ["img", "Wc"], ["c"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+    ]
+    inits = {
+        "W": rng_array((8, 6), 1).astype(np.float16),
+        "Wc": rng_array((4, 3, 3, 3), 2).astype(np.float16),
+    }
+    base = make_model(nodes, {"x": (h, ["batch", 8]), "img": (h, ["batch", 3, 5, 5])}, ["y", "c"], inits)
+    loaded = load_model(base)
+    adapters = [fresh_source(loaded, LoraConfig(rank=r, alpha=r, init="random", seed=r)) for r in (2, 4)]
+    result = inject_mixed(base, adapters, validate=True)
+    assert result.validation is not None and result.validation.ok
+    assert {result.model.array(b.a).dtype for b in result.branches} == {np.dtype(np.float16)}
+    rows = [1, -1, 0]
+    feeds = {
+        "x": rng_array((3, 8), 3).astype(np.float16),
+        "img": rng_array((3, 3, 5, 5), 4).astype(np.float16),
+    }
+    y, c = run_rows(result.model.proto, feeds, rows)
+    assert y.dtype == c.dtype == np.float16
+    for b, r in enumerate(rows):
+        x, img = feeds["x"][b : b + 1].astype(np.float64), feeds["img"][b : b + 1]
+        want_y = x @ inits["W"].astype(np.float64)
+        want_c = conv_reference(img, inits["Wc"], pads=[1, 1, 1, 1])
+        if r >= 0:
+            branches = _branches(adapters[r])
+            a, bb, s, _, _ = branches["/fc/MatMul"]
+            want_y = want_y + s * (x @ a.astype(np.float64)) @ bb.astype(np.float64)
+            a, bb, s, ga, gb = branches["/conv/Conv"]
+            want_c = want_c + s * conv_reference(
+                conv_reference(img, a, pads=[1, 1, 1, 1], group=ga), bb, group=gb
+            )
+        assert rel_err(y[b : b + 1], want_y) <= 5e-3 and rel_err(c[b : b + 1], want_c) <= 5e-3

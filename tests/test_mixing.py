@@ -147,7 +147,8 @@ def test_merge_adapter_index_folds_one_adapter_into_a_plain_model(tmp_path: Path
         LoraConfig(rank=2, alpha=3, init="random", seed=1, targets=TargetSelector(exclude=("fc3",))),
         LoraConfig(rank=4, alpha=2, init="random", seed=2, targets=TargetSelector(exclude=("fc1", "fc3"))),
     ]
-    mixed = inject_mixed(base, [fresh_source(loaded, c) for c in configs], output=tmp_path / "mixed.onnx")
+    sources = [fresh_source(loaded, c) for c in configs]
+    mixed = inject_mixed(base, sources, stacks_as_inputs=True, output=tmp_path / "mixed.onnx")
     with pytest.raises(FoldError, match=r"merge --adapter-index I"):
         lora_onnx.merge(mixed.output)
     with pytest.raises(LoraOnnxError, match=r"stacks 2 adapter\(s\) .*there is no index 2"):
@@ -162,6 +163,7 @@ def test_merge_adapter_index_folds_one_adapter_into_a_plain_model(tmp_path: Path
         proto = onnx.load(tmp_path / f"m{index}.onnx")
         assert [n.name for n in proto.graph.node] == [n.name for n in base.graph.node]
         assert [i.name for i in proto.graph.input] == [i.name for i in base.graph.input]
+        assert not [t.name for t in proto.graph.initializer if "stack" in t.name or "index" in t.name]
         constant = lora_onnx.inject(base, config).model  # the same adapter as ordinary constant branches
         for got, want in zip(run(proto, feeds), run(constant.proto, feeds), strict=True):
             assert rel_err(got, want) <= 1e-4
@@ -184,3 +186,25 @@ def test_the_row_proof_fails_when_a_stack_holds_the_wrong_adapter() -> None:
     tensor.CopyFrom(onnx.numpy_helper.from_array(swapped, conv.b))
     report = prove_rows(result.model.with_proto(proto), loaded, references, rows, axes)
     assert [c.name for c in report.failures] == ["c"]  # only the conv's output is wrong
+
+
+def test_a_mixed_model_takes_constant_branches_and_validates_with_generated_inputs(tmp_path: Path) -> None:
+    base = mixed_model()
+    loaded = load_model(base)
+    mixed = inject_mixed(
+        base, [fresh_source(loaded, LoraConfig(rank=2, init="random", seed=s)) for s in (1, 2)]
+    )
+    extra = LoraConfig(rank=2, init="random", adapter_name="extra", targets=TargetSelector(names=("conv",)))
+    stacked = lora_onnx.inject(mixed.model, extra, validate=True)  # generated inputs: index 0 on every row
+    assert stacked.validation is not None and stacked.validation.ok
+    assert {b.variant for b in stacked.branches} == {"constant"}
+    saved = lora_onnx.save_model(stacked.model, tmp_path / "stacked.onnx")
+    rows = [1, -1, 0]
+    feeds = mixed_feeds(batch=3)
+    got = run_rows(saved, feeds, rows)
+    want = run_rows(mixed.model.proto, feeds, rows)
+    plain = lora_onnx.inject(base, extra).model
+    # the constant conv adapter applies to every row, beside each row's own conv adapter
+    delta = run(plain.proto, feeds)[2] - run(base, feeds)[2]
+    assert rel_err(got[2], want[2] + delta) <= 1e-4 and rel_err(got[2], want[2]) > 1e-3
+    assert all(rel_err(g, w) <= 1e-6 for g, w in zip(got[:2], want[:2], strict=True))
