@@ -54,7 +54,7 @@ from lora_onnx.mixed import (
     strip_mixed,
 )
 from lora_onnx.rewrite import insert_branches
-from lora_onnx.save import save_model
+from lora_onnx.save import check_output_path, save_model
 from lora_onnx.sites import DEFAULT_OPS, Site, Skipped
 from lora_onnx.slots import bake, remove_slots, slot_records, strength_name
 from lora_onnx.swapping import AdapterSource, peft_source
@@ -245,6 +245,12 @@ def resolve_adapters(
 # inject --mixed
 
 
+def _inputs(adapters: Sequence[AdapterLike], *models: LoadedModel) -> list[Path]:
+    """Every file the inputs read (models, their data, adapter files and folders): never an output."""
+    paths = [p for m in models for p in (m.path, *m.external_files()) if p is not None]
+    return paths + [Path(a) for a in adapters if isinstance(a, (str, os.PathLike))]
+
+
 def host_model(source: LoadedModel) -> LoadedModel:
     """The model mixed branches go on: ``source`` without its LoRA slots (constant branches stay)."""
     if mixed_records(source) or mixed_info(source) is not None:
@@ -282,6 +288,9 @@ def inject_mixed(
     require_opset(source)
     host = host_model(source)
     slots_model = load_model(slots) if slots is not None else source
+    protect = _inputs(adapters, source, slots_model)
+    if output is not None:
+        check_output_path(Path(output), protect)  # before any work
     resolved = resolve_adapters(adapters, host, slots_model)
     labels = tuple(a.label for a in resolved)
     covered = {node for adapter in resolved for node in adapter.pairs}
@@ -316,7 +325,6 @@ def inject_mixed(
         report = prove_rows(mixed, host, references, rows, axes, providers=providers, dims=dims)
     written = None
     if output is not None and (report is None or report.ok):
-        protect = [p for m in (source, slots_model) for p in (m.path, *m.external_files()) if p is not None]
         written = save_model(mixed, output, protect=protect)
     return MixedInjectResult(mixed, records, labels, skipped, warnings, written, report, rows)
 
@@ -448,6 +456,5 @@ def stack_adapters(
         form = SiteForm(-(-widest // blocks) * blocks, record.a_group, record.b_group)
         tensors[record.a], tensors[record.b] = stack_pairs(site, pairs, form, labels)
     if output is not None:
-        protect = [p for m in (loaded, slots_model) for p in (m.path, *m.external_files()) if p is not None]
-        write_adapter_file(tensors, output, format, protect=protect)
+        write_adapter_file(tensors, output, format, protect=_inputs(adapters, loaded, slots_model))
     return tensors

@@ -18,7 +18,7 @@ import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.adapter_files import write_adapter_file
 from lora_onnx.batch_rows import batch_axes
-from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError
+from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError, OutputError
 from lora_onnx.load import load_model
 from lora_onnx.mixed import INDEX_INPUT, mixed_records
 from lora_onnx.mixing import inject_mixed, proof_rows, prove_rows, stack_adapters
@@ -84,6 +84,8 @@ def test_refusals_are_one_line_user_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(AdapterError, match="has no branch at any site"):
         inject_mixed(slots, [empty])
+    with pytest.raises(OutputError, match="refusing to overwrite the input"):
+        inject_mixed(slots, [good], output=good)
     mixed = inject_mixed(slots, [good]).model
     with pytest.raises(LoraOnnxError, match="already has mixed-batch branches"):
         inject_mixed(mixed, [good], slots=slots)
