@@ -10,6 +10,8 @@ trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters b
 adapters (LoRA slots that onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.slots`
 (graph), :mod:`~lora_onnx.adapter_files` (file formats), :mod:`~lora_onnx.adapter_check` and
 :mod:`~lora_onnx.swapping` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
+Mixed-adapter batches (a different adapter per batch row) live in :mod:`~lora_onnx.mixed` (graph) and
+:mod:`~lora_onnx.mixing` (``inject_mixed``, ``stack_adapters``).
 """
 
 from lora_onnx.adapter_check import AdapterCheck, check_adapter
@@ -20,6 +22,7 @@ from lora_onnx.injection import InjectResult, inject
 from lora_onnx.inspection import Inspection, inspect_model
 from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.merging import MergeResult, merge
+from lora_onnx.mixing import MixedInjectResult, inject_mixed, stack_adapters
 from lora_onnx.peft import PeftResult, apply_peft, export_peft_adapter
 from lora_onnx.save import save_model
 from lora_onnx.sites import Site, SiteScan, Skipped, find_sites
@@ -38,6 +41,7 @@ __all__ = [
     "LoraConfig",
     "LoraOnnxError",
     "MergeResult",
+    "MixedInjectResult",
     "PeftResult",
     "Site",
     "SiteScan",
@@ -52,6 +56,7 @@ __all__ = [
     "find_sites",
     "fresh_adapter",
     "inject",
+    "inject_mixed",
     "inject_slots",
     "inspect",
     "inspect_model",
@@ -59,6 +64,7 @@ __all__ = [
     "merge",
     "read_adapter_file",
     "save_model",
+    "stack_adapters",
     "validate",
     "write_adapter_file",
 ]

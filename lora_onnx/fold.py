@@ -102,6 +102,8 @@ def dora_factor(model: LoadedModel, branch: BranchRecord, ndim: int) -> np.ndarr
 
 
 def _why_not_foldable(branch: BranchRecord) -> str | None:
+    if branch.variant == "mixed":  # lora_onnx.mixed: stacks of several adapters, one chosen per row
+        return "it holds several adapters stacked (mixed batches); fold one of them (merge --adapter-index I)"
     if branch.variant != "constant":
         return (
             f"its tensors are {branch.variant} inputs, not constants; fold it with a chosen adapter file "

@@ -2,7 +2,8 @@
 
 Symbolic dimensions take ``--dim NAME=V`` values, else a default by name (batch-like 2, anything else
 8). Integer inputs are small non-negative values so token ids and indices stay in range; masks are ones,
-token types zeros and position ids ``0..n-1``, which is what every exporter's sample input looks like.
+token types zeros and position ids ``0..n-1``, which is what every exporter's sample input looks like; a
+mixed-batch model's ``lora_adapter_index`` is 0 (its first adapter) on every row.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ _ORT_TYPES = {
 _BATCH = re.compile(r"batch|^n$|^b$|^N$", re.IGNORECASE)
 _MAX_TOKEN = 16
 DEFAULT_BATCH, DEFAULT_OTHER = 2, 8
+#: The per-row adapter index of mixed-batch models (:data:`lora_onnx.mixed.INDEX_INPUT`): random values
+#: would fall outside the adapter count, so generated inputs use adapter 0.
+ADAPTER_INDEX = "lora_adapter_index"
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,9 @@ def make_inputs(
         dtype = np.dtype(_ORT_TYPES[spec.type])
         shape = concrete_shape(spec, dims or {})
         name = spec.name.lower()
-        if dtype == np.bool_ or "mask" in name:
+        if spec.name == ADAPTER_INDEX:
+            feeds[spec.name] = np.zeros(shape, dtype)  # adapter 0 on every row: valid whatever the count
+        elif dtype == np.bool_ or "mask" in name:
             feeds[spec.name] = np.ones(shape, dtype)
         elif np.issubdtype(dtype, np.integer):
             if "type" in name:

@@ -12,6 +12,7 @@ from lora_onnx.errors import LoraOnnxError
 from lora_onnx.fold import FoldResult, Kept, fold_branches, fold_tolerance
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
+from lora_onnx.mixed import bind_index
 from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.swapping import bind_adapter_file
 from lora_onnx.validation import ValidationReport
@@ -39,6 +40,7 @@ def merge(
     dims: Mapping[str, int] | None = None,
     adapter_file: str | os.PathLike | None = None,
     strength: float | None = None,
+    adapter_index: int | None = None,
 ) -> MergeResult:
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
@@ -50,6 +52,10 @@ def merge(
     adapter becomes constant branches (at ``strength``, default the model's strength default, 1.0)
     and every other slot, which adds zero when inactive, is removed; ``validate`` then compares the
     merged model with the input running that file active.
+
+    A model with mixed-batch branches (``inject --mixed``) is folded with a chosen ``adapter_index``
+    (a position in its stacks): that adapter becomes constant branches, the rest of the mixed form is
+    removed; ``validate`` compares with the input running that index on every row.
     """
     source = reference = load_model(model)
     protect = [Path(adapter_file)] if adapter_file else []
@@ -58,6 +64,10 @@ def merge(
     removed: tuple[BranchRecord, ...] = ()
     if strength is not None and adapter_file is None:
         raise LoraOnnxError("a strength applies to an adapter file: pass --adapter-file FILE with it")
+    if adapter_index is not None:
+        if adapter_file is not None:
+            raise LoraOnnxError("give an adapter file or an adapter index, not both")
+        source, _, reference = bind_index(source, adapter_index)
     if adapter_file is not None:
         bound, reference = bind_adapter_file(source, adapter_file, strength=strength)
         source, removed = bound.model, bound.removed

@@ -73,16 +73,19 @@ def fresh_source(model: LoadedModel, config: LoraConfig) -> AdapterSource:
     return AdapterSource(plan.branches, values, "fresh", (*scan.skipped, *plan.skipped), plan.warnings)
 
 
-def peft_source(model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str) -> AdapterSource:
+def peft_source(
+    model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str, *, purpose: str = "LoRA slots"
+) -> AdapterSource:
     """A PEFT adapter folder as an :class:`AdapterSource` on ``model`` (which may already carry branches).
 
     PEFT planning (issue 3's ``plan_peft_adapter``) runs on the model's base graph; its branches are
     then moved onto ``model`` (same nodes; the join value may differ when branches are stacked) and
     named after ``model``'s free names for ``adapter``. Adapter parts a slot cannot hold (DoRA
-    magnitudes, lora_B biases, embedding adapters) are refused with the reason.
+    magnitudes, lora_B biases, embedding adapters) are refused with the reason; ``purpose`` names what
+    the adapter is for in that message (mixed-batch branches hold only A and B too).
     """
     result = plan_peft_adapter(base_view(model), adapter_dir, adapter_name=adapter)
-    _refuse_slotless(result, adapter_dir)
+    _refuse_slotless(result, adapter_dir, purpose)
     plans_in = tuple(result.plan.require_branches().branches)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
     index = GraphIndex(model.proto.graph)
@@ -107,10 +110,10 @@ def peft_source(model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str
     return AdapterSource(tuple(plans), values, origin, tuple(result.plan.skipped), result.plan.warnings)
 
 
-def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike) -> None:
+def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike, purpose: str = "LoRA slots") -> None:
     """A slot holds A and B only: DoRA magnitudes, lora_B biases and embedding adapters cannot be slotted."""
     reason = (
-        "which LoRA slots cannot carry (a slot holds only A and B); apply it as constant branches "
+        f"which {purpose} cannot carry (they hold only A and B); apply it as constant branches "
         "(inject --peft DIR) or merge it instead"
     )
     for extras in peft.extras.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lora_onnx.cli.inject_mixed import add_mixed_arguments, run_mixed, wants_mixed
 from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
 from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
 from lora_onnx.cli.peft import add_peft_arguments, run_peft
@@ -29,11 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "otherwise equal to its own fold)",
     )  # fmt: skip
     add_slot_arguments(parser)
+    add_mixed_arguments(parser)  # after every --peft definition: it records their order
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if wants_mixed(args):
+        return run_mixed(args)
     if args.as_inputs or args.strength_input or args.adapter_out:
         return run_slots(args)
     if args.peft or args.merge:

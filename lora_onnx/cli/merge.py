@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="for a model with LoRA slots: fold this adapter file (the other slots, off, are removed)",
     )  # fmt: skip
     parser.add_argument(
+        "--adapter-index", type=int, metavar="I",
+        help="for a model with mixed-batch branches (inject --mixed): fold the adapter at position I of the "
+        "stacks (the rest of the mixed form is removed)",
+    )  # fmt: skip
+    parser.add_argument(
         "--strength",
         type=float,
         help="with --adapter-file: fold at this strength (default: the model's, 1.0)",
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     result = merge(
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,
-        strength=args.strength,
+        strength=args.strength, adapter_index=args.adapter_index,
     )  # fmt: skip
     if result.slots_removed:
         info(f"Removed {len(result.slots_removed)} LoRA slot(s) the adapter file leaves off.")
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     info(f"Folded {len(result.folded)} branch(es); {len(result.kept)} kept.")
     if result.validation is not None:
         title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
+        if args.adapter_index is not None:
+            title = f"Merged vs input with adapter {args.adapter_index} on every row"
         print_validation(result.validation, title)
         if not result.validation.ok:
             warn("validation failed; nothing was written")

@@ -1,0 +1,144 @@
+"""``lora-onnx inject --mixed``: one model, a different adapter per batch row (``lora_adapter_index``).
+
+Registered on the ``inject`` command (:func:`add_mixed_arguments`); ``inject`` hands a run with
+``--mixed`` (or its options) to :func:`run_mixed`. ``--peft DIR`` and ``--adapter-file FILE`` may be
+repeated and mixed; the order they are given in is the stack index.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lora_onnx.cli.options import dims_from_args
+from lora_onnx.cli.render import info, print_skipped, print_validation, warn
+from lora_onnx.errors import EXIT_MISMATCH, AdapterError, LoraOnnxError
+from lora_onnx.mixed import INDEX_INPUT
+from lora_onnx.mixing import inject_mixed
+
+_SOURCES = "mixed_sources"
+
+
+def _remember(namespace: argparse.Namespace, kind: str, value: str) -> None:
+    setattr(namespace, _SOURCES, [*(getattr(namespace, _SOURCES, None) or ()), (kind, value)])
+
+
+class _AdapterFile(argparse.Action):
+    """--adapter-file: appended to the ordered sources."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        _remember(namespace, "file", str(values))
+
+
+def _record_order(action: argparse.Action, kind: str) -> None:
+    """Make an existing option (``--peft``, defined for single use by other features) also append to
+    the ordered sources, keeping what it did before (the last value stays in its own dest)."""
+    original = type(action)
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: object,
+            option_string: str | None = None,
+        ) -> None:
+            super().__call__(parser, namespace, values, option_string)
+            _remember(namespace, kind, str(values))
+
+    action.__class__ = Recording
+
+
+def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mixed-adapter batches (a different adapter per batch row)")
+    group.add_argument(
+        "--mixed", action="store_true",
+        help=f"stack several adapters at every site; the model takes '{INDEX_INPUT}' (int64, one entry per "
+        "batch row: the adapter's position among --peft / --adapter-file, -1 = base model)",
+    )  # fmt: skip
+    group.add_argument(
+        "--adapter-file", action=_AdapterFile, metavar="FILE",
+        help="with --mixed, repeatable: an adapter file (.onnx_adapter, .safetensors, .npz) written by "
+        "export-adapter for a slotted model of the same base",
+    )  # fmt: skip
+    group.add_argument(
+        "--slots", metavar="MODEL",
+        help="with --adapter-file: the slotted model the files were exported for (default: MODEL, when it "
+        "has slots); files map to sites through its slots",
+    )  # fmt: skip
+    group.add_argument(
+        "--stacks-as-inputs", action="store_true",
+        help="with --mixed: the stacks are graph inputs too (backed by initializers), so other adapters "
+        "can be fed at run time (see lora_onnx.mixing.stack_adapters)",
+    )  # fmt: skip
+    if "--peft" not in parser._option_string_actions:
+        group.add_argument("--peft", metavar="DIR", help="a PEFT adapter folder")
+    peft = parser._option_string_actions["--peft"]
+    peft.help = f"{peft.help or 'a PEFT adapter folder'} (with --mixed: repeatable, one per adapter)"
+    _record_order(peft, "peft")
+    parser.set_defaults(**{_SOURCES: None})
+
+
+def wants_mixed(args: argparse.Namespace) -> bool:
+    return bool(args.mixed or args.stacks_as_inputs or args.slots or _files(args))
+
+
+def _files(args: argparse.Namespace) -> list[str]:
+    return [value for kind, value in getattr(args, _SOURCES, None) or () if kind == "file"]
+
+
+def run_mixed(args: argparse.Namespace) -> int:
+    if not args.mixed:
+        flag = (
+            "--adapter-file" if _files(args) else "--stacks-as-inputs" if args.stacks_as_inputs else "--slots"
+        )
+        raise AdapterError(f"{flag} needs --mixed")
+    for flag, given in (
+        ("--as-inputs", getattr(args, "as_inputs", False)),
+        ("--strength-input", getattr(args, "strength_input", False)),
+        ("--adapter-out", getattr(args, "adapter_out", None)),
+    ):
+        if given:
+            raise LoraOnnxError(
+                f"{flag} does not apply to --mixed (for run-time stacks use --stacks-as-inputs)"
+            )
+    sources = list(getattr(args, _SOURCES, None) or ())
+    if not sources:
+        raise AdapterError("--mixed needs adapters: --peft DIR or --adapter-file FILE, once per adapter")
+    if args.target or args.target_regex or args.exclude or args.exclude_regex or args.rank_pattern:
+        warn("recipe options (--target, --rank...) do not apply to --mixed: the adapters define the sites")
+    adapters = []
+    for kind, value in sources:
+        path = Path(value)
+        if kind == "peft":
+            if not path.is_dir():
+                raise AdapterError(f"--peft {value}: no such PEFT adapter folder")
+        elif not path.is_file():
+            raise AdapterError(f"--adapter-file {value}: no such file")
+        adapters.append(path)
+    result = inject_mixed(
+        args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
+        validate=args.validate, providers=args.providers, dims=dims_from_args(args),
+    )  # fmt: skip
+    for message in result.warnings:
+        warn(message)
+    print_skipped(result.skipped)
+    listing = ", ".join(f"{i}: {label}" for i, label in enumerate(result.adapters))
+    info(
+        f"Added {len(result.branches)} mixed-batch branch(es) holding {len(result.adapters)} adapter(s) "
+        f"({listing}); input {result.index_name!r}: int64, one entry per batch row, -1 = base model."
+    )
+    if result.validation is not None:
+        rows = ", ".join(map(str, result.rows))
+        print_validation(result.validation, f"Mixed batch [{rows}] vs each row alone with its adapter")
+        if not result.validation.ok:
+            warn("validation failed; nothing was written")
+            return EXIT_MISMATCH
+    info(f"Wrote {result.output}")
+    return 0
