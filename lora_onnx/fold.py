@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from lora_onnx import streaming
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel, TensorProducer
@@ -207,12 +208,7 @@ def _weight_producers(model: LoadedModel, folding: Sequence[BranchRecord]) -> di
 
 
 def _producer(model: LoadedModel, weight: str, branches: list[BranchRecord]) -> TensorProducer:
+    # Streamed in row blocks (lora_onnx.streaming): memory stays a few MB even for a GB-sized lm_head.
+    deltas = [streaming.delta_rows(model, branch) for branch in branches]
     dtype = np_dtype(model.initializer(weight).data_type)
-
-    def produce() -> np.ndarray:
-        merged = np.array(model.array(weight), dtype=np.float32)
-        for branch in branches:
-            merged += branch_delta(model, branch)
-        return merged.astype(dtype)
-
-    return produce
+    return streaming.folded_weight(streaming.tensor_rows(model, weight), deltas, dtype)

@@ -30,6 +30,7 @@ import onnx
 
 from lora_onnx.errors import OutputError
 from lora_onnx.load import LoadedModel, all_tensors
+from lora_onnx.streaming import StreamedTensor
 from lora_onnx.tensors import ExternalRef, external_ref, make_tensor, nbytes, set_external_ref
 
 #: Tensors at least this large leave the .onnx file when the model keeps data outside it (onnx's default).
@@ -199,8 +200,13 @@ def _stream_data(
                 continue
             size = nbytes(tensor)
             offset = _pad_to_alignment(out, size)
-            if tensor.name in model.overrides:
-                values = np.ascontiguousarray(model.overrides[tensor.name]())
+            producer = model.overrides.get(tensor.name)
+            if isinstance(producer, StreamedTensor):
+                # Computed and written block by block: memory stays a few chunks, not a tensor.
+                if producer.write_into(out) != size:
+                    raise ValueError(f"tensor {tensor.name!r}: streamed value does not match its metadata")
+            elif producer is not None:
+                values = np.ascontiguousarray(producer())
                 out.write(values.tobytes())
             elif ref is not None:
                 assert model.base_dir is not None
