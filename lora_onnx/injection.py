@@ -83,12 +83,15 @@ def inject(
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    link_data: bool = True,
 ) -> InjectResult:
     """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
 
     Reads tensor shapes only, never weight bytes. With ``validate`` the rewrite is checked in
     onnxruntime before anything is written: outputs unchanged for zero-B inits, otherwise equal to the
-    rewrite's own fold. Raises :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
+    rewrite's own fold. ``link_data=False`` copies the base's data files instead of hard-linking them
+    (onnx >= 1.21's ``onnx.load`` / checker refuse hard-linked data; onnxruntime does not). Raises
+    :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
     """
     config = config or LoraConfig()
     source = load_model(model)
@@ -104,5 +107,5 @@ def inject(
     report = prove(source, rewritten, zero_init, providers=providers, dims=dims) if validate else None
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(rewritten, output)
+        written = save_model(rewritten, output, link_data=link_data)
     return InjectResult(rewritten, records, scan, plan, written, report)

@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prove the output in onnxruntime before writing it (unchanged outputs for B = 0 inits, "
         "otherwise equal to its own fold)",
     )  # fmt: skip
+    parser.add_argument(
+        "--copy-data", action="store_true",
+        help="copy the base's external data files instead of hard-linking them (slower; onnx >= 1.21's "
+        "onnx.load and checker refuse hard-linked data, onnxruntime accepts it)",
+    )  # fmt: skip
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -32,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
-        providers=args.providers, dims=dims_from_args(args),
+        providers=args.providers, dims=dims_from_args(args), link_data=not args.copy_data,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)
