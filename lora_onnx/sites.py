@@ -1,9 +1,11 @@
 """Find the nodes that can take a LoRA branch, from graph structure and tensor metadata alone.
 
 A *site* is one Gemm, MatMul or Conv node whose weight is a constant initializer (directly or through
-Identity / Transpose / Cast). Every other node of those op types is *skipped* with the reason, so nothing
-is dropped silently. Each site records what the later stages need: the data input, the value the branch
-joins, the weight's source and layout, in/out features, op attributes and the module path.
+Identity / Transpose / Cast / DequantizeLinear), or one onnxruntime ``MatMulNBits`` node (4-bit and
+other block-quantized weights, see :mod:`lora_onnx.quantized`). Every other node of those op types is
+*skipped* with the reason, so nothing is dropped silently. Each site records what the later stages
+need: the data input, the value the branch joins, the weight's source and layout, in/out features, op
+attributes and the module path.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from lora_onnx.module_paths import module_path
 from lora_onnx.weights import WeightRef, resolve_weight
 
 #: op keys used by --ops, mapped to ONNX op types.
-OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv"}
+OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv", "matmulnbits": "MatMulNBits"}
 DEFAULT_OPS = frozenset(OP_KEYS)
+#: Domains of op types outside the ONNX domain (onnxruntime's contrib ops).
+OP_DOMAINS = {"MatMulNBits": ("com.microsoft",)}
+_ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,9 @@ def find_sites(
     skipped: list[Skipped] = []
     ignored = set(ignore_nodes)
     for node in graph.node:
-        if node.op_type not in op_types or node.domain not in ("", "ai.onnx") or node.name in ignored:
+        if node.op_type not in op_types or node.name in ignored:
+            continue
+        if node.domain not in OP_DOMAINS.get(node.op_type, _ONNX_DOMAINS):
             continue
         found = _site_or_reason(index, node)
         if isinstance(found, Site):
@@ -145,6 +152,10 @@ def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, on
 
 
 def _site_or_reason(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+    if node.op_type == "MatMulNBits":
+        from lora_onnx.quantized import matmulnbits_site  # imports this module: import at call time
+
+        return matmulnbits_site(index, node)
     if len(node.input) < 2 or not node.input[1]:
         return "has no weight input"
     data, weight_value = node.input[0], node.input[1]

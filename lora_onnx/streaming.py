@@ -6,8 +6,10 @@ new tensor value described by a ``fill(r0, r1, out)`` function that writes rows 
 in float32 into a buffer. :mod:`lora_onnx.save` calls :meth:`StreamedTensor.write_into` with the output
 data file: a few reusable buffers of :data:`CHUNK_BYTES` each are filled, cast and written in turn,
 so peak memory is a few chunks whatever the tensor's size, and no fresh pages are faulted in per tensor
-(on virtual machines, first-touching gigabytes of new memory costs more than the arithmetic). Called
-without arguments, a :class:`StreamedTensor` returns the whole array (it is a ``TensorProducer``).
+(on virtual machines, first-touching gigabytes of new memory costs more than the arithmetic). What a
+tensor needs besides its rows (LoRA A and B, quantization scales) is loaded when its write starts and
+dropped when it ends. Called without arguments, a :class:`StreamedTensor` returns the whole array (it
+is a ``TensorProducer``).
 
 Rows are read from disk with ``readinto`` into the reused buffer (no page-cache mapping that would count
 against the process). :func:`folded_weight` builds the ``W + sum(s * delta)`` of a fold this way for
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -45,14 +48,23 @@ class RowSource(Protocol):
 
 
 class StreamedTensor:
-    """A tensor value of ``shape`` and ``dtype`` produced in row blocks by ``fill`` (see the module doc)."""
+    """A tensor value of ``shape`` and ``dtype`` produced in row blocks (see the module doc).
+
+    ``prepare()`` is called once per write and returns the :data:`RowFill`; whatever it loads (LoRA
+    tensors, scales) lives only while that tensor is written, because a fold creates the producers of
+    every changed weight at once.
+    """
 
     def __init__(
-        self, shape: tuple[int, ...], dtype: np.dtype, fill: RowFill, chunk_bytes: int = CHUNK_BYTES
+        self,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        prepare: Callable[[], RowFill],
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
-        self.fill = fill
+        self.prepare = prepare
         row_elems = math.prod(self.shape[1:])
         self.rows_per_chunk = max(1, chunk_bytes // max(1, row_elems * 4))
 
@@ -76,10 +88,10 @@ class StreamedTensor:
         return written
 
     def _blocks(self):  # type: ignore[no-untyped-def]
-        # Buffers live for one tensor only: producers of a whole model's weights exist at once.
+        fill = self.prepare()
         if not self.shape:
             work = np.empty((1,), np.float32)
-            self.fill(0, 1, work, np.empty(1, np.float32))
+            fill(0, 1, work, np.empty(1, np.float32))
             yield 0, 1, work.reshape(()).astype(self.dtype)
             return
         rows = self.shape[0]
@@ -90,7 +102,7 @@ class StreamedTensor:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block = work[: r1 - r0]
-            self.fill(r0, r1, block, scratch)
+            fill(r0, r1, block, scratch)
             if cast is not None:
                 np.copyto(cast[: r1 - r0], block, casting="unsafe")
                 block = cast[: r1 - r0]
@@ -188,15 +200,35 @@ def delta_rows(model: LoadedModel, branch: BranchRecord) -> DenseRows | ConvRows
     return DenseRows(a, b, branch.scale, branch.source_layout)
 
 
+@dataclass(frozen=True)
+class FloatSource:
+    """A weight's float value before folding when it is not simply the initializer's (a quantized one):
+    its shape and element type, and how to open a row reader for it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    open: Callable[[], RowSource]
+
+
 def folded_weight(
-    source: RowSource, deltas: Sequence[DenseRows | ConvRows], dtype: np.dtype
+    model: LoadedModel, weight: str, branches: Sequence[BranchRecord], source: FloatSource | None = None
 ) -> StreamedTensor:
-    """``source + sum(deltas)`` computed in float32 and cast to ``dtype``, block by block."""
-    shape = source.shape
+    """``weight + sum(s * delta)`` of ``branches``, computed in float32 and cast to the weight's type
+    (or ``source``'s, which then provides the weight's float value), block by block."""
+    if source is None:
+        tensor = model.initializer(weight)
+        source = FloatSource(shape_of(tensor), np_dtype(tensor.data_type), lambda: tensor_rows(model, weight))
+    opener = source.open
 
-    def fill(r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
-        source.read_rows(r0, r1, out, scratch)
-        for delta in deltas:
-            delta.add_rows(r0, r1, out, scratch)
+    def prepare() -> RowFill:
+        rows = opener()
+        deltas = [delta_rows(model, branch) for branch in branches]
 
-    return StreamedTensor(shape, dtype, fill)
+        def fill(r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
+            rows.read_rows(r0, r1, out, scratch)
+            for delta in deltas:
+                delta.add_rows(r0, r1, out, scratch)
+
+        return fill
+
+    return StreamedTensor(source.shape, source.dtype, prepare)

@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep branches that cannot be folded (with a warning) instead of failing",
     )
     parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="also fold branches on quantized weights (QDQ, MatMulNBits) by writing those weights in float "
+        "(DequantizeLinear removed, MatMulNBits becomes MatMul); without it such branches are refused",
+    )
+    parser.add_argument(
         "--validate", action="store_true", help="compare merged and input in onnxruntime first"
     )
     add_run_arguments(parser)
@@ -36,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = merge(
-        args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
+        args.model, output=args.output, adapters=args.adapter, partial=args.partial,
+        dequantize=args.dequantize, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args),
     )  # fmt: skip
     for kept in result.kept:
