@@ -119,6 +119,7 @@ def find_sites(
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     graph = loaded.proto.graph
     index = GraphIndex(graph)
+    _infer_missing_ranks(index, loaded.proto)
     op_types = {OP_KEYS[key] for key in ops}
     sites: list[Site] = []
     skipped: list[Skipped] = []
@@ -212,8 +213,15 @@ def _dense_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path
 
 
 def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int) -> tuple[str, str | None]:
-    """A MatMul's lone consumer ``Add(mm, bias)`` with a constant (out,) bias: join after it."""
+    """A MatMul's lone consumer ``Add(mm, bias)`` with a constant (out,) bias: join after it.
+
+    Only for a 2-D (or unknown-rank) data input, where onnxruntime fuses MatMul + bias into a Gemm. For
+    N-d inputs it fuses the bias with what follows instead (BiasGelu, SkipLayerNormalization's bias),
+    so the branch joins before the bias Add and leaves that pair adjacent.
+    """
     output = node.output[0]
+    if _rank(index, node.input[0]) not in (2, None):
+        return output, None
     consumers = index.consumers.get(output, [])
     if output in index.graph_outputs or len(consumers) != 1 or consumers[0].op_type != "Add":
         return output, None
@@ -223,6 +231,32 @@ def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int)
     if isinstance(bias, str) or bias.node_shape != (out_features,) or other == output:
         return output, None
     return add.output[0], add.name
+
+
+def _rank(index: GraphIndex, value: str) -> int | None:
+    info = index.value_info.get(value)
+    if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+        return None
+    return len(info.type.tensor_type.shape.dim)
+
+
+def _infer_missing_ranks(index: GraphIndex, proto: onnx.ModelProto) -> None:
+    """Ranks of MatMul data inputs the graph does not annotate (TorchScript exports), from onnx shape
+    inference on the graph-only model (metadata only), added to ``index.value_info``."""
+    wanted = {
+        node.input[0]
+        for node in index.graph.node
+        if node.op_type in ("MatMul", "MatMulNBits") and node.input and _rank(index, node.input[0]) is None
+    }
+    if not wanted:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # inference is a hint here; a model it cannot handle keeps the default join
+        return
+    for info in inferred.graph.value_info:
+        if info.name in wanted:
+            index.value_info[info.name] = info
 
 
 def _conv_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path: str) -> Site | str:
