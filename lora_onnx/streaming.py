@@ -60,13 +60,13 @@ class StreamedTensor:
         shape: tuple[int, ...],
         dtype: np.dtype,
         prepare: Callable[[], RowFill],
-        chunk_bytes: int = CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> None:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.prepare = prepare
         row_elems = math.prod(self.shape[1:])
-        self.rows_per_chunk = max(1, chunk_bytes // max(1, row_elems * 4))
+        self.rows_per_chunk = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, row_elems * 4))
 
     @property
     def nbytes(self) -> int:
