@@ -48,6 +48,9 @@ import json, os, resource, subprocess, sys, time
 args = json.loads(sys.argv[1])
 def rss_mb(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024
+def cpu_s(who=resource.RUSAGE_SELF):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 """
 
 _OPS = {
@@ -55,35 +58,36 @@ _OPS = {
 start = time.perf_counter()
 subprocess.run(["cp", args["source"], args["target"]], check=True)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mb": rss_mb(resource.RUSAGE_CHILDREN), "baseline_mb": 0}))
+print(json.dumps({"seconds": seconds, "cpu_s": cpu_s(resource.RUSAGE_CHILDREN),
+                  "peak_mb": rss_mb(resource.RUSAGE_CHILDREN), "baseline_mb": 0}))
 """,
     "onnx_roundtrip": """
 import onnx
-baseline = rss_mb()
+baseline, cpu0 = rss_mb(), cpu_s()
 start = time.perf_counter()
 model = onnx.load(args["source"])
 onnx.save(model, args["target"], save_as_external_data=True, all_tensors_to_one_file=True,
           location=os.path.basename(args["target"]) + ".data")
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mb": rss_mb(), "baseline_mb": baseline}))
+print(json.dumps({"seconds": seconds, "cpu_s": cpu_s() - cpu0, "peak_mb": rss_mb(), "baseline_mb": baseline}))
 """,
     "inject": """
 import lora_onnx
-baseline = rss_mb()
+baseline, cpu0 = rss_mb(), cpu_s()
 start = time.perf_counter()
 result = lora_onnx.inject(args["source"], lora_onnx.LoraConfig(rank=args["rank"], init="random"),
                           output=args["target"])
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mb": rss_mb(), "baseline_mb": baseline,
+print(json.dumps({"seconds": seconds, "cpu_s": cpu_s() - cpu0, "peak_mb": rss_mb(), "baseline_mb": baseline,
                   "branches": len(result.branches)}))
 """,
     "merge": """
 import lora_onnx
-baseline = rss_mb()
+baseline, cpu0 = rss_mb(), cpu_s()
 start = time.perf_counter()
 result = lora_onnx.merge(args["source"], output=args["target"])
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mb": rss_mb(), "baseline_mb": baseline,
+print(json.dumps({"seconds": seconds, "cpu_s": cpu_s() - cpu0, "peak_mb": rss_mb(), "baseline_mb": baseline,
                   "folded": len(result.folded)}))
 """,
     "latency": """
@@ -351,13 +355,14 @@ def render(results: dict[str, Any]) -> str:
         f"{results['versions']['onnxruntime']}, page cache {results['settings']['page_cache']}, load average "
         f"{results['machine']['load_average_start'][0]:.1f} at start.",
         "",
-        "| operation | wall time (s) | vs cp | vs onnx load+save | peak RSS (MB) | peak / data |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| operation | wall (s) | vs cp | vs onnx load+save | CPU (s) | peak RSS (MB) | peak / data |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, op in ops.items():
         lines.append(
             f"| {label} | {op['seconds']:.2f} | {op['seconds'] / cp_s:.2f}x | "
-            f"{op['seconds'] / roundtrip_s:.1%} | {op['peak_mb']:,.0f} | {op['peak_mb'] / data_mb:.1%} |"
+            f"{op['seconds'] / roundtrip_s:.1%} | {op['cpu_s']:.2f} | {op['peak_mb']:,.0f} | "
+            f"{op['peak_mb'] / data_mb:.1%} |"
         )
     if results["latency"]:
         tokens, batch = results["settings"]["tokens"], results["settings"]["batch"]

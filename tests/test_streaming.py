@@ -173,3 +173,40 @@ def test_merge_peak_memory_in_a_subprocess(tmp_path: Path) -> None:
     expected = lora_model.array("lm_head.weight") + branch_delta(lora_model, branch)
     assert np.abs(merged.array("lm_head.weight") - expected).max() <= 1e-6 * np.abs(expected).max()
     assert not read_branches(merged.proto)
+
+
+def test_a_failing_write_surfaces_in_the_caller_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread's error (a full disk) reaches the caller; the save cleans up and says so."""
+    injected = lora_onnx.inject(_mixed_model(), LoraConfig(rank=2, init="random")).model
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 200)
+    producer = fold_branches(injected).model.overrides["W1"]
+    assert isinstance(producer, streaming.StreamedTensor)
+
+    class FullDisk:
+        writes = 0
+
+        def write(self, data: object) -> int:
+            self.writes += 1
+            raise OSError(28, "No space left on device")
+
+    target = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        producer.write_into(target)  # type: ignore[arg-type]
+    assert target.writes == 1  # the writer stopped at the first failure
+
+    path = tmp_path / "base.onnx"
+    onnx.save(_mixed_model(), path, save_as_external_data=True, location="base.onnx.data", size_threshold=0)
+    lora_onnx.inject(path, LoraConfig(rank=2, init="random"), output=tmp_path / "lora" / "model.onnx")
+    merged = fold_branches(load_model(tmp_path / "lora" / "model.onnx")).model
+    real_write_into = streaming.StreamedTensor.write_into
+
+    def failing(self: streaming.StreamedTensor, out: object) -> int:
+        real_write_into(self, FullDisk())  # type: ignore[arg-type]
+        return 0
+
+    monkeypatch.setattr(streaming.StreamedTensor, "write_into", failing)
+    with pytest.raises(lora_onnx.LoraOnnxError, match="disk full"):
+        save_model(merged, tmp_path / "merged" / "model.onnx")
+    assert list((tmp_path / "merged").iterdir()) == []
