@@ -293,24 +293,37 @@ class FloatSource:
 
 
 def folded_weight(
-    model: LoadedModel, weight: str, branches: Sequence[BranchRecord], source: FloatSource | None = None
+    model: LoadedModel,
+    weight: str,
+    branches: Sequence[BranchRecord],
+    source: FloatSource | None = None,
+    *,
+    channel_scale: Callable[[int], np.ndarray] | None = None,
 ) -> StreamedTensor:
     """``weight + sum(s * delta)`` of ``branches``, computed in float32 and cast to the weight's type
-    (or ``source``'s, which then provides the weight's float value), block by block."""
+    (or ``source``'s, which then provides the weight's float value), block by block.
+
+    ``channel_scale(ndim)``, if given, returns a factor broadcastable against the whole weight (first
+    axis 1, or the weight's first dimension) that multiplies the sum, e.g. DoRA's per-channel
+    ``magnitude / norm``.
+    """
     if source is None:
         tensor = model.initializer(weight)
         source = FloatSource(shape_of(tensor), np_dtype(tensor.data_type), lambda: tensor_rows(model, weight))
-    opener = source.open
+    opener, shape = source.open, source.shape
 
     def prepare() -> RowFill:
         rows = opener()
         deltas = [delta_rows(model, branch) for branch in branches]
+        factor = None if channel_scale is None else np.asarray(channel_scale(len(shape)), np.float32)
 
         def fill(r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
             rows.read_rows(r0, r1, out, scratch)
             for delta in deltas:
                 delta.add_rows(r0, r1, out, scratch)
+            if factor is not None:
+                out *= factor if factor.shape[0] == 1 else factor[r0:r1]
 
         return fill
 
-    return StreamedTensor(source.shape, source.dtype, prepare)
+    return StreamedTensor(shape, source.dtype, prepare)

@@ -210,3 +210,20 @@ def test_a_failing_write_surfaces_in_the_caller_and_leaves_nothing(
     with pytest.raises(lora_onnx.LoraOnnxError, match="disk full"):
         save_model(merged, tmp_path / "merged" / "model.onnx")
     assert list((tmp_path / "merged").iterdir()) == []
+
+
+def test_a_per_channel_factor_scales_rows_or_columns_of_the_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``channel_scale`` (DoRA's magnitude / norm) multiplies W + delta per output channel, in any layout."""
+    injected = lora_onnx.inject(_mixed_model(), LoraConfig(rank=2, init="random", seed=9)).model
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 200)
+    branches = {b.weight: b for b in read_branches(injected.proto)}
+    rng = np.random.default_rng(3)
+    # W1 (in, out): columns are output channels; W2 (out, in) and the conv: rows are
+    for weight, factor_shape in (("W1", (1, 40)), ("W2", (36, 1)), ("Wc", (6, 1, 1, 1))):
+        factor = rng.uniform(0.5, 2.0, size=factor_shape).astype(np.float32)
+        produced = streaming.folded_weight(
+            injected, weight, [branches[weight]], channel_scale=lambda ndim, f=factor: f
+        )()
+        original = injected.array(weight).astype(np.float32)
+        expected = (original + branch_delta(injected, branches[weight])) * factor
+        assert np.abs(produced - expected).max() <= 1e-6 * np.abs(expected).max()
