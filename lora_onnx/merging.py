@@ -73,7 +73,7 @@ def dequantized_rtol(
     float by their rounding. That difference is measured on the base itself (``model`` with B = 0 against
     its fold) and allowed :data:`QUANTIZED_SLACK` times on top of the default tolerance.
     """
-    if not quantized.has_quantized_branches(model):
+    if not quantized.has_quantized_branches(model, adapters):
         return None
     base = quantized.without_deltas(model)
     float_base = fold_branches(base, adapters=adapters, partial=partial, dequantize=True).model

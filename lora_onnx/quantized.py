@@ -20,7 +20,7 @@ Add for its bias). The float weight keeps the quantized initializer's name, so b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,9 +274,10 @@ def _drop_unused_initializers(proto: onnx.ModelProto, index: GraphIndex) -> None
 # ---- proofs ------------------------------------------------------------------------------------------
 
 
-def has_quantized_branches(model: LoadedModel) -> bool:
-    """Whether any branch of ``model`` sits on a quantized weight (its fold needs ``dequantize``)."""
-    branches = read_branches(model.proto)
+def has_quantized_branches(model: LoadedModel, adapters: Collection[str] | None = None) -> bool:
+    """Whether a branch of ``adapters`` (all when None) sits on a quantized weight (its fold then needs
+    ``dequantize``)."""
+    branches = [b for b in read_branches(model.proto) if adapters is None or b.adapter in adapters]
     if not branches:
         return False
     index = GraphIndex(model.proto.graph)
@@ -284,12 +285,15 @@ def has_quantized_branches(model: LoadedModel) -> bool:
 
 
 def without_deltas(model: LoadedModel) -> LoadedModel:
-    """``model`` with every branch's B set to zero: its outputs are the base's, its fold only dequantizes.
-
-    Comparing the two in onnxruntime measures how far the quantized kernels are from float.
+    """``model`` with every constant branch's B set to zero: its outputs are the base's, its fold only
+    dequantizes. Comparing the two in onnxruntime measures how far the quantized kernels are from float.
     """
+    initializers = {t.name: t for t in model.proto.graph.initializer}
     overrides = {}
     for branch in read_branches(model.proto):
-        shape, dtype = shape_of(model.initializer(branch.b)), np_dtype(model.initializer(branch.b).data_type)
+        tensor = initializers.get(branch.b)
+        if tensor is None:  # not a constant (a graph input): nothing to zero
+            continue
+        shape, dtype = shape_of(tensor), np_dtype(tensor.data_type)
         overrides[branch.b] = lambda shape=shape, dtype=dtype: np.zeros(shape, dtype)
     return model.with_proto(model.proto, overrides)
