@@ -14,8 +14,8 @@ from lora_onnx.graph import GraphIndex
 from lora_onnx.init import initial_values
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches
-from lora_onnx.merging import dequantized_rtol
 from lora_onnx.plan import Plan, plan_branches
+from lora_onnx.quantized_proof import dequantized_rtol
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import save_model
 from lora_onnx.sites import SiteScan, find_sites
