@@ -50,8 +50,9 @@ class ConvAttrs:
 class Site:
     """A node that can take a branch ``y += s * B(A(x))``.
 
-    ``output`` is the value the branch is added to: the node's own output, or, for a MatMul followed by
-    its bias Add, that Add's output, so onnxruntime can still fuse MatMul + bias. ``layout`` describes the
+    ``output`` is the value the branch is added to: the node's own output, or, for a MatMul on a 2-D input
+    followed by its bias Add (``bias_add``), that Add's output, so onnxruntime can still fuse MatMul +
+    bias into a Gemm (for N-d inputs the branch joins before the bias Add). ``layout`` describes the
     weight as the node sees it: ``in,out`` (MatMul, Gemm transB=0), ``out,in`` (Gemm transB=1) or
     ``out,in/group,k...`` (Conv).
     """
@@ -213,15 +214,14 @@ def _dense_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path
 
 
 def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int) -> tuple[str, str | None]:
-    """A MatMul's lone consumer ``Add(mm, bias)`` with a constant (out,) bias: join after it.
+    """The join value and the node's bias Add (its lone consumer ``Add(mm, bias)``, constant (out,) bias).
 
-    Only for a 2-D (or unknown-rank) data input, where onnxruntime fuses MatMul + bias into a Gemm. For
-    N-d inputs it fuses the bias with what follows instead (BiasGelu, SkipLayerNormalization's bias),
-    so the branch joins before the bias Add and leaves that pair adjacent.
+    The branch joins after the bias Add for a 2-D (or unknown-rank) data input, where onnxruntime fuses
+    MatMul + bias into a Gemm. For N-d inputs it fuses the bias with what follows instead (BiasGelu,
+    SkipLayerNormalization's bias), so the branch joins before the bias Add and leaves that pair
+    adjacent; the bias Add is still reported (a PEFT ``lora_B.bias`` folds into it).
     """
     output = node.output[0]
-    if _rank(index, node.input[0]) not in (2, None):
-        return output, None
     consumers = index.consumers.get(output, [])
     if output in index.graph_outputs or len(consumers) != 1 or consumers[0].op_type != "Add":
         return output, None
@@ -230,6 +230,8 @@ def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int)
     bias = resolve_weight(index, other)
     if isinstance(bias, str) or bias.node_shape != (out_features,) or other == output:
         return output, None
+    if _rank(index, node.input[0]) not in (2, None):
+        return output, add.name
     return add.output[0], add.name
 
 
