@@ -180,3 +180,20 @@ def test_merged_model_is_the_base_graph_with_the_base_fusions(tmp_path: Path) ->
         (n.op_type, n.name, list(n.input), list(n.output)) for n in model.graph.node
     ]
     assert _ops(_optimized(merged, tmp_path)) == _ops(_optimized(model, tmp_path))
+
+
+def test_join_point_follows_the_input_rank() -> None:
+    """2-D: after the bias Add (MatMul + bias -> Gemm); N-d: before it (bias -> BiasGelu / SkipLayerNorm).
+    Either way the bias Add is reported, for folding a PEFT ``lora_B.bias`` into it."""
+    for shape, join in (([4, 16], "fc"), (["batch", "sequence", 16], "fc.mm"), ([2, 3, 5, 16], "fc.mm")):
+        b = _Builder()
+        b.node("Relu", [b.linear("x", "fc", 16, 12)], "y")
+        (site,) = lora_onnx.find_sites(b.model({"x": shape}, "y")).sites
+        assert (site.output, site.bias_add) == (join, "/fc/Add")
+    # a graph that records no rank for the input: the rank is inferred from the graph-only model
+    b = _Builder()
+    b.node("Relu", [b.linear(b.node("Relu", ["x"], "pre"), "fc", 16, 12)], "y")
+    model = b.model({"x": ["batch", "sequence", 16]}, "y")
+    assert not model.graph.value_info
+    (site,) = lora_onnx.find_sites(model).sites
+    assert site.output == "fc.mm"
