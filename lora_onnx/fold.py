@@ -8,6 +8,8 @@ A weight can be folded only when every node that uses it (through any Identity /
 carries the same set of folded branches; otherwise folding would change a node that has no branch, or
 give two nodes each other's delta. Such branches, and a dense A on a grouped conv (its delta mixes input
 groups), are refused with their reason, or kept in place with a warning when a partial fold is asked for.
+So are branches on quantized weights (QDQ, MatMulNBits) unless ``dequantize`` asks for a float result
+(see :mod:`lora_onnx.quantized`).
 
 PEFT variants fold with PEFT's ``merge_and_unload`` numerics: a DoRA branch gives
 ``W' = (m / norm) * (W + s * delta)`` (scaled per output channel, so it must be its weight's only delta),
@@ -17,19 +19,20 @@ and a ``lora_B.bias`` is added, times s, to the base node's bias (see :mod:`lora
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from lora_onnx import quantized, streaming
 from lora_onnx.bias_fold import fold_lora_biases, lora_bias_refusal
 from lora_onnx.branch_checks import check_branch_shapes
+from lora_onnx.dequantize import DEQUANTIZE_OPS
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
-from lora_onnx.tensors import np_dtype
 from lora_onnx.weights import PASS_THROUGH_OPS
 
 
@@ -123,7 +126,8 @@ def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
     while pending:
         value = pending.pop()
         for node in index.consumers.get(value, []):
-            if node.op_type in PASS_THROUGH_OPS:
+            dequantizes = node.op_type in DEQUANTIZE_OPS and node.input[0] == value
+            if node.op_type in PASS_THROUGH_OPS or dequantizes:
                 pending.extend(node.output)
             else:
                 users.append(node.name)
@@ -131,9 +135,16 @@ def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
 
 
 def fold_branches(
-    model: LoadedModel, *, adapters: Collection[str] | None = None, partial: bool = False
+    model: LoadedModel,
+    *,
+    adapters: Collection[str] | None = None,
+    partial: bool = False,
+    dequantize: bool = False,
 ) -> FoldResult:
-    """Fold the branches of ``adapters`` (all when None) into their weights; see the module doc."""
+    """Fold the branches of ``adapters`` (all when None) into their weights; see the module doc.
+
+    ``dequantize`` folds branches on quantized weights too, writing those weights in float.
+    """
     branches = read_branches(model.proto)
     if not branches:
         raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
@@ -144,7 +155,7 @@ def fold_branches(
     # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
     check_branch_shapes(model, chosen)
     index = GraphIndex(model.proto.graph)
-    reasons = _refusals(index, chosen, branches)
+    reasons = {**_refusals(index, chosen, branches), **quantized.fold_refusals(index, chosen, dequantize)}
     if reasons and not partial:
         first = next(iter(reasons.items()))
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
@@ -159,8 +170,9 @@ def fold_branches(
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     remove_branches(proto, folding, remaining)
+    sources = quantized.dequantize_folded(proto, index, model, folding)
     write_branches(proto, remaining)
-    producers = _weight_producers(model, folding)
+    producers = _weight_producers(model, folding, sources)
     producers.update(fold_lora_biases(model, proto, [b for b in folding if b.lora_bias]))
     return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
 
@@ -259,24 +271,34 @@ def remove_branches(
     graph.value_info.extend(kept_info)
 
 
-def _weight_producers(model: LoadedModel, folding: Sequence[BranchRecord]) -> dict[str, TensorProducer]:
+def _weight_producers(
+    model: LoadedModel,
+    folding: Sequence[BranchRecord],
+    sources: Mapping[str, streaming.FloatSource] | None = None,
+) -> dict[str, TensorProducer]:
     # One delta per distinct (A, B, scale) on a weight: a module run twice shares its branch tensors,
     # and its delta must be added once, not once per node.
     deltas: dict[str, dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
     for branch in folding:
         deltas[branch.weight].setdefault((branch.a, branch.b, branch.scale), branch)
-    return {weight: _producer(model, weight, list(group.values())) for weight, group in deltas.items()}
+    sources = sources or {}
+    return {
+        weight: _producer(model, weight, list(group.values()), sources.get(weight))
+        for weight, group in deltas.items()
+    }
 
 
-def _producer(model: LoadedModel, weight: str, branches: list[BranchRecord]) -> TensorProducer:
-    dtype = np_dtype(model.initializer(weight).data_type)
+def _producer(
+    model: LoadedModel, weight: str, branches: list[BranchRecord], source: streaming.FloatSource | None
+) -> TensorProducer:
+    # Streamed in row blocks (lora_onnx.streaming): memory stays a few MB even for a GB-sized lm_head.
+    # ``source`` is the dequantized value of a quantized weight (merge --dequantize). A DoRA branch (alone
+    # on its weight, see _refusals) rescales each output channel of W + s * delta by its own factor.
+    dora = next((branch for branch in branches if branch.magnitude), None)
+    scale = None
+    if dora is not None:
 
-    def produce() -> np.ndarray:
-        merged = np.array(model.array(weight), dtype=np.float32)
-        for branch in branches:
-            merged += branch_delta(model, branch)
-            if branch.magnitude:  # DoRA (alone on its weight, see _refusals): f * (W + s * delta)
-                merged *= dora_factor(model, branch, merged.ndim)
-        return merged.astype(dtype)
+        def scale(ndim: int) -> np.ndarray:
+            return dora_factor(model, dora, ndim)
 
-    return produce
+    return streaming.folded_weight(model, weight, branches, source, channel_scale=scale)

@@ -15,6 +15,7 @@ from lora_onnx.init import initial_values
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches
 from lora_onnx.plan import Plan, plan_branches
+from lora_onnx.quantized_proof import dequantized_rtol
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.sites import SiteScan, find_sites
@@ -73,9 +74,13 @@ def prove(
         )
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.slots), not foldable.
     added = set(adapter_names(read_branches(rewritten.proto))) - set(adapter_names(existing_branches(source)))
-    folded = fold_branches(rewritten, adapters=added)
+    # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
+    folded = fold_branches(rewritten, adapters=added, dequantize=True)
     rtol, atol = fold_tolerance(folded)
-    return validate(rewritten, folded.model, providers=providers, rtol=rtol, atol=atol, dims=dims)
+    quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims)
+    return validate(
+        rewritten, folded.model, providers=providers, rtol=quantized_rtol or rtol, atol=atol, dims=dims
+    )
 
 
 def inject(
@@ -86,12 +91,15 @@ def inject(
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    link_data: bool = True,
 ) -> InjectResult:
     """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
 
     Reads tensor shapes only, never weight bytes. With ``validate`` the rewrite is checked in
     onnxruntime before anything is written: outputs unchanged for zero-B inits, otherwise equal to the
-    rewrite's own fold. Raises :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
+    rewrite's own fold. ``link_data=False`` copies the base's data files instead of hard-linking them
+    (onnx >= 1.21's ``onnx.load`` / checker refuse hard-linked data; onnxruntime does not). Raises
+    :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
     """
     config = config or LoraConfig()
     source = load_model(model)
@@ -106,8 +114,9 @@ def inject(
             values[branch.a_name], values[branch.b_name] = initial_values(branch, config.init, config.seed)
     zero_init = config.init != "random"
     rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    values.clear()  # the graph holds its own copies; at rank 64 on an LLM these are ~100 MB
     report = prove(source, rewritten, zero_init, providers=providers, dims=dims) if validate else None
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(rewritten, output)
+        written = save_model(rewritten, output, link_data=link_data)
     return InjectResult(rewritten, records, scan, plan, written, report)

@@ -13,6 +13,7 @@ from lora_onnx.fold import FoldResult, Kept, fold_branches, fold_tolerance
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
 from lora_onnx.mixed import bind_index
+from lora_onnx.quantized_proof import dequantized_rtol
 from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.swapping import bind_adapter_file
 from lora_onnx.validation import ValidationReport
@@ -35,6 +36,7 @@ def merge(
     output: str | os.PathLike | None = None,
     adapters: Collection[str] | None = None,
     partial: bool = False,
+    dequantize: bool = False,
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
@@ -45,8 +47,10 @@ def merge(
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
     Refuses a branch that cannot be folded (with its reason) unless ``partial``, which keeps such
-    branches in place and lists them in ``kept``. With ``validate`` the merged model is compared
-    with the input in onnxruntime before anything is written.
+    branches in place and lists them in ``kept``. Branches on quantized weights (QDQ, MatMulNBits)
+    are refused unless ``dequantize``, which writes those weights in float (see
+    :mod:`lora_onnx.quantized`). With ``validate`` the merged model is compared with the input in
+    onnxruntime before anything is written.
 
     A model with LoRA slots (``inject --as-inputs``) is folded with a chosen ``adapter_file``: its
     adapter becomes constant branches (at ``strength``, default the model's strength default, 1.0)
@@ -71,8 +75,10 @@ def merge(
     if adapter_file is not None:
         bound, reference = bind_adapter_file(source, adapter_file, strength=strength)
         source, removed = bound.model, bound.removed
-    result: FoldResult = fold_branches(source, adapters=adapters, partial=partial)
+    result: FoldResult = fold_branches(source, adapters=adapters, partial=partial, dequantize=dequantize)
     rtol, atol = fold_tolerance(result)
+    if validate and dequantize:
+        rtol = dequantized_rtol(source, adapters, partial, providers, dims) or rtol
     report = (
         validation.validate(reference, result.model, providers=providers, rtol=rtol, atol=atol, dims=dims)
         if validate

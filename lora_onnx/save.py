@@ -5,10 +5,13 @@ Two ways to place external data, chosen per save:
 - *link*: no external tensor changed (injection). Each source data file is hard-linked next to the
   output as ``<out>.data`` (copied when a link is impossible) and locations are rewritten to it, so the
   output folder is self-contained and nothing points back through ``..``. New tensors of 1 KiB or more
-  go to their own small ``<out>.lora.data``.
+  go to their own small ``<out>.lora.data``. A copy-on-write clone (reflink: btrfs, XFS, bcachefs) is
+  tried first: as cheap as a link, but a separate file. onnx >= 1.21 refuses external data files with
+  several hard links in ``onnx.load`` and ``onnx.checker`` (onnxruntime accepts them), so
+  ``link_data=False`` copies instead of linking where no clone is possible.
 - *stream*: some external tensor changed (folding). One new ``<out>.data`` is written tensor by tensor:
-  untouched ranges are copied by the kernel, changed tensors are computed one at a time. Peak memory is
-  a few times the largest tensor, never the model.
+  untouched ranges are copied by the kernel, changed tensors are computed one at a time (folds in
+  blocks of a few MB, see :mod:`lora_onnx.streaming`). Peak memory is a few blocks, never the model.
 
 Every file is written to a temporary name and renamed into place; the model file is renamed last, and
 an older output's model file is removed before its data files are replaced, so an interrupted run leaves
@@ -21,6 +24,7 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ import onnx
 
 from lora_onnx.errors import OutputError
 from lora_onnx.load import LoadedModel, all_tensors
+from lora_onnx.streaming import StreamedTensor
 from lora_onnx.tensors import ExternalRef, external_ref, make_tensor, nbytes, set_external_ref
 
 #: Tensors at least this large leave the .onnx file when the model keeps data outside it (onnx's default).
@@ -92,10 +97,14 @@ def check_output_paths(model: LoadedModel, output: str | os.PathLike, protect: I
         check_output_path(output.with_name(output.name + suffix), inputs)
 
 
-def save_model(model: LoadedModel, path: str | os.PathLike, *, protect: Iterable[Path] = ()) -> Path:
+def save_model(
+    model: LoadedModel, path: str | os.PathLike, *, protect: Iterable[Path] = (), link_data: bool = True
+) -> Path:
     """Write ``model`` to ``path`` with its data (see the module doc); returns the output path.
 
     ``protect`` lists more files that must not be overwritten (the inputs of the command).
+    ``link_data=False`` copies unchanged data files rather than hard-linking them (a clone is still used
+    where the file system has one).
     """
     output = Path(path)
     check_output_paths(model, output, protect)
@@ -116,7 +125,7 @@ def save_model(model: LoadedModel, path: str | os.PathLike, *, protect: Iterable
         if stream:
             _stream_data(proto, model, refs, output.with_name(data_name), staged)
         elif refs:
-            _link_data(proto, model, refs, output.with_name(data_name), staged)
+            _link_data(proto, model, refs, output.with_name(data_name), staged, link_data)
             _externalize_inline(proto, output.with_name(lora_name), staged)
         model_temp = staged.temp_for(output)
         model_temp.write_bytes(proto.SerializeToString())
@@ -175,23 +184,50 @@ def _apply_inline_overrides(proto: onnx.ModelProto, model: LoadedModel, refs: di
             tensor.CopyFrom(make_tensor(tensor.name, model.overrides[tensor.name](), tensor.data_type))
 
 
-def _link_or_copy(source: Path, temp: Path) -> None:
+def _link_or_copy(source: Path, temp: Path, link: bool = True) -> None:
+    if _reflink(source, temp):
+        return
+    if link:
+        try:
+            os.link(source, temp)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed: a copy is slower but just as correct
+    shutil.copyfile(source, temp)
+
+
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def _reflink(source: Path, temp: Path) -> bool:
+    """Clone ``source`` to ``temp`` sharing its blocks copy-on-write; False where unsupported (ext4)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import fcntl  # POSIX only
+
     try:
-        os.link(source, temp)
+        with open(source, "rb") as src, open(temp, "xb") as dst:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        return True
     except OSError:
-        # Another file system, or links not allowed: a copy is slower but just as correct.
-        shutil.copyfile(source, temp)
+        temp.unlink(missing_ok=True)
+        return False
 
 
 def _link_data(
-    proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef], data_path: Path, staged: _Staged
+    proto: onnx.ModelProto,
+    model: LoadedModel,
+    refs: dict[str, ExternalRef],
+    data_path: Path,
+    staged: _Staged,
+    link: bool = True,
 ) -> None:
     assert model.base_dir is not None
     locations = sorted({ref.location for ref in refs.values()})
     renamed: dict[str, str] = {}
     for number, location in enumerate(locations):
         final = data_path if len(locations) == 1 else data_path.with_name(f"{data_path.name}.{number}")
-        _link_or_copy(model.base_dir / location, staged.temp_for(final))
+        _link_or_copy(model.base_dir / location, staged.temp_for(final), link)
         renamed[location] = final.name
     for tensor in all_tensors(proto.graph):
         ref = external_ref(tensor)
@@ -240,8 +276,13 @@ def _stream_data(
                 continue
             size = nbytes(tensor)
             offset = _pad_to_alignment(out, size)
-            if tensor.name in model.overrides:
-                values = np.ascontiguousarray(model.overrides[tensor.name]())
+            producer = model.overrides.get(tensor.name)
+            if isinstance(producer, StreamedTensor):
+                # Computed and written block by block: memory stays a few chunks, not a tensor.
+                if producer.write_into(out) != size:
+                    raise ValueError(f"tensor {tensor.name!r}: streamed value does not match its metadata")
+            elif producer is not None:
+                values = np.ascontiguousarray(producer())
                 out.write(values.tobytes())
             elif ref is not None:
                 assert model.base_dir is not None

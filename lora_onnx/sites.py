@@ -1,9 +1,11 @@
 """Find the nodes that can take a LoRA branch, from graph structure and tensor metadata alone.
 
 A *site* is one Gemm, MatMul or Conv node whose weight is a constant initializer (directly or through
-Identity / Transpose / Cast). Every other node of those op types is *skipped* with the reason, so nothing
-is dropped silently. Each site records what the later stages need: the data input, the value the branch
-joins, the weight's source and layout, in/out features, op attributes and the module path.
+Identity / Transpose / Cast / DequantizeLinear), or one onnxruntime ``MatMulNBits`` node (4-bit and
+other block-quantized weights, see :mod:`lora_onnx.quantized`). Every other node of those op types is
+*skipped* with the reason, so nothing is dropped silently. Each site records what the later stages
+need: the data input, the value the branch joins, the weight's source and layout, in/out features, op
+attributes and the module path.
 
 Embedding lookups (``Gather`` on a constant 2-D table, op key ``gather``) are sites too, but only when
 asked for: PEFT adapters can carry ``lora_embedding_A/B`` for them; fresh recipes (``--ops``) cannot.
@@ -22,10 +24,13 @@ from lora_onnx.module_paths import module_path
 from lora_onnx.weights import WeightRef, resolve_weight
 
 #: op keys used by --ops, mapped to ONNX op types.
-OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv"}
+OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv", "matmulnbits": "MatMulNBits"}
 DEFAULT_OPS = frozenset(OP_KEYS)
 #: Every op key :func:`find_sites` understands: --ops plus embedding lookups, which only PEFT import uses.
 SITE_OPS = {**OP_KEYS, "gather": "Gather"}
+#: Domains of op types outside the ONNX domain (onnxruntime's contrib ops).
+OP_DOMAINS = {"MatMulNBits": ("com.microsoft",)}
+_ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,9 @@ class ConvAttrs:
 class Site:
     """A node that can take a branch ``y += s * B(A(x))``.
 
-    ``output`` is the value the branch is added to: the node's own output, or, for a MatMul followed by
-    its bias Add, that Add's output, so onnxruntime can still fuse MatMul + bias. ``layout`` describes the
+    ``output`` is the value the branch is added to: the node's own output, or, for a MatMul on a 2-D input
+    followed by its bias Add (``bias_add``), that Add's output, so onnxruntime can still fuse MatMul +
+    bias into a Gemm (for N-d inputs the branch joins before the bias Add). ``layout`` describes the
     weight as the node sees it: ``in,out`` (MatMul, Gemm transB=0), ``out,in`` (Gemm transB=1) or
     ``out,in/group,k...`` (Conv) or ``vocab,dim`` (Gather: ``in_features`` is the vocabulary, the data
     input the indices).
@@ -120,12 +126,15 @@ def find_sites(
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     graph = loaded.proto.graph
     index = GraphIndex(graph)
+    _infer_missing_ranks(index, loaded.proto)
     op_types = {SITE_OPS[key] for key in ops}
     sites: list[Site] = []
     skipped: list[Skipped] = []
     ignored = set(ignore_nodes)
     for node in graph.node:
-        if node.op_type not in op_types or node.domain not in ("", "ai.onnx") or node.name in ignored:
+        if node.op_type not in op_types or node.name in ignored:
+            continue
+        if node.domain not in OP_DOMAINS.get(node.op_type, _ONNX_DOMAINS):
             continue
         found = _site_or_reason(index, node)
         if isinstance(found, Site):
@@ -151,6 +160,10 @@ def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, on
 
 
 def _site_or_reason(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+    if node.op_type == "MatMulNBits":
+        from lora_onnx.quantized import matmulnbits_site  # imports this module: import at call time
+
+        return matmulnbits_site(index, node)
     if len(node.input) < 2 or not node.input[1]:
         return "has no weight input"
     if node.op_type == "Gather":
@@ -209,7 +222,13 @@ def _dense_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path
 
 
 def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int) -> tuple[str, str | None]:
-    """A MatMul's lone consumer ``Add(mm, bias)`` with a constant (out,) bias: join after it."""
+    """The join value and the node's bias Add (its lone consumer ``Add(mm, bias)``, constant (out,) bias).
+
+    The branch joins after the bias Add for a 2-D (or unknown-rank) data input, where onnxruntime fuses
+    MatMul + bias into a Gemm. For N-d inputs it fuses the bias with what follows instead (BiasGelu,
+    SkipLayerNormalization's bias), so the branch joins before the bias Add and leaves that pair
+    adjacent; the bias Add is still reported (a PEFT ``lora_B.bias`` folds into it).
+    """
     output = node.output[0]
     consumers = index.consumers.get(output, [])
     if output in index.graph_outputs or len(consumers) != 1 or consumers[0].op_type != "Add":
@@ -219,7 +238,35 @@ def _join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int)
     bias = resolve_weight(index, other)
     if isinstance(bias, str) or bias.node_shape != (out_features,) or other == output:
         return output, None
+    if _rank(index, node.input[0]) not in (2, None):
+        return output, add.name
     return add.output[0], add.name
+
+
+def _rank(index: GraphIndex, value: str) -> int | None:
+    info = index.value_info.get(value)
+    if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+        return None
+    return len(info.type.tensor_type.shape.dim)
+
+
+def _infer_missing_ranks(index: GraphIndex, proto: onnx.ModelProto) -> None:
+    """Ranks of MatMul data inputs the graph does not annotate (TorchScript exports), from onnx shape
+    inference on the graph-only model (metadata only), added to ``index.value_info``."""
+    wanted = {
+        node.input[0]
+        for node in index.graph.node
+        if node.op_type in ("MatMul", "MatMulNBits") and node.input and _rank(index, node.input[0]) is None
+    }
+    if not wanted:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # inference is a hint here; a model it cannot handle keeps the default join
+        return
+    for info in inferred.graph.value_info:
+        if info.name in wanted:
+            index.value_info[info.name] = info
 
 
 def _conv_site(index: GraphIndex, node: onnx.NodeProto, weight: WeightRef, path: str) -> Site | str:

@@ -1,14 +1,17 @@
 """Follow a node's weight input back to the initializer that stores it.
 
 Exporters put small layout or type changes between a parameter and the node that uses it: Identity,
-Transpose (perm [1, 0]) and Cast (fp16 storage, fp32 compute). The branch attaches to the node; folding
-edits the source initializer, undoing the chain's layout change, so both need the chain spelled out.
+Transpose (perm [1, 0]) and Cast (fp16 storage, fp32 compute). Quantized (QDQ) models add a
+DequantizeLinear with constant scale / zero point (see :mod:`lora_onnx.dequantize`). The branch attaches
+to the node; folding edits the source initializer, undoing the chain's layout change, so both need the
+chain spelled out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_onnx.dequantize import DEQUANTIZE_OPS, dequantize_step
 from lora_onnx.graph import GraphIndex
 from lora_onnx.tensors import shape_of
 
@@ -21,7 +24,9 @@ class WeightRef:
     """A node's weight traced to its source initializer.
 
     ``transposed`` says the chain swaps the axes of the 2-D source, so the node sees ``source.T``;
-    ``node_dtype`` is the element type the node computes in (after any Cast), which the LoRA tensors take.
+    ``node_dtype`` is the element type the node computes in (after any Cast or DequantizeLinear), which
+    the LoRA tensors take. ``dequantize`` names the chain's DequantizeLinear node, if any: the source is
+    then a quantized tensor of the float weight's shape.
     """
 
     initializer: str
@@ -31,6 +36,7 @@ class WeightRef:
     node_dtype: int
     chain: tuple[str, ...] = ()
     transposed: bool = False
+    dequantize: str | None = None
 
 
 def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
@@ -38,12 +44,23 @@ def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
     chain: list[str] = []
     perms: list[tuple[str, list[int] | None]] = []
     cast_to: int | None = None
+    dequantize: str | None = None
     name = value
     while not index.is_constant(name):
         producer = index.producer.get(name)
         if producer is None:
             return f"input {value!r} is a graph input, not a constant weight"
         op = producer.op_type
+        if op in DEQUANTIZE_OPS and dequantize is None:
+            step = dequantize_step(index, producer)
+            if isinstance(step, str):
+                return step
+            # The node computes in the dequantized type unless a Cast nearer the node changed it.
+            cast_to = step.dtype if cast_to is None else cast_to
+            dequantize = producer.name
+            chain.append(producer.name)
+            name = producer.input[0]
+            continue
         if op not in PASS_THROUGH_OPS:
             return f"input {value!r} is not a constant weight: {op} {producer.name!r} computes it at run time"
         if op == "Transpose":
@@ -68,4 +85,5 @@ def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
         node_dtype=cast_to if cast_to is not None else tensor.data_type,
         chain=tuple(reversed(chain)),
         transposed=transposed,
+        dequantize=dequantize,
     )

@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_slot_arguments(parser)
     add_mixed_arguments(parser)  # after every --peft definition: it records their order
+    parser.add_argument(
+        "--copy-data", action="store_true",
+        help="copy the base's external data files instead of hard-linking them (slower; onnx >= 1.21's "
+        "onnx.load and checker refuse hard-linked data, onnxruntime accepts it)",
+    )  # fmt: skip
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return run_peft(args)
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
-        providers=args.providers, dims=dims_from_args(args),
+        providers=args.providers, dims=dims_from_args(args), link_data=not args.copy_data,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep branches that cannot be folded (with a warning) instead of failing",
     )
     parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="also fold branches on quantized weights (QDQ, MatMulNBits) by writing those weights in float "
+        "(DequantizeLinear removed, MatMulNBits becomes MatMul); without it such branches are refused",
+    )
+    parser.add_argument(
         "--validate", action="store_true", help="compare merged and input in onnxruntime first"
     )
     parser.add_argument(
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,
         strength=args.strength, adapter_index=args.adapter_index,
+        dequantize=args.dequantize,
     )  # fmt: skip
     if result.slots_removed:
         info(f"Removed {len(result.slots_removed)} LoRA slot(s) the adapter file leaves off.")

@@ -138,7 +138,12 @@ def _add_dora(
 
     factor = index.unique_name(f"{stem}.lora_dora_factor")
     built = [node("Div", [extras.magnitude, extras.weight_norm], factor, "lora_dora_div")]
-    if not extras.base_bias:
+    # An N-d MatMul's branch joins before its bias Add (lora_onnx.sites): then the sum holds no bias, and
+    # the bias Add after it already adds the bias unscaled.
+    bias_in_sum = extras.base_bias and not any(
+        joined in other.input and extras.base_bias in other.input for other in graph.node
+    )
+    if not bias_in_sum:
         built.append(node("Mul", [summed, factor], joined, "lora_dora_mul"))
         return built, ()
     one = index.unique_name(f"{stem}.lora_dora_one")
