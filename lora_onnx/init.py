@@ -27,26 +27,27 @@ def _kaiming_uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: i
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
+def initial_value(plan: BranchPlan, tensor: str, init: str, seed: int) -> np.ndarray:
+    """A (``tensor="A"``) or B in the plan's stored layout and the site's dtype."""
+    rank = plan.rank
+    dtype = np_dtype(plan.site.dtype)
+    if tensor == "A":
+        rng = _generator(seed, plan.a_name)
+        if init == "gaussian":
+            value = rng.standard_normal(plan.a_shape) / rank
+        elif plan.kind == "dense":
+            # PEFT draws A in its own (r, in) layout; the dense store is (in, r), so draw then transpose.
+            value = _kaiming_uniform(rng, (rank, plan.site.in_features), plan.site.in_features).T
+        else:
+            value = _kaiming_uniform(rng, plan.a_shape, math.prod(plan.a_shape[1:]))
+    elif init == "random":
+        fan_in = rank if plan.kind == "dense" else rank // plan.b_group
+        value = _kaiming_uniform(_generator(seed, plan.b_name), plan.b_shape, fan_in)
+    else:
+        value = np.zeros(plan.b_shape, np.float32)
+    return np.ascontiguousarray(value, dtype=dtype)
+
+
 def initial_values(plan: BranchPlan, init: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A and B in the plan's stored layouts and the site's dtype."""
-    rng_a = _generator(seed, plan.a_name)
-    rank = plan.rank
-    if plan.kind == "dense":
-        fan_in_a = plan.site.in_features
-        fan_in_b = rank
-    else:
-        fan_in_a = math.prod(plan.a_shape[1:])
-        fan_in_b = rank // plan.b_group
-    if init == "gaussian":
-        a = (rng_a.standard_normal(plan.a_shape) / rank).astype(np.float32)
-    else:
-        # PEFT draws A in its own (r, in) layout; the dense store is (in, r), so draw then transpose.
-        shape = (rank, plan.site.in_features) if plan.kind == "dense" else plan.a_shape
-        a = _kaiming_uniform(rng_a, shape, fan_in_a)
-        a = a.T if plan.kind == "dense" else a
-    if init == "random":
-        b = _kaiming_uniform(_generator(seed, plan.b_name), plan.b_shape, fan_in_b)
-    else:
-        b = np.zeros(plan.b_shape, np.float32)
-    dtype = np_dtype(plan.site.dtype)
-    return np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype)
+    return initial_value(plan, "A", init, seed), initial_value(plan, "B", init, seed)

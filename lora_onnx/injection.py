@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lora_onnx.config import LoraConfig
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.fold import fold_branches, fold_tolerance
 from lora_onnx.graph import GraphIndex
-from lora_onnx.init import initial_values
-from lora_onnx.load import LoadedModel, ModelLike, load_model
+from lora_onnx.init import initial_value
+from lora_onnx.load import LoadedModel, ModelLike, TensorProducer, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches
 from lora_onnx.plan import Plan, plan_branches
 from lora_onnx.quantized_proof import dequantized_rtol
@@ -108,13 +111,17 @@ def inject(
     refuse_existing_adapter(source, config.adapter_name)
     scan = scan_sites(source, config.ops)
     plan = plan_branches(scan, config, GraphIndex(source.proto.graph)).require_branches()
-    values = {}
+    # A model that keeps its weights outside the .onnx (the large ones) gets deferred LoRA tensors: each is
+    # generated when it is written, so a rank-64 adapter on an LLM (~100s of MB) is never in memory whole.
+    defer = bool(source.external_refs())
+    values: dict[str, np.ndarray | TensorProducer] = {}
     for branch in plan.branches:
-        if branch.a_name not in values:
-            values[branch.a_name], values[branch.b_name] = initial_values(branch, config.init, config.seed)
+        for name, tensor in ((branch.a_name, "A"), (branch.b_name, "B")):
+            if name not in values:
+                make = functools.partial(initial_value, branch, tensor, config.init, config.seed)
+                values[name] = make if defer else make()
     zero_init = config.init != "random"
     rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
-    values.clear()  # the graph holds its own copies; at rank 64 on an LLM these are ~100 MB
     report = prove(source, rewritten, zero_init, providers=providers, dims=dims) if validate else None
     written = None
     if output is not None and (report is None or report.ok):

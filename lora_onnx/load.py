@@ -74,8 +74,12 @@ class LoadedModel:
     def with_proto(
         self, proto: onnx.ModelProto, overrides: Mapping[str, TensorProducer] | None = None
     ) -> LoadedModel:
-        """The same source (path, data folder) with another graph, e.g. a rewritten copy."""
-        merged = {**self.overrides, **(overrides or {})}
+        """The same source (path, data folder) with another graph, e.g. a rewritten copy.
+
+        Overrides carry over, plus ``overrides``, except those of tensors ``proto`` no longer has.
+        """
+        present = {tensor.name for tensor in proto.graph.initializer}
+        merged = {k: v for k, v in {**self.overrides, **(overrides or {})}.items() if k in present}
         return LoadedModel(proto=proto, path=self.path, base_dir=self.base_dir, overrides=merged)
 
 

@@ -21,11 +21,11 @@ from onnx import helper
 
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.graph import GraphIndex
-from lora_onnx.load import LoadedModel
+from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.plan import BranchPlan
 from lora_onnx.sites import Site
-from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.tensors import make_deferred, make_tensor, np_dtype
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,12 @@ def source_layout(site: Site) -> str:
 def insert_branches(
     model: LoadedModel,
     plans: Sequence[BranchPlan],
-    values: Mapping[str, np.ndarray],
+    values: Mapping[str, np.ndarray | TensorProducer],
     *,
     zero_init: bool = False,
 ) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
-    """A copy of ``model`` with one branch per plan; ``values`` maps every A/B tensor name to its array."""
+    """A copy of ``model`` with one branch per plan; ``values`` maps every A/B tensor name to its array,
+    or to a producer of it: such a tensor is *deferred* (metadata only until the model is saved)."""
     _require_opset(model)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -76,16 +77,23 @@ def insert_branches(
         graph.node.extend(after.get(node.name, ()))
 
     added: set[str] = set()
+    deferred: dict[str, TensorProducer] = {}
     for plan, item in zip(plans, built, strict=True):
-        for name in (plan.a_name, plan.b_name):
-            if name not in added:
-                graph.initializer.append(make_tensor(name, values[name], plan.site.dtype))
-                added.add(name)
+        for name, shape in ((plan.a_name, plan.a_shape), (plan.b_name, plan.b_shape)):
+            if name in added:
+                continue
+            value = values[name]
+            if callable(value):
+                graph.initializer.append(make_deferred(name, shape, plan.site.dtype))
+                deferred[name] = value
+            else:
+                graph.initializer.append(make_tensor(name, value, plan.site.dtype))
+            added.add(name)
         scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
         graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
     records = tuple(item.record for item in built)
     write_branches(proto, read_branches(proto) + records)
-    return model.with_proto(proto), records
+    return model.with_proto(proto, deferred), records
 
 
 #: Branches rely on numpy-style broadcasting in Mul / Add, which ONNX has from opset 7 on.

@@ -36,7 +36,7 @@ import onnx
 from lora_onnx.errors import OutputError
 from lora_onnx.load import LoadedModel, all_tensors
 from lora_onnx.streaming import StreamedTensor
-from lora_onnx.tensors import ExternalRef, external_ref, make_tensor, nbytes, set_external_ref
+from lora_onnx.tensors import ExternalRef, external_ref, make_tensor, nbytes, np_dtype, set_external_ref
 
 #: Tensors at least this large leave the .onnx file when the model keeps data outside it (onnx's default).
 EXTERNAL_THRESHOLD = 1024
@@ -120,13 +120,13 @@ def save_model(
 
     staged = _Staged()
     try:
-        _apply_inline_overrides(proto, model, refs)
-        stream = changed_external or _inline_bytes(proto) > MAX_INLINE_BYTES
-        if stream:
+        if changed_external or (not refs and _inline_bytes(proto, model) > MAX_INLINE_BYTES):
             _stream_data(proto, model, refs, output.with_name(data_name), staged)
         elif refs:
             _link_data(proto, model, refs, output.with_name(data_name), staged, link_data)
-            _externalize_inline(proto, output.with_name(lora_name), staged)
+            _externalize_inline(proto, model, output.with_name(lora_name), staged)
+        else:
+            _apply_inline_overrides(proto, model)
         model_temp = staged.temp_for(output)
         model_temp.write_bytes(proto.SerializeToString())
         _commit(staged, output)
@@ -174,13 +174,23 @@ def _commit(staged: _Staged, output: Path) -> None:
         _fsync(output.parent)
 
 
-def _inline_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in all_tensors(proto.graph) if external_ref(t) is None)
+def _deferred(tensor: onnx.TensorProto, model: LoadedModel) -> bool:
+    """An inline initializer whose value an override produces at save time (a fold, a deferred LoRA init)."""
+    return tensor.name in model.overrides and external_ref(tensor) is None
 
 
-def _apply_inline_overrides(proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef]) -> None:
+def _inline_bytes(proto: onnx.ModelProto, model: LoadedModel) -> int:
+    """Bytes the .onnx file would hold with every inline value (deferred ones included) written into it."""
+    return sum(
+        nbytes(t) if _deferred(t, model) else len(t.raw_data)
+        for t in all_tensors(proto.graph)
+        if external_ref(t) is None
+    )
+
+
+def _apply_inline_overrides(proto: onnx.ModelProto, model: LoadedModel) -> None:
     for tensor in proto.graph.initializer:
-        if tensor.name in model.overrides and tensor.name not in refs:
+        if _deferred(tensor, model):
             tensor.CopyFrom(make_tensor(tensor.name, model.overrides[tensor.name](), tensor.data_type))
 
 
@@ -235,20 +245,37 @@ def _link_data(
             set_external_ref(tensor, ExternalRef(renamed[ref.location], ref.offset, ref.length))
 
 
-def _externalize_inline(proto: onnx.ModelProto, data_path: Path, staged: _Staged) -> None:
-    """Move inline initializers of EXTERNAL_THRESHOLD bytes or more to their own data file."""
-    movable = [
-        t
-        for t in proto.graph.initializer
-        if external_ref(t) is None and len(t.raw_data) >= EXTERNAL_THRESHOLD
-    ]
-    if not movable:
-        return
-    with open(staged.temp_for(data_path), "wb") as out:
-        for tensor in movable:
-            offset = _pad_to_alignment(out, len(tensor.raw_data))
-            out.write(tensor.raw_data)
-            set_external_ref(tensor, ExternalRef(data_path.name, offset, len(tensor.raw_data)))
+def _externalize_inline(proto: onnx.ModelProto, model: LoadedModel, data_path: Path, staged: _Staged) -> None:
+    """Move inline initializers of EXTERNAL_THRESHOLD bytes or more to their own data file.
+
+    Deferred values are produced here, one at a time, and written straight to the file: a rank-64 adapter
+    on a large model never sits in memory whole.
+    """
+    out = None
+    try:
+        for tensor in proto.graph.initializer:
+            if external_ref(tensor) is not None:
+                continue
+            deferred = _deferred(tensor, model)
+            size = nbytes(tensor) if deferred else len(tensor.raw_data)
+            if size < EXTERNAL_THRESHOLD:
+                if deferred:
+                    tensor.CopyFrom(
+                        make_tensor(tensor.name, model.overrides[tensor.name](), tensor.data_type)
+                    )
+                continue
+            if out is None:
+                out = open(staged.temp_for(data_path), "wb")  # noqa: SIM115 (closed in finally)
+            offset = _pad_to_alignment(out, size)
+            if deferred:
+                data = np.ascontiguousarray(model.overrides[tensor.name](), np_dtype(tensor.data_type))
+                out.write(data.reshape(-1).view(np.uint8))
+            else:
+                out.write(tensor.raw_data)
+            set_external_ref(tensor, ExternalRef(data_path.name, offset, size))
+    finally:
+        if out is not None:
+            out.close()
 
 
 def _pad_to_alignment(out, size: int) -> int:  # type: ignore[no-untyped-def]

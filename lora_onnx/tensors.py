@@ -88,3 +88,13 @@ def make_tensor(name: str, values: np.ndarray, onnx_type: int | None = None) -> 
     if onnx_type is not None:
         values = np.asarray(values).astype(np_dtype(onnx_type), copy=False)
     return numpy_helper.from_array(np.ascontiguousarray(values), name)
+
+
+def make_deferred(name: str, shape: tuple[int, ...], onnx_type: int) -> onnx.TensorProto:
+    """An initializer with metadata only; its value comes from a :class:`~lora_onnx.load.LoadedModel`
+    override, produced when the model is saved (see :mod:`lora_onnx.save`)."""
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = onnx_type
+    tensor.dims.extend(shape)
+    return tensor

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from builders import MODELS, rel_err, run
@@ -101,3 +102,20 @@ def test_rewriting_an_existing_output_replaces_it_whole(llama: Path, tmp_path: P
         "lora.onnx.data",
         "lora.onnx.lora.data",
     ]
+
+
+def test_lora_tensors_of_an_external_data_model_are_generated_while_writing(
+    llama: Path, tmp_path: Path
+) -> None:
+    result = lora_onnx.inject(llama, LoraConfig(rank=4, init="random"))
+    lora = {name for b in result.branches for name in (b.a, b.b)}
+    in_graph = {t.name: t for t in result.model.proto.graph.initializer if t.name in lora}
+    assert set(in_graph) == lora and not any(t.raw_data for t in in_graph.values())  # metadata only
+    first = result.branches[0]
+    assert result.model.array(first.a).shape == (64, 4)
+    out = lora_onnx.save_model(result.model, tmp_path / "o" / "lora.onnx")
+    saved = load_model(out)
+    for name in lora:
+        assert np.array_equal(saved.array(name), result.model.array(name))
+    again = lora_onnx.inject(llama, LoraConfig(rank=4, init="random"), validate=True)
+    assert again.validation.ok
