@@ -30,7 +30,7 @@ from lora_onnx.bias_fold import fold_lora_biases, lora_bias_refusal
 from lora_onnx.branch_checks import check_branch_shapes
 from lora_onnx.dequantize import DEQUANTIZE_OPS
 from lora_onnx.errors import FoldError
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, rename_output, retain
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.weights import PASS_THROUGH_OPS
@@ -248,27 +248,19 @@ def remove_branches(
                 "after lora-onnx rewrote it?"
             )
         joined = add.output[0]
-        base.output[list(base.output).index(branch.base_join)] = joined
+        rename_output(base, branch.base_join, joined)
         producer[joined] = base
     drop_nodes = {name for branch in folding for name in branch.nodes}
-    kept_nodes = [node for node in graph.node if node.name not in drop_nodes]
-    kept_values = {name for node in kept_nodes for name in node.output}
+    retain(graph.node, lambda node: node.name not in drop_nodes)
+    kept_values = {name for node in graph.node for name in node.output}
     dropped_values = {out for name in drop_nodes if name in nodes for out in nodes[name].output} - kept_values
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    still_used = {name for node in kept_nodes for name in node.input}
+    still_used = {name for node in graph.node for name in node.input}
     still_used |= {name for branch in remaining for name in branch.tensors}
     drop_tensors = {name for branch in folding for name in branch.tensors} - still_used
-    kept_tensors = [t for t in graph.initializer if t.name not in drop_tensors]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_tensors)
+    retain(graph.initializer, lambda tensor: tensor.name not in drop_tensors)
     # Slot branches (lora_onnx.slots) also declare their tensors as graph inputs.
-    kept_inputs = [v for v in graph.input if v.name not in drop_tensors]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    kept_info = [v for v in graph.value_info if v.name not in dropped_values]
-    del graph.value_info[:]
-    graph.value_info.extend(kept_info)
+    retain(graph.input, lambda value: value.name not in drop_tensors)
+    retain(graph.value_info, lambda value: value.name not in dropped_values)
 
 
 def _weight_producers(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import onnx
 
@@ -65,3 +67,36 @@ class GraphIndex:
 
     def reserve(self, name: str) -> None:
         self._taken.add(name)
+
+
+def retain(field: Any, keep: Callable[[Any], bool]) -> None:
+    """Keep, in place and in order, the items of a protobuf repeated field for which ``keep`` is true."""
+    kept = [item for item in field if keep(item)]
+    del field[:]
+    field.extend(kept)
+
+
+def splice_nodes(
+    graph: onnx.GraphProto,
+    *,
+    before: Mapping[str, Iterable[onnx.NodeProto]] | None = None,
+    after: Mapping[str, Iterable[onnx.NodeProto]] | None = None,
+    first: Iterable[onnx.NodeProto] = (),
+) -> None:
+    """Insert new nodes next to the existing nodes they are keyed by (node name), or ``first``.
+
+    Placing a node's readers right after it and its feeders right before it keeps the graph sorted.
+    """
+    before, after = before or {}, after or {}
+    ordered = list(first)
+    for node in graph.node:
+        ordered.extend(before.get(node.name, ()))
+        ordered.append(node)
+        ordered.extend(after.get(node.name, ()))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def rename_output(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Make ``node`` produce ``new`` where it produced ``old``."""
+    node.output[list(node.output).index(old)] = new

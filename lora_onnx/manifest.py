@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import onnx
 
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.graph import retain
 
 MANIFEST_KEY = "lora_onnx.manifest"
 MANIFEST_VERSION = 1
@@ -106,13 +107,12 @@ def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -
     name never inherits it.
     """
     live = {PEFT_CONFIG_PREFIX + branch.adapter for branch in branches}
-    kept = [
-        entry
-        for entry in model.metadata_props
-        if entry.key != MANIFEST_KEY and (not entry.key.startswith(PEFT_CONFIG_PREFIX) or entry.key in live)
-    ]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    retain(
+        model.metadata_props,
+        lambda entry: (
+            entry.key != MANIFEST_KEY and (not entry.key.startswith(PEFT_CONFIG_PREFIX) or entry.key in live)
+        ),
+    )
     if branches:
         payload = {"version": MANIFEST_VERSION, "branches": [branch.to_json() for branch in branches]}
         entry = model.metadata_props.add()
@@ -126,9 +126,7 @@ def adapter_names(branches: tuple[BranchRecord, ...]) -> list[str]:
 def write_peft_config(model: onnx.ModelProto, adapter: str, config: dict[str, object]) -> None:
     """Keep an imported adapter's adapter_config.json (so ``export`` can give it back unchanged)."""
     key = PEFT_CONFIG_PREFIX + adapter
-    kept = [entry for entry in model.metadata_props if entry.key != key]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    retain(model.metadata_props, lambda entry: entry.key != key)
     entry = model.metadata_props.add()
     entry.key, entry.value = key, json.dumps(config, sort_keys=True)
 

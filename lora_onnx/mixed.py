@@ -45,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lora_onnx.batch_rows import BatchAxes
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.fold import remove_branches
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, rename_output, retain, splice_nodes
 from lora_onnx.injection import scan_sites
 from lora_onnx.inputs import ADAPTER_INDEX
 from lora_onnx.load import LoadedModel
@@ -119,9 +119,7 @@ def mixed_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
 
 
 def _write_info(proto: onnx.ModelProto, info: MixedInfo | None) -> None:
-    kept = [e for e in proto.metadata_props if e.key != MIXED_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
+    retain(proto.metadata_props, lambda entry: entry.key != MIXED_KEY)
     if info is not None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = MIXED_KEY, info.to_json()
@@ -566,10 +564,7 @@ def insert_mixed(
         if site.gemm is not None and site.gemm.trans_a:
             data = builder.node(nodes, "Transpose", [data], f"{item.stem}.lora_input_t", perm=[1, 0])
         (builder.conv if item.kind == "conv" else builder.dense)(item, data, base, join, nodes)
-        outputs = list(producer.output)
-        outputs[outputs.index(join)] = base
-        del producer.output[:]
-        producer.output.extend(outputs)
+        rename_output(producer, join, base)
         after.setdefault(producer.name, []).extend(nodes)
         records.append(
             BranchRecord(
@@ -581,12 +576,7 @@ def insert_mixed(
                 base_group=site.group, gemm_alpha=site.gemm.alpha if site.gemm else 1.0, variant=MIXED,
             )
         )  # fmt: skip
-    ordered = list(builder.shared)
-    for node in graph.node:
-        ordered.append(node)
-        ordered.extend(after.get(node.name, ()))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    splice_nodes(graph, after=after, first=builder.shared)
     graph.initializer.extend(builder.inits)
     for item in items:
         graph.initializer.append(make_tensor(item.a_name, item.a_stack, item.site.dtype))
@@ -636,24 +626,16 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
         # Shared nodes go first: they read a stack, which must not count as still used below.
         shared = set(info.nodes)
         dropped = {out for node in graph.node if node.name in shared for out in node.output}
-        kept = [node for node in graph.node if node.name not in shared]
-        del graph.node[:]
-        graph.node.extend(kept)
-        infos = [v for v in graph.value_info if v.name not in dropped]
-        del graph.value_info[:]
-        graph.value_info.extend(infos)
-        inputs = [v for v in graph.input if v.name != info.index]
-        del graph.input[:]
-        graph.input.extend(inputs)
+        retain(graph.node, lambda node: node.name not in shared)
+        retain(graph.value_info, lambda value: value.name not in dropped)
+        retain(graph.input, lambda value: value.name != info.index)
     remaining = tuple(b for b in read_branches(proto) if b not in records)
     remove_branches(proto, records, remaining)
     write_branches(proto, remaining)
     if info is not None:
         used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
         prefix = f"{info.index}."
-        inits = [t for t in graph.initializer if not t.name.startswith(prefix) or t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(inits)
+        retain(graph.initializer, lambda t: not t.name.startswith(prefix) or t.name in used)
     _write_info(proto, None)
     return model.with_proto(proto)
 
@@ -666,9 +648,7 @@ def pin_index(model: LoadedModel, value: int) -> LoadedModel:
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     graph = proto.graph
-    inputs = [v for v in graph.input if v.name != info.index]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    retain(graph.input, lambda value: value.name != info.index)
     index = GraphIndex(graph)
     prefix = f"{info.index}.pin"
     shape, batch, axis = (index.unique_name(f"{prefix}_{part}") for part in ("shape", "batch", "axis"))
@@ -681,9 +661,7 @@ def pin_index(model: LoadedModel, value: int) -> LoadedModel:
             value=helper.make_tensor("value", TensorProto.INT64, [1], [value]),
         ),
     ]  # fmt: skip
-    nodes = [*pinned, *graph.node]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    splice_nodes(graph, first=pinned)
     return model.with_proto(proto)
 
 

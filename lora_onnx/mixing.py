@@ -56,7 +56,7 @@ from lora_onnx.mixed import (
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import check_output_path, save_model
 from lora_onnx.sites import DEFAULT_OPS, Site, Skipped
-from lora_onnx.slots import bake, remove_slots, slot_records, strength_name
+from lora_onnx.slots import adapter_strength, bake, remove_slots, slot_records
 from lora_onnx.swapping import AdapterSource, peft_source
 from lora_onnx.validation import (
     OutputComparison,
@@ -172,7 +172,7 @@ def from_tensors(
             "mixed-batch adapter is one slot adapter's file"
         )
     adapter = check.adapters[0]
-    strength = _strength(slots, tensors, adapter)
+    strength = adapter_strength(slots, tensors, adapter)
     pairs: dict[str, SitePair] = {}
     records = slot_records(slots, adapter)
     for record in records:
@@ -197,16 +197,6 @@ def from_tensors(
         return bake(slots, active)
 
     return MixedAdapter(label, pairs, reference)
-
-
-def _strength(model: LoadedModel, tensors: Mapping[str, np.ndarray], adapter: str) -> float:
-    name = strength_name(adapter)
-    if name in tensors:
-        return float(np.asarray(tensors[name]).reshape(-1)[0])
-    try:
-        return float(np.asarray(model.array(name)).reshape(-1)[0])
-    except KeyError:
-        return 1.0
 
 
 def resolve_adapters(

@@ -36,7 +36,7 @@ from lora_onnx.dequantize import (
     dequantize_step,
     nbits_node,
 )
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, retain
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord, read_branches
 from lora_onnx.module_paths import module_path
@@ -211,14 +211,12 @@ def _remove_dequantize(
     graph = proto.graph
     node = next(n for n in graph.node if n.name == step.node)
     dequantized = node.output[0]
-    kept = [n for n in graph.node if n.name != step.node]
-    for other in kept:
+    retain(graph.node, lambda n: n.name != step.node)
+    for other in graph.node:
         for i, value in enumerate(other.input):
             if value == dequantized:
                 other.input[i] = tensor.name
-    del graph.node[:]
-    graph.node.extend(kept)
-    _drop_value_info(graph, {dequantized})
+    retain(graph.value_info, lambda value: value.name != dequantized)
     shape = shape_of(tensor)
     _retype(tensor, step.dtype, shape)
     return FloatSource(shape, np_dtype(step.dtype), lambda: QdqRows(model, step))
@@ -254,21 +252,13 @@ def _retype(tensor: onnx.TensorProto, dtype: int, shape: tuple[int, ...]) -> Non
         tensor.ClearField("raw_data")
 
 
-def _drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
-    kept = [v for v in graph.value_info if v.name not in names]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-
-
 def _drop_unused_initializers(proto: onnx.ModelProto, index: GraphIndex) -> None:
     """Remove scales / zero points / g_idx the removed quantized nodes were the last users of."""
     graph = proto.graph
     used = {name for node in graph.node for name in node.input}
     used |= {v.name for v in graph.output} | {v.name for v in graph.input}
     was_used = set(index.consumers)
-    kept = [t for t in graph.initializer if t.name in used or t.name not in was_used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    retain(graph.initializer, lambda t: t.name in used or t.name not in was_used)
 
 
 # ---- proofs ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import onnx
 from onnx import helper
 
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, rename_output, splice_nodes
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.plan import BranchPlan
@@ -64,17 +64,9 @@ def insert_branches(
 
     after: dict[str, list[onnx.NodeProto]] = {}
     for item in built:
-        producer = index.nodes[item.producer]
-        outputs = list(producer.output)
-        outputs[outputs.index(item.record.join)] = item.record.base_join
-        del producer.output[:]
-        producer.output.extend(outputs)
+        rename_output(index.nodes[item.producer], item.record.join, item.record.base_join)
         after.setdefault(item.producer, []).extend(item.nodes)
-    nodes = list(graph.node)
-    del graph.node[:]
-    for node in nodes:
-        graph.node.append(node)
-        graph.node.extend(after.get(node.name, ()))
+    splice_nodes(graph, after=after)
 
     added: set[str] = set()
     deferred: dict[str, TensorProducer] = {}

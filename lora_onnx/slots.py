@@ -30,7 +30,7 @@ from onnx import helper
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.fold import remove_branches
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, retain, splice_nodes
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
@@ -251,16 +251,9 @@ class _SlotEditor:
             self.graph.input.append(helper.make_tensor_value_info(self.strength, self.strength_type, [1]))
             self.graph.initializer.append(make_tensor(self.strength, np.ones(1), self.strength_type))
         if self.drop_initializers:
-            kept = [t for t in self.graph.initializer if t.name not in self.drop_initializers]
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(kept)
+            retain(self.graph.initializer, lambda t: t.name not in self.drop_initializers)
         if self.new_nodes:
-            ordered = []
-            for node in self.graph.node:
-                ordered.extend(self.new_nodes.get(node.name, ()))
-                ordered.append(node)
-            del self.graph.node[:]
-            self.graph.node.extend(ordered)
+            splice_nodes(self.graph, before=self.new_nodes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,12 +379,8 @@ def _drop_unused_strengths(proto: onnx.ModelProto) -> None:
     unused = {v.name for v in graph.input if v.name.endswith(STRENGTH_SUFFIX) and v.name not in used}
     if not unused:
         return
-    inputs = [v for v in graph.input if v.name not in unused]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    inits = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    retain(graph.input, lambda value: value.name not in unused)
+    retain(graph.initializer, lambda tensor: tensor.name not in unused)
 
 
 @dataclass(frozen=True)
@@ -422,7 +411,7 @@ def bind(
     records = slot_records(model)
     chosen = [r for r in records if r.adapter == adapter]
     if strength is None:
-        strength = _default_strength(model, tensors, adapter)
+        strength = adapter_strength(model, tensors, adapter)
     covered = [r for r in chosen if _rank_of(tensors, r) > 0]
     stripped = remove_slots(model, records)
     sites = {site.node: site for site in scan_sites(stripped, DEFAULT_OPS).sites}
@@ -453,7 +442,8 @@ def _rank_of(tensors: Mapping[str, np.ndarray], record: BranchRecord) -> int:
     return int(a.shape[1] if record.kind == "dense" else a.shape[0])
 
 
-def _default_strength(model: LoadedModel, tensors: Mapping[str, np.ndarray], adapter: str) -> float:
+def adapter_strength(model: LoadedModel, tensors: Mapping[str, np.ndarray], adapter: str) -> float:
+    """An adapter file's strength for ``adapter`` (its strength tensor), else the model's default, else 1."""
     name = strength_name(adapter)
     if name in tensors:
         return float(np.asarray(tensors[name]).reshape(-1)[0])

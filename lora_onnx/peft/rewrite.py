@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, splice_nodes
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches, write_peft_config
 from lora_onnx.peft.planning import PeftBranchExtras, PeftPlan
@@ -74,12 +74,7 @@ def insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> tuple[LoadedMode
                 nodes=order,
             )
         )
-    ordered = list(graph.node)
-    del graph.node[:]
-    for node in ordered:
-        graph.node.extend(before.get(node.name, ()))
-        graph.node.append(node)
-        graph.node.extend(after.get(node.name, ()))
+    splice_nodes(graph, before=before, after=after)
     kept = read_branches(proto)[: -len(records) or None]
     write_branches(proto, (*kept, *updated))
     if peft.config is not None:
