@@ -241,6 +241,16 @@ def require_fit(check: AdapterCheck) -> None:
     raise AdapterError(f"{check.file} does not fit {check.model}: {first.name!r} is {_phrase(first)}{more}")
 
 
+def fitting_adapter(check: AdapterCheck, use: str) -> str:
+    """The one slot adapter a file that fits addresses; :class:`AdapterError` otherwise (``use`` says why
+    one is needed, e.g. "a fold takes one adapter's file")."""
+    require_fit(check)
+    if len(check.adapters) != 1:
+        adapters = list(check.adapters) or "none"
+        raise AdapterError(f"{check.file} addresses the slots of adapters {adapters} of {check.model}; {use}")
+    return check.adapters[0]
+
+
 def _phrase(row: TensorCheck) -> str:
     shapes = f" expected {row.expected_shape}, got {row.actual_shape}" if row.expected_shape else ""
     text = {

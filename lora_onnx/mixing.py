@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_onnx.adapter_check import check_tensors, require_fit
+from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
 from lora_onnx.batch_rows import BatchAxes, batch_axes, feeds_for, probe_sites, take_rows
 from lora_onnx.errors import AdapterError, LoraOnnxError
@@ -165,13 +165,7 @@ def from_tensors(
             "files were exported for (MODEL itself, or --slots SLOTTED)"
         )
     check = check_tensors(slots, tensors, partial=True, label=label)
-    require_fit(check)
-    if len(check.adapters) != 1:
-        raise AdapterError(
-            f"{label} addresses the slots of adapters {list(check.adapters) or 'none'} of {slots.name}; a "
-            "mixed-batch adapter is one slot adapter's file"
-        )
-    adapter = check.adapters[0]
+    adapter = fitting_adapter(check, "a mixed-batch adapter is one slot adapter's file")
     strength = adapter_strength(slots, tensors, adapter)
     pairs: dict[str, SitePair] = {}
     records = slot_records(slots, adapter)

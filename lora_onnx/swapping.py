@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_onnx import validation
-from lora_onnx.adapter_check import check_tensors, require_fit
+from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import FORMATS, format_for, read_adapter_file, write_adapter_file
 from lora_onnx.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.errors import AdapterError, LoraOnnxError
@@ -406,13 +406,7 @@ def bind_adapter_file(
     slots it leaves out or empty add zero and are removed."""
     file = read_adapter_file(adapter_file)
     check = check_tensors(model, file.tensors, adapter=adapter, partial=True, label=str(file.path))
-    require_fit(check)
-    if len(check.adapters) != 1:
-        raise AdapterError(
-            f"{file.path} addresses slots of adapters {list(check.adapters) or 'none'} of {model.name}; "
-            "a fold takes one adapter's file"
-        )
-    chosen = check.adapters[0]
+    chosen = fitting_adapter(check, "a fold takes one adapter's file")
     bound = bind(model, file.tensors, chosen, strength=strength)
     active = dict(file.tensors)
     if strength is not None:

@@ -8,8 +8,7 @@ from lora_onnx.cli.inject_mixed import add_mixed_arguments, run_mixed, wants_mix
 from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
 from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
 from lora_onnx.cli.peft import add_peft_arguments, run_peft
-from lora_onnx.cli.render import info, print_skipped, print_validation, warn
-from lora_onnx.errors import EXIT_MISMATCH
+from lora_onnx.cli.render import info, print_skipped, report_written, warn
 from lora_onnx.injection import inject
 
 
@@ -56,10 +55,4 @@ def run(args: argparse.Namespace) -> int:
     print_skipped((*result.scan.skipped, *result.plan.skipped))
     sites = len(result.branches)
     info(f"Planned {sites} LoRA branch(es), {result.plan.lora_params:,} LoRA parameters.")
-    if result.validation is not None:
-        print_validation(result.validation, "Proof in onnxruntime")
-        if not result.validation.ok:
-            warn("validation failed; nothing was written")
-            return EXIT_MISMATCH
-    info(f"Wrote {result.output}")
-    return 0
+    return report_written(result.validation, "Proof in onnxruntime", result.output)

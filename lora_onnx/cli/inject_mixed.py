@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from lora_onnx.cli.options import dims_from_args
-from lora_onnx.cli.render import info, print_skipped, print_validation, warn
-from lora_onnx.errors import EXIT_MISMATCH, AdapterError, LoraOnnxError
+from lora_onnx.cli.render import info, print_skipped, report_written, warn
+from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.mixed import INDEX_INPUT
 from lora_onnx.mixing import inject_mixed
 
@@ -134,11 +134,6 @@ def run_mixed(args: argparse.Namespace) -> int:
         f"Added {len(result.branches)} mixed-batch branch(es) holding {len(result.adapters)} adapter(s) "
         f"({listing}); input {result.index_name!r}: int64, one entry per batch row, -1 = base model."
     )
-    if result.validation is not None:
-        rows = ", ".join(map(str, result.rows))
-        print_validation(result.validation, f"Mixed batch [{rows}] vs each row alone with its adapter")
-        if not result.validation.ok:
-            warn("validation failed; nothing was written")
-            return EXIT_MISMATCH
-    info(f"Wrote {result.output}")
-    return 0
+    rows = ", ".join(map(str, result.rows))
+    title = f"Mixed batch [{rows}] vs each row alone with its adapter"
+    return report_written(result.validation, title, result.output)

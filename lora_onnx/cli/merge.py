@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.options import add_run_arguments, dims_from_args
-from lora_onnx.cli.render import info, print_validation, warn
-from lora_onnx.errors import EXIT_MISMATCH
+from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.merging import merge
 
 
@@ -66,13 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for kept in result.kept:
         warn(f"kept the branch at node {kept.branch.site!r} ({kept.branch.module_path}): {kept.reason}")
     info(f"Folded {len(result.folded)} branch(es); {len(result.kept)} kept.")
-    if result.validation is not None:
-        title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
-        if args.adapter_index is not None:
-            title = f"Merged vs input with adapter {args.adapter_index} on every row"
-        print_validation(result.validation, title)
-        if not result.validation.ok:
-            warn("validation failed; nothing was written")
-            return EXIT_MISMATCH
-    info(f"Wrote {result.output}")
-    return 0
+    title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
+    if args.adapter_index is not None:
+        title = f"Merged vs input with adapter {args.adapter_index} on every row"
+    return report_written(result.validation, title, result.output)

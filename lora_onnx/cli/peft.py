@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.options import add_recipe_arguments, dims_from_args
-from lora_onnx.cli.render import info, print_validation, warn
-from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
+from lora_onnx.cli.render import info, report_written, warn
+from lora_onnx.errors import LoraOnnxError
 from lora_onnx.peft import apply_peft
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
@@ -66,13 +66,5 @@ def run_peft(args: argparse.Namespace) -> int:
     )
     if args.merge:
         info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
-    if result.validation is not None:
-        title = (
-            "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"
-        )
-        print_validation(result.validation, title)
-        if not result.validation.ok:
-            warn("validation failed; nothing was written")
-            return EXIT_MISMATCH
-    info(f"Wrote {result.output}")
-    return 0
+    title = "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"
+    return report_written(result.validation, title, result.output)

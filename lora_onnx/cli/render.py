@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lora_onnx.errors import OutputError
+from lora_onnx.errors import EXIT_MISMATCH, OutputError
 from lora_onnx.inspection import Inspection
 from lora_onnx.sites import Skipped
 from lora_onnx.validation import ValidationReport
@@ -109,6 +109,17 @@ def print_validation(report: ValidationReport, title: str = "Validation") -> Non
             f"{c.max_rel:.3g}", f"{c.rtol:g} / {c.atol:g}", "yes" if c.ok else f"NO {c.note}".strip(),
         )  # fmt: skip
     out.print(table)
+
+
+def report_written(validation: ValidationReport | None, title: str, output: object) -> int:
+    """Show a command's proof (when it ran) and what it wrote; the exit code (1: the proof failed)."""
+    if validation is not None:
+        print_validation(validation, title)
+        if not validation.ok:
+            warn("validation failed; nothing was written")
+            return EXIT_MISMATCH
+    info(f"Wrote {output}")
+    return 0
 
 
 def write_json(path: str | os.PathLike, payload: object) -> None:
