@@ -12,6 +12,7 @@ from swap_builders import mixed_feeds, mixed_model
 from test_cli import assert_one_line_error, cli
 
 from lora_onnx.cli.main import build_parser
+from lora_onnx.cli.options import adapter_sources
 from lora_onnx.load import load_model
 from lora_onnx.mixed import mixed_info
 
@@ -95,6 +96,12 @@ def test_peft_and_adapter_file_options_keep_their_order() -> None:
     args = build_parser().parse_args(
         ["inject", "m.onnx", "-o", "o.onnx", "--mixed", "--peft", "d1", "--adapter-file", "f", "--peft", "d2"]
     )
-    assert args.mixed_sources == [("peft", "d1"), ("file", "f"), ("peft", "d2")]
+    assert adapter_sources(args) == [("peft", "d1"), ("file", "f"), ("peft", "d2")]
+    assert adapter_sources(args, "peft") == [("peft", "d1"), ("peft", "d2")]
     assert args.peft == "d2"  # --peft still stores its last value for the single-adapter paths
-    assert build_parser().parse_args(["inject", "m.onnx", "-o", "o.onnx"]).mixed_sources is None
+    assert adapter_sources(build_parser().parse_args(["inject", "m.onnx", "-o", "o.onnx"])) == []
+
+
+def test_several_peft_adapters_without_mixed_are_refused(tmp_path) -> None:
+    result = cli("inject", "m.onnx", "-o", tmp_path / "o.onnx", "--peft", "d1", "--peft", "d2")
+    assert_one_line_error(result, 2, "--peft is given more than once")

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "otherwise equal to its own fold)",
     )  # fmt: skip
     add_slot_arguments(parser)
-    add_mixed_arguments(parser)  # after every --peft definition: it records their order
+    add_mixed_arguments(parser)
     parser.add_argument(
         "--copy-data", action="store_true",
         help="copy the base's external data files instead of hard-linking them (slower; onnx >= 1.21's "

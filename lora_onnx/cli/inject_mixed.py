@@ -10,49 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora_onnx.cli.options import dims_from_args
+from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.mixed import INDEX_INPUT
 from lora_onnx.mixing import inject_mixed
-
-_SOURCES = "mixed_sources"
-
-
-def _remember(namespace: argparse.Namespace, kind: str, value: str) -> None:
-    setattr(namespace, _SOURCES, [*(getattr(namespace, _SOURCES, None) or ()), (kind, value)])
-
-
-class _AdapterFile(argparse.Action):
-    """--adapter-file: appended to the ordered sources."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        _remember(namespace, "file", str(values))
-
-
-def _record_order(action: argparse.Action, kind: str) -> None:
-    """Make an existing option (``--peft``, defined for single use by other features) also append to
-    the ordered sources, keeping what it did before (the last value stays in its own dest)."""
-    original = type(action)
-
-    class Recording(original):  # type: ignore[misc, valid-type]
-        def __call__(
-            self,
-            parser: argparse.ArgumentParser,
-            namespace: argparse.Namespace,
-            values: object,
-            option_string: str | None = None,
-        ) -> None:
-            super().__call__(parser, namespace, values, option_string)
-            _remember(namespace, kind, str(values))
-
-    action.__class__ = Recording
 
 
 def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +25,7 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
         "batch row: the adapter's position among --peft / --adapter-file, -1 = base model)",
     )  # fmt: skip
     group.add_argument(
-        "--adapter-file", action=_AdapterFile, metavar="FILE",
+        "--adapter-file", action=AdapterSourceAction, kind="file", metavar="FILE",
         help="with --mixed, repeatable: an adapter file (.onnx_adapter, .safetensors, .npz) written by "
         "export-adapter for a slotted model of the same base",
     )  # fmt: skip
@@ -77,12 +39,6 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --mixed: the stacks are graph inputs too (backed by initializers), so other adapters "
         "can be fed at run time (see lora_onnx.mixing.stack_adapters)",
     )  # fmt: skip
-    if "--peft" not in parser._option_string_actions:
-        group.add_argument("--peft", metavar="DIR", help="a PEFT adapter folder")
-    peft = parser._option_string_actions["--peft"]
-    peft.help = f"{peft.help or 'a PEFT adapter folder'} (with --mixed: repeatable, one per adapter)"
-    _record_order(peft, "peft")
-    parser.set_defaults(**{_SOURCES: None})
 
 
 def wants_mixed(args: argparse.Namespace) -> bool:
@@ -90,7 +46,7 @@ def wants_mixed(args: argparse.Namespace) -> bool:
 
 
 def _files(args: argparse.Namespace) -> list[str]:
-    return [value for kind, value in getattr(args, _SOURCES, None) or () if kind == "file"]
+    return [value for _, value in adapter_sources(args, "file")]
 
 
 def run_mixed(args: argparse.Namespace) -> int:
@@ -108,7 +64,7 @@ def run_mixed(args: argparse.Namespace) -> int:
             raise LoraOnnxError(
                 f"{flag} does not apply to --mixed (for run-time stacks use --stacks-as-inputs)"
             )
-    sources = list(getattr(args, _SOURCES, None) or ())
+    sources = adapter_sources(args)
     if not sources:
         raise AdapterError("--mixed needs adapters: --peft DIR or --adapter-file FILE, once per adapter")
     if args.target or args.target_regex or args.exclude or args.exclude_regex or args.rank_pattern:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lora_onnx.config import INIT_KINDS, LoraConfig
 from lora_onnx.errors import LoraOnnxError
@@ -77,6 +78,36 @@ def config_from_args(args: argparse.Namespace) -> LoraConfig:
         alpha_pattern=_pairs(args.alpha_pattern, "--alpha-pattern", float),  # type: ignore[arg-type]
         adapter_name=args.name,
     )
+
+
+#: Where :class:`AdapterSourceAction` records (kind, value) pairs in the order they were given.
+ADAPTER_SOURCES = "adapter_sources"
+
+
+class AdapterSourceAction(argparse.Action):
+    """An adapter option (``--peft DIR``, ``--adapter-file FILE``): stores its value like a plain option
+    (the last one wins) and records ``(kind, value)`` in order, so ``inject --mixed`` can take several,
+    mixed, in the order given (their stack index)."""
+
+    def __init__(self, *args: Any, kind: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        recorded = getattr(namespace, ADAPTER_SOURCES, None) or []
+        setattr(namespace, ADAPTER_SOURCES, [*recorded, (self.kind, str(values))])
+
+
+def adapter_sources(args: argparse.Namespace, kind: str | None = None) -> list[tuple[str, str]]:
+    """The adapter options given, in order (only those of ``kind`` when given)."""
+    return [(k, v) for k, v in getattr(args, ADAPTER_SOURCES, None) or () if kind is None or k == kind]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

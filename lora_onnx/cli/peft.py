@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import add_recipe_arguments, dims_from_args
+from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.peft import apply_peft
@@ -21,9 +21,9 @@ _RECIPE_FLAGS = {
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("trained PEFT adapter")
     group.add_argument(
-        "--peft", metavar="ADAPTER_DIR",
+        "--peft", metavar="ADAPTER_DIR", action=AdapterSourceAction, kind="peft",
         help="apply this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with PEFT's "
-        "numerics instead of a fresh recipe",
+        "numerics instead of a fresh recipe (with --mixed: repeatable, one per adapter)",
     )  # fmt: skip
     group.add_argument(
         "--merge", action="store_true",
@@ -40,6 +40,10 @@ def _recipe_defaults() -> argparse.Namespace:
 def run_peft(args: argparse.Namespace) -> int:
     if not args.peft:
         raise LoraOnnxError("--merge applies with --peft (to fold a fresh adapter, run lora-onnx merge)")
+    if len(adapter_sources(args, "peft")) > 1:
+        raise LoraOnnxError(
+            "--peft is given more than once: one model takes one adapter, or several with --mixed"
+        )
     defaults = _recipe_defaults()
     given = [flag for key, flag in _RECIPE_FLAGS.items() if getattr(args, key) != getattr(defaults, key)]
     if given:
