@@ -145,14 +145,20 @@ def test_unreadable_safetensors_files_are_refused(tmp_path: Path) -> None:
     weights = folder / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:-8])
-    assert "is truncated: tensor" in _error(folder)
+    assert "not a safetensors file, or truncated" in _error(folder)
     weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
     assert "not a safetensors file" in _error(folder)
     weights.write_bytes(encode_safetensors({"enc.q.lora_A.weight": np.zeros((2, 8), np.float32)})[:10])
     assert "not a safetensors file" in _error(folder)
 
 
-def test_safetensors_reader_agrees_with_the_library_and_reads_bfloat16(tmp_path: Path) -> None:
+def test_non_float_adapter_tensors_are_named(tmp_path: Path) -> None:
+    folder = write_adapter(tmp_path / "a", {**GOOD, "enc.q.lora_B.weight": np.ones((6, 2), np.int32)})
+    message = _error(folder)
+    assert "'enc.q.lora_B.weight' has dtype I32" in message and "F32, F16, BF16 or F64" in message
+
+
+def test_safetensors_round_trip_with_metadata_and_bfloat16(tmp_path: Path) -> None:
     import ml_dtypes
     from safetensors.numpy import load_file
 
