@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lora_onnx.errors import LoraOnnxError, TargetError
+from lora_onnx.inputs import check_seed
 from lora_onnx.sites import DEFAULT_OPS, OP_KEYS
 from lora_onnx.targets import TargetSelector, compile_regex, pattern_value
 
@@ -45,6 +46,7 @@ class LoraConfig:
         unknown = self.ops - set(OP_KEYS)
         if unknown or not self.ops:
             raise LoraOnnxError(f"--ops takes a comma list of {', '.join(OP_KEYS)}; got {sorted(self.ops)}")
+        check_seed(self.seed)
         if self.init not in INIT_KINDS:
             raise LoraOnnxError(f"--init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
         for key, value in self.rank_pattern.items():

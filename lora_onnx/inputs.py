@@ -34,6 +34,15 @@ DEFAULT_BATCH, DEFAULT_OTHER = 2, 8
 #: The per-row adapter index of mixed-batch models (:data:`lora_onnx.mixed.INDEX_INPUT`): random values
 #: would fall outside the adapter count, so generated inputs use adapter 0.
 ADAPTER_INDEX = "lora_adapter_index"
+#: Seeds are numpy SeedSequence entropy: whole numbers 0 .. 2**32 - 1 (one 32-bit word, as in torch/numpy).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: object, what: str = "--seed") -> int:
+    """``seed`` when it is a whole number in 0 .. :data:`MAX_SEED`, else a one-line :class:`LoraOnnxError`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise LoraOnnxError(f"{what} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -46,14 +55,32 @@ class InputSpec:
 
 
 def parse_dims(items: Sequence[str]) -> dict[str, int]:
-    """``["batch=4", "seq=16"]`` -> ``{"batch": 4, "seq": 16}``."""
+    """``["batch=4", "seq=16"]`` -> ``{"batch": 4, "seq": 16}`` (values positive whole numbers)."""
     dims = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value.strip().isdigit():
-            raise LoraOnnxError(f"--dim takes NAME=VALUE with a whole number, got {item!r}")
+        value = value.strip()
+        if not sep or not name.strip() or not value.isascii() or not value.isdigit() or int(value) < 1:
+            raise LoraOnnxError(f"--dim takes NAME=VALUE with a positive whole number, got {item!r}")
         dims[name.strip()] = int(value)
     return dims
+
+
+def symbolic_dims(specs: Sequence[InputSpec]) -> list[str]:
+    """The symbolic dim names of ``specs``, in first-seen order."""
+    return list(dict.fromkeys(d for spec in specs for d in spec.dims if isinstance(d, str)))
+
+
+def check_dims(specs: Sequence[InputSpec], dims: Mapping[str, int]) -> None:
+    """Refuse a ``--dim`` name that is no symbolic dim of any input: a typo would be ignored silently."""
+    known = symbolic_dims(specs)
+    unknown = [name for name in dims if name not in known]
+    if unknown:
+        listing = ", ".join(known) if known else "none: every input dim is fixed"
+        raise LoraOnnxError(
+            f"--dim {unknown[0]}: no input of the model has a symbolic dim {unknown[0]!r} "
+            f"(its symbolic dims: {listing})"
+        )
 
 
 def concrete_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
@@ -73,8 +100,9 @@ def concrete_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
 def make_inputs(
     specs: Sequence[InputSpec], dims: Mapping[str, int] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Deterministic inputs for ``specs`` (see the module doc)."""
-    rng = np.random.default_rng(seed)
+    """Deterministic inputs for ``specs`` (see the module doc); ``dims`` must name symbolic dims of them."""
+    check_dims(specs, dims or {})
+    rng = np.random.default_rng(check_seed(seed))
     feeds = {}
     for spec in specs:
         if spec.type not in _ORT_TYPES:

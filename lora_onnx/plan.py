@@ -8,6 +8,8 @@ that runs more than once) share one pair of LoRA tensors, as PEFT shares one ada
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -140,9 +142,60 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex) -> Plan
                 b_group=group,
             )
         )
+    warnings += _rank_bound_warnings(branches)
     reasons = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:3])
     empty_reason = "" if branches else f"no targeted site can take a branch ({reasons})"
     return Plan(tuple(branches), tuple(skipped), warnings, empty_reason)
+
+
+def rank_bounds(site: Site) -> tuple[int, int]:
+    """(min, max) of the sides of ``site``'s weight as a matrix, the ranks that add capacity end at min.
+
+    A conv's weight is (out/group, in/group * kernel size) per group, so a grouped conv's bounds are the
+    groups times each group's min and max.
+    """
+    if site.op == "Conv":
+        group = site.group
+        sides = (site.in_features // group * math.prod(site.kernel), site.out_features // group)
+        return group * min(sides), group * max(sides)
+    return min(site.in_features, site.out_features), max(site.in_features, site.out_features)
+
+
+def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
+    """Ranks above min(in, out) of a site add parameters, not capacity: PEFT allows them (the default
+    rank 8 meets them on small heads such as a 3-class classifier), so they get a warning naming the
+    sites; a rank above max(in, out) too is no low-rank adapter at all (``--rank 100000`` on a 64-wide
+    model wrote 1.2 GB) and is refused."""
+    over = {
+        b.site.module_path: (b.rank, *rank_bounds(b.site))
+        for b in branches
+        if b.rank > rank_bounds(b.site)[0]
+    }
+    absurd = {path: bounds for path, bounds in over.items() if bounds[0] > bounds[2]}
+    why = "per group for a grouped conv"
+    if absurd:
+        listing = ", ".join(
+            f"{path} (min {low}, max {high})" for path, (_, low, high) in list(absurd.items())[:3]
+        )
+        more = f" and {len(absurd) - 3} more" if len(absurd) > 3 else ""
+        path, (rank, low, _) = next(iter(absurd.items()))
+        short = path.rsplit(".", 1)[-1]
+        raise TargetError(
+            f"rank {rank} exceeds both in and out features ({why}) of {len(absurd)} site(s): "
+            f"{listing}{more}; "
+            f"a rank above min(in, out) adds parameters, not capacity: lower --rank, or give such sites "
+            f"their own with --rank-pattern {short}={low}, or --exclude {short}"
+        )
+    if not over:
+        return ()
+    listing = ", ".join(f"{path} (rank {rank}, min {low})" for path, (rank, low, _) in list(over.items())[:3])
+    more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+    path, (_, low, _) = next(iter(over.items()))
+    short = path.rsplit(".", 1)[-1]
+    return (
+        f"the rank exceeds min(in, out) ({why}) at {len(over)} site(s): {listing}{more}; PEFT allows it, but "
+        f"it adds parameters, not capacity: --rank-pattern {short}={low} or --exclude {short} avoids it",
+    )
 
 
 def _rank_group_skip(site: Site, rank: int) -> Skipped:
@@ -155,12 +208,29 @@ def _rank_group_skip(site: Site, rank: int) -> Skipped:
 
 
 def _unmatched_target_warnings(config: LoraConfig, sites: Sequence[Site]) -> list[str]:
+    """A warning per target or exclude name (or regex) that matches no site: likely a typo."""
     paths = [site.module_path for site in sites]
-    return [
+    targets = config.targets
+    warnings = [
         f"target {name!r} matches no site{_nearest(name, paths)}"
-        for name in config.targets.names
+        for name in targets.names
         if not name_matches_any(name, paths)
     ]
+    warnings += [
+        f"--exclude {name!r} matches no site, so it excludes nothing{_nearest(name, paths)}"
+        for name in targets.exclude
+        if not name_matches_any(name, paths)
+    ]
+    for flag, pattern in (("--target-regex", targets.regex), ("--exclude-regex", targets.exclude_regex)):
+        # A lone --target-regex that matches nothing is an error (nothing selected), not a warning.
+        lone = flag == "--target-regex" and not targets.names
+        if pattern is not None and not lone and not any(re.fullmatch(pattern, path) for path in paths):
+            what = "excludes" if flag == "--exclude-regex" else "selects"
+            warnings.append(
+                f"{flag} {pattern!r} matches no module path (it must match the whole path), so it {what} "
+                f"nothing{_nearest(pattern, paths)}"
+            )
+    return warnings
 
 
 def name_matches_any(name: str, paths: Iterable[str]) -> bool:

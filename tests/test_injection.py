@@ -176,7 +176,7 @@ def test_rslora_and_rank_alpha_patterns_set_each_sites_scale() -> None:
         helper.make_node("MatMul", ["h", "W2"], ["y"], name="/layers.0/v_proj/MatMul"),
     ]
     model = make_model(
-        nodes, {"x": (F, [2, 8])}, ["y"], {"W1": rng_array((8, 8), 1), "W2": rng_array((8, 8), 2)}
+        nodes, {"x": (F, [2, 8])}, ["y"], {"W1": rng_array((8, 8), 1), "W2": rng_array((8, 16), 2)}
     )
     config = LoraConfig(
         rank=4, alpha=8, use_rslora=True, rank_pattern={"v_proj": 16}, alpha_pattern={"q_proj": 2}

@@ -126,4 +126,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dims_from_args(args: argparse.Namespace) -> dict[str, int]:
+    """``--dim`` values; refused where no validation runs (they would be ignored without a word)."""
+    if args.dim and getattr(args, "validate", True) is False:
+        raise LoraOnnxError("--dim sets the symbolic dims of the --validate run's inputs; add --validate")
     return parse_dims(args.dim)

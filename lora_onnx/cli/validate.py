@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.inputs and args.dim:
+        raise LoraOnnxError("--dim shapes generated inputs; with --inputs FILE.npz the arrays' shapes apply")
     report = validate(
         args.reference, args.candidate, providers=args.providers, rtol=_tolerance(args.rtol, "--rtol"),
         atol=_tolerance(args.atol, "--atol"), inputs=args.inputs, dims=dims_from_args(args), seed=args.seed,
