@@ -32,6 +32,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 THREADS_ENV = "LORA_ONNX_THREADS"
 
 Tolerances = float | Mapping[str, float] | None
+#: onnxruntime log severity for our sessions (4 = FATAL): its errors reach the user in our own message.
+ORT_QUIET = 4
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,10 @@ def create_session(path: str | os.PathLike, provider: str, label: str | None = N
             f"{', '.join(ort.get_available_providers())}{extra}"
         )
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # FATAL only: onnxruntime's own ERROR lines ("[E:onnxruntime:...]", in red) would precede our one-line
+    # message, which carries its error text; the default logger covers model loading, the session's runs.
+    options.log_severity_level = ORT_QUIET
+    ort.set_default_logger_severity(ORT_QUIET)
     threads = session_threads()
     if threads is not None:
         options.intra_op_num_threads = threads

@@ -6,7 +6,13 @@ import argparse
 
 from lora_onnx.cli.inject_mixed import add_mixed_arguments, run_mixed, wants_mixed
 from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
-from lora_onnx.cli.options import add_recipe_arguments, add_run_arguments, config_from_args, dims_from_args
+from lora_onnx.cli.options import (
+    add_recipe_arguments,
+    add_run_arguments,
+    check_model_output,
+    config_from_args,
+    dims_from_args,
+)
 from lora_onnx.cli.peft import add_peft_arguments, run_peft
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
 from lora_onnx.injection import inject
@@ -40,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_output(args.output)
     if wants_mixed(args):
         return run_mixed(args)
     if args.as_inputs or args.strength_input or args.adapter_out:
