@@ -140,10 +140,12 @@ def fold_branches(
     adapters: Collection[str] | None = None,
     partial: bool = False,
     dequantize: bool = False,
+    remedy: str = "partial=True (merge --partial) keeps such branches in place",
 ) -> FoldResult:
     """Fold the branches of ``adapters`` (all when None) into their weights; see the module doc.
 
-    ``dequantize`` folds branches on quantized weights too, writing those weights in float.
+    ``dequantize`` folds branches on quantized weights too, writing those weights in float. ``remedy``
+    ends the refusal of a branch that cannot be folded: what the caller's user can do about it.
     """
     branches = read_branches(model.proto)
     if not branches:
@@ -161,7 +163,7 @@ def fold_branches(
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         raise FoldError(
             f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}{more}; "
-            "use a partial fold to keep such branches in place"
+            f"{remedy}"
         )
     folding = [b for b in chosen if b not in reasons]
     kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())

@@ -26,6 +26,12 @@ from lora_onnx.validation import ValidationReport, validate
 
 #: Zero-B branches add exact zeros, so outputs must agree far tighter than the default tolerance.
 UNCHANGED_RTOL, UNCHANGED_ATOL = 1e-6, 1e-6
+#: What to do when the proof of a non-zero init cannot fold a branch (inject has no partial fold).
+FOLD_PROOF_REMEDY = (
+    "--validate proves a non-zero init (--init random) against the rewrite's own fold, which needs every "
+    "branch foldable: validate with --init default or gaussian (B = 0, outputs must stay unchanged), or "
+    "without --validate"
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ def prove(
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.slots), not foldable.
     added = set(adapter_names(read_branches(rewritten.proto))) - set(adapter_names(existing_branches(source)))
     # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
-    folded = fold_branches(rewritten, adapters=added, dequantize=True)
+    folded = fold_branches(rewritten, adapters=added, dequantize=True, remedy=FOLD_PROOF_REMEDY)
     rtol, atol = fold_tolerance(folded)
     quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims)
     return validate(

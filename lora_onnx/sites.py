@@ -13,7 +13,7 @@ asked for: PEFT adapters can carry ``lora_embedding_A/B`` for them; fresh recipe
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -131,8 +131,15 @@ def find_sites(
     sites: list[Site] = []
     skipped: list[Skipped] = []
     ignored = set(ignore_nodes)
+    integer_ops = {op for op, key in INTEGER_OPS.items() if key in ops}
     for node in graph.node:
-        if node.op_type not in op_types or node.name in ignored:
+        if node.name in ignored:
+            continue
+        if node.op_type in integer_ops and node.domain in _ONNX_DOMAINS:
+            path = module_path(index, node, _weight_input(node))
+            skipped.append(Skipped(node.name, node.op_type, path, _integer_op_reason(node.op_type)))
+            continue
+        if node.op_type not in op_types:
             continue
         if node.domain not in OP_DOMAINS.get(node.op_type, _ONNX_DOMAINS):
             continue
@@ -142,21 +149,67 @@ def find_sites(
         else:
             weight = node.input[1] if len(node.input) > 1 else None
             skipped.append(Skipped(node.name, node.op_type, module_path(index, node, weight), found))
-    for parent, node in _subgraph_nodes(graph):
-        if node.op_type in op_types:
-            reason = f"inside a subgraph of {parent.op_type} {parent.name!r}; only the main graph is changed"
-            skipped.append(Skipped(node.name, node.op_type, node.name, reason))
+    # Nodes the rewrite cannot reach (subgraph bodies, model-local functions) are listed, never dropped.
+    for node, where in _unreachable_nodes(loaded.proto):
+        if node.op_type in op_types or node.op_type in integer_ops:
+            path = module_path(index, node, _weight_input(node))
+            reason = f"{where}: subgraphs and function bodies are not rewritten, only the main graph"
+            if where.startswith("inside model-local function"):
+                reason += " (inline the functions first: onnx.inliner.inline_local_functions)"
+            skipped.append(Skipped(node.name, node.op_type, path, reason))
     return SiteScan(tuple(sites), tuple(skipped))
 
 
-def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    for parent in graph.node:
+#: Integer-arithmetic ops (dynamically / statically quantized models) -> the op key that asks for them.
+INTEGER_OPS = {
+    "MatMulInteger": "matmul",
+    "QLinearMatMul": "matmul",
+    "ConvInteger": "conv",
+    "QLinearConv": "conv",
+}
+#: Element types a LoRA branch can compute in (it adds float products to the node's output).
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
+
+
+def _weight_input(node: onnx.NodeProto) -> str | None:
+    """The weight input of a MatMul-like node (QLinear ops carry scales and zero points between)."""
+    position = 3 if node.op_type.startswith("QLinear") else 1
+    return node.input[position] if len(node.input) > position and node.input[position] else None
+
+
+def _integer_op_reason(op: str) -> str:
+    return (
+        f"{op} computes in integers (a quantized model's integer kernel), not a float op a LoRA branch can "
+        "join; add the adapter before quantizing, or quantize to QDQ (DequantizeLinear weights), which "
+        "lora-onnx supports"
+    )
+
+
+def _unreachable_nodes(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, str]]:
+    """Nodes inside subgraph bodies (If / Loop / Scan) and model-local functions, with where they are."""
+    yield from _subgraph_nodes(model.graph.node, "")
+    callers: dict[tuple[str, str], list[str]] = {}
+    for node in model.graph.node:
+        callers.setdefault((node.domain, node.op_type), []).append(node.name)
+    for function in model.functions:
+        called = callers.get((function.domain, function.name), [])
+        by = f", called by node {called[0]!r}" + (f" and {len(called) - 1} more" if len(called) > 1 else "")
+        where = f"inside model-local function {function.domain}.{function.name}{by if called else ''}"
+        for node in function.node:
+            yield node, where
+        yield from _subgraph_nodes(function.node, f" (in {where})")
+
+
+def _subgraph_nodes(nodes: Iterable[onnx.NodeProto], outer: str) -> Iterator[tuple[onnx.NodeProto, str]]:
+    for parent in nodes:
         for attr in parent.attribute:
+            where = f"inside the {attr.name} subgraph of {parent.op_type} {parent.name!r}{outer}"
             for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
                 for node in sub.node:
-                    yield parent, node
-                for _, nested in _subgraph_nodes(sub):
-                    yield parent, nested
+                    yield node, where
+                yield from _subgraph_nodes(sub.node, f" ({where})")
 
 
 def _site_or_reason(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
@@ -177,6 +230,12 @@ def _site_or_reason(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
     weight = resolve_weight(index, weight_value)
     if isinstance(weight, str):
         return weight
+    if weight.node_dtype not in FLOAT_TYPES:
+        kind = onnx.helper.tensor_dtype_to_np_dtype(weight.node_dtype)
+        return (
+            f"weight {weight.initializer!r} is {kind}: an integer {node.op_type} is no float op, and a LoRA "
+            "branch computes in float (its values would truncate to integers)"
+        )
     path = module_path(index, node, weight.initializer)
     if node.op_type == "Conv":
         return _conv_site(index, node, weight, path)

@@ -6,6 +6,7 @@ import argparse
 
 from lora_onnx.adapter_files import FORMATS
 from lora_onnx.cli.render import info
+from lora_onnx.errors import LoraOnnxError
 from lora_onnx.swapping import export_adapter
 
 
@@ -32,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, version in (
+        ("--adapter-version", args.adapter_version),
+        ("--model-version", args.model_version),
+    ):
+        if not 0 <= version < 2**31:
+            raise LoraOnnxError(f"{flag} must be a whole number from 0 to {2**31 - 1}, got {version}")
     result = export_adapter(
         args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
         format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
