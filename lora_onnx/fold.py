@@ -140,7 +140,7 @@ def fold_branches(
     adapters: Collection[str] | None = None,
     partial: bool = False,
     dequantize: bool = False,
-    remedy: str = "partial=True (merge --partial) keeps such branches in place",
+    remedy: str = "merge --partial (partial=True) keeps such branches in place",
 ) -> FoldResult:
     """Fold the branches of ``adapters`` (all when None) into their weights; see the module doc.
 

@@ -368,6 +368,8 @@ def _gather_site(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
     weight = resolve_weight(index, node.input[0])
     if isinstance(weight, str):
         return weight
+    if weight.node_dtype not in FLOAT_TYPES:
+        return f"table {weight.initializer!r} holds integers: an embedding table is float"
     shape = weight.node_shape
     if len(shape) != 2 or 0 in shape:
         return f"table {weight.initializer!r} has shape {list(shape)}; an embedding is a non-empty 2-D table"
