@@ -227,7 +227,7 @@ def _unmatched_target_warnings(config: LoraConfig, sites: Sequence[Site]) -> lis
         if pattern is not None and not lone and not any(re.fullmatch(pattern, path) for path in paths):
             what = "excludes" if flag == "--exclude-regex" else "selects"
             warnings.append(
-                f"{flag} {pattern!r} matches no module path (it must match the whole path), so it {what} "
+                f"{flag} '{pattern}' matches no module path (it must match the whole path), so it {what} "
                 f"nothing{_nearest(pattern, paths)}"
             )
     return warnings
