@@ -122,6 +122,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         recipe: Any = AdapterSource(Path(options["peft"]))
     else:
         recipe = build_config(options)
+    if options.get("dims") and not options.get("validate"):
+        raise LoraOnnxError("--dim sets the symbolic dims of the --validate run's inputs; add --validate")
     batch_options = BatchOptions(
         recipe=recipe,
         merge=bool(options.get("merge", False)),
