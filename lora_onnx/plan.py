@@ -107,8 +107,12 @@ def unique_stem(index: GraphIndex, wanted: str) -> str:
     return stem
 
 
-def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex) -> Plan:
-    """Branches for the sites ``config`` targets (see :meth:`Plan.require_branches` for an empty plan)."""
+def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, check_ranks: bool = True) -> Plan:
+    """Branches for the sites ``config`` targets (see :meth:`Plan.require_branches` for an empty plan).
+
+    ``check_ranks`` weighs each rank against its site's min / max (in, out) (a warning, or a refusal when
+    it is no low-rank adapter at all); LoRA slots, whose rank is free, plan without it.
+    """
     selected = [site for site in scan.sites if site.op.lower() in config.ops]
     chosen = [site for site in selected if config.targets.selects(site.module_path)]
     warnings = tuple(_unmatched_target_warnings(config, selected))
@@ -142,7 +146,8 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex) -> Plan
                 b_group=group,
             )
         )
-    warnings += _rank_bound_warnings(branches)
+    if check_ranks:
+        warnings += _rank_bound_warnings(branches)
     reasons = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:3])
     empty_reason = "" if branches else f"no targeted site can take a branch ({reasons})"
     return Plan(tuple(branches), tuple(skipped), warnings, empty_reason)

@@ -62,10 +62,12 @@ class AdapterSource:
     warnings: tuple[str, ...] = ()
 
 
-def fresh_source(model: LoadedModel, config: LoraConfig) -> AdapterSource:
-    """A fresh adapter from a recipe, planned on ``model`` as ``inject`` plans it."""
+def fresh_source(model: LoadedModel, config: LoraConfig, *, check_ranks: bool = True) -> AdapterSource:
+    """A fresh adapter from a recipe, planned on ``model`` as ``inject`` plans it (``check_ranks``: see
+    :func:`~lora_onnx.plan.plan_branches`)."""
     scan = scan_sites(model, config.ops)
-    plan = plan_branches(scan, config, GraphIndex(model.proto.graph)).require_branches()
+    index = GraphIndex(model.proto.graph)
+    plan = plan_branches(scan, config, index, check_ranks=check_ranks).require_branches()
     values: dict[str, np.ndarray] = {}
     for branch in plan.branches:
         if branch.a_name not in values:
@@ -217,7 +219,12 @@ def inject_slots(
     source = load_model(model)
     adapter = config.adapter_name
     refuse_existing_adapter(source, adapter)
-    produced = peft_source(source, peft, adapter) if peft is not None else fresh_source(source, config)
+    # The slots' rank is free (a symbolic dim): the recipe's rank only shapes an --adapter-out file.
+    produced = (
+        peft_source(source, peft, adapter)
+        if peft is not None
+        else fresh_source(source, config, check_ranks=adapter_output is not None)
+    )
     slotted, records = insert_slots(source, produced.plans, strength_input=strength_input)
     tensors = retarget(produced.plans, produced.values, slotted, adapter)
     report = adapter_report = None
