@@ -177,7 +177,8 @@ def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
         if b.rank > rank_bounds(b.site)[0]
     }
     absurd = {path: bounds for path, bounds in over.items() if bounds[0] > bounds[2]}
-    why = "per group for a grouped conv"
+    grouped = any(b.site.group > 1 and b.site.module_path in over for b in branches)
+    why = " (per group for a grouped conv)" if grouped else ""
     if absurd:
         listing = ", ".join(
             f"{path} (min {low}, max {high})" for path, (_, low, high) in list(absurd.items())[:3]
@@ -186,7 +187,7 @@ def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
         path, (rank, low, _) = next(iter(absurd.items()))
         short = path.rsplit(".", 1)[-1]
         raise TargetError(
-            f"rank {rank} exceeds both in and out features ({why}) of {len(absurd)} site(s): "
+            f"rank {rank} exceeds both in and out features{why} of {len(absurd)} site(s): "
             f"{listing}{more}; "
             f"a rank above min(in, out) adds parameters, not capacity: lower --rank, or give such sites "
             f"their own with --rank-pattern {short}={low}, or --exclude {short}"
@@ -198,7 +199,7 @@ def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
     path, (_, low, _) = next(iter(over.items()))
     short = path.rsplit(".", 1)[-1]
     return (
-        f"the rank exceeds min(in, out) ({why}) at {len(over)} site(s): {listing}{more}; PEFT allows it, but "
+        f"the rank exceeds min(in, out){why} at {len(over)} site(s): {listing}{more}; PEFT allows it, but "
         f"it adds parameters, not capacity: --rank-pattern {short}={low} or --exclude {short} avoids it",
     )
 

@@ -204,3 +204,16 @@ def test_subprocess_bundled_model_suffix_and_dim(tmp_path: Path) -> None:
     dims = cli("validate", BERT, BERT, "--dim", "seq=4")
     assert_one_line_error(dims, 2, "symbolic dim 'seq'", "(its symbolic dims: batch, sequence)")
     assert not list(tmp_path.iterdir())
+
+
+def test_slots_take_any_rank_but_an_adapter_out_file_is_bounded(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "slots.onnx"
+    argv = ["inject", str(models["model"]), "-o", str(out), "--as-inputs", "--rank", "17"]
+    code, _, err = run_main(argv, capsys)  # slot ranks are symbolic: the recipe's rank shapes nothing
+    assert code == 0 and out.exists() and "warning" not in err
+    out.unlink()
+    code, _, err = run_main([*argv, "--adapter-out", str(tmp_path / "a.npz")], capsys)
+    assert code == 2 and "rank 17 exceeds both in and out features" in error_line(err)
+    assert not out.exists() and not (tmp_path / "a.npz").exists()

@@ -342,6 +342,7 @@ def test_rank_bounds_are_per_group_for_a_grouped_conv() -> None:
     assert not plan_branches(scan, LoraConfig(rank=32), GraphIndex(model.graph)).warnings
     warned = plan_branches(scan, LoraConfig(rank=40), GraphIndex(model.graph)).warnings
     assert len(warned) == 1 and "g (rank 40, min 32)" in warned[0] and "--rank-pattern g=32" in warned[0]
-    refused = r"rank 148 exceeds both in and out features .* g \(min 32, max 144\)"
+    refused = r"rank 148 exceeds both in and out features \(per group for a grouped conv\) of 1 site\(s\): g "
+    refused += r"\(min 32, max 144\)"
     with pytest.raises(LoraOnnxError, match=refused):
         plan_branches(scan, LoraConfig(rank=148), GraphIndex(model.graph))
