@@ -127,7 +127,8 @@ def feeds_for(
     session_specs: Sequence[object], axes: BatchAxes, rows: int, dims: Mapping[str, int] | None, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Generated inputs (:func:`lora_onnx.inputs.make_inputs`) with ``rows`` batch rows."""
-    return make_inputs(session_specs, {**(dims or {}), axes.name: rows}, seed)  # type: ignore[arg-type]
+    sizes = {**(dims or {}), axes.name: rows}
+    return make_inputs(session_specs, sizes, seed, strict=True)  # type: ignore[arg-type]
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:

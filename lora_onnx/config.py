@@ -13,6 +13,8 @@ from lora_onnx.targets import TargetSelector, compile_regex, pattern_value
 
 INIT_KINDS = ("default", "gaussian", "random")
 DEFAULT_ADAPTER = "default"
+#: PEFT's default rank ``r``; never refused for being above a site's size (see lora_onnx.plan).
+DEFAULT_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class LoraConfig:
     ``gaussian`` (A ~ N(0, 1/r), B = 0) or ``random`` (A and B both non-zero), reproducible by ``seed``.
     """
 
-    rank: int = 8
+    rank: int = DEFAULT_RANK
     alpha: float | None = None
     use_rslora: bool = False
     targets: TargetSelector = field(default_factory=TargetSelector)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from lora_onnx.config import DEFAULT_ADAPTER, LoraConfig
+from lora_onnx.config import DEFAULT_ADAPTER, DEFAULT_RANK, LoraConfig
 from lora_onnx.errors import TargetError
 from lora_onnx.graph import GraphIndex
 from lora_onnx.sites import Site, SiteScan, Skipped
@@ -169,14 +169,15 @@ def rank_bounds(site: Site) -> tuple[int, int]:
 def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
     """Ranks above min(in, out) of a site add parameters, not capacity: PEFT allows them (the default
     rank 8 meets them on small heads such as a 3-class classifier), so they get a warning naming the
-    sites; a rank above max(in, out) too is no low-rank adapter at all (``--rank 100000`` on a 64-wide
-    model wrote 1.2 GB) and is refused."""
+    sites. A rank above max(in, out) too is no low-rank adapter at all (``--rank 100000`` on a 64-wide
+    model wrote 1.2 GB) and is refused, unless it is at most PEFT's default rank (toy models keep
+    working with the defaults)."""
     over = {
         b.site.module_path: (b.rank, *rank_bounds(b.site))
         for b in branches
         if b.rank > rank_bounds(b.site)[0]
     }
-    absurd = {path: bounds for path, bounds in over.items() if bounds[0] > bounds[2]}
+    absurd = {path: bounds for path, bounds in over.items() if bounds[0] > max(bounds[2], DEFAULT_RANK)}
     grouped = any(b.site.group > 1 and b.site.module_path in over for b in branches)
     why = " (per group for a grouped conv)" if grouped else ""
     if absurd:

@@ -252,7 +252,7 @@ def validate(
                 elif inputs is not None:
                     feeds = load_inputs(inputs, specs)
                 else:
-                    feeds = make_inputs(specs, dims, seed)
+                    feeds = make_inputs(specs, dims, seed, strict=True)
             ref_out = run_model(ref_session, feeds, ref_label)
             cand_out = run_model(cand_session, feeds, cand_label)
             for name, value in ref_out.items():

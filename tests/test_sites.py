@@ -346,3 +346,16 @@ def test_rank_bounds_are_per_group_for_a_grouped_conv() -> None:
     refused += r"\(min 32, max 144\)"
     with pytest.raises(LoraOnnxError, match=refused):
         plan_branches(scan, LoraConfig(rank=148), GraphIndex(model.graph))
+
+
+def test_toy_sites_keep_the_default_rank_with_a_warning() -> None:
+    # A 4 -> 3 layer with PEFT's default rank 8: above max(in, out), yet only warned (toy models work).
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")], {"x": (F, [2, 4])}, ["y"],
+        {"W": rng_array((4, 3))},
+    )  # fmt: skip
+    scan = find_sites(model)
+    warned = plan_branches(scan, LoraConfig(), GraphIndex(model.graph)).warnings
+    assert len(warned) == 1 and "fc (rank 8, min 3)" in warned[0]
+    with pytest.raises(LoraOnnxError, match=r"rank 9 exceeds both in and out features of 1 site\(s\): fc"):
+        plan_branches(scan, LoraConfig(rank=9), GraphIndex(model.graph))
