@@ -66,6 +66,13 @@ class AdapterSource:
 Recipe = LoraConfig | AdapterSource
 
 
+#: batch has no partial fold: what to do about a branch ``--merge`` cannot fold.
+BATCH_MERGE_REMEDY = (
+    "batch --merge folds every branch or fails the model: leave out --merge, or merge this model alone "
+    "with lora-onnx merge --partial"
+)
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """What to do to each model: the recipe, then fold (``merge``) and prove (``validate``) it."""
@@ -299,7 +306,10 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
         applied = apply_recipe(source, options)
         model, validation = applied.model, applied.validation
         if (validation is None or validation.ok) and options.merge:
-            merged = merge(model, validate=options.validate, providers=options.providers, dims=options.dims)
+            merged = merge(
+                model, validate=options.validate, providers=options.providers, dims=options.dims,
+                remedy=BATCH_MERGE_REMEDY,
+            )  # fmt: skip
             model, validation = merged.model, merged.validation
         status = "ok"
         if validation is not None and not validation.ok:

@@ -43,6 +43,7 @@ def merge(
     adapter_file: str | os.PathLike | None = None,
     strength: float | None = None,
     adapter_index: int | None = None,
+    remedy: str | None = None,
 ) -> MergeResult:
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
@@ -75,7 +76,10 @@ def merge(
     if adapter_file is not None:
         bound, reference = bind_adapter_file(source, adapter_file, strength=strength)
         source, removed = bound.model, bound.removed
-    result: FoldResult = fold_branches(source, adapters=adapters, partial=partial, dequantize=dequantize)
+    extra = {"remedy": remedy} if remedy is not None else {}  # the refusal's way out, if not --partial
+    result: FoldResult = fold_branches(
+        source, adapters=adapters, partial=partial, dequantize=dequantize, **extra
+    )
     rtol, atol = fold_tolerance(result)
     if validate and dequantize:
         rtol = dequantized_rtol(source, adapters, partial, providers, dims) or rtol

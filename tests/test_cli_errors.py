@@ -217,3 +217,32 @@ def test_slots_take_any_rank_but_an_adapter_out_file_is_bounded(
     code, _, err = run_main([*argv, "--adapter-out", str(tmp_path / "a.npz")], capsys)
     assert code == 2 and "rank 17 exceeds both in and out features" in error_line(err)
     assert not out.exists() and not (tmp_path / "a.npz").exists()
+
+
+def test_unfoldable_shared_weight_names_each_commands_own_way_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One initializer feeds two nodes; only one takes a branch, so no fold of it fits the other node.
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="/a/MatMul"),
+        helper.make_node("MatMul", ["h", "W"], ["y"], name="/b/MatMul"),
+    ]
+    shared = tmp_path / "in" / "shared.onnx"
+    shared.parent.mkdir()
+    onnx.save(make_model(nodes, {"x": (F, ["batch", 8])}, ["y"], {"W": rng_array((8, 8))}), shared)
+    recipe = ["--target", "a", "--init", "random", "--rank", "2"]
+    code, _, err = run_main(
+        ["inject", str(shared), "-o", str(tmp_path / "v.onnx"), *recipe, "--validate"], capsys
+    )
+    line = error_line(err)
+    assert code == 2 and "shared with node '/b/MatMul'" in line
+    assert "validate with --init default or gaussian" in line and "partial" not in line  # inject has none
+    lora = tmp_path / "lora.onnx"
+    assert run_main(["inject", str(shared), "-o", str(lora), *recipe], capsys)[0] == 0
+    code, _, err = run_main(["merge", str(lora), "-o", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2 and "merge --partial" in error_line(err)
+    code, _, err = run_main(
+        ["batch", str(shared.parent), "-o", str(tmp_path / "out"), *recipe, "--merge"], capsys
+    )
+    assert code == 2 and "batch --merge folds every branch or fails the model" in err
+    assert "merge --partial" in err and "(partial=True)" not in err
