@@ -188,7 +188,7 @@ def _check_graph(model: LoadedModel) -> None:
     """Every node input must be defined before use: catches truncation and unsorted graphs early."""
     graph = model.proto.graph
     defined = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
-    defined |= {tensor.name for tensor in graph.sparse_initializer}
+    defined |= {sparse.values.name for sparse in graph.sparse_initializer}  # named by its values
     defined.add("")
     for node in graph.node:
         for name in node.input:
