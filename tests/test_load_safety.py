@@ -21,6 +21,7 @@ from lora_onnx.cli.main import main
 from lora_onnx.errors import FoldError, LoraOnnxError, ModelLoadError
 from lora_onnx.load import load_model
 from lora_onnx.manifest import MANIFEST_KEY, PEFT_CONFIG_PREFIX, read_peft_config
+from lora_onnx.tensors import SUB_BYTE_BITS
 
 WEIGHT = "fc1.weight"  # 8 x 8 float32: 256 bytes at offset 0 of m.onnx.data
 
@@ -473,3 +474,206 @@ def test_hostile_report_is_one_line(
     assert code == 2, stderr
     one_line_error(stderr, "bad.json", needle)
     assert not (tmp_path / "merged.json").exists()
+
+
+# --- property: random external_data entries and file sizes ------------------------------------------
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(
+    max_examples=int(os.environ.get("LORA_ONNX_HYPOTHESIS_EXAMPLES", "60")),
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+#: Locations inside (w.data, sub/w.data, linked.data -> w.data), out of the folder in every way, or odd.
+LOCATIONS = [
+    "w.data", "./w.data", "sub/w.data", "sub//w.data", "linked.data", "out.data", "outdir/w.data", "",
+    ".", "sub", "..", "../secret.data", "sub/../w.data", "/etc/hostname", "w.data\0", "missing.data",
+    "w.data ", "W.DATA", "fifo",
+]  # fmt: skip
+NUMBERS = st.one_of(
+    st.integers(0, 600).map(str),
+    st.sampled_from(
+        ["-1", "-0", "+4", " 4", "4 ", "0x10", "1e2", "", "abc", "4.0", "99999999999999999999", "٣"]
+    ),
+)
+KEYS = st.one_of(st.sampled_from(["location", "offset", "length", "checksum"]), st.text(max_size=8))
+ENTRY = st.one_of(
+    st.tuples(st.just("location"), st.one_of(st.sampled_from(LOCATIONS), st.text(max_size=12))),
+    st.tuples(st.sampled_from(["offset", "length"]), NUMBERS),
+    st.tuples(KEYS, st.text(max_size=8)),
+)
+DTYPES = [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT4, TensorProto.DOUBLE]
+
+
+def _hostile_folder(root: Path, data: bytes) -> Path:
+    """``root/m/`` holding w.data (and sub/w.data, linked.data -> w.data, links leading out, a FIFO);
+    ``root/secret.data`` and ``root/outdir/w.data`` outside, all of bytes 0xEE that no inside file has."""
+    folder = root / "m"
+    (folder / "sub").mkdir(parents=True)
+    for file in (folder / "w.data", folder / "sub" / "w.data"):
+        file.write_bytes(data)
+    (folder / "linked.data").symlink_to("w.data")
+    (root / "outdir").mkdir()
+    for file in (root / "secret.data", root / "outdir" / "w.data"):
+        file.write_bytes(b"\xee" * 4096)
+    (folder / "out.data").symlink_to(root / "secret.data")
+    (folder / "outdir").symlink_to(root / "outdir", target_is_directory=True)
+    os.mkfifo(folder / "fifo")
+    return folder
+
+
+def _expected_read(folder: Path, tensor: onnx.TensorProto, fields: dict[str, str]) -> np.ndarray | None:
+    """What a correct reader returns, or None when the entries must be refused (our own oracle, written
+    from the rules: known keys once, digits only, a regular file inside the folder, length = size)."""
+    from lora_onnx.tensors import nbytes
+
+    location = fields.get("location")
+    if not location or "\0" in location or location.startswith("/") or ".." in Path(location).parts:
+        return None
+    target = (folder / location).resolve()
+    if not target.is_relative_to(folder.resolve()) or not target.is_file():
+        return None
+    numbers = {key: fields[key] for key in ("offset", "length") if key in fields}
+    if any(not (value.isascii() and value.isdigit()) for value in numbers.values()):
+        return None
+    offset, size = int(numbers.get("offset", "0")), nbytes(tensor)
+    if "length" in numbers and int(numbers["length"]) != size:
+        return None
+    raw = target.read_bytes()
+    if offset + size > len(raw):
+        return None
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = TensorProto.DEFAULT
+    inline.raw_data = raw[offset : offset + size]
+    return numpy_helper.to_array(inline)
+
+
+@PROPERTY
+@given(
+    # weighted towards entries that can load: a valid location, a small offset, the exact length
+    location=st.one_of(
+        st.sampled_from(["w.data", "./w.data", "sub/w.data"]),
+        st.sampled_from(LOCATIONS),
+        st.text(max_size=12),
+    ),
+    offset=st.one_of(st.none(), st.integers(0, 64).map(str), NUMBERS),
+    length=st.one_of(st.none(), st.just("exact"), NUMBERS),
+    extra=st.one_of(
+        st.sampled_from([(), (), (), (("checksum", "0"),)]).map(list), st.lists(ENTRY, max_size=2)
+    ),
+    data_type=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    file_size=st.one_of(st.just(1200), st.integers(0, 1200)),
+)
+def test_random_external_data_loads_exactly_or_is_refused(
+    location: str,
+    offset: str | None,
+    length: str | None,
+    extra: list[tuple[str, str]],
+    data_type: int,
+    shape: list[int],
+    file_size: int,
+) -> None:
+    """Plausible entries (a location, maybe an offset, a length right or wrong) plus random extra ones."""
+    from lora_onnx.tensors import nbytes
+
+    probe = onnx.TensorProto()
+    probe.data_type = data_type
+    probe.dims.extend(shape)
+    if length == "exact":
+        length = str(nbytes(probe))
+    entries = [("location", location)]
+    entries += [(key, value) for key, value in (("offset", offset), ("length", length)) if value is not None]
+    entries += extra
+    import tempfile
+
+    rng = np.random.default_rng(file_size)
+    data = rng.integers(0, 0xEE, file_size, dtype=np.uint8).tobytes()  # never 0xEE: outside bytes differ
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type, tensor.data_location = "w", data_type, TensorProto.EXTERNAL
+    tensor.dims.extend(shape)
+    for key, value in entries:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    keys = [key for key, _ in entries]
+    refused_keys = len(set(keys)) != len(keys) or any(
+        key not in ("location", "offset", "length", "checksum") for key in keys
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _hostile_folder(Path(tmp), data)
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["w"], ["y"], name="id")],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", data_type, shape)],
+            [tensor],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        onnx.save(proto, folder / "m.onnx")
+        expected = None if refused_keys else _expected_read(folder, tensor, dict(entries))
+        try:
+            loaded = load_model(folder / "m.onnx")
+            value = np.asarray(loaded.array("w"))
+        except LoraOnnxError:
+            event("refused")
+            assert expected is None, (entries, shape)
+            return
+        event("loaded")
+        assert expected is not None, (entries, shape)  # we read something a correct reader refuses
+        assert value.shape == tuple(shape) and value.dtype == expected.dtype
+        assert value.tobytes() == expected.tobytes()  # bit for bit (NaN patterns included)
+
+
+@PROPERTY
+@given(
+    location=st.sampled_from(["w.data", "./w.data", "sub/w.data", "linked.data", "sub//w.data"]),
+    offset=st.integers(0, 700),
+    with_length=st.booleans(),
+    data_type=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 6), min_size=0, max_size=3),
+    file_size=st.integers(0, 1200),
+)
+def test_well_formed_external_data_loads_exactly_when_the_file_holds_it(
+    location: str, offset: int, with_length: bool, data_type: int, shape: list[int], file_size: int
+) -> None:
+    """Entries that are all well formed: the load succeeds exactly when offset + size fits the file,
+    and the tensor read is the file's bytes at that offset."""
+    import tempfile
+
+    from lora_onnx.tensors import nbytes
+
+    data = np.random.default_rng(file_size).integers(0, 0xEE, file_size, dtype=np.uint8).tobytes()
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type, tensor.data_location = "w", data_type, TensorProto.EXTERNAL
+    tensor.dims.extend(shape)
+    size = nbytes(tensor)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
+        if key != "length" or with_length:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _hostile_folder(Path(tmp), data)
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["w"], ["y"], name="id")],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", data_type, shape)],
+            [tensor],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), folder / "m.onnx")
+        if offset + size > file_size:
+            with pytest.raises(ModelLoadError, match="is truncated: initializer 'w'"):
+                load_model(folder / "m.onnx")
+            return
+        event("loaded")
+        value = np.asarray(load_model(folder / "m.onnx").array("w"))
+        expected = _expected_read(folder, tensor, {e.key: e.value for e in tensor.external_data})
+        assert expected is not None and value.shape == tuple(shape)
+        assert value.tobytes() == expected.tobytes()
+        assert value.tobytes()[:size] == data[offset : offset + size] or data_type in SUB_BYTE_BITS
