@@ -70,7 +70,7 @@ class LoadedModel:
         """An initializer's current value (an override's, else read or memory-mapped from the source)."""
         if name in self.overrides:
             return self.overrides[name]()
-        return read_array(self.initializer(name), self.base_dir)
+        return read_array(self.initializer(name), self.base_dir, self.path)
 
     def with_proto(
         self, proto: onnx.ModelProto, overrides: Mapping[str, TensorProducer] | None = None
@@ -229,7 +229,7 @@ def _check_external_data(model: LoadedModel) -> None:
         what = f"initializer {name!r}"
         file = model.base_dir / ref.location
         try:
-            target = data_file(model.base_dir, ref.location, what)
+            target = data_file(model.base_dir, ref.location, what, model.path)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{model.name}: {exc}") from exc
         size = _stored_size(model, tensors[name], f"{what} (in {file})")

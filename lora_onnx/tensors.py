@@ -92,22 +92,25 @@ def _byte_count(value: str, key: str, where: str) -> int:
     return int(value)
 
 
-def data_file(base_dir: Path, location: str, what: str) -> Path:
+def data_file(base_dir: Path, location: str, what: str, model_file: Path | None = None) -> Path:
     """The regular file ``location`` names inside ``base_dir``, with every symbolic link resolved.
 
-    Symbolic links are followed as onnxruntime follows them: one staying inside the model's folder is
-    fine, one whose target (or a linked sub-folder's) is outside the folder is refused like ``..``.
-    Raises :class:`ModelLoadError` naming ``what`` and the file.
+    Symbolic links are followed as onnxruntime (1.32) follows them: the resolved file must lie in the
+    model's folder or, when ``model_file`` is itself a link, in the folder of the file it resolves to (a
+    Hugging Face cache snapshot links both the model and its data into ``blobs/``). A link leading
+    anywhere else is refused like ``..``. Raises :class:`ModelLoadError` naming ``what`` and the file.
     """
     check_location(location, what)
     file = base_dir / location
     try:
-        folder = base_dir.resolve(strict=True)
+        roots = [base_dir.resolve(strict=True)]
+        if model_file is not None:
+            roots.append(model_file.resolve(strict=True).parent)
         target = file.resolve(strict=True)
         info = os.stat(target)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
         raise ModelLoadError(f"external data file {file} for {what} is missing") from exc
-    if not target.is_relative_to(folder):
+    if not any(target.is_relative_to(root) for root in roots):
         raise ModelLoadError(
             f"{what}: its external data file {file} is a symbolic link (or in a linked folder) leading "
             f"outside the model's folder, to {target}; onnxruntime refuses such files: copy the data into "
@@ -160,11 +163,11 @@ def nbytes(tensor: onnx.TensorProto) -> int:
     return count * np_dtype(tensor.data_type).itemsize
 
 
-def read_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+def read_array(tensor: onnx.TensorProto, base_dir: Path | None, model_file: Path | None = None) -> np.ndarray:
     """The tensor's values; external data is memory-mapped read-only, so only touched pages load.
 
-    The data file is checked again here (inside the folder, long enough): it may have changed since the
-    model was loaded. Raises :class:`ModelLoadError` naming the tensor and the file.
+    The data file is checked again here (inside the folder, see :func:`data_file`, and long enough): it
+    may have changed since the model was loaded. Raises :class:`ModelLoadError` naming the tensor and file.
     """
     ref = external_ref(tensor)
     if ref is None:
@@ -172,7 +175,7 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     what = f"initializer {tensor.name!r}"
     if base_dir is None:
         raise ModelLoadError(f"{what} is stored as external data but no base folder is known")
-    file = data_file(base_dir, ref.location, what)
+    file = data_file(base_dir, ref.location, what, model_file)
     dtype = np_dtype(tensor.data_type)
     shape = shape_of(tensor)
     size = nbytes(tensor)

@@ -214,6 +214,41 @@ def test_symlinks_inside_the_folder_are_followed_as_onnxruntime_does(
     assert code == 0, stderr
 
 
+@pytest.mark.parametrize(
+    ("model_dir", "data_dir", "loads"),
+    [("blobs", "blobs", True), ("blobs", "blobs/data", True), ("model", "data", False)],
+    ids=["hf-cache", "data-under-the-real-model-folder", "data-elsewhere"],
+)
+def test_a_linked_model_may_use_data_beside_its_real_file(
+    tmp_path: Path, model_dir: str, data_dir: str, loads: bool
+) -> None:
+    """onnxruntime 1.32's rule for a model that is itself a symlink (a Hugging Face cache snapshot):
+    the data may resolve into the model's folder or into the folder of the model's real file."""
+    import onnxruntime as ort
+
+    built = save(dense_model(1), tmp_path / "built" / "m.onnx", external=True)
+    expected = numpy_helper.to_array(onnx.load(built).graph.initializer[0])
+    (tmp_path / model_dir).mkdir(parents=True, exist_ok=True)
+    (tmp_path / data_dir).mkdir(parents=True, exist_ok=True)
+    built.rename(tmp_path / model_dir / "guid1")
+    (tmp_path / "built" / "m.onnx.data").rename(tmp_path / data_dir / "guid2")
+    snapshot = tmp_path / "snapshots" / "v1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "m.onnx").symlink_to(tmp_path / model_dir / "guid1")
+    (snapshot / "m.onnx.data").symlink_to(tmp_path / data_dir / "guid2")
+    try:
+        ort.InferenceSession(str(snapshot / "m.onnx"), providers=["CPUExecutionProvider"])
+        ort_loads = True
+    except Exception:  # onnxruntime's own exception types
+        ort_loads = False
+    assert ort_loads == loads  # the reference behaves as described
+    if loads:
+        np.testing.assert_array_equal(load_model(snapshot / "m.onnx").array(WEIGHT), expected)
+    else:
+        with pytest.raises(ModelLoadError, match="symbolic link"):
+            load_model(snapshot / "m.onnx")
+
+
 def test_data_after_load_is_checked_again_when_read(tmp_path: Path) -> None:
     """The file can change between load and read: the read refuses, it does not map past the end."""
     model = save(dense_model(1), tmp_path / "m.onnx", external=True)
