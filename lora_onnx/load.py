@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from lora_onnx.errors import ModelLoadError
-from lora_onnx.tensors import ExternalRef, external_ref, read_array
+from lora_onnx.errors import FoldError, LoraOnnxError, ModelLoadError
+from lora_onnx.manifest import check_branches
+from lora_onnx.tensors import ExternalRef, data_file, external_ref, nbytes, read_array, shape_of, type_name
 
 #: Produces a tensor's new value when the model is saved (folding streams one weight at a time).
 TensorProducer = Callable[[], np.ndarray]
@@ -69,7 +70,7 @@ class LoadedModel:
         """An initializer's current value (an override's, else read or memory-mapped from the source)."""
         if name in self.overrides:
             return self.overrides[name]()
-        return read_array(self.initializer(name), self.base_dir)
+        return read_array(self.initializer(name), self.base_dir, self.path)
 
     def with_proto(
         self, proto: onnx.ModelProto, overrides: Mapping[str, TensorProducer] | None = None
@@ -100,11 +101,15 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 ModelLike = str | os.PathLike | onnx.ModelProto | LoadedModel
 
 
-def load_model(model: ModelLike, *, base_dir: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(
+    model: ModelLike, *, base_dir: str | os.PathLike | None = None, check_manifest: bool = True
+) -> LoadedModel:
     """Load ``model`` (a path, a ``ModelProto`` or a :class:`LoadedModel`) graph-only and check it.
 
     A ``ModelProto`` is copied, so the caller's object is never modified; pass ``base_dir`` when its
-    initializers refer to external data. Raises :class:`ModelLoadError` with a one-line reason.
+    initializers refer to external data. Raises :class:`ModelLoadError` with a one-line reason, also
+    for a lora-onnx manifest that is malformed or names nodes / tensors the graph lacks (unless
+    ``check_manifest`` is False: comparing outputs does not need it).
     """
     if isinstance(model, LoadedModel):
         return model
@@ -118,6 +123,13 @@ def load_model(model: ModelLike, *, base_dir: str | os.PathLike | None = None) -
     _name_unnamed_nodes(loaded.proto.graph)
     _check_graph(loaded)
     _check_external_data(loaded)
+    if check_manifest:
+        try:
+            check_branches(loaded.proto)
+        except FoldError as exc:  # the graph lacks what the manifest records
+            raise FoldError(f"{loaded.name}: {exc}") from exc
+        except LoraOnnxError as exc:  # the manifest itself is malformed
+            raise ModelLoadError(f"{loaded.name}: {exc}") from exc
     return loaded
 
 
@@ -176,7 +188,7 @@ def _check_graph(model: LoadedModel) -> None:
     """Every node input must be defined before use: catches truncation and unsorted graphs early."""
     graph = model.proto.graph
     defined = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
-    defined |= {tensor.name for tensor in graph.sparse_initializer}
+    defined |= {sparse.values.name for sparse in graph.sparse_initializer}  # named by its values
     defined.add("")
     for node in graph.node:
         for name in node.input:
@@ -192,7 +204,17 @@ def _check_graph(model: LoadedModel) -> None:
 
 
 def _check_external_data(model: LoadedModel) -> None:
-    refs = model.external_refs()
+    """Every external tensor's entries, file and byte range, as onnxruntime will need them.
+
+    One line names the tensor and the file: a location that is not a regular file inside the model's
+    folder (a folder, a symbolic link leading out, ``..``), malformed entries, a ``length`` other than
+    the tensor's size (dims x dtype), or a file too short for ``offset`` + size with or without ``length``.
+    """
+    _refuse_unsupported_external(model)
+    try:
+        refs = model.external_refs()
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{model.name}: {exc}") from exc
     if not refs:
         return
     if model.base_dir is None:
@@ -201,23 +223,75 @@ def _check_external_data(model: LoadedModel) -> None:
             f"{model.name}: initializer {first!r} is stored as external data; load the model from its file "
             "or pass base_dir="
         )
-    sizes: dict[str, int] = {}
+    tensors = {tensor.name: tensor for tensor in all_tensors(model.proto.graph)}
+    sizes: dict[Path, int] = {}
     for name, ref in refs.items():
-        if Path(ref.location).is_absolute() or ".." in Path(ref.location).parts:
-            raise ModelLoadError(
-                f"{model.name}: initializer {name!r} refers to {ref.location!r} outside the model's folder; "
-                "onnxruntime refuses such locations"
-            )
+        what = f"initializer {name!r}"
         file = model.base_dir / ref.location
-        if ref.location not in sizes:
-            try:
-                sizes[ref.location] = file.stat().st_size
-            except OSError as exc:
-                raise ModelLoadError(
-                    f"{model.name}: external data file {file} for initializer {name!r} is missing"
-                ) from exc
-        if ref.length is not None and ref.offset + ref.length > sizes[ref.location]:
+        try:
+            target = data_file(model.base_dir, ref.location, what, model.path)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{model.name}: {exc}") from exc
+        size = _stored_size(model, tensors[name], f"{what} (in {file})")
+        if ref.length is not None and ref.length != size:
             raise ModelLoadError(
-                f"{model.name}: external data file {file} is truncated: initializer {name!r} needs bytes "
-                f"{ref.offset}..{ref.offset + ref.length} but the file has {sizes[ref.location]}"
+                f"{model.name}: {what} declares external_data length {ref.length} in {file}, but its "
+                f"shape {list(shape_of(tensors[name]))} of {type_name(tensors[name].data_type)} takes "
+                f"{size} bytes"
             )
+        if target not in sizes:
+            sizes[target] = target.stat().st_size
+        if ref.offset + size > sizes[target]:
+            raise ModelLoadError(
+                f"{model.name}: external data file {file} is truncated: {what} needs bytes "
+                f"{ref.offset}..{ref.offset + size} but the file has {sizes[target]}"
+            )
+
+
+def _stored_size(model: LoadedModel, tensor: onnx.TensorProto, what: str) -> int:
+    """The bytes an external tensor's values take; refuses types without a fixed size, negative dims."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or (
+        tensor.data_type not in onnx.TensorProto.DataType.values()
+    ):
+        raise ModelLoadError(
+            f"{model.name}: {what} is stored as external data with element type {tensor.data_type} "
+            f"({_type_label(tensor.data_type)}), which has no fixed byte size (onnx keeps such tensors "
+            "inline)"
+        )
+    if any(dim < 0 for dim in tensor.dims):
+        raise ModelLoadError(f"{model.name}: {what} has a negative dimension {list(tensor.dims)}")
+    return nbytes(tensor)
+
+
+def _type_label(data_type: int) -> str:
+    return type_name(data_type) if data_type in onnx.TensorProto.DataType.values() else "unknown"
+
+
+def _refuse_unsupported_external(model: LoadedModel) -> None:
+    """External data lora-onnx would neither check nor carry along: sparse tensors, function constants."""
+    graph = model.proto.graph
+    places: list[tuple[str, onnx.TensorProto]] = []
+    for sparse in graph.sparse_initializer:
+        places += [("sparse initializer", sparse.values), ("sparse initializer", sparse.indices)]
+    for node in _all_nodes(graph):
+        for attr in node.attribute:
+            for sparse in (attr.sparse_tensor, *attr.sparse_tensors):
+                places += [(f"node {node.name!r}", sparse.values), (f"node {node.name!r}", sparse.indices)]
+    for function in model.proto.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                places += [(f"function {function.name!r}", t) for t in (attr.t, *attr.tensors)]
+    for where, tensor in places:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelLoadError(
+                f"{model.name}: {where} stores tensor {tensor.name!r} as external data, which lora-onnx "
+                "does not support there; save the model with that tensor inline"
+            )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                yield from _all_nodes(sub)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import onnx
 
-from lora_onnx.errors import LoraOnnxError
+from lora_onnx import json_input
+from lora_onnx.errors import FoldError, LoraOnnxError
 from lora_onnx.graph import retain
 
 MANIFEST_KEY = "lora_onnx.manifest"
@@ -74,11 +76,17 @@ class BranchRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> BranchRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
-        values["nodes"] = tuple(values.get("nodes", ()))  # type: ignore[arg-type]
-        values["extra_tensors"] = tuple(values.get("extra_tensors", ()))  # type: ignore[arg-type]
+    def from_json(cls, data: object) -> BranchRecord:
+        """A record from its JSON form; ``ValueError`` names a missing or mistyped field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a branch record must be an object, got {type(data).__name__}")
+        values: dict[str, object] = {}
+        for spec in dataclasses.fields(cls):
+            if spec.name not in data:
+                if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                    raise ValueError(f"a branch record has no {spec.name!r}")
+                continue
+            values[spec.name] = _field_value(spec.name, str(spec.type), data[spec.name])
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -88,16 +96,86 @@ class BranchRecord:
         return (self.a, self.b, self.scale_tensor, *(name for name in optional if name))
 
 
+def _field_value(name: str, kind: str, value: object) -> object:
+    """``value`` checked against the field's annotation (JSON gives lists for tuples, ints for floats)."""
+    if kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        value = tuple(value) if ok else value  # type: ignore[arg-type]
+    if not ok:
+        raise ValueError(
+            f"branch field {name!r} must be {_KIND_NAMES.get(kind, 'a list of names')}, got {value!r}"
+        )
+    return value
+
+
+_KIND_NAMES = {
+    "str": "a string",
+    "int": "a whole number >= 0",
+    "float": "a finite number",
+    "bool": "true or false",
+}
+
+
 def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
-    """The branches recorded in ``model``; empty for a model lora-onnx has not rewritten."""
+    """The branches recorded in ``model``; empty for a model lora-onnx has not rewritten.
+
+    Raises :class:`LoraOnnxError` (one line) when the manifest is not JSON, too deep, of a newer
+    version, or has a record with a missing or mistyped field.
+    """
     for entry in model.metadata_props:
         if entry.key == MANIFEST_KEY:
             try:
-                data = json.loads(entry.value)
+                data = json_input.loads(entry.value)
+                if not isinstance(data, dict) or not isinstance(data.get("branches"), list):
+                    raise ValueError('expected an object with a "branches" list')
+                version = data.get("version", MANIFEST_VERSION)
+                if isinstance(version, bool) or not isinstance(version, int) or version > MANIFEST_VERSION:
+                    raise ValueError(
+                        f"version {version!r} is not one this lora-onnx reads (up to {MANIFEST_VERSION})"
+                    )
                 return tuple(BranchRecord.from_json(item) for item in data["branches"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise LoraOnnxError(f"the model's {MANIFEST_KEY} metadata is unreadable: {exc}") from exc
+            except ValueError as exc:
+                raise LoraOnnxError(
+                    f"the model's {MANIFEST_KEY} metadata is unreadable: {exc}; it was not written by this "
+                    "lora-onnx or was edited since (start again from the base model)"
+                ) from exc
     return ()
+
+
+def check_branches(model: onnx.ModelProto) -> None:
+    """Refuse a manifest whose records name nodes or tensors the graph does not have.
+
+    Such a model was changed after lora-onnx wrote it (an optimizer renamed or removed nodes, or the
+    metadata was copied onto another model): folding or exporting its branches would be wrong. Raises
+    :class:`FoldError`; a malformed manifest raises :class:`LoraOnnxError` (see :func:`read_branches`).
+    """
+    branches = read_branches(model)
+    if not branches:
+        return
+    graph = model.graph
+    nodes = {node.name for node in graph.node}
+    values = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    values |= {name for node in graph.node for name in node.output}
+    for branch in branches:
+        missing_nodes = [name for name in branch.nodes if name not in nodes]
+        missing_values = [name for name in branch.tensors if name and name not in values]
+        if missing_nodes or missing_values:
+            what = f"node {missing_nodes[0]!r}" if missing_nodes else f"tensor {missing_values[0]!r}"
+            raise FoldError(
+                f"the branch {branch.adapter!r} at node {branch.site!r} is not in the graph as recorded (the "
+                f"{MANIFEST_KEY} metadata names {what}, which the graph lacks); was the model edited after "
+                "lora-onnx rewrote it? Its branches cannot be folded or exported: start again from the base "
+                "model"
+            )
 
 
 def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -> None:
@@ -136,8 +214,10 @@ def read_peft_config(model: onnx.ModelProto, adapter: str) -> dict[str, object] 
     for entry in model.metadata_props:
         if entry.key == PEFT_CONFIG_PREFIX + adapter:
             try:
-                data = json.loads(entry.value)
+                data = json_input.loads(entry.value)
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             except ValueError as exc:
                 raise LoraOnnxError(f"the model's {entry.key} metadata is unreadable: {exc}") from exc
-            return data if isinstance(data, dict) else None
+            return data
     return None

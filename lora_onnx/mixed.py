@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lora_onnx import json_input
 from lora_onnx.batch_rows import BatchAxes
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.fold import remove_branches
@@ -105,11 +106,11 @@ def mixed_info(model: LoadedModel) -> MixedInfo | None:
     for entry in model.proto.metadata_props:
         if entry.key == MIXED_KEY:
             try:
-                data = json.loads(entry.value)
+                data = json_input.loads(entry.value)
                 data.pop("version", None)
                 data["adapters"], data["nodes"] = tuple(data["adapters"]), tuple(data["nodes"])
                 return MixedInfo(**data)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise LoraOnnxError(f"{model.name}: the {MIXED_KEY} metadata is unreadable: {exc}") from exc
     return None
 

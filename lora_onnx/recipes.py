@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_onnx import json_input
 from lora_onnx.config import DEFAULT_ADAPTER, INIT_KINDS, LoraConfig
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.sites import OP_KEYS
@@ -189,11 +190,16 @@ def _read_table(file: Path) -> dict[str, Any]:
         raise RecipeError(f"{file}: cannot read it ({exc})") from exc
     as_json = file.suffix.lower() == ".json" or text.lstrip().startswith("{")
     try:
-        data = json.loads(text) if as_json else tomllib.loads(text)
+        data = json_input.loads(text) if as_json else tomllib.loads(text)
+        json_input.check_depth(data)
     except json.JSONDecodeError as exc:
         raise RecipeError(f"{file}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{file}: not valid TOML ({exc})") from exc
+    except (json_input.JsonDepthError, RecursionError) as exc:  # tomllib recurses per nesting level too
+        raise RecipeError(f"{file}: nested deeper than {json_input.MAX_DEPTH} levels; not a recipe") from exc
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(f"{file}: not a readable recipe ({exc})") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{file}: expected a table of options at the top level")
     return data

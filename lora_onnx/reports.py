@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lora_onnx import json_input
 from lora_onnx.errors import EXIT_MISMATCH, EXIT_USAGE, LoraOnnxError, OutputError
 
 REPORT_FORMAT = "lora-onnx-batch-report"
@@ -266,20 +267,25 @@ def read_report(path: str | os.PathLike) -> BatchReport:
     """Read a report written by :func:`write_report`; :class:`ReportError` names what is wrong."""
     file = Path(path)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json_input.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ReportError(f"{file}: no such report") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"{file}: cannot read it ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise ReportError(f"{file}: not a JSON report (line {exc.lineno}: {exc.msg})") from exc
+    except ValueError as exc:  # nested too deep, or an integer too long to convert
+        raise ReportError(f"{file}: not a lora-onnx batch report ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise ReportError(f'{file}: not a lora-onnx batch report (no "format": "{REPORT_FORMAT}")')
-    if int(data.get("version", 0)) > REPORT_VERSION:
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ReportError(f"{file}: malformed report (version {version!r} is not a whole number)")
+    if version > REPORT_VERSION:
         raise ReportError(f"{file}: report version {data['version']} is newer than this lora-onnx reads")
     try:
         return BatchReport.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: e.g. a string summary
         raise ReportError(f"{file}: malformed report ({type(exc).__name__}: {exc})") from exc
 
 

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from lora_onnx.errors import LoraOnnxError, ProviderError
 from lora_onnx.inputs import InputSpec, load_inputs, make_inputs
-from lora_onnx.load import LoadedModel
+from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.save import save_model
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -201,6 +201,8 @@ def compare(
 def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[Path, str]:
     """A file onnxruntime can load, and the name to show for it (never a temporary path)."""
     if not isinstance(model, LoadedModel):
+        # our own checks first (one line naming the tensor and file, stricter than onnxruntime's)
+        load_model(model, check_manifest=False)
         return Path(model), str(model)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-")))
     label = str(model.path) if model.path is not None else model.name

@@ -10,7 +10,6 @@ what to do instead.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from lora_onnx import json_input
 from lora_onnx.errors import AdapterError
 from lora_onnx.targets import pattern_value
 
@@ -113,7 +113,7 @@ def read_adapter_config(folder: Path) -> PeftAdapterConfig:
     """Read ``folder/adapter_config.json`` and refuse what cannot be applied (see the module doc)."""
     file = folder / CONFIG_NAME
     try:
-        data = json.loads(file.read_text())
+        data = json_input.loads(file.read_text())
     except FileNotFoundError as exc:
         raise AdapterError(_missing_config(folder)) from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -129,9 +129,9 @@ def read_adapter_config(folder: Path) -> PeftAdapterConfig:
         path=file,
         r=rank,
         lora_alpha=alpha,
-        use_rslora=bool(data.get("use_rslora", False)),
-        use_dora=bool(data.get("use_dora", False)),
-        lora_bias=bool(data.get("lora_bias", False)),
+        use_rslora=_flag(file, data, "use_rslora"),
+        use_dora=_flag(file, data, "use_dora"),
+        lora_bias=_flag(file, data, "lora_bias"),
         rank_pattern=rank_pattern,  # type: ignore[arg-type]
         alpha_pattern=alpha_pattern,
         raw=data,
@@ -181,6 +181,16 @@ def _refuse_unsupported(file: Path, data: Mapping[str, Any]) -> None:
         )
     if data.get("use_dora") and data.get("lora_bias"):
         raise AdapterError(f"{file}: use_dora and lora_bias are both set, which PEFT itself rejects")
+
+
+def _flag(file: Path, data: Mapping[str, Any], key: str) -> bool:
+    """A true / false field; "false" (a string) would be truthy in Python, so only JSON booleans pass."""
+    value = data.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise AdapterError(f"{file}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _positive_int(file: Path, key: str, value: object) -> int:
