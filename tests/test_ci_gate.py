@@ -7,6 +7,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from batch_helpers import BUNDLED, MODELS, REPO, cli, dense_model, save
 
@@ -36,6 +37,7 @@ def workspace(root: Path, name: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ci_gate_workflow_runs_as_written(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     workflow = yaml.safe_load(WORKFLOW.read_text())
     jobs = workflow["jobs"]
