@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -357,6 +358,33 @@ def _export(arch: str, exporter: str, seed: int, out_dir: Path) -> BaseExport:
 
 
 _EXPORTS: dict[tuple[str, str, int], BaseExport] = {}
+# A folder shared by every process of one test run (xdist workers; set by tests/conftest.py). The first
+# process to need an (arch, exporter, seed) exports it there under a file lock and records it in
+# ``export.json``; the others reuse that file instead of exporting again (seconds per dynamo export).
+SHARED_EXPORTS_ENV = "PEFT_CASES_SHARED_EXPORTS"
+
+
+def _shared_export(arch: str, exporter: str, seed: int, folder: Path) -> BaseExport:
+    from filelock import FileLock  # a dependency of torch, transformers and huggingface_hub
+
+    record = folder / "export.json"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not record.exists():
+            exp = _export(arch, exporter, seed, folder)
+            names = {"input_names": list(exp.input_names), "output_name": exp.output_name}
+            record.write_text(json.dumps({**names, "export_seconds": exp.export_seconds}))
+            return exp
+        saved = json.loads(record.read_text())
+    return BaseExport(
+        arch,
+        exporter,
+        seed,
+        folder / "model.onnx",
+        tuple(saved["input_names"]),
+        saved["output_name"],
+        saved["export_seconds"],
+    )
 
 
 def export_base(arch: str, exporter: str, out_dir: Path, seed: int = 0) -> BaseExport:
@@ -364,6 +392,7 @@ def export_base(arch: str, exporter: str, out_dir: Path, seed: int = 0) -> BaseE
 
     Cached for the process: a later call with the same (arch, exporter, seed) returns the first export
     (wherever it was written) as long as its file still exists. Archs with an ``export_alias`` share it.
+    With ``$PEFT_CASES_SHARED_EXPORTS`` set, the export lives in (and is reused from) that folder instead.
     """
     if arch not in ARCH_SPECS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -372,7 +401,12 @@ def export_base(arch: str, exporter: str, out_dir: Path, seed: int = 0) -> BaseE
     cached = _EXPORTS.get(key)
     if cached is not None and cached.onnx_path.exists():
         return cached
-    exp = _export(arch, exporter, seed, Path(out_dir) / f"{arch}_{exporter}_s{seed}")
+    name = f"{arch}_{exporter}_s{seed}"
+    shared = os.environ.get(SHARED_EXPORTS_ENV)
+    if shared:
+        exp = _shared_export(arch, exporter, seed, Path(shared) / name)
+    else:
+        exp = _export(arch, exporter, seed, Path(out_dir) / name)
     _EXPORTS[key] = exp
     return exp
 

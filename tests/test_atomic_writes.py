@@ -145,6 +145,7 @@ def command(kind: str, llama: Path, output: Path, rank: int) -> list[str | Path]
 
 @pytest.mark.parametrize("kind", ["inject", "merge"])
 @pytest.mark.parametrize("point", ["data", "model", "commit"])
+@pytest.mark.slow
 def test_kill_over_an_old_output_leaves_the_old_model_or_none(
     tmp_path: Path, llama: Path, kind: str, point: str
 ) -> None:

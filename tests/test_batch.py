@@ -185,6 +185,7 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_shards_partition_the_models_and_merge(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
     names = [f"d{index}/model.onnx" for index in range(5)]
@@ -215,6 +216,7 @@ def test_shards_partition_the_models_and_merge(tmp_path: Path) -> None:
     assert partial.returncode == 2 and "shard(s) 2/3 missing" in partial.stderr
 
 
+@pytest.mark.slow
 def test_report_merge_exit_code_follows_the_models(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
     save(dense_model(), inputs / "a.onnx")
@@ -283,6 +285,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path: Path) ->
     assert "\x1b[" in tty.stdout and "1/1" in tty.stdout and "━" in tty.stdout, "a rich progress bar"
 
 
+@pytest.mark.slow
 def test_config_file_with_flag_overrides(tmp_path: Path) -> None:
     save(dense_model(), tmp_path / "in" / "a.onnx")
     config = tmp_path / "recipe.toml"
@@ -312,6 +315,7 @@ def test_peft_adapter_config_as_a_recipe(tmp_path: Path) -> None:
     assert [(b.module_path, b.rank, b.scale) for b in branches] == [("fc2", 2, 2.0)]
 
 
+@pytest.mark.slow
 def test_a_trained_peft_adapter_is_applied_to_every_model(tmp_path: Path) -> None:
     save(dense_model(0), tmp_path / "in" / "a.onnx")
     save(dense_model(1), tmp_path / "in" / "sub" / "b.onnx", external=True)

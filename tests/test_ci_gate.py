@@ -1,20 +1,35 @@
-"""The example CI workflow (scripts/ci-gate.yml) runs as written: every lora-onnx command in it, in order."""
+"""The example CI workflow (scripts/ci-gate.yml) runs as written: every lora-onnx command in it, in order,
+after the install line, which must install lora-onnx itself at a pinned ref."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from batch_helpers import BUNDLED, MODELS, REPO, cli, dense_model, save
+
+import lora_onnx
 
 WORKFLOW = REPO / "scripts" / "ci-gate.yml"
 
 
+#: The one install line every job runs: lora-onnx itself from its repository, pinned to this version's tag.
+PINNED_INSTALL = re.compile(
+    r'python -m pip install "lora-onnx @ git\+https://github\.com/[\w.-]+/lora-onnx@(?P<ref>[^"]+)"'
+)
+
+
 def commands(job: dict, **matrix: object) -> list[list[str]]:
-    """The lora-onnx command lines of a job's steps, with ${{ matrix.* }} filled in."""
+    """The lora-onnx command lines of a job's steps, with ${{ matrix.* }} filled in.
+
+    Every other run line must be the pinned install of lora-onnx; here its substitute is this checkout
+    (``cli`` puts it first on PYTHONPATH), since installing from git needs the network and a published tag.
+    """
     lines = []
     for step in job["steps"]:
         for line in str(step.get("run", "")).splitlines():
@@ -23,7 +38,25 @@ def commands(job: dict, **matrix: object) -> list[list[str]]:
             if line.strip().startswith("lora-onnx "):
                 assert "${{" not in line, line
                 lines.append(shlex.split(line)[1:])
+            elif line.strip():
+                assert_pinned_install(line.strip())
     return lines
+
+
+def assert_pinned_install(line: str) -> None:
+    """The install line names lora-onnx (not the user's project) at a pinned ref: this release's tag."""
+    match = PINNED_INSTALL.fullmatch(line)
+    assert match, f"not the pinned lora-onnx install: {line}"
+    assert match["ref"] == f"v{lora_onnx.__version__}", line
+
+
+def test_every_job_installs_lora_onnx_pinned() -> None:
+    jobs = yaml.safe_load(WORKFLOW.read_text())["jobs"]
+    for name, job in jobs.items():
+        installs = [s["run"] for s in job["steps"] if "pip install" in str(s.get("run", ""))]
+        assert len(installs) == 1, name
+        assert_pinned_install(installs[0].strip())
+        assert "pip install ." not in installs[0]
 
 
 def workspace(root: Path, name: str) -> Path:
@@ -36,11 +69,12 @@ def workspace(root: Path, name: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ci_gate_workflow_runs_as_written(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     workflow = yaml.safe_load(WORKFLOW.read_text())
     jobs = workflow["jobs"]
     assert set(jobs) == {"convert", "gate", "validate"}
-    assert any("pip install ." in str(step.get("run", "")) for step in jobs["convert"]["steps"])
+    assert any(PINNED_INSTALL.search(str(step.get("run", ""))) for step in jobs["convert"]["steps"])
     shards = jobs["convert"]["strategy"]["matrix"]["shard"]
     assert shards == [1, 2, 3]
     gate = workspace(tmp_path, "gate")

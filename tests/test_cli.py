@@ -33,6 +33,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_inject_merge_validate_round_trip(tmp_path: Path) -> None:
     lora, merged = tmp_path / "lora.onnx", tmp_path / "merged.onnx"
     result = cli(
@@ -49,6 +50,7 @@ def test_inject_merge_validate_round_trip(tmp_path: Path) -> None:
     assert data["ok"] and data["inputs"]["input"] == [3, 3, 32, 32]
 
 
+@pytest.mark.slow
 def test_validate_mismatch_exits_1_with_a_report(tmp_path: Path) -> None:
     lora = tmp_path / "lora.onnx"
     assert cli("inject", BERT, "-o", lora, "--init", "random", "--alpha", "64").returncode == 0

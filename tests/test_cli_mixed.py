@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from builders import rel_err, run
 from mixed_builders import run_rows
 from swap_builders import mixed_feeds, mixed_model
@@ -17,6 +18,7 @@ from lora_onnx.load import load_model
 from lora_onnx.mixed import mixed_info
 
 
+@pytest.mark.slow
 def test_slots_files_mixed_model_and_fold_of_one_index(tmp_path: Path) -> None:
     base = tmp_path / "base.onnx"
     onnx.save(mixed_model(), base)
@@ -69,6 +71,7 @@ def test_slots_files_mixed_model_and_fold_of_one_index(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_user_errors_of_inject_mixed(tmp_path: Path) -> None:
     base = tmp_path / "base.onnx"
     onnx.save(mixed_model(), base)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from builders import MODELS
 from test_cli import assert_one_line_error, cli
 
@@ -15,6 +16,7 @@ BERT = MODELS / "tiny_bert" / "model.onnx"
 GPT2 = MODELS / "tiny_gpt2" / "model.onnx"
 
 
+@pytest.mark.slow
 def test_slots_adapter_file_check_and_fold_round_trip(tmp_path: Path) -> None:
     slots, adapter = tmp_path / "slots.onnx", tmp_path / "a.onnx_adapter"
     result = cli(
@@ -35,6 +37,7 @@ def test_slots_adapter_file_check_and_fold_round_trip(tmp_path: Path) -> None:
     assert "Folded 4 branch(es)" in merged.stdout and "all outputs agree" in merged.stdout
 
 
+@pytest.mark.slow
 def test_export_adapter_from_a_constant_model_in_each_format(tmp_path: Path) -> None:
     constant = tmp_path / "c.onnx"
     assert (
@@ -56,6 +59,7 @@ def test_export_adapter_from_a_constant_model_in_each_format(tmp_path: Path) -> 
             assert np.array_equal(value.numpy(), npz[key])
 
 
+@pytest.mark.slow
 def test_check_adapter_exit_codes_and_json(tmp_path: Path) -> None:
     bert_slots, gpt2_slots = tmp_path / "bert.onnx", tmp_path / "gpt2.onnx"
     gpt2_adapter = tmp_path / "gpt2.onnx_adapter"
@@ -74,6 +78,7 @@ def test_check_adapter_exit_codes_and_json(tmp_path: Path) -> None:
     assert_one_line_error(cli("check-adapter", BERT, gpt2_adapter), 2, "has no LoRA slots")
 
 
+@pytest.mark.slow
 def test_user_errors_of_the_slot_commands(tmp_path: Path) -> None:
     assert_one_line_error(
         cli("export-adapter", "-o", tmp_path / "a.onnx_adapter"), 2, "give MODEL", "--peft DIR --for MODEL"

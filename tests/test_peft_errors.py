@@ -188,6 +188,7 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_exit_2_on_one_line_and_write_nothing(tmp_path: Path) -> None:
     model = tmp_path / "model.onnx"
     onnx.save(MODEL, model)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from builders import REPO
 
 README = (REPO / "README.md").read_text()
@@ -22,6 +23,7 @@ def _workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_quickstart_has_two_commands_and_the_first_runs(tmp_path: Path) -> None:
     quickstart = _blocks("bash")[0].strip().splitlines()
     assert len(quickstart) == 2
@@ -41,6 +43,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert 'python -m pip install ".[test]" && python -m pytest' in (REPO / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_python_examples(tmp_path: Path) -> None:
     blocks = _blocks("python")
     assert blocks

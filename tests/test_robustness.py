@@ -91,6 +91,7 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
     assert files_under(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_missing_or_truncated_external_data(tmp_path: Path) -> None:
     folder = tmp_path / "llama"
     shutil.copytree(MODELS / "tiny_llama", folder)
@@ -108,6 +109,7 @@ def test_missing_or_truncated_external_data(tmp_path: Path) -> None:
     assert files_under(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_op_and_opset_the_validator_cannot_run(tmp_path: Path) -> None:
     custom = save(custom_op_model(), tmp_path / "custom.onnx")
     future = dense_model()
@@ -135,6 +137,7 @@ def test_model_without_an_eligible_site(tmp_path: Path) -> None:
     assert files_under(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_adapter_shape_mismatch_on_merge(tmp_path: Path) -> None:
     """A rewritten model whose A no longer fits its weight (changed by another tool) is refused by name."""
     rewritten = tmp_path / "lora.onnx"
@@ -152,6 +155,7 @@ def test_adapter_shape_mismatch_on_merge(tmp_path: Path) -> None:
     assert files_under(tmp_path / "out") == [] and tree_hashes(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_output_equal_to_the_input(inputs: Path) -> None:
     inject(inputs / "dense.onnx", LoraConfig(rank=2, init="random"), output=inputs / "lora.onnx")
     before = tree_hashes(inputs)
@@ -307,6 +311,7 @@ def test_output_inside_a_read_only_folder(
     assert {k: v for k, v in tree_hashes(inputs).items() if k in before} == before
 
 
+@pytest.mark.slow
 def test_output_inside_a_really_read_only_folder(inputs: Path, tmp_path: Path) -> None:
     """The same through the OS: as root, run the CLI without CAP_DAC_OVERRIDE so chmod 555 binds."""
     prefix: list[str] = []

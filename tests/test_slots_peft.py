@@ -84,6 +84,7 @@ def test_dora_adapters_are_refused_for_slots(tmp_path: Path, export_dir: Path) -
         inject_slots(case.onnx_path, peft=case.adapter_dir)
 
 
+@pytest.mark.slow
 def test_cli_inject_as_inputs_with_peft_then_export_and_check(tmp_path: Path, export_dir: Path) -> None:
     one = pc.build_case("llama", "torchscript", "rslora", tmp_path / "one", export_dir=export_dir)
     slots, adapter = tmp_path / "slots.onnx", tmp_path / "a.safetensors"

@@ -146,6 +146,7 @@ _MERGE_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_merge_peak_memory_in_a_subprocess(tmp_path: Path) -> None:
     """A ~270 MB model merges in a fresh process whose peak RSS grows by a small fraction of the data."""
     spec = DecoderSpec(layers=4, hidden=1024, intermediate=2816, heads=8, vocab=8192)
