@@ -7,8 +7,8 @@
 - ``.safetensors``: the Hugging Face format, with string metadata.
 - ``.npz``: numpy's archive, for anything else that feeds graph inputs by name.
 
-Writes are atomic (temporary file + rename) and never replace an input; unreadable files raise
-:class:`~lora_onnx.errors.AdapterError` naming the file.
+Writes are atomic (temporary file + rename) and never replace an input; unreadable files, and tensors
+with NaN / Inf, raise :class:`~lora_onnx.errors.AdapterError` naming the file (and the tensor).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.finite import require_finite_tensors
 from lora_onnx.save import check_output_path
 
 #: Format name -> file suffix.
@@ -69,7 +70,17 @@ def _sniff(path: Path) -> str | None:
 
 
 def read_adapter_file(path: str | os.PathLike, format: str | None = None) -> AdapterFile:
-    """The tensors of an adapter file (format from ``format``, else the suffix, else the content)."""
+    """The tensors of an adapter file (format from ``format``, else the suffix, else the content).
+
+    A tensor with a NaN or Inf is refused (:class:`AdapterError` naming it), as is a file that does not
+    read; nothing else is raised.
+    """
+    adapter = _read(path, format)
+    require_finite_tensors(adapter.tensors, str(adapter.path))
+    return adapter
+
+
+def _read(path: str | os.PathLike, format: str | None) -> AdapterFile:
     file = Path(path)
     if not file.is_file():
         raise AdapterError(f"{file}: no such adapter file")

@@ -6,7 +6,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lora_onnx.errors import LoraOnnxError, TargetError
+from lora_onnx.errors import LoraOnnxError
+from lora_onnx.finite import finite_number
 from lora_onnx.sites import DEFAULT_OPS, OP_KEYS
 from lora_onnx.targets import TargetSelector, compile_regex, pattern_value
 
@@ -52,8 +53,7 @@ class LoraConfig:
             _check_rank(value, f"rank_pattern[{key!r}]")
         for key, value in self.alpha_pattern.items():
             compile_regex(key, "alpha_pattern key")
-            if not value > 0:
-                raise TargetError(f"alpha_pattern[{key!r}] must be positive, got {value}")
+            finite_number(value, f"alpha_pattern[{key!r}]", positive=True)
         if not self.adapter_name or not self.adapter_name.replace("_", "").replace("-", "").isalnum():
             raise LoraOnnxError(f"adapter name {self.adapter_name!r} must be letters, digits, '_' or '-'")
 
