@@ -22,7 +22,7 @@ from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import FORMATS, format_for, read_adapter_file, write_adapter_file
 from lora_onnx.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.errors import AdapterError, LoraOnnxError
-from lora_onnx.finite import finite_number
+from lora_onnx.finite import finite_number, require_finite_tensors
 from lora_onnx.graph import GraphIndex
 from lora_onnx.init import initial_values
 from lora_onnx.injection import refuse_existing_adapter, scan_sites
@@ -156,6 +156,7 @@ def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSourc
         plans.append(_record_plan(record, site, record.rank, record.alpha, record.scale))
         for name in (record.a, record.b):
             values.setdefault(name, model.array(name))
+    require_finite_tensors(values, model.name)  # an export must not write a file no reader would take
     return AdapterSource(tuple(plans), values, f"model {model.name}")
 
 

@@ -19,7 +19,7 @@ from lora_onnx.batch import BatchOptions, run_batch
 from lora_onnx.cli.main import main
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.peft.tensors import SafetensorsFile
-from lora_onnx.swapping import inject_slots
+from lora_onnx.swapping import export_adapter, inject_slots
 from lora_onnx.validation import compare
 
 F = TensorProto.FLOAT
@@ -340,6 +340,19 @@ def test_slot_and_stack_consumers_refuse_nan_adapters(
     _one_line_error(err, "bad.safetensors", b_name, "NaN/Inf")
 
 
+def test_export_adapter_refuses_a_model_whose_branch_holds_nan(tmp_path: Path) -> None:
+    lora = inject(_linear(tmp_path / "m.onnx"), LoraConfig(rank=2, init="random"), output=tmp_path / "l.onnx")
+    proto = onnx.load(lora.output)
+    (b,) = [t for t in proto.graph.initializer if t.name.endswith("lora_B.weight")]
+    value = onnx.numpy_helper.to_array(b).copy()
+    value.flat[3] = np.inf
+    b.CopyFrom(onnx.numpy_helper.from_array(value, b.name))
+    onnx.save(proto, tmp_path / "bad.onnx")
+    with pytest.raises(AdapterError, match=rf"bad\.onnx: tensor {b.name!r} has 1 NaN/Inf values"):
+        export_adapter(tmp_path / "bad.onnx", tmp_path / "a.npz")
+    assert not (tmp_path / "a.npz").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Numeric options: --strength, --alpha / alpha_pattern, --rank
 
@@ -365,9 +378,11 @@ def test_merge_strength_must_be_finite_and_non_negative(
 def test_alpha_alpha_pattern_and_rank_must_be_finite_and_positive(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for alpha in (float("nan"), float("inf"), -1.0, 0.0):
+    for alpha in (float("nan"), float("inf"), -1.0, 0.0, 1e39):  # 1e39: inf as the graph's float32 scale
         with pytest.raises(LoraOnnxError, match="--alpha must be a positive number"):
             LoraConfig(alpha=alpha)
+    with pytest.raises(LoraOnnxError, match=r"alpha_pattern\['q'\] must be at most 3.403e\+38"):
+        LoraConfig(alpha_pattern={"q": 1e39})
     for value in (float("inf"), float("nan"), -2.0, 0.0):
         with pytest.raises(LoraOnnxError, match=r"alpha_pattern\['q'\] must be a finite number > 0"):
             LoraConfig(alpha_pattern={"q": value})
