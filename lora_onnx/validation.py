@@ -208,7 +208,7 @@ def compare(
 
     stray = int(np.count_nonzero(ref_finite & ~cand_finite))
     if stray:
-        return failed(f"{stray} NaN/Inf values where the reference is finite")
+        return failed(f"the candidate has {stray} NaN/Inf values where the reference is finite")
     if counts["nonfinite_reference"] and not allow_nonfinite:
         return failed(
             f"reference output {name!r} has {counts['nonfinite_reference']} NaN/Inf values; pass "
