@@ -228,6 +228,12 @@ def test_cli_validate_inject_merge_batch_fail_on_nan_outputs_and_take_allow_nonf
     peft_args = ("inject", model, "--peft", folder, "--merge", "--validate", "-o", tmp_path / "p.onnx")
     assert _main(capsys, *peft_args, "--dim", "batch=2")[0] == 1
     assert _main(capsys, *peft_args, "--dim", "batch=2", "--allow-nonfinite")[0] == 0
+    slots_args = ("inject", model, "--as-inputs", "--rank", "2", "--validate", "-o", tmp_path / "s.onnx")
+    assert _main(capsys, *slots_args, "--dim", "batch=2")[0] == 1
+    assert _main(capsys, *slots_args, "--dim", "batch=2", "--allow-nonfinite")[0] == 0
+    mixed_args = ("inject", model, "--mixed", "--peft", folder, "--validate", "-o", tmp_path / "x.onnx")
+    assert _main(capsys, *mixed_args)[0] == 1
+    assert _main(capsys, *mixed_args, "--allow-nonfinite")[0] == 0
 
 
 @pytest.mark.parametrize(
