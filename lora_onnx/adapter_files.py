@@ -7,14 +7,16 @@
 - ``.safetensors``: the Hugging Face format, with string metadata.
 - ``.npz``: numpy's archive, for anything else that feeds graph inputs by name.
 
-Writes are atomic (temporary file + rename) and never replace an input; unreadable files raise
-:class:`~lora_onnx.errors.AdapterError` naming the file.
+Writes are atomic (temporary file + rename) and never replace an input; unreadable files, and tensors
+with NaN / Inf, raise :class:`~lora_onnx.errors.AdapterError` naming the file (and the tensor).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.finite import require_finite_tensors
 from lora_onnx.save import check_output_path
 
 #: Format name -> file suffix.
@@ -69,7 +72,17 @@ def _sniff(path: Path) -> str | None:
 
 
 def read_adapter_file(path: str | os.PathLike, format: str | None = None) -> AdapterFile:
-    """The tensors of an adapter file (format from ``format``, else the suffix, else the content)."""
+    """The tensors of an adapter file (format from ``format``, else the suffix, else the content).
+
+    A tensor with a NaN or Inf is refused (:class:`AdapterError` naming it), as is a file that does not
+    read; nothing else is raised.
+    """
+    adapter = _read(path, format)
+    require_finite_tensors(adapter.tensors, str(adapter.path))
+    return adapter
+
+
+def _read(path: str | os.PathLike, format: str | None) -> AdapterFile:
     file = Path(path)
     if not file.is_file():
         raise AdapterError(f"{file}: no such adapter file")
@@ -92,12 +105,46 @@ def read_adapter_file(path: str | os.PathLike, format: str | None = None) -> Ada
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
                 metadata = dict(handle.metadata() or {})
             return AdapterFile(file, kind, tensors, metadata=metadata)
+        _check_npz_sizes(file)
         with np.load(file, allow_pickle=False) as archive:
             tensors = {name: archive[name] for name in archive.files}
         return AdapterFile(file, kind, tensors)
+    except AdapterError:
+        raise
     except Exception as exc:  # onnxruntime, safetensors and numpy each raise their own types
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise AdapterError(f"{file}: not a readable {kind} adapter file ({first[:200]})") from exc
+
+
+#: Deflate expands at most ~1032x; a member claiming more than that of its stored bytes is lying.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_npz_sizes(file: Path) -> None:
+    """Refuse members whose .npy header claims more data than the member can hold, before numpy
+    allocates it (numpy sizes its buffer from the header, so 100 bytes could ask for terabytes)."""
+    on_disk = file.stat().st_size
+    with zipfile.ZipFile(file) as archive:
+        for info in archive.infolist():
+            limit = min(
+                info.file_size,
+                on_disk * (1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO),
+            )
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(member)
+                needed = math.prod(shape) * dtype.itemsize
+                room = max(limit - member.tell(), 0)
+                if needed > room:
+                    raise AdapterError(
+                        f"{file}: member {info.filename!r} claims shape {shape} of {dtype} "
+                        f"({needed:,} bytes) but holds at most {room:,}; the file is damaged"
+                    )
 
 
 def write_adapter_file(
@@ -122,6 +169,13 @@ def write_adapter_file(
             raise AdapterError(
                 f"{scalars[0]!r} is a scalar; .onnx_adapter files need tensors of 1 dim or more"
             )
+        for name, value in arrays.items():
+            # onnxruntime writes bool tensors it cannot read back, and takes no bfloat16 from numpy
+            if value.dtype.kind not in "fiu" or value.dtype.name == "bfloat16":
+                raise AdapterError(
+                    f"tensor {name!r} has dtype {value.dtype.name}, which .onnx_adapter files cannot hold "
+                    "(onnxruntime reads float and integer tensors); write .safetensors or .npz instead"
+                )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

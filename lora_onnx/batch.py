@@ -83,6 +83,8 @@ class BatchOptions:
     providers: tuple[str, ...] = ("cpu",)
     dims: Mapping[str, int] = field(default_factory=dict)
     skip_existing: bool = False
+    #: Let proofs compare NaN / Inf outputs position by position (see lora_onnx.validation.compare).
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         providers = self.providers
@@ -241,6 +243,7 @@ def apply_config(source: LoadedModel, config: LoraConfig, options: BatchOptions)
         validate=options.validate and not options.merge,
         providers=options.providers,
         dims=options.dims,
+        allow_nonfinite=options.allow_nonfinite,
     )
     skipped = tuple(
         SkippedNode(s.node, s.op, s.module_path, s.reason)
@@ -264,6 +267,7 @@ def apply_adapter(source: LoadedModel, adapter: AdapterSource, options: BatchOpt
         validate=options.validate and not options.merge,
         providers=options.providers,
         dims=options.dims,
+        allow_nonfinite=options.allow_nonfinite,
     )
     return Applied(
         result.model,
@@ -309,6 +313,7 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
             merged = merge(
                 model, validate=options.validate, providers=options.providers, dims=options.dims,
                 remedy=BATCH_MERGE_REMEDY,
+                allow_nonfinite=options.allow_nonfinite,
             )  # fmt: skip
             model, validation = merged.model, merged.validation
         status = "ok"
@@ -510,6 +515,8 @@ def options_record(options: BatchOptions) -> dict[str, Any]:
         providers=list(options.providers),
         dims=dict(options.dims),
     )
+    if options.allow_nonfinite:  # only when set, so earlier reports keep their recipe digest
+        record["allow_nonfinite"] = True
     return record
 
 

@@ -6,12 +6,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lora_onnx.errors import LoraOnnxError, TargetError
+from lora_onnx.errors import LoraOnnxError
+from lora_onnx.finite import finite_number
 from lora_onnx.inputs import check_seed
 from lora_onnx.sites import DEFAULT_OPS, OP_KEYS
 from lora_onnx.targets import TargetSelector, compile_regex, pattern_value
 
 INIT_KINDS = ("default", "gaussian", "random")
+#: The largest float32: an alpha (and so a scale) beyond it is inf in the graph.
+FLOAT32_MAX = 3.4028234663852886e38
 DEFAULT_ADAPTER = "default"
 #: PEFT's default rank ``r``; never refused for being above a site's size (see lora_onnx.plan).
 DEFAULT_RANK = 8
@@ -43,8 +46,11 @@ class LoraConfig:
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
         _check_rank(self.rank, "--rank")
-        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise LoraOnnxError(f"--alpha must be a positive number, got {self.alpha}")
+        if self.alpha is not None and not (0 < self.alpha <= FLOAT32_MAX):
+            # the scale alpha / r is a float32 in the graph: a larger alpha would make it inf
+            raise LoraOnnxError(
+                f"--alpha must be a positive number (at most {FLOAT32_MAX:.4g}), got {self.alpha}"
+            )
         unknown = self.ops - set(OP_KEYS)
         if unknown or not self.ops:
             raise LoraOnnxError(f"--ops takes a comma list of {', '.join(OP_KEYS)}; got {sorted(self.ops)}")
@@ -56,8 +62,8 @@ class LoraConfig:
             _check_rank(value, f"rank_pattern[{key!r}]")
         for key, value in self.alpha_pattern.items():
             compile_regex(key, "alpha_pattern key")
-            if not value > 0:
-                raise TargetError(f"alpha_pattern[{key!r}] must be positive, got {value}")
+            if finite_number(value, f"alpha_pattern[{key!r}]", positive=True) > FLOAT32_MAX:
+                raise LoraOnnxError(f"alpha_pattern[{key!r}] must be at most {FLOAT32_MAX:.4g}, got {value}")
         if not self.adapter_name or not self.adapter_name.replace("_", "").replace("-", "").isalnum():
             raise LoraOnnxError(f"adapter name {self.adapter_name!r} must be letters, digits, '_' or '-'")
 

@@ -75,12 +75,14 @@ def prove(
     *,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    allow_nonfinite: bool = False,
 ) -> ValidationReport:
     """A rewrite's proof: zero-B branches leave outputs unchanged; others equal their own fold."""
     if zero_init:
         return validate(
-            source, rewritten, providers=providers, rtol=UNCHANGED_RTOL, atol=UNCHANGED_ATOL, dims=dims
-        )
+            source, rewritten, providers=providers, rtol=UNCHANGED_RTOL, atol=UNCHANGED_ATOL, dims=dims,
+            allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.slots), not foldable.
     added = set(adapter_names(read_branches(rewritten.proto))) - set(adapter_names(existing_branches(source)))
     # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
@@ -88,8 +90,9 @@ def prove(
     rtol, atol = fold_tolerance(folded)
     quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims)
     return validate(
-        rewritten, folded.model, providers=providers, rtol=quantized_rtol or rtol, atol=atol, dims=dims
-    )
+        rewritten, folded.model, providers=providers, rtol=quantized_rtol or rtol, atol=atol, dims=dims,
+        allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
 
 
 def inject(
@@ -101,13 +104,15 @@ def inject(
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
     link_data: bool = True,
+    allow_nonfinite: bool = False,
 ) -> InjectResult:
     """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
 
     Reads tensor shapes only, never weight bytes. With ``validate`` the rewrite is checked in
     onnxruntime before anything is written: outputs unchanged for zero-B inits, otherwise equal to the
     rewrite's own fold. ``link_data=False`` copies the base's data files instead of hard-linking them
-    (onnx >= 1.21's ``onnx.load`` / checker refuse hard-linked data; onnxruntime does not). Raises
+    (onnx >= 1.21's ``onnx.load`` / checker refuse hard-linked data; onnxruntime does not).
+    ``allow_nonfinite`` lets the proof compare NaN / Inf outputs position by position. Raises
     :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
     """
     config = config or LoraConfig()
@@ -128,7 +133,11 @@ def inject(
                 values[name] = make if defer else make()
     zero_init = config.init != "random"
     rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
-    report = prove(source, rewritten, zero_init, providers=providers, dims=dims) if validate else None
+    report = (
+        prove(source, rewritten, zero_init, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite)
+        if validate
+        else None
+    )
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(rewritten, output, link_data=link_data)

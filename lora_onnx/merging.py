@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lora_onnx import validation
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.finite import finite_number
 from lora_onnx.fold import FoldResult, Kept, fold_branches, fold_tolerance
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
@@ -44,6 +45,7 @@ def merge(
     strength: float | None = None,
     adapter_index: int | None = None,
     remedy: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> MergeResult:
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
@@ -61,7 +63,12 @@ def merge(
     A model with mixed-batch branches (``inject --mixed``) is folded with a chosen ``adapter_index``
     (a position in its stacks): that adapter becomes constant branches, the rest of the mixed form is
     removed; ``validate`` compares with the input running that index on every row.
+
+    ``strength`` must be a finite number >= 0; NaN / Inf outputs fail the validation unless
+    ``allow_nonfinite`` (see :func:`lora_onnx.validation.compare`).
     """
+    if strength is not None:
+        strength = finite_number(strength, "--strength")
     source = reference = load_model(model)
     protect = [Path(adapter_file)] if adapter_file else []
     if output is not None:
@@ -84,7 +91,15 @@ def merge(
     if validate and dequantize:
         rtol = dequantized_rtol(source, adapters, partial, providers, dims) or rtol
     report = (
-        validation.validate(reference, result.model, providers=providers, rtol=rtol, atol=atol, dims=dims)
+        validation.validate(
+            reference,
+            result.model,
+            providers=providers,
+            rtol=rtol,
+            atol=atol,
+            dims=dims,
+            allow_nonfinite=allow_nonfinite,
+        )
         if validate
         else None
     )

@@ -34,6 +34,7 @@ from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
 from lora_onnx.batch_rows import BatchAxes, batch_axes, feeds_for, probe_sites, take_rows
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.finite import require_finite_tensors
 from lora_onnx.graph import GraphIndex
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
@@ -117,6 +118,7 @@ def from_source(
     source: AdapterSource, host: LoadedModel, sites: Mapping[str, Site], label: str
 ) -> MixedAdapter:
     """An :class:`AdapterSource` (plans + values, the scale in each plan) as a mixed-batch adapter."""
+    require_finite_tensors(source.values, label)
     pairs: dict[str, SitePair] = {}
     plans = []
     for plan in source.plans:
@@ -159,6 +161,7 @@ def from_tensors(
     host: LoadedModel,
 ) -> MixedAdapter:
     """Adapter tensors in slot form (an adapter file's), matched to sites through ``slots``' manifest."""
+    require_finite_tensors(tensors, label)  # tensors given in Python skip the file readers' check
     if not slot_records(slots):
         raise AdapterError(
             f"{label}: adapter files name LoRA slots, and {slots.name} has none; give the slotted model the "
@@ -255,6 +258,7 @@ def inject_mixed(
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    allow_nonfinite: bool = False,
 ) -> MixedInjectResult:
     """Add mixed-batch branches holding ``adapters`` (stack index = position) and the index input
     ``lora_adapter_index`` (int64, one entry per batch row, negative = the base model for that row).
@@ -264,7 +268,8 @@ def inject_mixed(
     the slots; they are removed from the output). ``stacks_as_inputs`` makes the stacks graph inputs
     backed by initializers (see :func:`stack_adapters`). ``dims`` sizes symbolic input dims for the
     batch-row probe and the proof. With ``validate``, before anything is written, a batch mixing every
-    adapter and base rows must equal each row run alone with its adapter active (rel <= 1e-4).
+    adapter and base rows must equal each row run alone with its adapter active (rel <= 1e-4; NaN / Inf
+    fail unless ``allow_nonfinite``, see :func:`lora_onnx.validation.compare`).
     """
     if not adapters:
         raise AdapterError("a mixed batch needs at least one adapter (a PEFT folder or an adapter file)")
@@ -306,7 +311,16 @@ def inject_mixed(
     if validate:
         kept_nodes = {site.node for site in kept}
         references = [adapter.reference(kept_nodes) for adapter in resolved]
-        report = prove_rows(mixed, host, references, rows, axes, providers=providers, dims=dims)
+        report = prove_rows(
+            mixed,
+            host,
+            references,
+            rows,
+            axes,
+            providers=providers,
+            dims=dims,
+            allow_nonfinite=allow_nonfinite,
+        )
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(mixed, output, protect=protect)
@@ -333,6 +347,7 @@ def prove_rows(
     dims: Mapping[str, int] | None = None,
     index_name: str = INDEX_INPUT,
     seed: int = 0,
+    allow_nonfinite: bool = False,
 ) -> ValidationReport:
     """Run ``mixed`` on one batch whose row i takes adapter ``rows[i]``, and every row alone through its
     reference (``references[rows[i]]``, or ``host`` for a negative index); compare every output."""
@@ -360,12 +375,18 @@ def prove_rows(
             ]
             for name, value in got.items():
                 parts = [row[name] for row in per_row]
-                comparisons.append(_compare_rows(name, value, parts, axes.outputs.get(name), provider))
+                axis = axes.outputs.get(name)
+                comparisons.append(_compare_rows(name, value, parts, axis, provider, allow_nonfinite))
     return ValidationReport(tuple(comparisons), chosen, shapes)
 
 
 def _compare_rows(
-    name: str, value: np.ndarray, parts: Sequence[np.ndarray], axis: int | None, provider: str
+    name: str,
+    value: np.ndarray,
+    parts: Sequence[np.ndarray],
+    axis: int | None,
+    provider: str,
+    allow_nonfinite: bool = False,
 ) -> OutputComparison:
     """The mixed output against the rows run alone: concatenated along the output's declared batch axis;
     for an output that declares none, along axis 0 when that gives the mixed output's shape (rows may be
@@ -374,7 +395,16 @@ def _compare_rows(
     if axis is None and np.concatenate(parts).shape != value.shape:
         if all(part.shape == value.shape for part in parts):
             checks = [
-                compare(part, value, name=name, provider=provider, rtol=None, atol=None) for part in parts
+                compare(
+                    part,
+                    value,
+                    name=name,
+                    provider=provider,
+                    rtol=None,
+                    atol=None,
+                    allow_nonfinite=allow_nonfinite,
+                )
+                for part in parts
             ]
             return max(checks, key=lambda c: (not c.ok, c.max_rel))
         note = f"rows run alone give shape {list(parts[0].shape)}: no batch axis to compare rows by"
@@ -382,7 +412,9 @@ def _compare_rows(
             provider, name, tuple(value.shape), float("inf"), float("inf"), 0, 0, False, note
         )
     reference = np.concatenate(parts, axis=axis or 0)
-    return compare(reference, value, name=name, provider=provider, rtol=None, atol=None)
+    return compare(
+        reference, value, name=name, provider=provider, rtol=None, atol=None, allow_nonfinite=allow_nonfinite
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import FORMATS, format_for, read_adapter_file, write_adapter_file
 from lora_onnx.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.finite import finite_number, require_finite_tensors
 from lora_onnx.graph import GraphIndex
 from lora_onnx.init import initial_values
 from lora_onnx.injection import refuse_existing_adapter, scan_sites
@@ -157,6 +158,7 @@ def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSourc
         plans.append(_record_plan(record, site, record.rank, record.alpha, record.scale))
         for name in (record.a, record.b):
             values.setdefault(name, model.array(name))
+    require_finite_tensors(values, model.name)  # an export must not write a file no reader would take
     return AdapterSource(tuple(plans), values, f"model {model.name}")
 
 
@@ -204,6 +206,7 @@ def inject_slots(
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    allow_nonfinite: bool = False,
 ) -> SlotInjectResult:
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
@@ -213,7 +216,7 @@ def inject_slots(
     adapter) as a file for them. With
     ``validate``, before anything is written: outputs with no adapter active must equal the base's
     exactly, and (when an adapter file is asked for or ``peft`` given) outputs with it active must equal
-    the same tensors inserted as constant branches.
+    the same tensors inserted as constant branches (NaN / Inf outputs fail unless ``allow_nonfinite``).
     """
     config = config or LoraConfig()
     source = load_model(model)
@@ -229,11 +232,23 @@ def inject_slots(
     tensors = retarget(produced.plans, produced.values, slotted, adapter)
     report = adapter_report = None
     if validate:
-        report = validation.validate(source, slotted, providers=providers, rtol=0.0, atol=0.0, dims=dims)
+        report = validation.validate(
+            source,
+            slotted,
+            providers=providers,
+            rtol=0.0,
+            atol=0.0,
+            dims=dims,
+            allow_nonfinite=allow_nonfinite,
+        )
         if report.ok and (adapter_output is not None or peft is not None):
             constant, _ = insert_branches(source, produced.plans, produced.values)
             adapter_report = validation.validate(
-                constant, bake(slotted, tensors), providers=providers, dims=dims
+                constant,
+                bake(slotted, tensors),
+                providers=providers,
+                dims=dims,
+                allow_nonfinite=allow_nonfinite,
             )
     written = adapter_written = None
     if all(r is None or r.ok for r in (report, adapter_report)):
@@ -410,7 +425,9 @@ def bind_adapter_file(
 ) -> tuple[Bound, LoadedModel]:
     """``model`` with the adapter of ``adapter_file`` as constant branches (other slots removed), and the
     reference it must equal: ``model`` run with that file active. The file must fit (see check-adapter);
-    slots it leaves out or empty add zero and are removed."""
+    slots it leaves out or empty add zero and are removed. ``strength``: a finite number >= 0."""
+    if strength is not None:
+        strength = finite_number(strength, "--strength")
     file = read_adapter_file(adapter_file)
     check = check_tensors(model, file.tensors, adapter=adapter, partial=True, label=str(file.path))
     chosen = fitting_adapter(check, "a fold takes one adapter's file")

@@ -1,9 +1,12 @@
 """Prove a rewrite in onnxruntime: run two models on the same inputs and compare every output.
 
 An output passes when ``max|candidate - reference| <= atol + rtol * max|reference|`` (a norm-wise
-test, robust to outputs with elements near zero). Defaults follow the output's type: float32/64
-rtol 1e-4, atol 1e-5; float16/bfloat16 rtol 1e-2, atol 1e-3; integers and booleans must be equal.
-Tolerances can be set per output, as Polygraphy does.
+test, robust to outputs with elements near zero). NaN / Inf are never agreement: a candidate with one
+where the reference is finite fails, and so does a reference with any, unless ``allow_nonfinite``
+(``--allow-nonfinite``), which requires them at the same positions and compares the finite rest.
+Defaults follow the output's type: float32/64 rtol 1e-4, atol 1e-5; float16/bfloat16 rtol 1e-2, atol
+1e-3; integers and booleans must be equal. Tolerances (finite, >= 0) can be set per output, as
+Polygraphy does.
 
 Providers are always passed explicitly and checked after the session exists: onnxruntime silently
 falls back to the CPU when CUDA is unusable, and a validation asked for CUDA must then fail, not pass.
@@ -22,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_onnx.errors import LoraOnnxError, ProviderError
+from lora_onnx.finite import finite_number
 from lora_onnx.inputs import InputSpec, load_inputs, make_inputs
 from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.save import save_model
@@ -49,6 +53,9 @@ class OutputComparison:
     atol: float
     ok: bool
     note: str = ""
+    #: NaN / Inf elements in each output (a finite reference needs a finite candidate; see compare).
+    nonfinite_reference: int = 0
+    nonfinite_candidate: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,16 @@ def _pick(tolerance: Tolerances, name: str, default: float) -> float:
     return float(tolerance)
 
 
+def check_tolerances(rtol: Tolerances, atol: Tolerances) -> None:
+    """Refuse a NaN, infinite or negative tolerance (an infinite rtol would pass any finite output)."""
+    for flag, tolerance in (("rtol", rtol), ("atol", atol)):
+        if tolerance is None:
+            continue
+        items = tolerance.items() if isinstance(tolerance, Mapping) else [("*", tolerance)]
+        for name, value in items:
+            finite_number(value, flag if name == "*" else f"{flag} for output {name!r}")
+
+
 def compare(
     reference: np.ndarray,
     candidate: np.ndarray,
@@ -166,8 +183,15 @@ def compare(
     provider: str,
     rtol: Tolerances,
     atol: Tolerances,
+    allow_nonfinite: bool = False,
 ) -> OutputComparison:
-    """Compare one output (see the module doc for the rule)."""
+    """Compare one output (see the module doc for the rule).
+
+    NaN / Inf are never agreement: a candidate with one where the reference is finite fails, and a
+    reference that has any fails too (a model that outputs NaN proves nothing) unless
+    ``allow_nonfinite``, which then requires them at the same positions (NaN where NaN, Inf of the same
+    sign) and compares the finite rest with the tolerances.
+    """
     default_r, default_a = default_tolerance(reference.dtype)
     r, a = _pick(rtol, name, default_r), _pick(atol, name, default_a)
     shape = tuple(reference.shape)
@@ -176,26 +200,36 @@ def compare(
         return OutputComparison(provider, name, shape, float("inf"), float("inf"), r, a, False, note)
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
-    same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
-    finite = np.isfinite(ref) & np.isfinite(cand)
-    if not np.all(same_special | finite):
-        count = int(np.sum(~(same_special | finite)))
+    ref_finite, cand_finite = np.isfinite(ref), np.isfinite(cand)
+    counts = {
+        "nonfinite_reference": int(ref.size - np.count_nonzero(ref_finite)),
+        "nonfinite_candidate": int(cand.size - np.count_nonzero(cand_finite)),
+    }
+
+    def failed(note: str) -> OutputComparison:
         return OutputComparison(
-            provider,
-            name,
-            shape,
-            float("inf"),
-            float("inf"),
-            r,
-            a,
-            False,
-            f"{count} elements are NaN/inf in one only",
+            provider, name, shape, float("inf"), float("inf"), r, a, False, note, **counts
         )
+
+    stray = int(np.count_nonzero(ref_finite & ~cand_finite))
+    if stray:
+        return failed(f"the candidate has {stray} NaN/Inf values where the reference is finite")
+    if counts["nonfinite_reference"] and not allow_nonfinite:
+        return failed(
+            f"reference output {name!r} has {counts['nonfinite_reference']} NaN/Inf values; pass "
+            "--allow-nonfinite to compare them position by position"
+        )
+    same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
+    differ = int(np.count_nonzero(~ref_finite & ~same_special))
+    if differ:
+        return failed(f"{differ} NaN/Inf values of the reference are not matched by the candidate")
+    finite = ref_finite  # the candidate is finite wherever the reference is (checked above)
     diff = np.abs(ref[finite] - cand[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(ref[finite]).max()) if diff.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return OutputComparison(provider, name, shape, max_abs, max_rel, r, a, max_abs <= a + r * scale)
+    ok = max_abs <= a + r * scale
+    return OutputComparison(provider, name, shape, max_abs, max_rel, r, a, ok, **counts)
 
 
 def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[Path, str]:
@@ -230,12 +264,15 @@ def validate(
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    allow_nonfinite: bool = False,
 ) -> ValidationReport:
     """Run both models on the same inputs on every provider and compare every reference output.
 
     ``inputs`` is an .npz path or a mapping of arrays; otherwise inputs are generated (see
-    :mod:`lora_onnx.inputs`). ``rtol`` / ``atol`` are one number or a mapping output name -> number.
+    :mod:`lora_onnx.inputs`). ``rtol`` / ``atol`` are one number or a mapping output name -> number
+    (finite, >= 0). An output with NaN / Inf fails unless ``allow_nonfinite`` (see :func:`compare`).
     """
+    check_tolerances(rtol, atol)
     chosen = parse_providers(providers)
     comparisons: list[OutputComparison] = []
     feeds: dict[str, np.ndarray] = {}
@@ -274,7 +311,15 @@ def validate(
                     )
                     continue
                 comparisons.append(
-                    compare(value, cand_out[name], name=name, provider=provider, rtol=rtol, atol=atol)
+                    compare(
+                        value,
+                        cand_out[name],
+                        name=name,
+                        provider=provider,
+                        rtol=rtol,
+                        atol=atol,
+                        allow_nonfinite=allow_nonfinite,
+                    )
                 )
     shapes = {name: tuple(value.shape) for name, value in feeds.items()}
     return ValidationReport(tuple(comparisons), chosen, shapes)

@@ -66,3 +66,32 @@ def test_scalars_are_refused_for_onnx_adapter_and_inputs_are_protected(tmp_path:
     with pytest.raises(OutputError, match="refusing to overwrite the input"):
         write_adapter_file({"x": np.ones(1, np.float32)}, source, protect=[source])
     assert source.read_bytes() == before
+
+
+def test_onnx_adapter_files_refuse_dtypes_onnxruntime_cannot_read_back(tmp_path: Path) -> None:
+    import ml_dtypes
+
+    # onnxruntime writes a bool tensor it then fails to read; bfloat16 it does not take from numpy
+    for dtype in (np.bool_, ml_dtypes.bfloat16):
+        path = tmp_path / "a.onnx_adapter"
+        with pytest.raises(AdapterError, match=rf"'t' has dtype {np.dtype(dtype).name}.*write \.safetensors"):
+            write_adapter_file({"t": np.ones(2, dtype)}, path)
+        assert not path.exists()
+        same = write_adapter_file({"t": np.ones(2, dtype)}, tmp_path / "a.safetensors")
+        assert read_adapter_file(same).tensors["t"].dtype == dtype
+
+
+def test_npz_members_claiming_more_data_than_they_hold_are_refused_before_reading(tmp_path: Path) -> None:
+    import struct
+    import zipfile
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (4096, 4096), }"
+    with zipfile.ZipFile(tmp_path / "a.npz", "w") as archive:
+        archive.writestr("x.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + b"\0" * 64)
+        archive.writestr("note.txt", b"not an array")
+    with pytest.raises(AdapterError, match=r"member 'x\.npy' claims shape \(4096, 4096\) of float32"):
+        read_adapter_file(tmp_path / "a.npz")
+    with zipfile.ZipFile(tmp_path / "b.npz", "w") as archive:
+        archive.writestr("note.txt", b"not an array")  # np.load would hand back these bytes as a "tensor"
+    with pytest.raises(AdapterError, match="not a readable npz adapter file"):
+        read_adapter_file(tmp_path / "b.npz")

@@ -34,7 +34,9 @@ def test_compare_rule_is_normwise_with_dtype_defaults() -> None:
     assert compare(ref, ref * 1.01, name="y", provider="cpu", rtol={"y": 0.02}, atol=None).ok
     assert not compare(ref, ref[:1], name="y", provider="cpu", rtol=None, atol=None).ok
     nan = np.array([np.nan, 1.0], np.float32)
-    assert compare(nan, nan.copy(), name="y", provider="cpu", rtol=None, atol=None).ok
+    # NaN is never agreement (issue 10): a non-finite reference fails unless the user opts in
+    assert not compare(nan, nan.copy(), name="y", provider="cpu", rtol=None, atol=None).ok
+    assert compare(nan, nan.copy(), name="y", provider="cpu", rtol=None, atol=None, allow_nonfinite=True).ok
     assert not compare(nan, np.ones(2, np.float32), name="y", provider="cpu", rtol=None, atol=None).ok
     ints = np.array([1, 2], np.int64)
     assert not compare(ints, ints + 1, name="y", provider="cpu", rtol=None, atol=None).ok

@@ -131,6 +131,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         providers=options.get("providers", "cpu"),
         dims=options.get("dims", {}),
         skip_existing=args.skip_existing,
+        allow_nonfinite=args.allow_nonfinite,
     )
     return batch_options, notes
 

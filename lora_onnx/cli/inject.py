@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), link_data=not args.copy_data,
+        allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

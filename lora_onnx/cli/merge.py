@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,
         strength=args.strength, adapter_index=args.adapter_index,
-        dequantize=args.dequantize,
+        dequantize=args.dequantize, allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
     if result.slots_removed:
         info(f"Removed {len(result.slots_removed)} LoRA slot(s) the adapter file leaves off.")

@@ -112,7 +112,7 @@ def adapter_sources(args: argparse.Namespace, kind: str | None = None) -> list[t
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """--providers and --dim: where and with which symbolic dims onnxruntime runs a validation."""
+    """--providers, --dim, --allow-nonfinite: where and how onnxruntime runs and judges a validation."""
     parser.add_argument(
         "--providers", default="cpu", help="execution providers: cpu, cuda or cpu,cuda (default cpu)"
     )
@@ -124,6 +124,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=V",
         help="values for symbolic input dims",
     )
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true",
+        help="let a validation compare NaN / Inf outputs position by position (NaN where NaN, Inf of the "
+        "same sign) instead of failing on them",
+    )  # fmt: skip
 
 
 #: Suffixes of adapter and data files: a model output named so is a mix-up, suggest the .onnx name instead.

@@ -7,6 +7,7 @@ import argparse
 from lora_onnx.cli.options import add_run_arguments, dims_from_args
 from lora_onnx.cli.render import print_validation, write_json
 from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
+from lora_onnx.finite import finite_number
 from lora_onnx.validation import validate
 
 
@@ -21,6 +22,7 @@ def _tolerance(items: list[str] | None, flag: str) -> float | dict[str, float] |
             values[name or "*"] = float(number)
         except ValueError as exc:
             raise LoraOnnxError(f"{flag} takes a number or OUTPUT:number, got {item!r}") from exc
+        finite_number(values[name or "*"], f"{flag} for output {name!r}" if name else flag)
     return values
 
 
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validate",
         help="run two models in onnxruntime on the same inputs and compare every output",
         description="Run REFERENCE and CANDIDATE on the same inputs and compare every output: an output "
-        "passes when max|cand - ref| <= atol + rtol * max|ref|. Exit 0 when all agree, 1 when any does not.",
+        "passes when max|cand - ref| <= atol + rtol * max|ref|; NaN / Inf never agree (see "
+        "--allow-nonfinite). Exit 0 when all agree, 1 when any does not.",
     )
     parser.add_argument("reference", help="reference model")
     parser.add_argument("candidate", help="model to check against it")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     report = validate(
         args.reference, args.candidate, providers=args.providers, rtol=_tolerance(args.rtol, "--rtol"),
         atol=_tolerance(args.atol, "--atol"), inputs=args.inputs, dims=dims_from_args(args), seed=args.seed,
+        allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
     print_validation(report)
     if args.json:

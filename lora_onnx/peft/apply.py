@@ -56,6 +56,7 @@ def apply_peft(
     adapter_name: str = DEFAULT_ADAPTER,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    allow_nonfinite: bool = False,
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -64,6 +65,7 @@ def apply_peft(
     anything that does not fit raises :class:`~lora_onnx.errors.AdapterError` before anything is written.
     With ``validate`` the unmerged model is compared in onnxruntime with its own fold (the merged model
     when ``merge``); a branch that cannot be folded (a grouped conv, as in PEFT) stays unproven, with a note.
+    NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
     """
     source = load_model(model)
     refuse_existing_adapter(source, adapter_name)
@@ -83,7 +85,9 @@ def apply_peft(
     result = fold.model if merge and fold is not None else rewritten
     report = None
     if validate and fold is not None and fold.folded:
-        report = validation.validate(rewritten, fold.model, providers=providers, dims=dims)
+        report = validation.validate(
+            rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite
+        )
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(result, output)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,16 @@ def read_adapter_config(folder: Path) -> PeftAdapterConfig:
         raise AdapterError(_missing_config(folder)) from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise AdapterError(f"{file}: not a readable JSON adapter config ({exc})") from exc
+    except RecursionError as exc:  # json's parser recurses once per nesting level
+        raise AdapterError(f"{file}: not a readable JSON adapter config (nested too deeply)") from exc
     if not isinstance(data, dict):
         raise AdapterError(f"{file}: expected a JSON object, got {type(data).__name__}")
     _refuse_unsupported(file, data)
+    saved = data.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise AdapterError(
+            f"{file}: modules_to_save must be a list of module names or null, got {reprlib.repr(saved)}"
+        )
     rank = _positive_int(file, "r", data.get("r", 8))
     alpha = _positive_number(file, "lora_alpha", data.get("lora_alpha", 8))
     rank_pattern = _pattern(file, "rank_pattern", data.get("rank_pattern"), integer=True)

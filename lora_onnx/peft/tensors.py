@@ -2,7 +2,7 @@
 numpy side; bfloat16 through ml_dtypes, which onnx already needs).
 
 Opening reads the header only: keys, dtypes and shapes are checked before any tensor is, and each
-tensor is read when asked for.
+tensor is read when asked for (and refused, naming its key, when it holds a NaN or Inf).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from lora_onnx.errors import AdapterError
+from lora_onnx.finite import require_finite_tensor
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -61,9 +62,16 @@ class SafetensorsFile:
         return iter(self.tensors)
 
     def read(self, key: str) -> np.ndarray:
-        """The tensor's values."""
-        with safe_open(str(self.path), framework="numpy") as handle:
-            return handle.get_tensor(key)
+        """The tensor's values; a NaN or Inf among them is an :class:`AdapterError` naming the key."""
+        try:
+            with safe_open(str(self.path), framework="numpy") as handle:
+                value = handle.get_tensor(key)
+        except OSError as exc:
+            raise AdapterError(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
+        except SafetensorError as exc:  # the file changed since its header was read
+            raise AdapterError(f"{self.path}: cannot read key {key!r} ({exc})") from exc
+        require_finite_tensor(value, key, str(self.path))
+        return value
 
 
 def open_adapter_weights(folder: Path) -> SafetensorsFile:
