@@ -6,12 +6,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lora_onnx.constants import DEFAULT_ADAPTER, INIT_KINDS
 from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.sites import DEFAULT_OPS, OP_KEYS
 from lora_onnx.targets import TargetSelector, compile_regex, pattern_value
-
-INIT_KINDS = ("default", "gaussian", "random")
-DEFAULT_ADAPTER = "default"
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.adapter_files import FORMATS
-from lora_onnx.cli.render import info
-from lora_onnx.swapping import export_adapter
+from lora_onnx.cli.render import final
+from lora_onnx.constants import ADAPTER_FORMATS as FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,16 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lora_onnx.swapping import export_adapter
+
     result = export_adapter(
         args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
         format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
     )  # fmt: skip
     if result.format == "peft":
-        info(f"Wrote PEFT adapter folder {result.output}")
+        final(f"Wrote PEFT adapter folder {result.output}")
         return 0
     slots = sum(1 for name in result.tensors if name.endswith(".lora_A.weight"))
     empty = f"; {len(result.empty)} left empty (rank 0: those slots stay off)" if result.empty else ""
-    info(
+    final(
         f"Wrote {result.output} ({result.format}): adapter {result.adapter!r} from {result.origin}, "
         f"{len(result.tensors)} tensors for {slots} slot(s){empty}."
     )

@@ -6,8 +6,7 @@ import argparse
 import json
 
 from lora_onnx.cli.options import add_recipe_arguments, config_from_args
-from lora_onnx.cli.render import info, print_inspection
-from lora_onnx.inspection import inspect_model
+from lora_onnx.cli.render import final, print_inspection
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,14 +18,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="an .onnx model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    add_recipe_arguments(parser)
+    add_recipe_arguments(parser, fresh=False)  # --init, --seed, --name change nothing a listing shows
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lora_onnx.inspection import inspect_model
+
     inspection = inspect_model(args.model, config_from_args(args))
     if args.json:
-        info(json.dumps(inspection.to_json(), indent=2, default=str))
+        final(json.dumps(inspection.to_json(), indent=2, default=str))
     else:
         print_inspection(inspection)
     return 0

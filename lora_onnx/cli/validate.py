@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.options import add_run_arguments, dims_from_args
-from lora_onnx.cli.render import print_validation, write_json
+from lora_onnx.cli.render import QUIET, final, print_validation, validation_verdict, verbosity, write_json
 from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
-from lora_onnx.validation import validate
 
 
 def _tolerance(items: list[str] | None, flag: str) -> float | dict[str, float] | None:
@@ -47,11 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lora_onnx.validation import validate
+
     report = validate(
         args.reference, args.candidate, providers=args.providers, rtol=_tolerance(args.rtol, "--rtol"),
         atol=_tolerance(args.atol, "--atol"), inputs=args.inputs, dims=dims_from_args(args), seed=args.seed,
     )  # fmt: skip
     print_validation(report)
+    if verbosity() == QUIET and report.ok:
+        final(validation_verdict(report))  # the table's title, which quiet does not print
     if args.json:
         write_json(args.json, report.to_json())
     return 0 if report.ok else EXIT_MISMATCH
