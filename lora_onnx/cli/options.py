@@ -88,8 +88,8 @@ def reclaim_positionals(parser: argparse.ArgumentParser, argv: Sequence[str]) ->
     argparse lets ``--target q_proj v_proj MODEL`` take MODEL as a third name. A module name never looks
     like a file (a path with a slash, an existing file or folder, a ``.onnx`` name), nor does a KEY=VALUE
     item (it has ``=``), so the list ends at the first value that does, and the rest are positionals:
-    ``--target q v MODEL`` becomes ``MODEL --target q v``. Anything else stays a value, so a malformed
-    item (``--rank-pattern query``) is still reported as such.
+    ``inspect --target q v MODEL`` becomes ``inspect MODEL --target q v``. Anything else stays a value,
+    so a malformed item (``--rank-pattern query``) is still reported as such.
     """
     flags = {
         flag: action.pairs
@@ -99,26 +99,33 @@ def reclaim_positionals(parser: argparse.ArgumentParser, argv: Sequence[str]) ->
         for flag in action.option_strings
     }
     args = list(argv)
+    kept: list[str] = []
+    moved: list[str] = []
     i = 0
     while i < len(args):
         if args[i] == "--":
+            kept.extend(args[i:])
             break
         pairs = flags.get(args[i])
+        kept.append(args[i])
+        i += 1
         if pairs is None:
-            i += 1
             continue
-        end = i + 1
+        end = i
         while end < len(args) and not args[end].startswith("-"):
             end += 1
-        values = args[i + 1 : end]
+        values = args[i:end]
         cut = next(
             (k for k, v in enumerate(values) if _looks_like_path(v) and not (pairs and "=" in v)), len(values)
         )
-        if cut < len(values):
-            args[i:end] = [*values[cut:], args[i], *values[:cut]]
-            i += len(values) - cut
-        i += 1 + cut
-    return args
+        kept.extend(values[:cut])
+        moved.extend(values[cut:])
+        i = end
+    if not moved:
+        return kept
+    # In front of the first option: after the command words, before any list that could take them.
+    first = next(k for k, arg in enumerate(kept) if arg.startswith("-"))
+    return [*kept[:first], *moved, *kept[first:]]
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
