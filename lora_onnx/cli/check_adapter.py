@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from lora_onnx.cli.render import final, new_table, print_table
+from lora_onnx.cli.render import QUIET, console, final, new_table, print_table, verbosity
 from lora_onnx.errors import EXIT_MISMATCH
 
 if TYPE_CHECKING:
@@ -58,6 +58,11 @@ def print_check(check: AdapterCheck) -> None:
             row.name, row.status if row.ok else row.status.upper(), shapes_text(row.expected_shape),
             shapes_text(row.actual_shape), dtype, row.detail,
         )  # fmt: skip
-    print_table(table)
+    if check.ok:
+        print_table(table)
+    else:
+        console().print(table)  # the problems, even with --quiet
     counts = ", ".join(f"{count} {status}" for status, count in sorted(check.counts().items()))
-    final(f"{title}; {len(check.rows)} tensors: {counts}")
+    # Quiet prints no table, so its one line carries the verdict the table's title holds.
+    verdict_line = f"{title}; " if verbosity() == QUIET and check.ok else ""
+    final(f"{verdict_line}{len(check.rows)} tensors: {counts}")

@@ -1,5 +1,5 @@
-"""How results look on a terminal: rich tables on stdout, one-line errors and warnings on stderr, progress
-bars on a terminal's stderr.
+"""How results look: rich tables and result lines on stdout, one-line errors and warnings on stderr,
+progress bars while long steps run (only on a terminal).
 
 rich is imported when a table or a bar is first drawn, never for ``--help`` or a one-line message. How
 much is shown follows ``-q`` / ``-v`` (:func:`set_verbosity`): quiet keeps errors and each command's final
@@ -91,12 +91,6 @@ def final(message: str) -> None:
     _write("stdout", message)
 
 
-def detail(message: str) -> None:
-    """A line shown only with --verbose."""
-    if _verbosity >= VERBOSE:
-        _write("stdout", message)
-
-
 def print_table(table: Table) -> None:
     """A table on stdout; quiet hides it."""
     if _verbosity > QUIET:
@@ -186,7 +180,7 @@ def _skipped_listing(rows: list[Skipped]) -> str:
 
 
 def print_skipped(skipped: Iterable[Skipped]) -> None:
-    """The skipped nodes: one summary line, or the full table with --verbose."""
+    """The skipped nodes: one summary line, or every node and its reason with --verbose."""
     rows = list(skipped)
     if not rows:
         return
