@@ -91,12 +91,12 @@ def test_reclaimed_positionals_for_every_list_option() -> None:
     assert args.rank_pattern == ["query"], "a malformed item stays, to be reported as such"
 
 
-@pytest.mark.parametrize("flag", ["--init", "--seed", "--name"])
+@pytest.mark.parametrize("flag", ["--init", "--seed", "--name", "--alpha", "--rslora", "--alpha-pattern"])
 def test_inspect_does_not_offer_options_that_change_nothing(
     flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", str(BERT), flag, "1"])
+        main(["inspect", str(BERT), flag, "x=1"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
     with pytest.raises(SystemExit):

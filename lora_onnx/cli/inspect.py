@@ -13,12 +13,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
         help="list the sites a recipe would change, with A/B shapes, and the skipped nodes with reasons",
-        description="Show every site (node, op, module path, weight, layout, in/out, A and B shapes, LoRA "
-        "parameters) for a recipe, every node that cannot take a branch and why, and totals.",
+        description="Show every site (module path, op, A and B shapes, LoRA parameters; with -v also node, "
+        "weight and layout; --json has all) for a recipe, every node that cannot take a branch and why, "
+        "and totals.",
     )
     parser.add_argument("model", help="an .onnx model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    add_recipe_arguments(parser, fresh=False)  # --init, --seed, --name change nothing a listing shows
+    add_recipe_arguments(parser, fresh=False)  # no alpha, init, seed or name: they change no site or shape
     parser.set_defaults(func=run)
 
 

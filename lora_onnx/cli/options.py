@@ -144,13 +144,14 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def add_recipe_arguments(parser: argparse.ArgumentParser, *, fresh: bool = True) -> None:
     """--rank, --alpha, --target... : a fresh adapter's recipe, with PEFT's meaning.
 
-    ``fresh=False`` leaves out what only shapes new tensors (--init, --seed, --name), for commands that
-    only look (inspect).
+    ``fresh=False`` leaves out what only sets new tensors' values (--alpha, --rslora, --alpha-pattern,
+    --init, --seed, --name), for commands that only look at sites and shapes (inspect).
     """
     group = parser.add_argument_group("adapter recipe (PEFT semantics)")
     group.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r (default 8)")
-    group.add_argument("--alpha", type=float, help="lora_alpha (default: the rank, so the scale is 1)")
-    group.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    if fresh:
+        group.add_argument("--alpha", type=float, help="lora_alpha (default: the rank, so the scale is 1)")
+        group.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     group.add_argument(
         "--target", action=ListAction, default=[], metavar="NAME",
         help="module names (repeatable, or comma separated): a path equal to NAME or ending in .NAME "
@@ -163,9 +164,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, fresh: bool = True)
         "--rank-pattern", action=ListAction, pairs=True, default=[], metavar="KEY=R",
         help="per-module rank: the first KEY whose regex ends the module path wins",
     )  # fmt: skip
-    group.add_argument(
-        "--alpha-pattern", action=ListAction, pairs=True, default=[], metavar="KEY=A", help="per-module alpha"
-    )
+    if fresh:
+        group.add_argument(
+            "--alpha-pattern",
+            action=ListAction,
+            pairs=True,
+            default=[],
+            metavar="KEY=A",
+            help="per-module alpha",
+        )
     group.add_argument(
         "--ops",
         default=",".join(OP_KEYS),
@@ -205,14 +212,14 @@ def config_from_args(args: argparse.Namespace) -> LoraConfig:
     )
     return LoraConfig(
         rank=args.rank,
-        alpha=args.alpha,
-        use_rslora=args.rslora,
+        alpha=getattr(args, "alpha", None),
+        use_rslora=getattr(args, "rslora", False),
         targets=targets,
         ops=frozenset(op.strip().lower() for op in args.ops.split(",") if op.strip()),
         init=getattr(args, "init", "default"),
         seed=getattr(args, "seed", 0),
         rank_pattern=_pairs(args.rank_pattern, "--rank-pattern", int),  # type: ignore[arg-type]
-        alpha_pattern=_pairs(args.alpha_pattern, "--alpha-pattern", float),  # type: ignore[arg-type]
+        alpha_pattern=_pairs(getattr(args, "alpha_pattern", []), "--alpha-pattern", float),  # type: ignore[arg-type]
         adapter_name=getattr(args, "name", DEFAULT_ADAPTER),
     )
 
