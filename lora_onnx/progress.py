@@ -7,7 +7,7 @@ default costs one context-variable lookup per step, and this module imports noth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
@@ -25,6 +25,10 @@ class Reporter(Protocol):
         """``amount`` more of step ``task`` is done."""
         ...
 
+    def describe(self, task: int, description: str) -> None:
+        """Step ``task`` is now doing ``description`` (e.g. the model a batch converts)."""
+        ...
+
     def finish(self, task: int) -> None:
         """Step ``task`` ended (done, or abandoned by an error)."""
         ...
@@ -33,24 +37,33 @@ class Reporter(Protocol):
 _reporter: ContextVar[Reporter | None] = ContextVar("lora_onnx_progress", default=None)
 
 
-def _ignore(amount: float = 1) -> None:
-    pass
+class Step:
+    """What :func:`step` yields: call it to advance, ``describe`` to say what it is doing now."""
+
+    def __init__(self, reporter: Reporter | None = None, task: int = 0) -> None:
+        self._reporter = reporter
+        self._task = task
+
+    def __call__(self, amount: float = 1) -> None:
+        if self._reporter is not None:
+            self._reporter.advance(self._task, amount)
+
+    def describe(self, description: str) -> None:
+        if self._reporter is not None:
+            self._reporter.describe(self._task, description)
 
 
 @contextmanager
-def step(description: str, total: float | None = None, unit: str = "") -> Iterator[Callable[[float], None]]:
-    """Report a long step; yields ``advance(amount=1)``. Silent unless a reporter is installed."""
+def step(description: str, total: float | None = None, unit: str = "") -> Iterator[Step]:
+    """Report a long step; yields a :class:`Step` (``advance(amount=1)``). Silent unless a reporter is
+    installed."""
     reporter = _reporter.get()
     if reporter is None:
-        yield _ignore
+        yield Step()
         return
     task = reporter.start(description, total, unit)
-
-    def advance(amount: float = 1) -> None:
-        reporter.advance(task, amount)
-
     try:
-        yield advance
+        yield Step(reporter, task)
     finally:
         reporter.finish(task)
 

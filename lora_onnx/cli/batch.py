@@ -185,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
                 advance()
 
             report = run_batch(
-                args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan, on_result=log
-            )
+                args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan,
+                on_start=lambda job: advance.describe(job.path), on_result=log,
+            )  # fmt: skip
     except KeyboardInterrupt:
         render.error(
             f"interrupted after {done} of {total} model(s); finished outputs are complete, the others were "

@@ -327,6 +327,10 @@ class StepReporter:
         _, _, total, unit = self._steps[task]
         self._progress.update(self._ids[task], advance=amount, amount=_amount(self._done[task], total, unit))
 
+    def describe(self, task: int, description: str) -> None:
+        if task in self._ids and self._progress is not None:
+            self._progress.update(self._ids[task], description=description)
+
     def finish(self, task: int) -> None:
         description, began, _, _ = self._steps.pop(task)
         self._done.pop(task, None)
