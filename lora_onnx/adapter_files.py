@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from lora_onnx.constants import ADAPTER_FORMATS
 from lora_onnx.errors import AdapterError, OutputError
 from lora_onnx.finite import require_finite_tensors
 from lora_onnx.save import check_output_path
 
 #: Format name -> file suffix.
-FORMATS = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}
+FORMATS = ADAPTER_FORMATS
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ def _read(path: str | os.PathLike, format: str | None) -> AdapterFile:
         kind = _sniff(file) or format_for(file, format)
     try:
         if kind == "onnx_adapter":
+            import onnxruntime as ort  # only .onnx_adapter files need it
+
             adapter = ort.AdapterFormat.read_adapter(str(file))
             # get_parameters() returns views into the reader's buffer: copy them out.
             tensors = {name: np.array(value.numpy()) for name, value in adapter.get_parameters().items()}
@@ -183,6 +185,8 @@ def write_adapter_file(
     temp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if kind == "onnx_adapter":
+            import onnxruntime as ort
+
             writer = ort.AdapterFormat()
             writer.set_adapter_version(adapter_version)
             writer.set_model_version(model_version)

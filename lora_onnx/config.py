@@ -6,16 +6,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lora_onnx.constants import DEFAULT_ADAPTER, INIT_KINDS
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.finite import finite_number
 from lora_onnx.inputs import check_seed
 from lora_onnx.sites import DEFAULT_OPS, OP_KEYS
 from lora_onnx.targets import TargetSelector, compile_regex, pattern_value
 
-INIT_KINDS = ("default", "gaussian", "random")
 #: The largest float32: an alpha (and so a scale) beyond it is inf in the graph.
 FLOAT32_MAX = 3.4028234663852886e38
-DEFAULT_ADAPTER = "default"
 #: PEFT's default rank ``r``; never refused for being above a site's size (see lora_onnx.plan).
 DEFAULT_RANK = 8
 

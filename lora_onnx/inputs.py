@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_onnx.constants import ADAPTER_INDEX
 from lora_onnx.errors import LoraOnnxError
 
 _ORT_TYPES = {
@@ -31,9 +32,6 @@ _ORT_TYPES = {
 _BATCH = re.compile(r"batch|^n$|^b$|^N$", re.IGNORECASE)
 _MAX_TOKEN = 16
 DEFAULT_BATCH, DEFAULT_OTHER = 2, 8
-#: The per-row adapter index of mixed-batch models (:data:`lora_onnx.mixed.INDEX_INPUT`): random values
-#: would fall outside the adapter count, so generated inputs use adapter 0.
-ADAPTER_INDEX = "lora_adapter_index"
 #: Seeds are numpy SeedSequence entropy: whole numbers 0 .. 2**32 - 1 (one 32-bit word, as in torch/numpy).
 MAX_SEED = 2**32 - 1
 

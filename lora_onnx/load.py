@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from lora_onnx import progress
 from lora_onnx.errors import FoldError, LoraOnnxError, ModelLoadError
 from lora_onnx.manifest import check_branches
 from lora_onnx.tensors import ExternalRef, data_file, external_ref, nbytes, read_array, shape_of, type_name
@@ -139,18 +140,40 @@ def _read_graph(path: Path) -> onnx.ModelProto:
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, not an .onnx file")
     try:
-        data = path.read_bytes()
+        data = _read_bytes(path)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror})") from exc
     proto = onnx.ModelProto()
     try:
-        proto.ParseFromString(data)
+        with progress.step(f"parsing {path.name}"):
+            proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated ({exc})") from exc
     if not proto.graph.node or not proto.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated (the graph is empty)")
     _check_opsets(path, proto)
     return proto
+
+
+_READ_CHUNK = 16 << 20
+
+
+def _read_bytes(path: Path) -> bytearray:
+    """The file's bytes, read in chunks so that reading a big graph reports progress."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        data = bytearray(size)
+        view = memoryview(data)
+        done = 0
+        with progress.step(f"reading {path.name}", total=size, unit="bytes") as advance:
+            while done < size:
+                count = file.readinto(view[done : done + _READ_CHUNK])
+                if not count:
+                    break  # the file shrank while being read: parsing reports the truncation
+                done += count
+                advance(count)
+        view.release()
+    return data[:done] if done < size else data
 
 
 def _check_opsets(path: Path, proto: onnx.ModelProto) -> None:

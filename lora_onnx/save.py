@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lora_onnx import progress
 from lora_onnx.errors import OutputError
 from lora_onnx.load import LoadedModel, all_tensors
 from lora_onnx.streaming import StreamedTensor
@@ -203,7 +204,8 @@ def _link_or_copy(source: Path, temp: Path, link: bool = True) -> None:
             return
         except OSError:
             pass  # another file system, or links not allowed: a copy is slower but just as correct
-    shutil.copyfile(source, temp)
+    with progress.step(f"copying {source.name}"):
+        shutil.copyfile(source, temp)
 
 
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -292,15 +294,20 @@ def _stream_data(
     proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef], data_path: Path, staged: _Staged
 ) -> None:
     """Write every external (or large inline) tensor into one new data file, one tensor at a time."""
-    with open(staged.temp_for(data_path), "wb") as out:
-        for tensor in all_tensors(proto.graph):
+    tensors = [
+        tensor
+        for tensor in all_tensors(proto.graph)
+        if external_ref(tensor) is not None
+        or len(tensor.raw_data) >= EXTERNAL_THRESHOLD
+        or tensor.name in model.overrides
+    ]
+    total = sum(nbytes(tensor) for tensor in tensors)
+    with (
+        open(staged.temp_for(data_path), "wb") as out,
+        progress.step(f"writing {data_path.name}", total=total, unit="bytes") as advance,
+    ):
+        for tensor in tensors:
             ref = external_ref(tensor)
-            if (
-                ref is None
-                and len(tensor.raw_data) < EXTERNAL_THRESHOLD
-                and tensor.name not in model.overrides
-            ):
-                continue
             size = nbytes(tensor)
             offset = _pad_to_alignment(out, size)
             producer = model.overrides.get(tensor.name)
@@ -317,6 +324,7 @@ def _stream_data(
             else:
                 out.write(tensor.raw_data)
             set_external_ref(tensor, ExternalRef(data_path.name, offset, size))
+            advance(size)
 
 
 def _copy_range(source: Path, offset: int, size: int, out) -> None:  # type: ignore[no-untyped-def]

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import onnx
 
+from lora_onnx.constants import OP_KEYS
 from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.module_paths import module_path
 from lora_onnx.weights import WeightRef, resolve_weight
 
-#: op keys used by --ops, mapped to ONNX op types.
-OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv", "matmulnbits": "MatMulNBits"}
 DEFAULT_OPS = frozenset(OP_KEYS)
 #: Every op key :func:`find_sites` understands: --ops plus embedding lookups, which only PEFT import uses.
 SITE_OPS = {**OP_KEYS, "gather": "Gather"}

@@ -20,15 +20,19 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
+from lora_onnx import progress
 from lora_onnx.errors import LoraOnnxError, ProviderError
 from lora_onnx.finite import finite_number
 from lora_onnx.inputs import InputSpec, load_inputs, make_inputs
 from lora_onnx.load import LoadedModel, load_model
 from lora_onnx.save import save_model
+
+if TYPE_CHECKING:  # imported where a session is made: inspect and inject without --validate never need it
+    import onnxruntime as ort
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: Environment variable capping onnxruntime's threads per session (intra-op). Unset, onnxruntime uses
@@ -110,6 +114,8 @@ def create_session(path: str | os.PathLike, provider: str, label: str | None = N
 
     ``label`` names the model in messages (the user's file, when ``path`` is a temporary copy).
     """
+    import onnxruntime as ort
+
     label = label or str(path)
     if provider not in ort.get_available_providers():
         extra = " (install onnxruntime-gpu, e.g. pip install 'lora-onnx[cuda]')" if "CUDA" in provider else ""
@@ -281,9 +287,13 @@ def validate(
             _as_path(reference, stack),
             _as_path(candidate, stack),
         )
+        # Two sessions and two runs per provider.
+        advance = stack.enter_context(progress.step("validating in onnxruntime", total=4 * len(chosen)))
         for provider in chosen:
             ref_session = create_session(ref_path, provider, ref_label)
+            advance()
             cand_session = create_session(cand_path, provider, cand_label)
+            advance()
             if not feeds:
                 specs = input_specs(ref_session)
                 if isinstance(inputs, Mapping):
@@ -293,7 +303,9 @@ def validate(
                 else:
                     feeds = make_inputs(specs, dims, seed, strict=True)
             ref_out = run_model(ref_session, feeds, ref_label)
+            advance()
             cand_out = run_model(cand_session, feeds, cand_label)
+            advance()
             for name, value in ref_out.items():
                 if name not in cand_out:
                     comparisons.append(

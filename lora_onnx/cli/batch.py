@@ -7,18 +7,17 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from lora_onnx.batch import AdapterSource, BatchOptions, ModelJob, plan_batch, run_batch
+from lora_onnx import progress
 from lora_onnx.cli import render
 from lora_onnx.cli.options import _pairs, add_recipe_arguments, add_run_arguments
 from lora_onnx.cli.render import info, warn
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.inputs import parse_dims
-from lora_onnx.recipes import RECIPE_KEYS, build_config, load_recipe
-from lora_onnx.reports import BatchReport, ModelReport, parse_shard, write_junit, write_report
+
+if TYPE_CHECKING:
+    from lora_onnx.batch import BatchOptions
+    from lora_onnx.reports import BatchReport, ModelReport
 
 #: argparse destinations of recipe and run flags -> recipe option names (see lora_onnx.recipes).
 _FLAG_KEYS = {
@@ -92,6 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe and run options given on the command line, as recipe option values."""
+    from lora_onnx.inputs import parse_dims
+
     given: dict[str, Any] = {}
     for dest, key in _FLAG_KEYS.items():
         value = getattr(args, dest, None)
@@ -109,6 +110,9 @@ def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str, ...]]:
     """Batch options from ``--config`` overridden by flags, and notes on how a PEFT config was read."""
+    from lora_onnx.batch import AdapterSource, BatchOptions
+    from lora_onnx.recipes import RECIPE_KEYS, build_config, load_recipe
+
     recipe_file = load_recipe(args.config) if args.config else None
     options = {**(recipe_file.options if recipe_file else {}), **_given_flags(args)}
     notes = recipe_file.notes if recipe_file else ()
@@ -160,6 +164,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lora_onnx.batch import plan_batch, run_batch
+    from lora_onnx.reports import parse_shard
+
     options, notes = options_from_args(args)
     for note in notes:
         warn(note)
@@ -169,40 +176,21 @@ def run(args: argparse.Namespace) -> int:
     part = f" (shard {shard} of {plan.total} models)" if shard else ""
     info(f"Converting {total} model(s) from {plan.root} into {plan.output_dir}{part}")
     done = 0
-    interactive = render.out.is_interactive
-
-    def log(report: ModelReport) -> None:
-        nonlocal done
-        done += 1
-        info(_line(report, done, total))
 
     try:
-        with _sigterm_as_interrupt():
-            if interactive and total:
-                columns = (
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                )
-                with Progress(*columns, console=render.out) as progress:
-                    task = progress.add_task("converting", total=total)
+        # A bar on a terminal (see render.StepReporter); each model's line is printed above it.
+        with _sigterm_as_interrupt(), progress.step(f"converting {total} model(s)", total=total) as advance:
 
-                    def started(job: ModelJob) -> None:
-                        progress.update(task, description=job.path)
+            def log(report: ModelReport) -> None:
+                nonlocal done
+                done += 1
+                info(_line(report, done, total))
+                advance()
 
-                    def finished(report: ModelReport) -> None:
-                        log(report)
-                        progress.advance(task)
-
-                    report = run_batch(
-                        args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan,
-                        on_start=started, on_result=finished,
-                    )  # fmt: skip
-            else:
-                report = run_batch(
-                    args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan, on_result=log
-                )
+            report = run_batch(
+                args.inputs, args.output_dir, options, jobs=args.jobs, plan=plan,
+                on_start=lambda job: advance.describe(job.path), on_result=log,
+            )  # fmt: skip
     except KeyboardInterrupt:
         render.error(
             f"interrupted after {done} of {total} model(s); finished outputs are complete, the others were "
@@ -214,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
 
 def finish(report: BatchReport, json_path: str | None, junit_path: str | None) -> int:
     """Write the reports asked for, print failures and the summary; the run's exit code."""
+    from lora_onnx.reports import write_junit, write_report
+
     if json_path:
         write_report(json_path, report)
     if junit_path:
@@ -221,5 +211,5 @@ def finish(report: BatchReport, json_path: str | None, junit_path: str | None) -
     for model in report.models:
         if model.status in ("failed", "mismatch"):
             render.error(f"{model.path}: {model.message}")
-    info(report.summary())
+    render.final(report.summary())
     return report.exit_code

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from rich.table import Table
-
-from lora_onnx.adapter_check import AdapterCheck, check_adapter, shapes_text
-from lora_onnx.cli.render import info, out
+from lora_onnx.cli.render import QUIET, console, final, new_table, print_table, verbosity
 from lora_onnx.errors import EXIT_MISMATCH
+
+if TYPE_CHECKING:
+    from lora_onnx.adapter_check import AdapterCheck
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,20 +31,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lora_onnx.adapter_check import check_adapter
+
     check = check_adapter(args.model, args.adapter_file, adapter=args.name, partial=args.partial)
     if args.json:
-        info(json.dumps(check.to_json(), indent=2))
+        final(json.dumps(check.to_json(), indent=2))
     else:
         print_check(check)
     return 0 if check.ok else EXIT_MISMATCH
 
 
 def print_check(check: AdapterCheck) -> None:
+    from lora_onnx.adapter_check import shapes_text
+
     verdict = "fits" if check.ok else f"does NOT fit ({len(check.problems)} problem(s))"
     adapters = ", ".join(check.adapters) or "none"
-    table = Table(
-        title=f"{check.file} vs {check.model} (adapter {adapters}): {verdict}", title_justify="left"
-    )
+    title = f"{check.file} vs {check.model} (adapter {adapters}): {verdict}"
+    table = new_table(title)
     for column in ("tensor", "status", "expected", "actual", "dtype", "detail"):
         table.add_column(column, overflow="fold")
     for row in check.rows:
@@ -54,6 +58,11 @@ def print_check(check: AdapterCheck) -> None:
             row.name, row.status if row.ok else row.status.upper(), shapes_text(row.expected_shape),
             shapes_text(row.actual_shape), dtype, row.detail,
         )  # fmt: skip
-    out.print(table)
+    if check.ok:
+        print_table(table)
+    else:
+        console().print(table)  # the problems, even with --quiet
     counts = ", ".join(f"{count} {status}" for status, count in sorted(check.counts().items()))
-    info(f"{len(check.rows)} tensors: {counts}")
+    # Quiet prints no table, so its one line carries the verdict the table's title holds.
+    verdict_line = f"{title}; " if verbosity() == QUIET and check.ok else ""
+    final(f"{verdict_line}{len(check.rows)} tensors: {counts}")

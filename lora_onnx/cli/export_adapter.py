@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.adapter_files import FORMATS
-from lora_onnx.cli.render import info
+from lora_onnx.cli.render import final
+from lora_onnx.constants import ADAPTER_FORMATS as FORMATS
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.swapping import export_adapter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,16 +38,18 @@ def run(args: argparse.Namespace) -> int:
     ):
         if not 0 <= version < 2**31:
             raise LoraOnnxError(f"{flag} must be a whole number from 0 to {2**31 - 1}, got {version}")
+    from lora_onnx.swapping import export_adapter
+
     result = export_adapter(
         args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
         format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
     )  # fmt: skip
     if result.format == "peft":
-        info(f"Wrote PEFT adapter folder {result.output}")
+        final(f"Wrote PEFT adapter folder {result.output}")
         return 0
     slots = sum(1 for name in result.tensors if name.endswith(".lora_A.weight"))
     empty = f"; {len(result.empty)} left empty (rank 0: those slots stay off)" if result.empty else ""
-    info(
+    final(
         f"Wrote {result.output} ({result.format}): adapter {result.adapter!r} from {result.origin}, "
         f"{len(result.tensors)} tensors for {slots} slot(s){empty}."
     )

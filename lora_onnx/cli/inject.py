@@ -15,7 +15,6 @@ from lora_onnx.cli.options import (
 )
 from lora_onnx.cli.peft import add_peft_arguments, run_peft
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
-from lora_onnx.injection import inject
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         return run_slots(args)
     if args.peft or args.merge:
         return run_peft(args)
+    from lora_onnx.injection import inject
+
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), link_data=not args.copy_data,

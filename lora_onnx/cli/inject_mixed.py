@@ -12,9 +12,8 @@ from pathlib import Path
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
+from lora_onnx.constants import ADAPTER_INDEX as INDEX_INPUT
 from lora_onnx.errors import AdapterError, LoraOnnxError
-from lora_onnx.mixed import INDEX_INPUT
-from lora_onnx.mixing import inject_mixed
 
 
 def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +77,8 @@ def run_mixed(args: argparse.Namespace) -> int:
         elif not path.is_file():
             raise AdapterError(f"--adapter-file {value}: no such file")
         adapters.append(path)
+    from lora_onnx.mixing import inject_mixed
+
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
         validate=args.validate, providers=args.providers, dims=dims_from_args(args),

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.options import config_from_args, dims_from_args
-from lora_onnx.cli.render import info, print_skipped, print_validation, warn
+from lora_onnx.cli.render import final, info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH, AdapterError
-from lora_onnx.slots import strength_name
-from lora_onnx.swapping import inject_slots
 
 
 def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +38,9 @@ def run_slots(args: argparse.Namespace) -> int:
             raise AdapterError(f"{flag} needs --as-inputs")
     if args.init != "default" and args.adapter_out is None and getattr(args, "peft", None) is None:
         warn(f"--init {args.init} only shapes an --adapter-out file; the slots themselves stay empty")
+    from lora_onnx.slots import strength_name
+    from lora_onnx.swapping import inject_slots
+
     config = config_from_args(args)
     result = inject_slots(
         args.model, config, peft=getattr(args, "peft", None), strength_input=args.strength_input,
@@ -60,9 +61,9 @@ def run_slots(args: argparse.Namespace) -> int:
     if result.adapter_validation is not None:
         print_validation(result.adapter_validation, "Adapter active vs the same tensors as constant branches")
     if not result.ok:
-        warn("validation failed; nothing was written")
+        warn("validation failed; nothing was written", always=True)
         return EXIT_MISMATCH
     if result.adapter_output is not None:
-        info(f"Wrote adapter {result.adapter_output}")
-    info(f"Wrote {result.output}")
+        final(f"Wrote adapter {result.adapter_output}")
+    final(f"Wrote {result.output}")
     return 0

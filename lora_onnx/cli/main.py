@@ -1,15 +1,32 @@
-"""Entry point: parse, dispatch to a command module, turn user errors into one line and an exit code."""
+"""Entry point: parse, dispatch to a command module, turn user errors into one line and an exit code.
+
+Command modules register their options with argparse and :mod:`lora_onnx.constants` only and import the
+library inside their ``run``: ``--help``, ``--version`` and argument errors import neither onnx nor
+onnxruntime, and each command imports what it uses.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
-from lora_onnx import __version__
-from lora_onnx.cli import batch, check_adapter, export_adapter, inject, inspect, merge, report, validate
-from lora_onnx.cli.render import error
+from lora_onnx import __version__, progress
+from lora_onnx.cli import (
+    batch,
+    check_adapter,
+    export_adapter,
+    inject,
+    inspect,
+    merge,
+    render,
+    report,
+    validate,
+)
+from lora_onnx.cli.options import add_output_arguments, leaf_parsers, reclaim_positionals
 from lora_onnx.errors import EXIT_USAGE, LoraOnnxError
 
 #: Command modules; each has ``register(subparsers)`` which sets ``func`` (args -> exit code).
@@ -36,19 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)
+    for leaf in leaf_parsers(parser):
+        add_output_arguments(leaf)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextmanager
+def _progress_shown() -> Iterator[None]:
+    """Show the library's long steps (bars on a terminal, times with -v) while a command runs."""
+    reporter = render.step_reporter()
     try:
-        return int(args.func(args))
+        with progress.reporting(reporter):
+            yield
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(reclaim_positionals(parser, sys.argv[1:] if argv is None else argv))
+    render.set_verbosity(args.verbosity)
+    try:
+        with _progress_shown():
+            return int(args.func(args))
     except LoraOnnxError as exc:
-        error(str(exc))
+        render.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        error("interrupted; nothing was written")
+        render.error("interrupted; nothing was written")
         return 130
+    except BrokenPipeError:
+        # The reader went away (lora-onnx inspect ... | head): stop quietly, as cat does; outputs are
+        # written before the result lines, so nothing is half done.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

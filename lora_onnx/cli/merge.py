@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import add_run_arguments, check_model_output, dims_from_args
+from lora_onnx.cli.options import ListAction, add_run_arguments, check_model_output, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
-from lora_onnx.merging import merge
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="a model rewritten by lora-onnx (never modified)")
     parser.add_argument("-o", "--output", required=True, help="output .onnx path")
     parser.add_argument(
-        "--adapter", nargs="+", action="extend", metavar="NAME", help="fold only these adapters"
+        "--adapter",
+        action=ListAction,
+        metavar="NAME",
+        help="fold only these adapters (repeatable, or comma separated)",
     )
     parser.add_argument(
         "--partial",
@@ -55,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_model_output(args.output)
+    from lora_onnx.merging import merge
+
     result = merge(
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,

@@ -7,7 +7,6 @@ import argparse
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.peft import apply_peft
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
 _RECIPE_FLAGS = {
@@ -50,6 +49,8 @@ def run_peft(args: argparse.Namespace) -> int:
         raise LoraOnnxError(
             f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
         )
+    from lora_onnx.peft import apply_peft
+
     result = apply_peft(
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),

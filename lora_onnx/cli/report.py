@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.batch import finish
-from lora_onnx.reports import merge_reports, read_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from lora_onnx.reports import merge_reports, read_report
+
     reports = [(path, read_report(path)) for path in args.reports]
     merged = merge_reports(reports, allow_missing=args.allow_missing)
     return finish(merged, args.output, args.junit)

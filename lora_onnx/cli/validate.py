@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.options import add_run_arguments, dims_from_args
-from lora_onnx.cli.render import print_validation, write_json
+from lora_onnx.cli.render import QUIET, final, print_validation, validation_verdict, verbosity, write_json
 from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
-from lora_onnx.finite import finite_number
-from lora_onnx.validation import validate
 
 
 def _tolerance(items: list[str] | None, flag: str) -> float | dict[str, float] | None:
     """``--rtol 1e-3`` for every output, ``--rtol logits:1e-3`` for one (repeatable; both mix)."""
     if not items:
         return None
+    from lora_onnx.finite import finite_number
+
     values: dict[str, float] = {}
     for item in items:
         name, _, number = item.rpartition(":")
@@ -52,12 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.inputs and args.dim:
         raise LoraOnnxError("--dim shapes generated inputs; with --inputs FILE.npz the arrays' shapes apply")
+    from lora_onnx.validation import validate
+
     report = validate(
         args.reference, args.candidate, providers=args.providers, rtol=_tolerance(args.rtol, "--rtol"),
         atol=_tolerance(args.atol, "--atol"), inputs=args.inputs, dims=dims_from_args(args), seed=args.seed,
         allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
     print_validation(report)
+    if verbosity() == QUIET and report.ok:
+        final(validation_verdict(report))  # the table's title, which quiet does not print
     if args.json:
         write_json(args.json, report.to_json())
     return 0 if report.ok else EXIT_MISMATCH
