@@ -69,7 +69,10 @@ CASES = [
         ["inject", "{model}", "-o", "{out}", "--seed", "-1", "--init", "random"],
         "--seed must be a whole number",
     ),
-    (["inspect", "{model}", "--seed", "4294967296"], "from 0 to 4294967295, got 4294967296"),
+    (
+        ["inject", "{model}", "-o", "{out}", "--seed", "4294967296", "--init", "random"],
+        "from 0 to 4294967295, got 4294967296",
+    ),
     (["validate", "{model}", "{model}", "--seed", "-1"], "--seed must be a whole number"),
     (["inject", "{model}", "-o", "{out}", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["inject", "{model}", "-o", "{out}", "--rank", "abc"], "inject: argument --rank/-r: invalid int value"),
@@ -95,7 +98,7 @@ CASES = [
     (["inject", "{folder}/missing.onnx", "-o", "{out}"], "missing.onnx: no such file"),
     (["inject", "{folder}", "-o", "{out}"], "is a folder, not an .onnx file"),
     (["inject", "{empty}", "-o", "{out}"], "not an ONNX model"),
-    (["validate", "{empty}", "{model}"], "cannot load"),
+    (["validate", "{empty}", "{model}"], "empty.onnx: not an ONNX model"),
     (
         ["inject", "{model}", "-o", "{folder}/x.onnx_adapter"],
         "must end in .onnx (adapter files are written by",
