@@ -81,6 +81,7 @@ def run_mixed(args: argparse.Namespace) -> int:
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
         validate=args.validate, providers=args.providers, dims=dims_from_args(args),
+        base_weights=getattr(args, "base_weights", None),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)
