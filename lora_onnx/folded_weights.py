@@ -21,20 +21,22 @@ merged delta are scaled by ``f``: exact), or is something else (refused, naming 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from safetensors import SafetensorError, safe_open
 
 from lora_onnx.errors import AdapterError
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, retain
 from lora_onnx.load import LoadedModel
 from lora_onnx.module_paths import REWRITE_RULE_KEY
 from lora_onnx.rewrite import source_layout
-from lora_onnx.sites import Site
+from lora_onnx.sites import SITE_OPS, Site
 from lora_onnx.tensors import np_dtype
 
 #: onnxscript rewrite rules that fold an op into the node's weight: rule -> (what, per-output-channel).
@@ -286,3 +288,58 @@ def compare_site(model: LoadedModel, site: Site, base: BaseWeights, paths: Seque
             layout = layout.T
         return SiteScaling(site.node, key, np.ascontiguousarray(layout), found)
     raise FoldedWeightError(f"{where} is not --base-weights {key!r} as exported: {why}")
+
+
+#: Model metadata (+ adapter name): JSON list of the nodes whose branch carries a fold factor in B.
+SCALED_KEY = "lora_onnx.folded_factor."
+
+
+def mark_scaled(proto: onnx.ModelProto, adapter: str, nodes: Iterable[str]) -> None:
+    """Record that the branches of ``adapter`` at ``nodes`` carry the fold factor (B = f * PEFT's B)."""
+    listed = sorted(set(nodes) | scaled_nodes(proto, adapter))
+    if not listed:
+        return
+    retain(proto.metadata_props, lambda entry: entry.key != SCALED_KEY + adapter)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = SCALED_KEY + adapter, json.dumps(listed)
+
+
+def scaled_nodes(proto: onnx.ModelProto, adapter: str) -> frozenset[str]:
+    """The nodes :func:`mark_scaled` recorded for ``adapter``."""
+    for entry in proto.metadata_props:
+        if entry.key == SCALED_KEY + adapter:
+            try:
+                value = json.loads(entry.value)
+            except ValueError:
+                value = None
+            if not isinstance(value, list):
+                raise AdapterError(f"the model's {entry.key} metadata is not a list of node names")
+            return frozenset(str(node) for node in value)
+    return frozenset()
+
+
+def refuse_peft_export(model: LoadedModel, adapter: str, nodes: Iterable[str]) -> None:
+    """Refuse to write branches at ``nodes`` as a PEFT adapter when their site's weight is folded.
+
+    In PyTorch the module runs before the folded BatchNorm, so a branch after the fused node (made here,
+    or applied with ``--base-weights``, whose B carries the factor) is not that module's PEFT adapter.
+    """
+    from lora_onnx.injection import scan_sites  # injection -> plan -> ...: import at call time
+
+    wanted = set(nodes)
+    scaled = scaled_nodes(model.proto, adapter) & wanted
+    sites = [site for site in scan_sites(model, tuple(SITE_OPS)).sites if site.node in wanted]
+    folds = find_folded(model, sites)
+    if not folds and not scaled:
+        return
+    if folds:
+        fold = folds[0]
+        what = f"{fold.op} node {fold.site!r} ({fold.module_path}), whose {fold.reason}: {fold.evidence}"
+        fix = f"export the adapter from a model that keeps the BatchNorm ({REEXPORT[fold.exporter]})"
+    else:
+        what = f"node {sorted(scaled)[0]!r}, whose B carries the folded BatchNorm's factor (--base-weights)"
+        fix = "export the PEFT adapter you applied instead"
+    raise FoldedWeightError(
+        f"{model.name}: adapter {adapter!r} has a branch at {what}; in PyTorch that module runs before the "
+        f"folded op, so the branch is not its PEFT adapter: {fix}"
+    )

@@ -29,7 +29,7 @@ from lora_onnx.errors import AdapterError
 from lora_onnx.folded_weights import FoldedWeightError
 from lora_onnx.inspection import inspect_model
 from lora_onnx.mixing import inject_mixed
-from lora_onnx.peft import apply_peft
+from lora_onnx.peft import apply_peft, export_peft_adapter
 from lora_onnx.swapping import export_adapter, inject_slots
 from tests.builders import rel_err, run
 
@@ -113,29 +113,37 @@ def _export(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> Non
 
 
 @functools.cache
-def _case(root: Path, kind: str, exporter: str, dora: bool = False) -> Case:
-    cls, shape, target = MODELS[kind]
+def _exported(root: Path, kind: str, exporter: str) -> tuple[nn.Module, torch.Tensor, Path, Path]:
+    """The seeded model, its input, its export and its state dict (the base weights); once per module."""
+    cls, shape, _ = MODELS[kind]
     torch.manual_seed(0)
     model = cls().eval()
     x = torch.randn(*shape)
-    folder = root / f"{kind}_{exporter}_{'dora' if dora else 'lora'}"
+    folder = root / f"{kind}_{exporter}"
     folder.mkdir(parents=True)
     _export(model, x, folder / "model.onnx", exporter)
     safetensors.torch.save_file(model.state_dict(), str(folder / "base.safetensors"))
+    return model, x, folder / "model.onnx", folder / "base.safetensors"
+
+
+@functools.cache
+def _case(root: Path, kind: str, exporter: str, dora: bool = False) -> Case:
+    model, x, onnx_path, base_weights = _exported(root, kind, exporter)
+    target = MODELS[kind][2]
     config = LoraConfig(r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False, use_dora=dora)
+    torch.manual_seed(1)
     peft_model = get_peft_model(copy.deepcopy(model), config).eval()
     if dora:  # PEFT starts DoRA's magnitude at the weight's norm (factor 1): move it so it matters
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_magnitude_vector" in name:
                     param.mul_(torch.linspace(0.5, 1.5, param.numel()).reshape(param.shape))
-    peft_model.save_pretrained(str(folder / "adapter"))
+    adapter = onnx_path.parent / ("dora" if dora else "lora")
+    peft_model.save_pretrained(str(adapter))
     with torch.no_grad():
         output = peft_model(x).numpy()
         merged = peft_model.merge_and_unload()(x).numpy()
-    return Case(
-        folder / "model.onnx", folder / "adapter", folder / "base.safetensors", x.numpy(), output, merged
-    )
+    return Case(onnx_path, adapter, base_weights, x.numpy(), output, merged)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +214,30 @@ def test_every_peft_path_refuses_the_folded_site(case, tmp_path: Path) -> None:
         export_adapter(output=tmp_path / "a.onnx_adapter", peft=c.adapter, for_model=slotted)
     with pytest.raises(FoldedWeightError):
         inject_mixed(c.onnx_path, [c.adapter])
+
+
+def test_branches_on_folded_sites_are_not_exported_as_peft_adapters(case, tmp_path: Path) -> None:
+    import lora_onnx
+
+    c = case("convbn", "dynamo")
+    fresh = tmp_path / "fresh.onnx"
+    lora_onnx.inject(
+        c.onnx_path, lora_onnx.LoraConfig(rank=2, init="random"), output=fresh
+    )  # ONNX-only: fine
+    with pytest.raises(FoldedWeightError, match="runs before the folded op"):
+        export_peft_adapter(fresh, tmp_path / "fresh_adapter")
+    # Applied with --base-weights, B carries the factor (recorded in the model): not PEFT's B either.
+    script = case("convbn", "torchscript")
+    applied = tmp_path / "applied.onnx"
+    apply_peft(script.onnx_path, script.adapter, output=applied, base_weights=script.base_weights)
+    with pytest.raises(FoldedWeightError):
+        export_peft_adapter(applied, tmp_path / "applied_adapter")
+    assert not (tmp_path / "applied_adapter").exists()
+    plain = case("conv", "torchscript")
+    round_trip = tmp_path / "plain.onnx"
+    apply_peft(plain.onnx_path, plain.adapter, output=round_trip, base_weights=plain.base_weights)
+    export_peft_adapter(round_trip, tmp_path / "plain_adapter")
+    assert (tmp_path / "plain_adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_cli_refuses_on_one_line_with_exit_2(case, tmp_path: Path) -> None:

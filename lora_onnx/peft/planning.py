@@ -78,6 +78,8 @@ class PeftPlan:
     extras: Mapping[str, PeftBranchExtras] = field(default_factory=dict)
     config: PeftAdapterConfig | None = None
     folder: Path | None = None
+    #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
+    scaled: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
@@ -126,7 +128,8 @@ def plan_peft_adapter(
         planner.add(match)
     branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
     plan = Plan(branches, (), tuple(planner.warnings))
-    return PeftPlan(plan, planner.values, planner.extras, config, folder)
+    scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
+    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
 
 
 def _scalings(
