@@ -109,7 +109,9 @@ class Case:
 def _export(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> None:
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=exporter == "dynamo", input_names=["x"])
+        # TorchScript with a symbolic batch dim, as mixed batches need one.
+        dynamic = {} if exporter == "dynamo" else {"dynamic_axes": {"x": {0: "batch"}}}
+        torch.onnx.export(model, (x,), str(path), dynamo=exporter == "dynamo", input_names=["x"], **dynamic)
 
 
 @functools.cache
@@ -329,6 +331,24 @@ def test_slots_from_peft_with_base_weights_equal_peft(case, tmp_path: Path) -> N
     options.add_active_adapter(adapter)
     session = ort.InferenceSession(str(slotted), providers=["CPUExecutionProvider"])
     assert rel_err(session.run(None, {"x": c.x}, options)[0], c.peft_output) <= 1e-4
+    # export-adapter --peft --for writes the same tensors for those slots.
+    again = tmp_path / "b.onnx_adapter"
+    export_adapter(output=again, peft=c.adapter, for_model=slotted, base_weights=c.base_weights)
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(again))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    assert rel_err(session.run(None, {"x": c.x}, options)[0], c.peft_output) <= 1e-4
+
+
+def test_mixed_batch_from_peft_with_base_weights_equals_peft(case, tmp_path: Path) -> None:
+    c = case("convbn", "torchscript")
+    out = tmp_path / "mixed.onnx"
+    result = inject_mixed(c.onnx_path, [c.adapter], output=out, base_weights=c.base_weights)
+    rows = np.array([0, -1], np.int64)  # row 0 with the adapter, row 1 the base
+    got = run(out, {"x": c.x, result.index_name: rows})[0]
+    assert rel_err(got[:1], c.peft_output[:1]) <= 1e-4
+    assert rel_err(got[1:], _output(c.onnx_path, c.x)[1:]) <= 1e-6
 
 
 def test_cli_base_weights_merge_equals_peft(case, tmp_path: Path) -> None:
