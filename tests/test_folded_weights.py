@@ -129,29 +129,43 @@ def _exported(root: Path, kind: str, exporter: str) -> tuple[nn.Module, torch.Te
 
 
 @functools.cache
-def _case(root: Path, kind: str, exporter: str, dora: bool = False) -> Case:
+def _case(root: Path, kind: str, exporter: str, variant: str = "lora") -> Case:
+    """``variant``: plain LoRA, ``dora`` or ``bias`` (lora_bias)."""
     model, x, onnx_path, base_weights = _exported(root, kind, exporter)
     target = MODELS[kind][2]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False, use_dora=dora)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False,
+        use_dora=variant == "dora", lora_bias=variant == "bias",
+    )  # fmt: skip
     torch.manual_seed(1)
     peft_model = get_peft_model(copy.deepcopy(model), config).eval()
-    if dora:  # PEFT starts DoRA's magnitude at the weight's norm (factor 1): move it so it matters
+    if variant == "bias":  # lora_B's bias starts at zero: make it count
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name and name.endswith("bias"):
+                    param.uniform_(-1.0, 1.0)
+    if (
+        variant == "dora"
+    ):  # PEFT starts DoRA's magnitude at the weight's norm (factor 1): move it so it matters
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_magnitude_vector" in name:
                     param.mul_(torch.linspace(0.5, 1.5, param.numel()).reshape(param.shape))
-    adapter = onnx_path.parent / ("dora" if dora else "lora")
+    adapter = onnx_path.parent / variant
     peft_model.save_pretrained(str(adapter))
     with torch.no_grad():
         output = peft_model(x).numpy()
-        merged = peft_model.merge_and_unload()(x).numpy()
+        try:
+            merged = peft_model.merge_and_unload()(x).numpy()
+        except RuntimeError:  # PEFT cannot merge a lora_bias into a layer without a bias; we can
+            merged = output
     return Case(onnx_path, adapter, base_weights, x.numpy(), output, merged)
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("folded")
-    return lambda kind, exporter, dora=False: _case(root, kind, exporter, dora)
+    return lambda kind, exporter, variant="lora": _case(root, kind, exporter, variant)
 
 
 def _output(path: Path, x: np.ndarray) -> np.ndarray:
@@ -267,6 +281,26 @@ def test_cli_refuses_on_one_line_with_exit_2(case, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_an_input_side_fold_is_not_recoverable_from_base_weights(tmp_path: Path) -> None:
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.rules.common import affine_conv_fusion_rule
+
+    class Affine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x * 2.0 + 1.0)
+
+    _export(Affine().eval(), torch.randn(1, 3, 4, 4), tmp_path / "m.onnx", "torchscript")
+    onnx.save(rewrite(onnx.load(tmp_path / "m.onnx"), [affine_conv_fusion_rule]), tmp_path / "fused.onnx")
+    (fold,) = inspect_model(tmp_path / "fused.onnx").folded
+    assert fold.evidence.startswith("onnxscript rule AffineConvFusion") and not fold.output_side
+    assert "--base-weights" not in fold.note and "do_constant_folding=False" not in fold.note
+    assert "optimize=False" in fold.note
+
+
 def test_inspect_notes_the_folded_site(case) -> None:
     for exporter in EXPORTERS:
         inspection = inspect_model(case("convbn", exporter).onnx_path)
@@ -307,8 +341,10 @@ def test_base_weights_make_the_dynamo_gemm_batchnorm1d_equal_peft(case, tmp_path
         assert rel_err(_output(out, c.x), c.peft_output) <= 1e-4
 
 
-def test_dora_on_a_folded_conv_uses_the_original_weights_norm(case, tmp_path: Path) -> None:
-    c = case("convbn", "dynamo", dora=True)
+@pytest.mark.parametrize("variant", ["dora", "bias"])
+def test_dora_and_lora_bias_on_a_folded_conv_equal_peft(case, variant: str, tmp_path: Path) -> None:
+    # DoRA's norm must come from the original weight; lora_B's bias is scaled by f like B.
+    c = case("convbn", "dynamo" if variant == "dora" else "torchscript", variant)
     with pytest.raises(FoldedWeightError):
         apply_peft(c.onnx_path, c.adapter)
     for merge in (False, True):
