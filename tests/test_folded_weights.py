@@ -68,6 +68,21 @@ class LinearBN(nn.Module):
         return self.bn(self.fc(x))
 
 
+class DepthwiseBN(nn.Module):
+    """A mobilenet block's depthwise conv -> BatchNorm (grouped: PEFT's rank a multiple of the groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 4.0)
+            self.bn.weight.uniform_(0.2, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.dw(x))
+
+
 class PlainConv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -90,6 +105,7 @@ class PlainLinear(nn.Module):
 MODELS = {
     "convbn": (ConvBN, (2, 3, 6, 6), "conv"),
     "linbn": (LinearBN, (4, 6), "fc"),
+    "dwbn": (DepthwiseBN, (2, 8, 6, 6), "dw"),
     "conv": (PlainConv, (2, 3, 6, 6), "conv"),
     "linear2d": (PlainLinear, (4, 6), "fc"),  # Gemm on fc.weight
     "linear3d": (PlainLinear, (2, 3, 6), "fc"),  # MatMul on a pre-transposed (anonymous) weight
@@ -134,7 +150,7 @@ def _case(root: Path, kind: str, exporter: str, variant: str = "lora") -> Case:
     model, x, onnx_path, base_weights = _exported(root, kind, exporter)
     target = MODELS[kind][2]
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False,
+        r=8 if kind == "dwbn" else 4, lora_alpha=8, target_modules=[target], init_lora_weights=False,
         use_dora=variant == "dora", lora_bias=variant == "bias",
     )  # fmt: skip
     torch.manual_seed(1)
@@ -157,7 +173,10 @@ def _case(root: Path, kind: str, exporter: str, variant: str = "lora") -> Case:
         output = peft_model(x).numpy()
         try:
             merged = peft_model.merge_and_unload()(x).numpy()
-        except RuntimeError:  # PEFT cannot merge a lora_bias into a layer without a bias; we can
+        except (
+            RuntimeError,
+            NotImplementedError,
+        ):  # PEFT merges no grouped conv, no lora_bias without a bias
             merged = output
     return Case(onnx_path, adapter, base_weights, x.numpy(), output, merged)
 
@@ -331,6 +350,15 @@ def test_base_weights_make_the_folded_conv_equal_peft(
     # Not trivially so: without the factor the branch is off (the issue's 2.7x).
     base = _output(c.onnx_path, c.x)
     assert rel_err(base, c.peft_output) > 1e-2
+
+
+def test_base_weights_make_a_folded_depthwise_conv_equal_peft(case, tmp_path: Path) -> None:
+    c = case("dwbn", "torchscript")
+    with pytest.raises(FoldedWeightError, match="'dw'"):
+        apply_peft(c.onnx_path, c.adapter)
+    out = tmp_path / "out.onnx"
+    apply_peft(c.onnx_path, c.adapter, output=out, base_weights=c.base_weights)
+    assert rel_err(_output(out, c.x), c.peft_output) <= 1e-4
 
 
 def test_base_weights_make_the_dynamo_gemm_batchnorm1d_equal_peft(case, tmp_path: Path) -> None:
