@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lora_onnx.config import LoraConfig
+from lora_onnx.folded_weights import FoldedWeight, find_folded
 from lora_onnx.graph import GraphIndex
 from lora_onnx.injection import existing_branches, scan_sites
 from lora_onnx.load import ModelLike, load_model
@@ -40,6 +41,8 @@ class Inspection:
     base_params: int
     lora_params: int
     warnings: tuple[str, ...] = ()
+    #: Sites whose weight the exporter folded an op into (a PEFT adapter on them needs base weights).
+    folded: tuple[FoldedWeight, ...] = ()
 
     @property
     def lora_share(self) -> float:
@@ -51,6 +54,7 @@ class Inspection:
             "skipped": [asdict(skip) for skip in self.skipped],
             "branches": [branch.to_json() for branch in self.branches],
             "warnings": list(self.warnings),
+            "folded": [asdict(fold) | {"reason": fold.reason} for fold in self.folded],
             "totals": {
                 "sites": len(self.sites),
                 "skipped": len(self.skipped),
@@ -95,6 +99,8 @@ def inspect_model(model: ModelLike, config: LoraConfig | None = None) -> Inspect
     base_params = sum(
         numel(shape_of(t)) for t in loaded.proto.graph.initializer if t.name not in lora_tensors
     )
+    folded = find_folded(loaded, scan.sites)
+    warnings = (*plan.warnings, *(fold.note for fold in folded))
     return Inspection(
-        rows, (*scan.skipped, *plan.skipped), branches, base_params, plan.lora_params, plan.warnings
+        rows, (*scan.skipped, *plan.skipped), branches, base_params, plan.lora_params, warnings, folded
     )

@@ -202,6 +202,7 @@ def resolve_adapters(
     slots: LoadedModel,
     *,
     purpose: str = "mixed-batch branches",
+    base_weights: str | os.PathLike | None = None,
 ) -> list[MixedAdapter]:
     """Every adapter as a :class:`MixedAdapter`, in order (the order is the stack index)."""
     sites = {site.node: site for site in scan_sites(host, DEFAULT_OPS).sites}
@@ -214,7 +215,7 @@ def resolve_adapters(
         else:
             path = Path(item)
             if path.is_dir():
-                source = peft_source(host, path, f"mixed_{i}", purpose=purpose)
+                source = peft_source(host, path, f"mixed_{i}", purpose=purpose, base_weights=base_weights)
                 resolved.append(from_source(source, host, sites, f"PEFT {path}"))
             elif path.is_file():
                 file = read_adapter_file(path)
@@ -259,6 +260,7 @@ def inject_mixed(
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
+    base_weights: str | os.PathLike | None = None,
 ) -> MixedInjectResult:
     """Add mixed-batch branches holding ``adapters`` (stack index = position) and the index input
     ``lora_adapter_index`` (int64, one entry per batch row, negative = the base model for that row).
@@ -270,6 +272,8 @@ def inject_mixed(
     batch-row probe and the proof. With ``validate``, before anything is written, a batch mixing every
     adapter and base rows must equal each row run alone with its adapter active (rel <= 1e-4; NaN / Inf
     fail unless ``allow_nonfinite``, see :func:`lora_onnx.validation.compare`).
+    ``base_weights``: the base's original parameters, for PEFT folders on sites the exporter folded a
+    BatchNorm into (see :mod:`lora_onnx.folded_weights`).
     """
     if not adapters:
         raise AdapterError("a mixed batch needs at least one adapter (a PEFT folder or an adapter file)")
@@ -280,7 +284,7 @@ def inject_mixed(
     protect = _inputs(adapters, source, slots_model)
     if output is not None:
         check_output_path(Path(output), protect)  # before any work
-    resolved = resolve_adapters(adapters, host, slots_model)
+    resolved = resolve_adapters(adapters, host, slots_model, base_weights=base_weights)
     labels = tuple(a.label for a in resolved)
     covered = {node for adapter in resolved for node in adapter.pairs}
     sites = [site for site in scan_sites(host, DEFAULT_OPS).sites if site.node in covered]

@@ -77,7 +77,12 @@ def fresh_source(model: LoadedModel, config: LoraConfig, *, check_ranks: bool = 
 
 
 def peft_source(
-    model: LoadedModel, adapter_dir: str | os.PathLike, adapter: str, *, purpose: str = "LoRA slots"
+    model: LoadedModel,
+    adapter_dir: str | os.PathLike,
+    adapter: str,
+    *,
+    purpose: str = "LoRA slots",
+    base_weights: str | os.PathLike | None = None,
 ) -> AdapterSource:
     """A PEFT adapter folder as an :class:`AdapterSource` on ``model`` (which may already carry branches).
 
@@ -85,9 +90,10 @@ def peft_source(
     then moved onto ``model`` (same nodes; the join value may differ when branches are stacked) and
     named after ``model``'s free names for ``adapter``. Adapter parts a slot cannot hold (DoRA
     magnitudes, lora_B biases, embedding adapters) are refused with the reason; ``purpose`` names what
-    the adapter is for in that message (mixed-batch branches hold only A and B too).
+    the adapter is for in that message (mixed-batch branches hold only A and B too). ``base_weights``:
+    the base's original parameters, for sites the exporter folded a BatchNorm into.
     """
-    result = plan_peft_adapter(base_view(model), adapter_dir, adapter_name=adapter)
+    result = plan_peft_adapter(base_view(model), adapter_dir, adapter_name=adapter, base_weights=base_weights)
     _refuse_slotless(result, adapter_dir, purpose)
     plans_in = tuple(result.plan.require_branches().branches)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
@@ -207,6 +213,7 @@ def inject_slots(
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
+    base_weights: str | os.PathLike | None = None,
 ) -> SlotInjectResult:
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
@@ -217,14 +224,17 @@ def inject_slots(
     ``validate``, before anything is written: outputs with no adapter active must equal the base's
     exactly, and (when an adapter file is asked for or ``peft`` given) outputs with it active must equal
     the same tensors inserted as constant branches (NaN / Inf outputs fail unless ``allow_nonfinite``).
+    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.peft.apply_peft`).
     """
     config = config or LoraConfig()
     source = load_model(model)
     adapter = config.adapter_name
     refuse_existing_adapter(source, adapter)
+    if base_weights is not None and peft is None:
+        raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
     # The slots' rank is free (a symbolic dim): the recipe's rank only shapes an --adapter-out file.
     produced = (
-        peft_source(source, peft, adapter)
+        peft_source(source, peft, adapter, base_weights=base_weights)
         if peft is not None
         else fresh_source(source, config, check_ranks=adapter_output is not None)
     )
@@ -319,6 +329,7 @@ def export_adapter(
     format: str | None = None,
     adapter_version: int = 1,
     model_version: int = 1,
+    base_weights: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Write an adapter file for LoRA slots (``format``: onnx_adapter, safetensors, npz or peft).
 
@@ -327,7 +338,10 @@ def export_adapter(
     model's slot names, layouts and dtypes (matched by node), slots the adapter does not cover are
     written empty; without it they keep ``model``'s names. The LoRA scale is folded into B.
     ``format="peft"`` writes ``model``'s adapter as a PEFT folder (issue 3's exporter).
+    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.peft.apply_peft`).
     """
+    if base_weights is not None and peft is None:
+        raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
     if output is None:
         raise LoraOnnxError("export-adapter needs an output path (-o FILE)")
     if format == "peft":
@@ -346,7 +360,7 @@ def export_adapter(
         if target is None:
             raise LoraOnnxError("--peft DIR needs --for MODEL (the model whose slots the file is for)")
         chosen = choose_adapter(target, adapter)
-        source = peft_source(target, peft, chosen)
+        source = peft_source(target, peft, chosen, base_weights=base_weights)
         tensors = retarget(source.plans, source.values, target, chosen)
         protect = _inputs_of(target)
         return _write(tensors, output, format, chosen, source.origin, protect, adapter_version, model_version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lora_onnx.cli.peft import add_base_weights_argument
 from lora_onnx.cli.render import final
 from lora_onnx.constants import ADAPTER_FORMATS as FORMATS
 from lora_onnx.errors import LoraOnnxError
@@ -21,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", nargs="?", help="a model carrying the adapter as constant branches")
     parser.add_argument("-o", "--output", required=True, help="output file (a folder for --format peft)")
     parser.add_argument("--peft", metavar="DIR", help="a PEFT adapter folder (needs --for)")
+    add_base_weights_argument(parser)
     parser.add_argument(
         "--for", dest="for_model", metavar="MODEL", help="the slotted model the file is for (its slot names)"
     )
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     result = export_adapter(
         args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
         format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
+        base_weights=args.base_weights,
     )  # fmt: skip
     if result.format == "peft":
         final(f"Wrote PEFT adapter folder {result.output}")

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return run_mixed(args)
     if args.as_inputs or args.strength_input or args.adapter_out:
         return run_slots(args)
-    if args.peft or args.merge:
+    if args.peft or args.merge or args.base_weights:
         return run_peft(args)
     from lora_onnx.injection import inject
 

@@ -77,12 +77,14 @@ def run_mixed(args: argparse.Namespace) -> int:
         elif not path.is_file():
             raise AdapterError(f"--adapter-file {value}: no such file")
         adapters.append(path)
+    if getattr(args, "base_weights", None) and not any(kind == "peft" for kind, _ in sources):
+        raise AdapterError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
     from lora_onnx.mixing import inject_mixed
 
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
         validate=args.validate, providers=args.providers, dims=dims_from_args(args),
-        allow_nonfinite=args.allow_nonfinite,
+        allow_nonfinite=args.allow_nonfinite, base_weights=getattr(args, "base_weights", None),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

@@ -28,6 +28,16 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
         "--merge", action="store_true",
         help="with --peft: fold the adapter into the weights in the same step (PEFT's merge_and_unload)",
     )  # fmt: skip
+    add_base_weights_argument(group)
+
+
+def add_base_weights_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--base-weights", metavar="FILE",
+        help="with --peft: the base model's original parameters as .safetensors "
+        "(safetensors.torch.save_file(model.state_dict(), FILE)); needed where the exporter folded a "
+        "BatchNorm into an adapted weight (read lazily: only the adapted modules' weights)",
+    )  # fmt: skip
 
 
 def _recipe_defaults() -> argparse.Namespace:
@@ -37,6 +47,8 @@ def _recipe_defaults() -> argparse.Namespace:
 
 
 def run_peft(args: argparse.Namespace) -> int:
+    if args.base_weights and not args.peft:
+        raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
     if not args.peft:
         raise LoraOnnxError("--merge applies with --peft (to fold a fresh adapter, run lora-onnx merge)")
     if len(adapter_sources(args, "peft")) > 1:
@@ -55,6 +67,7 @@ def run_peft(args: argparse.Namespace) -> int:
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite,
+        base_weights=args.base_weights,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

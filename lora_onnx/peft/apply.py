@@ -57,6 +57,7 @@ def apply_peft(
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
+    base_weights: str | os.PathLike | None = None,
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -66,10 +67,12 @@ def apply_peft(
     With ``validate`` the unmerged model is compared in onnxruntime with its own fold (the merged model
     when ``merge``); a branch that cannot be folded (a grouped conv, as in PEFT) stays unproven, with a note.
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
+    ``base_weights``: the base model's original parameters (safetensors), needed where the exporter
+    folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.folded_weights`).
     """
     source = load_model(model)
     refuse_existing_adapter(source, adapter_name)
-    peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name)
+    peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights)
     rewritten, records = insert_peft_branches(source, peft)
     fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if merge or validate else None
     notes: list[str] = []

@@ -15,7 +15,14 @@ from lora_onnx.sites import Site
 
 
 def weight_norm(
-    model: LoadedModel, site: Site, a: np.ndarray, b: np.ndarray, scale: float, shape: tuple[int, ...]
+    model: LoadedModel,
+    site: Site,
+    a: np.ndarray,
+    b: np.ndarray,
+    scale: float,
+    shape: tuple[int, ...],
+    *,
+    weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """PEFT's DoRA norm for ``site`` in the magnitude's ``shape``; ``a`` / ``b`` in lora-onnx storage layouts.
 
@@ -24,8 +31,11 @@ def weight_norm(
     axis but the output channel of ``W + s * mm(B.view(-1, r), A.view(r, -1)).reshape(W.shape)``, PEFT's
     exact expression; for a grouped conv with PEFT's dense A that reshape is not the branch's real delta,
     but it is what PEFT's forward divides by, so it is reproduced, not corrected.
+
+    ``weight`` replaces the site's source initializer (same layout): the module's original parameter when
+    the exporter folded a BatchNorm into the graph's copy.
     """
-    weight = np.asarray(model.array(site.weight.initializer), np.float32)
+    weight = np.asarray(model.array(site.weight.initializer) if weight is None else weight, np.float32)
     a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if site.op == "Conv":
         rank = a32.shape[0]

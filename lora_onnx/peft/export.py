@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.folded_weights import refuse_peft_export
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches, read_peft_config
 from lora_onnx.peft.config import CONFIG_NAME
@@ -48,6 +49,7 @@ def export_peft_adapter(
     chosen = [branch for branch in branches if branch.adapter == adapter]
     if not chosen:
         raise AdapterError(f"{loaded.name} has no adapter {adapter!r}; it has {', '.join(names)}")
+    refuse_peft_export(loaded, adapter, (branch.site for branch in chosen))
     tensors = peft_tensors(loaded, chosen)
     config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
     folder = Path(directory)

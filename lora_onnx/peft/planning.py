@@ -15,6 +15,11 @@ Layouts (PEFT -> stored):
   B (r, dim).
 - ``lora_magnitude_vector`` and ``lora_B.bias`` are kept in PEFT's shape; DoRA's weight norm has the
   magnitude's shape.
+
+Sites whose weight the exporter folded a BatchNorm into (:mod:`lora_onnx.folded_weights`) are refused,
+unless the base's original weights are given (``base_weights``): then every adapted site's weight is
+compared with its module's parameter, and where the graph holds ``f * W`` per output channel, B's rows
+and ``lora_B.bias`` are scaled by ``f`` (PEFT's ``f * (W x + d x)``, exactly; DoRA's norm uses ``W``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 
 from lora_onnx.config import DEFAULT_ADAPTER
 from lora_onnx.errors import AdapterError
+from lora_onnx.folded_weights import BaseWeights, SiteScaling, compare_site, find_folded, refuse_folded
 from lora_onnx.graph import GraphIndex
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
@@ -72,6 +78,8 @@ class PeftPlan:
     extras: Mapping[str, PeftBranchExtras] = field(default_factory=dict)
     config: PeftAdapterConfig | None = None
     folder: Path | None = None
+    #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
+    scaled: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
@@ -89,13 +97,19 @@ def adapter_folder(path: str | os.PathLike) -> Path:
 
 
 def plan_peft_adapter(
-    model: ModelLike, adapter_dir: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER
+    model: ModelLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    adapter_name: str = DEFAULT_ADAPTER,
+    base_weights: str | os.PathLike | None = None,
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
 
-    Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms.
+    Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
+    with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
     Raises :class:`~lora_onnx.errors.AdapterError` naming the key, module or node for anything that
-    does not fit.
+    does not fit, including a site whose weight the exporter folded a BatchNorm into (without
+    ``base_weights``).
     """
     folder = adapter_folder(adapter_dir)
     config = read_adapter_config(folder)
@@ -107,13 +121,36 @@ def plan_peft_adapter(
     loaded = load_model(model)
     scan = scan_sites(loaded, PEFT_OPS)
     matches = match_modules(modules, scan, source=source)
+    scalings = _scalings(loaded, matches, base_weights, source)
     index = GraphIndex(loaded.proto.graph)
-    planner = _Planner(loaded, index, config, weights, adapter_name)
+    planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
     for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
         planner.add(match)
     branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
     plan = Plan(branches, (), tuple(planner.warnings))
-    return PeftPlan(plan, planner.values, planner.extras, config, folder)
+    scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
+    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
+
+
+def _scalings(
+    model: LoadedModel, matches: list[ModuleMatch], base_weights: str | os.PathLike | None, source: str
+) -> dict[str, SiteScaling]:
+    """Without base weights: refuse sites the exporter folded a BatchNorm into. With them: each adapted
+    site compared with its module's parameter (:func:`~lora_onnx.folded_weights.compare_site`)."""
+    if base_weights is None:
+        refuse_folded(find_folded(model, (site for match in matches for site in match.sites)), source)
+        return {}
+    base = BaseWeights(base_weights)
+    folds = {fold.site: fold for fold in find_folded(model, (s for m in matches for s in m.sites))}
+    scalings = {}
+    for match in matches:
+        for site in match.sites:
+            fold = folds.get(site.node)
+            if fold is not None and not fold.output_side:
+                refuse_folded([fold], source)
+            paths = list(dict.fromkeys((match.graph_path, match.module.path, site.module_path)))
+            scalings[site.node] = compare_site(model, site, base, paths)
+    return scalings
 
 
 def _check_flags(config: PeftAdapterConfig, modules: list[AdapterModule], source: str) -> None:
@@ -157,6 +194,7 @@ class _Planner:
         config: PeftAdapterConfig,
         weights: SafetensorsFile,
         adapter: str,
+        scalings: Mapping[str, SiteScaling],
     ) -> None:
         self.model, self.index, self.config, self.weights, self.adapter = (
             model,
@@ -165,6 +203,7 @@ class _Planner:
             weights,
             adapter,
         )
+        self.scalings = scalings
         self.source = str(weights.path)
         self.branches: list[BranchPlan] = []
         self.values: dict[str, np.ndarray] = {}
@@ -204,6 +243,7 @@ class _Planner:
         for site in match.sites:
             self._check_site(module, site, rank, a_key, b_key)
         first = match.sites[0]
+        factor = self._factor(match)
         a_peft, b_peft = self._read(a_key), self._read(b_key)
         if first.op == "Conv":
             a, b = a_peft, b_peft  # PEFT's conv layouts are lora-onnx's (A with group 1)
@@ -211,6 +251,11 @@ class _Planner:
             a, b = a_peft.T, b_peft.T  # (r, in) -> (in, r), (out, r) -> (r, out); embeddings alike
         dtype = np_dtype(first.dtype)
         a, b = np.ascontiguousarray(a, dtype), np.ascontiguousarray(b, dtype)
+        b_unscaled = b
+        if factor is not None:
+            # A BatchNorm folded into the weight scales each output channel by f, PEFT's branch with it.
+            axis_shape = (-1, *([1] * (b.ndim - 1))) if first.op == "Conv" else (1, -1)
+            b = np.ascontiguousarray(np.asarray(b, np.float64) * factor.reshape(axis_shape), dtype)
 
         names = (
             (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
@@ -232,7 +277,8 @@ class _Planner:
             self.values[magnitude] = np.asarray(self._read(module.key("lora_magnitude_vector")), dtype)
         if "lora_B.bias" in module.keys:
             lora_bias = stem + ".lora_B.bias"
-            self.values[lora_bias] = np.asarray(self._read(module.key("lora_B.bias")), dtype)
+            bias = np.asarray(self._read(module.key("lora_B.bias")), np.float64)
+            self.values[lora_bias] = np.asarray(bias * factor if factor is not None else bias, dtype)
 
         norms: dict[str, str] = {}  # one DoRA norm per distinct weight (a module run twice may share one)
         for site in match.sites:
@@ -242,7 +288,11 @@ class _Planner:
                 if not norm:
                     norm = self.index.unique_name(stem + ".lora_weight_norm")
                     shape = self.weights.tensors[module.key("lora_magnitude_vector")].shape
-                    self.values[norm] = weight_norm(self.model, site, a, b, scale, shape).astype(dtype)
+                    scaling = self.scalings.get(site.node)
+                    original = scaling.original if scaling is not None and factor is not None else None
+                    self.values[norm] = weight_norm(
+                        self.model, site, a, b_unscaled, scale, shape, weight=original
+                    ).astype(dtype)
                     norms[site.weight.initializer] = norm
             conv = site.op == "Conv"
             self.branches.append(
@@ -272,6 +322,22 @@ class _Planner:
                     "branch's conv A uses the base's dilation, which PEFT's forward does not (peft issue "
                     "3697); outputs equal PEFT's merged model"
                 )
+
+    def _factor(self, match: ModuleMatch) -> np.ndarray | None:
+        """The per-output-channel factor of the module's sites (None: plain), the same for all of them."""
+        found = [
+            self.scalings[site.node].factor if site.node in self.scalings else None for site in match.sites
+        ]
+        first = found[0]
+        for site, other in zip(match.sites, found, strict=True):
+            same = (first is None) == (other is None) and (first is None or np.allclose(first, other))
+            if not same:
+                raise AdapterError(
+                    f"{self.source}: module {match.module.path!r} runs at several nodes whose weights fold "
+                    f"different per-channel factors ({match.sites[0].node!r}, {site.node!r}); one branch "
+                    "cannot serve both: re-export without the BatchNorm folded"
+                )
+        return first
 
     def _check_site(self, module: AdapterModule, site: Site, rank: int, a_key: str, b_key: str) -> None:
         """Every tensor of ``module`` against one of its sites, in PEFT's layouts."""

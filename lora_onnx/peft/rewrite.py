@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.folded_weights import mark_scaled
 from lora_onnx.graph import GraphIndex, splice_nodes
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches, write_peft_config
@@ -79,6 +80,8 @@ def insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> tuple[LoadedMode
     write_branches(proto, (*kept, *updated))
     if peft.config is not None:
         write_peft_config(proto, plans[0].adapter, dict(peft.config.raw))
+    if peft.scaled:
+        mark_scaled(proto, plans[0].adapter, peft.scaled)
     return rewritten.with_proto(proto), tuple(updated)
 
 
