@@ -120,6 +120,11 @@ def _why_not_foldable(branch: BranchRecord) -> str | None:
     return lora_bias_refusal(branch)
 
 
+#: Readers of a tensor's shape alone: a fold keeps the weight's shape, so they see no change (dynamo's
+#: ``optimize=False`` exports feed a conv weight to a Shape node).
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
 def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
     """Nodes using ``weight`` directly or through pass-through chains (the chain nodes excluded)."""
     users, pending = [], [weight]
@@ -129,7 +134,7 @@ def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
             dequantizes = node.op_type in DEQUANTIZE_OPS and node.input[0] == value
             if node.op_type in PASS_THROUGH_OPS or dequantizes:
                 pending.extend(node.output)
-            else:
+            elif node.op_type not in SHAPE_ONLY_OPS:
                 users.append(node.name)
     return users
 

@@ -127,6 +127,25 @@ def test_weight_shared_with_a_node_without_branch_is_refused() -> None:
         lora_onnx.merge(injected.model)
 
 
+def test_a_weight_also_read_by_shape_folds(tmp_path) -> None:
+    # dynamo's optimize=False exports also feed a conv weight to a Shape node; the fold keeps the shape.
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul"),
+        helper.make_node("Shape", ["W"], ["wshape"], name="/fc/Shape"),
+        helper.make_node("Size", ["W"], ["wsize"], name="/fc/Size"),
+    ]
+    base = make_model(nodes, {"x": (F, [3, 8])}, ["y", "wshape", "wsize"], {"W": rng_array((8, 4), 1)})
+    injected = lora_onnx.inject(base, LoraConfig(rank=2, init="random"))
+    merged = lora_onnx.merge(injected.model)
+    assert len(merged.folded) == 1 and not merged.kept
+    folded = _materialize(merged.model, tmp_path, "m.onnx")
+    feeds = {"x": FEEDS["x"]}
+    expected = run(injected.model.proto, feeds)
+    actual = run(folded, feeds)
+    assert rel_err(actual[0], expected[0]) <= 1e-5
+    assert np.array_equal(actual[1], expected[1]) and np.array_equal(actual[2], expected[2])
+
+
 def test_dense_a_on_a_grouped_conv_is_applied_but_not_folded() -> None:
     node = helper.make_node("Conv", ["x", "W"], ["y"], name="/conv/Conv", group=2)
     model = load_model(make_model([node], {"x": (F, [1, 4, 5, 5])}, ["y"], {"W": rng_array((4, 2, 3, 3))}))
