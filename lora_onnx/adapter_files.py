@@ -14,7 +14,6 @@ Writes are atomic (temporary file + rename) and never replace an input; unreadab
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.atomic import write_file
+from lora_onnx.errors import AdapterError
 from lora_onnx.save import check_output_path
 
 #: Format name -> file suffix.
@@ -122,12 +122,8 @@ def write_adapter_file(
             raise AdapterError(
                 f"{scalars[0]!r} is a scalar; .onnx_adapter files need tensors of 1 dim or more"
             )
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {output.parent}: {exc.strerror}") from exc
-    temp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def produce(temp: Path) -> None:
         if kind == "onnx_adapter":
             writer = ort.AdapterFormat()
             writer.set_adapter_version(adapter_version)
@@ -139,13 +135,8 @@ def write_adapter_file(
 
             save_file(arrays, str(temp), metadata=dict(metadata or {}) or None)
         else:
-            with open(temp, "wb") as handle:
+            with open(temp, "xb") as handle:
                 np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(temp, output)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {output}: {exc.strerror or exc}; nothing was written") from exc
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+    write_file(output, produce)
     return output

@@ -80,7 +80,7 @@ def run_mixed(args: argparse.Namespace) -> int:
         adapters.append(path)
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
-        validate=args.validate, providers=args.providers, dims=dims_from_args(args),
+        validate=args.validate, providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

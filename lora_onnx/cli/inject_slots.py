@@ -44,7 +44,7 @@ def run_slots(args: argparse.Namespace) -> int:
     result = inject_slots(
         args.model, config, peft=getattr(args, "peft", None), strength_input=args.strength_input,
         output=args.output, adapter_output=args.adapter_out, validate=args.validate,
-        providers=args.providers, dims=dims_from_args(args),
+        providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
     )  # fmt: skip
     for message in result.source.warnings:
         warn(message)

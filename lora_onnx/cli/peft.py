@@ -53,6 +53,7 @@ def run_peft(args: argparse.Namespace) -> int:
     result = apply_peft(
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
+        link_data=args.link_data,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

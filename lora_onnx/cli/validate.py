@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lora_onnx.cli.options import add_run_arguments, dims_from_args
 from lora_onnx.cli.render import print_validation, write_json
 from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
+from lora_onnx.save import check_report_paths
 from lora_onnx.validation import validate
 
 
@@ -47,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    models = [Path(args.reference), Path(args.candidate)]
+    check_report_paths([args.json], [*models, args.inputs], models)  # before any work
     report = validate(
         args.reference, args.candidate, providers=args.providers, rtol=_tolerance(args.rtol, "--rtol"),
         atol=_tolerance(args.atol, "--atol"), inputs=args.inputs, dims=dims_from_args(args), seed=args.seed,

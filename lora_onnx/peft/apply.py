@@ -17,7 +17,7 @@ from lora_onnx.manifest import BranchRecord
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.peft.rewrite import insert_peft_branches
 from lora_onnx.plan import Plan
-from lora_onnx.save import save_model
+from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.validation import ValidationReport
 
 
@@ -56,6 +56,7 @@ def apply_peft(
     adapter_name: str = DEFAULT_ADAPTER,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    link_data: bool = False,
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -64,8 +65,12 @@ def apply_peft(
     anything that does not fit raises :class:`~lora_onnx.errors.AdapterError` before anything is written.
     With ``validate`` the unmerged model is compared in onnxruntime with its own fold (the merged model
     when ``merge``); a branch that cannot be folded (a grouped conv, as in PEFT) stays unproven, with a note.
+    ``link_data`` as for :func:`~lora_onnx.injection.inject`.
     """
     source = load_model(model)
+    protect = [Path(adapter_dir)]
+    if output is not None:
+        check_output_paths(source, output, protect)  # before any work; the adapter's files included
     refuse_existing_adapter(source, adapter_name)
     peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name)
     rewritten, records = insert_peft_branches(source, peft)
@@ -86,6 +91,6 @@ def apply_peft(
         report = validation.validate(rewritten, fold.model, providers=providers, dims=dims)
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(result, output)
+        written = save_model(result, output, protect=protect, link_data=link_data)
     folded = fold.folded if merge and fold is not None else ()
     return PeftResult(result, records, peft, folded, written, report, tuple(notes))

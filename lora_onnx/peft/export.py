@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_onnx.atomic import check_outputs
 from lora_onnx.errors import AdapterError, OutputError
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches, read_peft_config
 from lora_onnx.peft.config import CONFIG_NAME
 from lora_onnx.peft.mapping import PEFT_PREFIX
 from lora_onnx.peft.tensors import WEIGHTS_NAME, encode_safetensors, write_atomic
+from lora_onnx.save import model_inputs
 
 
 def export_peft_adapter(
@@ -37,6 +39,10 @@ def export_peft_adapter(
     :class:`~lora_onnx.errors.AdapterError` when the model has no such adapter or a branch has no PEFT form.
     """
     loaded = load_model(model)
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file; the PEFT adapter needs a folder")
+    check_outputs([folder / WEIGHTS_NAME, folder / CONFIG_NAME], model_inputs(loaded))  # before any work
     branches = read_branches(loaded.proto)
     names = adapter_names(branches)
     if not branches:
@@ -50,9 +56,6 @@ def export_peft_adapter(
         raise AdapterError(f"{loaded.name} has no adapter {adapter!r}; it has {', '.join(names)}")
     tensors = peft_tensors(loaded, chosen)
     config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
-    folder = Path(directory)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file; the PEFT adapter needs a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / WEIGHTS_NAME, encode_safetensors(tensors, {"format": "pt"}))
