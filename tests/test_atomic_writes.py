@@ -113,7 +113,9 @@ def visible_models(folder: Path) -> list[Path]:
 
 def leftovers(folder: Path) -> list[str]:
     """Files a killed run may leave: only hidden temporary files, never under a model's name."""
-    return sorted(p.name for p in folder.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.endswith(".lock")))
+    return sorted(
+        p.name for p in folder.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.endswith(".lock"))
+    )
 
 
 @pytest.fixture(scope="module")
