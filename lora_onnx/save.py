@@ -78,9 +78,41 @@ def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
     check_outputs([output], inputs)
 
 
+#: Models in an output's folder larger than this are not scanned for references (see _shared_data).
+_SCAN_LIMIT = 64 << 20
+
+
+def _shared_data(output: Path, writes: list[Path]) -> None:
+    """Refuse to replace a data file that another model in the output's folder refers to.
+
+    An output beside its input refers to the input's data file by name; writing a new file under that
+    name (say, ``-o model.onnx`` from another base) would silently give that output other weights.
+    """
+    existing = {path.name for path in writes[1:] if path.exists()}
+    if not existing:
+        return
+    for other in sorted(output.parent.glob("*.onnx")):
+        if other.name == output.name or not other.is_file() or other.stat().st_size > _SCAN_LIMIT:
+            continue
+        try:
+            proto = onnx.load(other, load_external_data=False)
+        except Exception:  # not a model onnx can read: it refers to nothing
+            continue
+        for tensor in all_tensors(proto.graph):
+            ref = external_ref(tensor)
+            if ref is not None and ref.location in existing:
+                raise OutputError(
+                    f"{other} refers to {output.parent / ref.location}, which writing {output} would "
+                    "replace; choose another output name (or move that model away first)"
+                )
+
+
 def check_output_paths(model: LoadedModel, output: str | os.PathLike, protect: Iterable[Path] = ()) -> None:
-    """Refuse, before any work, an output whose model or data files would replace one of the inputs."""
-    check_outputs(planned_writes(model, output), [*model_inputs(model), *protect])
+    """Refuse, before any work, an output whose model or data files would replace one of the inputs, or
+    a data file another model beside it refers to."""
+    writes = planned_writes(model, output)
+    check_outputs(writes, [*model_inputs(model), *protect])
+    _shared_data(Path(output), writes)
 
 
 def check_report_paths(

@@ -97,6 +97,12 @@ def test_an_output_beside_the_input_refers_to_its_data_which_stays_protected(lla
         assert refused.returncode == 2
         one_line_error(refused.stderr, "refusing to overwrite the input", "model.onnx.data")
     assert tree_hashes(llama.parent) == before
+    # a new model written under the base's name from another base would change what the output reads
+    other = save(dense_model(), llama.parent.parent / "other" / "model.onnx", external=True)
+    refused_shared = cli("inject", other, "-o", llama)
+    assert refused_shared.returncode == 2
+    one_line_error(refused_shared.stderr, "lora.onnx refers to", "model.onnx.data")
+    assert tree_hashes(llama.parent) == before
     # merging beside it writes a fresh data file and leaves the shared one alone
     merged = cli("merge", out, "-o", llama.with_name("merged.onnx"))
     assert merged.returncode == 0, merged.stderr
