@@ -344,11 +344,11 @@ def prove_rows(
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-mixed-")))
         paths = {
-            "mixed": save_model(mixed, folder / "mixed.onnx"),
-            "base": save_model(host, folder / "base.onnx"),
+            "mixed": save_model(mixed, folder / "mixed.onnx", link_data=True),  # scratch: link, never copy
+            "base": save_model(host, folder / "base.onnx", link_data=True),
         }
         for i in sorted({r for r in rows if r >= 0}):
-            paths[i] = save_model(references[i], folder / f"adapter_{i}.onnx")  # type: ignore[index]
+            paths[i] = save_model(references[i], folder / f"adapter_{i}.onnx", link_data=True)  # type: ignore[index]
         for provider in chosen:
             sessions = {
                 key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()
