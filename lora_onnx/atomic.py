@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,26 +53,39 @@ class Terminated(BaseException):
         return signal.Signals(self.signum).name
 
 
+_HAS_PROC = os.path.isdir("/proc/self")
+
+
 def _start_token(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), 0 where unknown, None if it is gone."""
+    if not _HAS_PROC:
+        return 0
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             fields = handle.read().rsplit(b")", 1)[1].split()
     except FileNotFoundError:
         return None
-    except OSError:
+    except (OSError, IndexError):
         return 0
-    if fields[0] == b"Z":  # a zombie wrote nothing since it died
+    if fields[0] == b"Z":  # a zombie writes nothing any more
         return None
     return int(fields[19])
 
 
-_OWN_TOKEN = _start_token(os.getpid()) or 0
+_OWN: dict[int, int] = {}
+
+
+def _own_token() -> int:
+    """This process's token (looked up per pid: a forked worker has its own start time)."""
+    pid = os.getpid()
+    if pid not in _OWN:
+        _OWN[pid] = _start_token(pid) or 0
+    return _OWN[pid]
 
 
 def _writer_alive(pid: int, token: int) -> bool:
     if pid == os.getpid():
-        return token == _OWN_TOKEN  # this process, or a previous holder of its pid
+        return token == _own_token()  # this process, or a previous holder of its pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +94,7 @@ def _writer_alive(pid: int, token: int) -> bool:
         pass  # another user's live process
     except OSError:
         return True
-    current = _start_token(pid) if sys.platform.startswith("linux") else 0
+    current = _start_token(pid)
     if current is None:
         return False
     return not (token and current and current != token)
@@ -92,7 +104,7 @@ def temp_name(final: Path) -> Path:
     """A short temporary name beside ``final`` (it fits whenever ``final``'s folder does)."""
     tag = re.sub(r"[^A-Za-z0-9_]", "", final.suffix)[:12]
     tail = f".{tag}" if tag else ""
-    return final.with_name(f".lo-{os.getpid()}-{_OWN_TOKEN}-{secrets.token_hex(4)}{tail}.tmp")
+    return final.with_name(f".lo-{os.getpid()}-{_own_token()}-{secrets.token_hex(4)}{tail}.tmp")
 
 
 def reclaim_stale(folder: Path) -> list[Path]:

@@ -384,3 +384,28 @@ def test_two_writers_of_one_output_are_serialised(llama: Path, tmp_path: Path) -
         "lora.onnx.data",
         "lora.onnx.lora.data",
     ]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/stat").exists(), reason="Linux fork")
+def test_a_forked_writer_names_its_temporary_files_with_its_own_start_time(tmp_path: Path) -> None:
+    """Batch workers fork from a server process: their temporary names must carry their own token, or a
+    reclaim elsewhere would take a live worker for a gone one."""
+    from lora_onnx.atomic import _writer_alive, temp_name
+
+    temp_name(tmp_path / "warm.onnx")  # the parent's token is looked up (and cached) first
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its temp name, then wait to be killed
+        os.write(write, temp_name(tmp_path / "m.onnx").name.encode())
+        time.sleep(60)
+        os._exit(0)
+    try:
+        name = os.read(read, 200).decode()
+        match = TEMP_PATTERN.match(name)
+        assert match is not None and int(match[1]) == pid
+        assert int(match[2]) == _start_token(pid)
+        assert _writer_alive(pid, int(match[2]))
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not _writer_alive(pid, int(match[2]))
