@@ -2,6 +2,10 @@
 
 import sys
 
-from lora_onnx.cli.main import main
+try:
+    from lora_onnx.cli.main import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: nothing started, nothing to clean up
+    sys.stderr.write("lora-onnx: error: interrupted; nothing was written\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_onnx.atomic import write_file
 from lora_onnx.constants import ADAPTER_FORMATS
-from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.errors import AdapterError
 from lora_onnx.finite import require_finite_tensors
 from lora_onnx.save import check_output_path
 
@@ -178,12 +178,8 @@ def write_adapter_file(
                     f"tensor {name!r} has dtype {value.dtype.name}, which .onnx_adapter files cannot hold "
                     "(onnxruntime reads float and integer tensors); write .safetensors or .npz instead"
                 )
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {output.parent}: {exc.strerror}") from exc
-    temp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def produce(temp: Path) -> None:
         if kind == "onnx_adapter":
             import onnxruntime as ort
 
@@ -197,13 +193,8 @@ def write_adapter_file(
 
             save_file(arrays, str(temp), metadata=dict(metadata or {}) or None)
         else:
-            with open(temp, "wb") as handle:
+            with open(temp, "xb") as handle:
                 np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(temp, output)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {output}: {exc.strerror or exc}; nothing was written") from exc
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+    write_file(output, produce)
     return output

@@ -85,6 +85,8 @@ class BatchOptions:
     skip_existing: bool = False
     #: Let proofs compare NaN / Inf outputs position by position (see lora_onnx.validation.compare).
     allow_nonfinite: bool = False
+    #: hard-link unchanged data into the output folder instead of cloning / copying it (see save_model)
+    link_data: bool = False
 
     def __post_init__(self) -> None:
         providers = self.providers
@@ -320,7 +322,8 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
         if validation is not None and not validation.ok:
             status = "mismatch"
         else:
-            save_model(model, job.output)
+            protect = [options.recipe.path] if isinstance(options.recipe, AdapterSource) else []
+            save_model(model, job.output, protect=protect, link_data=options.link_data)
         return ModelReport(
             **base,
             status=status,
@@ -361,8 +364,10 @@ def _worker_main(
     options: BatchOptions, threads: int, connection: multiprocessing.connection.Connection
 ) -> None:
     """A worker: convert the models the parent sends, one at a time, until it sends None."""
-    # SIGTERM (the batch being stopped) unwinds like Ctrl-C, so save_model removes its temporary files.
+    # SIGTERM / SIGHUP (the batch stopped) unwind like Ctrl-C, so save_model removes its temporary files.
     signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal hangs up the whole process group
+        signal.signal(signal.SIGHUP, _interrupt)
     os.environ.setdefault(THREADS_ENV, str(threads))
     try:
         while (job := connection.recv()) is not None:

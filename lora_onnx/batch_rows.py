@@ -179,7 +179,7 @@ def probe_sites(
             elem = next(s.dtype for s in sites if s.data_input == name)
             proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     with tempfile.TemporaryDirectory(prefix="lora-onnx-probe-") as folder:
-        path = save_model(model.with_proto(proto), Path(folder) / "probe.onnx")
+        path = save_model(model.with_proto(proto), Path(folder) / "probe.onnx", link_data=True)  # scratch
         session = create_session(path, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
         full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0)

@@ -103,15 +103,16 @@ def inject(
     validate: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
-    link_data: bool = True,
+    link_data: bool = False,
     allow_nonfinite: bool = False,
 ) -> InjectResult:
     """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
 
     Reads tensor shapes only, never weight bytes. With ``validate`` the rewrite is checked in
     onnxruntime before anything is written: outputs unchanged for zero-B inits, otherwise equal to the
-    rewrite's own fold. ``link_data=False`` copies the base's data files instead of hard-linking them
-    (onnx >= 1.21's ``onnx.load`` / checker refuse hard-linked data; onnxruntime does not).
+    rewrite's own fold. An output beside the input refers to the input's data files; elsewhere they are
+    cloned (reflink) or copied, or hard-linked with ``link_data`` (then onnx >= 1.21's ``onnx.load`` and
+    checker refuse both the output and the input while both exist; onnxruntime does not).
     ``allow_nonfinite`` lets the proof compare NaN / Inf outputs position by position. Raises
     :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
     """

@@ -32,6 +32,7 @@ import numpy as np
 
 from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
+from lora_onnx.atomic import check_outputs
 from lora_onnx.batch_rows import BatchAxes, batch_axes, feeds_for, probe_sites, take_rows
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.finite import require_finite_tensors
@@ -55,7 +56,7 @@ from lora_onnx.mixed import (
     strip_mixed,
 )
 from lora_onnx.rewrite import insert_branches
-from lora_onnx.save import check_output_path, save_model
+from lora_onnx.save import planned_writes, save_model
 from lora_onnx.sites import DEFAULT_OPS, Site, Skipped
 from lora_onnx.slots import adapter_strength, bake, remove_slots, slot_records
 from lora_onnx.swapping import AdapterSource, peft_source
@@ -261,6 +262,7 @@ def inject_mixed(
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
+    link_data: bool = False,
 ) -> MixedInjectResult:
     """Add mixed-batch branches holding ``adapters`` (stack index = position) and the index input
     ``lora_adapter_index`` (int64, one entry per batch row, negative = the base model for that row).
@@ -283,7 +285,7 @@ def inject_mixed(
     slots_model = load_model(slots) if slots is not None else source
     protect = _inputs(adapters, source, slots_model)
     if output is not None:
-        check_output_path(Path(output), protect)  # before any work
+        check_outputs(planned_writes(host, output), protect)  # before any work
     resolved = resolve_adapters(adapters, host, slots_model, base_weights=base_weights)
     labels = tuple(a.label for a in resolved)
     covered = {node for adapter in resolved for node in adapter.pairs}
@@ -327,7 +329,7 @@ def inject_mixed(
         )
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(mixed, output, protect=protect)
+        written = save_model(mixed, output, protect=protect, link_data=link_data)
     return MixedInjectResult(mixed, records, labels, skipped, warnings, written, report, rows)
 
 
@@ -361,11 +363,11 @@ def prove_rows(
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-mixed-")))
         paths = {
-            "mixed": save_model(mixed, folder / "mixed.onnx"),
-            "base": save_model(host, folder / "base.onnx"),
+            "mixed": save_model(mixed, folder / "mixed.onnx", link_data=True),  # scratch: link, never copy
+            "base": save_model(host, folder / "base.onnx", link_data=True),
         }
         for i in sorted({r for r in rows if r >= 0}):
-            paths[i] = save_model(references[i], folder / f"adapter_{i}.onnx")  # type: ignore[index]
+            paths[i] = save_model(references[i], folder / f"adapter_{i}.onnx", link_data=True)  # type: ignore[index]
         for provider in chosen:
             sessions = {
                 key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()

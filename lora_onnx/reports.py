@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_onnx import json_input
-from lora_onnx.errors import EXIT_MISMATCH, EXIT_USAGE, LoraOnnxError, OutputError
+from lora_onnx.atomic import write_file
+from lora_onnx.errors import EXIT_MISMATCH, EXIT_USAGE, LoraOnnxError
 
 REPORT_FORMAT = "lora-onnx-batch-report"
 REPORT_VERSION = 1
@@ -243,17 +243,7 @@ def now_iso() -> str:
 
 def _write_text_atomic(path: Path, text: str, what: str) -> None:
     """Temp file + fsync + rename: a reader (a CI step) never sees half a report."""
-    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the {what} {path}: {exc.strerror or exc}") from exc
+    write_file(path, text.encode("utf-8"), what)
 
 
 def write_report(path: str | os.PathLike, report: BatchReport) -> Path:

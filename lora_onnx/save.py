@@ -2,40 +2,42 @@
 
 Two ways to place external data, chosen per save:
 
-- *link*: no external tensor changed (injection). Each source data file is hard-linked next to the
-  output as ``<out>.data`` (copied when a link is impossible) and locations are rewritten to it, so the
-  output folder is self-contained and nothing points back through ``..``. New tensors of 1 KiB or more
-  go to their own small ``<out>.lora.data``. A copy-on-write clone (reflink: btrfs, XFS, bcachefs) is
-  tried first: as cheap as a link, but a separate file. onnx >= 1.21 refuses external data files with
-  several hard links in ``onnx.load`` and ``onnx.checker`` (onnxruntime accepts them), so
-  ``link_data=False`` copies instead of linking where no clone is possible.
+- *reference / clone*: no external tensor changed (injection). An output in the input's folder refers
+  to the input's data files as they are (nothing is copied, and later commands protect them as that
+  output's inputs). An output elsewhere gets its own ``<out>.data`` (``<out>.data.N`` for several
+  source files): a copy-on-write clone (reflink: btrfs, XFS, bcachefs) where the file system has one, as
+  cheap as a link but a separate file, else a copy. Hard links only with ``link_data=True``: onnx >= 1.21
+  (``onnx.load``, ``onnx.checker``) and onnx-ir refuse data files with more than one link ("potential
+  hard link attack"), so while a linked output exists neither it nor the *input* loads in onnx
+  (onnxruntime accepts both). New tensors of 1 KiB or more go to their own small ``<out>.lora.data``.
 - *stream*: some external tensor changed (folding). One new ``<out>.data`` is written tensor by tensor:
   untouched ranges are copied by the kernel, changed tensors are computed one at a time (folds in
   blocks of a few MB, see :mod:`lora_onnx.streaming`). Peak memory is a few blocks, never the model.
 
-Every file is written to a temporary name and renamed into place; the model file is renamed last, and
-an older output's model file is removed before its data files are replaced, so an interrupted run leaves
-the old model or no model, never a model with the wrong data. Any failure removes the temporary files.
+Every file goes through :mod:`lora_onnx.atomic`: a temporary name, fsync, rename; the model file is
+renamed last, and an older output's model file is removed before its data files are replaced, so an
+interrupted run leaves the old model or no model, never a model with the wrong data. Any failure or
+signal removes the temporary files; two writers of one output are serialised by a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from lora_onnx import progress
-from lora_onnx.errors import OutputError
-from lora_onnx.load import LoadedModel, all_tensors
+from lora_onnx.atomic import NAME_MAX, Staged, check_outputs, describe_os_error, make_folder, output_lock
+from lora_onnx.errors import LoraOnnxError, OutputError
+from lora_onnx.load import LoadedModel, all_tensors, load_model
 from lora_onnx.streaming import StreamedTensor
 from lora_onnx.tensors import ExternalRef, external_ref, make_tensor, nbytes, np_dtype, set_external_ref
 
@@ -47,65 +49,101 @@ _ALIGN = 4096
 _COPY_CHUNK = 64 << 20
 
 
-@dataclass
-class _Staged:
-    """Temporary files written so far and the final names they take on commit."""
-
-    renames: list[tuple[Path, Path]] = field(default_factory=list)
-
-    def temp_for(self, final: Path) -> Path:
-        temp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.renames.append((temp, final))
-        return temp
-
-    def discard(self) -> None:
-        for temp, _ in self.renames:
-            temp.unlink(missing_ok=True)
+def sibling(output: Path, suffix: str) -> Path:
+    """``<output name><suffix>`` beside ``output``; shortened (with a hash, so still unique) when that
+    would exceed NAME_MAX, so every output name that fits gets its data files too."""
+    name = output.name + suffix
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return output.with_name(name)
+    digest = hashlib.sha256(os.fsencode(output.name)).hexdigest()[:8]
+    keep = os.fsencode(output.name)[: NAME_MAX - len(os.fsencode(suffix)) - 9]
+    return output.with_name(keep.decode(errors="ignore") + "-" + digest + suffix)
 
 
-def _same_entry(output: Path, protected: Path) -> bool:
-    """True when ``output`` names the same directory entry as ``protected`` (not merely a hard link:
-    outputs are renamed into place, so replacing a hard link of an input leaves the input intact)."""
-    if output.resolve() == protected.resolve():
-        return True
-    try:  # case-insensitive file systems: another spelling of the same entry
-        return (
-            output.name.lower() == protected.name.lower()
-            and os.path.samefile(output.parent, protected.parent)
-            and os.path.samefile(output, protected)
-        )
-    except OSError:
-        return False
+def planned_writes(model: LoadedModel, output: str | os.PathLike) -> list[Path]:
+    """Every file :func:`save_model` may write for ``model`` at ``output`` (the model file first)."""
+    output = Path(output)
+    locations = {ref.location for ref in model.external_refs().values()}
+    data = sibling(output, ".data")
+    numbered = [sibling(output, f".data.{n}") for n in range(len(locations))] if len(locations) > 1 else []
+    return [output, data, *numbered, sibling(output, ".lora.data")]
+
+
+def model_inputs(model: LoadedModel) -> list[Path]:
+    """The files ``model`` was read from: its .onnx and every data file it references."""
+    return [p for p in (model.path, *model.external_files()) if p is not None]
 
 
 def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse to write over any of ``inputs``: the same path, or another spelling of the same folder entry.
+    """Refuse to write ``output`` over any of ``inputs`` (see :func:`lora_onnx.atomic.check_outputs`)."""
+    check_outputs([output], inputs)
 
-    Writes replace folder entries (temp file + rename), never file contents, so only the entry matters:
-    an earlier output's data file is a hard link to the input's data, and replacing it leaves the input
-    alone.
+
+#: Models in an output's folder larger than this are not scanned for references (see _shared_data).
+_SCAN_LIMIT = 64 << 20
+
+
+def _shared_data(output: Path, writes: list[Path]) -> None:
+    """Refuse to replace a data file that another model in the output's folder refers to.
+
+    An output beside its input refers to the input's data file by name; writing a new file under that
+    name (say, ``-o model.onnx`` from another base) would silently give that output other weights.
     """
-    for protected in inputs:
-        if _same_entry(output, protected):
-            raise OutputError(f"refusing to overwrite the input {protected}; choose another output path")
+    existing = {path.name for path in writes[1:] if path.exists()}
+    if not existing:
+        return
+    for other in sorted(output.parent.glob("*.onnx")):
+        if other.name == output.name or not other.is_file() or other.stat().st_size > _SCAN_LIMIT:
+            continue
+        try:
+            proto = onnx.load(other, load_external_data=False)
+        except Exception:  # not a model onnx can read: it refers to nothing
+            continue
+        for tensor in all_tensors(proto.graph):
+            ref = external_ref(tensor)
+            if ref is not None and ref.location in existing:
+                raise OutputError(
+                    f"{other} refers to {output.parent / ref.location}, which writing {output} would "
+                    "replace; choose another output name (or move that model away first)"
+                )
 
 
 def check_output_paths(model: LoadedModel, output: str | os.PathLike, protect: Iterable[Path] = ()) -> None:
-    """Refuse, before any work, an output whose model or data files would replace one of the inputs."""
-    output = Path(output)
-    inputs = [p for p in (model.path, *model.external_files(), *protect) if p is not None]
-    for suffix in ("", ".data", ".lora.data"):
-        check_output_path(output.with_name(output.name + suffix), inputs)
+    """Refuse, before any work, an output whose model or data files would replace one of the inputs, or
+    a data file another model beside it refers to."""
+    writes = planned_writes(model, output)
+    check_outputs(writes, [*model_inputs(model), *protect])
+    _shared_data(Path(output), writes)
+
+
+def check_report_paths(
+    reports: Iterable[str | os.PathLike | None],
+    reads: Iterable[str | os.PathLike | None],
+    models: Iterable[Path] = (),
+) -> None:
+    """Refuse, before any work, a report (``--report``, ``--junit``, ``--json``) that would replace one of
+    ``reads`` or a data file of one of ``models``: those whose folder holds a report are read graph-only
+    for their data files, the others need not be opened."""
+    targets = [Path(r) for r in reports if r is not None]
+    if not targets:
+        return
+    extra: list[Path] = []
+    for model in models:
+        folder = model.parent.resolve()
+        if any(folder == t.parent.resolve() or folder in t.parent.resolve().parents for t in targets):
+            with contextlib.suppress(LoraOnnxError):  # an unreadable model fails later, on its own
+                extra.extend(model_inputs(load_model(model)))
+    check_outputs(targets, [*reads, *extra])
 
 
 def save_model(
-    model: LoadedModel, path: str | os.PathLike, *, protect: Iterable[Path] = (), link_data: bool = True
+    model: LoadedModel, path: str | os.PathLike, *, protect: Iterable[Path] = (), link_data: bool = False
 ) -> Path:
     """Write ``model`` to ``path`` with its data (see the module doc); returns the output path.
 
     ``protect`` lists more files that must not be overwritten (the inputs of the command).
-    ``link_data=False`` copies unchanged data files rather than hard-linking them (a clone is still used
-    where the file system has one).
+    ``link_data=True`` hard-links unchanged data files into another folder instead of cloning or copying
+    them (fast, but onnx >= 1.21 then refuses to load the output and the input; onnxruntime does not).
     """
     output = Path(path)
     check_output_paths(model, output, protect)
@@ -113,66 +151,38 @@ def save_model(
     proto.CopyFrom(model.proto)
     refs = model.external_refs()
     changed_external = any(name in refs for name in model.overrides)
-    data_name, lora_name = f"{output.name}.data", f"{output.name}.lora.data"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {output.parent}: {exc.strerror}") from exc
-
-    staged = _Staged()
-    try:
-        if changed_external or (not refs and _inline_bytes(proto, model) > MAX_INLINE_BYTES):
-            _stream_data(proto, model, refs, output.with_name(data_name), staged)
-        elif refs:
-            _link_data(proto, model, refs, output.with_name(data_name), staged, link_data)
-            _externalize_inline(proto, model, output.with_name(lora_name), staged)
-        else:
-            _apply_inline_overrides(proto, model)
-        model_temp = staged.temp_for(output)
-        model_temp.write_bytes(proto.SerializeToString())
-        _commit(staged, output)
-    except OSError as exc:
-        staged.discard()
-        raise OutputError(_describe_os_error(exc, output)) from exc
-    except BaseException:
-        staged.discard()
-        raise
+    make_folder(output.parent)
+    with output_lock(output):
+        staged = Staged()
+        try:
+            if changed_external or (not refs and _inline_bytes(proto, model) > MAX_INLINE_BYTES):
+                _stream_data(proto, model, refs, sibling(output, ".data"), staged)
+            elif refs:
+                _place_data(proto, model, refs, output, staged, link_data)
+                _externalize_inline(proto, model, sibling(output, ".lora.data"), staged)
+            else:
+                _apply_inline_overrides(proto, model)
+            model_temp = staged.temp_for(output)
+            with open(model_temp, "xb") as out:
+                out.write(proto.SerializeToString())
+            _commit(staged, output)
+        except OSError as exc:
+            staged.discard()
+            raise OutputError(describe_os_error(exc, output)) from exc
+        except BaseException:
+            staged.discard()
+            raise
     return output
 
 
-def _describe_os_error(exc: OSError, output: Path) -> str:
-    if exc.errno == errno.ENOSPC:
-        return f"disk full while writing {output}; nothing was written"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {output}: {exc.strerror} (is the folder read-only?); nothing was written"
-    return f"cannot write {output}: {exc.strerror or exc}; nothing was written"
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _commit(staged: _Staged, output: Path) -> None:
-    # A rename is atomic for processes, but after a power loss or kernel crash a renamed file whose data
-    # never reached the disk can show up empty or partial. Flush every temp file before any rename.
-    for temp, _ in staged.renames:
-        _fsync(temp)
-    data_renames = staged.renames[:-1]
-    if data_renames and output.exists():
+def _commit(staged: Staged, output: Path) -> None:
+    def drop_old_model() -> None:
         # The old model refers to the data files about to be replaced: remove it first, so a crash in
         # between leaves no model rather than an old model with new data.
-        output.unlink()
-    for temp, final in staged.renames:
-        os.replace(temp, final)
-        # rename() between two links of one file does nothing (POSIX): the final name already holds
-        # exactly these bytes, so the temporary link just goes.
-        temp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # make the renames durable; not every platform can sync a folder
-        _fsync(output.parent)
+        if len(staged.renames) > 1 and output.exists():
+            output.unlink()
+
+    staged.commit(before_rename=drop_old_model)
 
 
 def _deferred(tensor: onnx.TensorProto, model: LoadedModel) -> bool:
@@ -195,7 +205,7 @@ def _apply_inline_overrides(proto: onnx.ModelProto, model: LoadedModel) -> None:
             tensor.CopyFrom(make_tensor(tensor.name, model.overrides[tensor.name](), tensor.data_type))
 
 
-def _link_or_copy(source: Path, temp: Path, link: bool = True) -> None:
+def _clone_or_copy(source: Path, temp: Path, link: bool) -> None:
     if _reflink(source, temp):
         return
     if link:
@@ -226,20 +236,30 @@ def _reflink(source: Path, temp: Path) -> bool:
         return False
 
 
-def _link_data(
+def _same_folder(model: LoadedModel, output: Path) -> bool:
+    try:
+        return model.base_dir is not None and os.path.samefile(model.base_dir, output.parent)
+    except OSError:
+        return False
+
+
+def _place_data(
     proto: onnx.ModelProto,
     model: LoadedModel,
     refs: dict[str, ExternalRef],
-    data_path: Path,
-    staged: _Staged,
-    link: bool = True,
+    output: Path,
+    staged: Staged,
+    link: bool,
 ) -> None:
+    """Unchanged external data: referenced as it is beside the input, else cloned / copied (or linked)."""
     assert model.base_dir is not None
+    if _same_folder(model, output):
+        return  # the locations already resolve from the output's folder, and name no file we write
     locations = sorted({ref.location for ref in refs.values()})
     renamed: dict[str, str] = {}
     for number, location in enumerate(locations):
-        final = data_path if len(locations) == 1 else data_path.with_name(f"{data_path.name}.{number}")
-        _link_or_copy(model.base_dir / location, staged.temp_for(final), link)
+        final = sibling(output, ".data" if len(locations) == 1 else f".data.{number}")
+        _clone_or_copy(model.base_dir / location, staged.temp_for(final), link)
         renamed[location] = final.name
     for tensor in all_tensors(proto.graph):
         ref = external_ref(tensor)
@@ -247,7 +267,7 @@ def _link_data(
             set_external_ref(tensor, ExternalRef(renamed[ref.location], ref.offset, ref.length))
 
 
-def _externalize_inline(proto: onnx.ModelProto, model: LoadedModel, data_path: Path, staged: _Staged) -> None:
+def _externalize_inline(proto: onnx.ModelProto, model: LoadedModel, data_path: Path, staged: Staged) -> None:
     """Move inline initializers of EXTERNAL_THRESHOLD bytes or more to their own data file.
 
     Deferred values are produced here, one at a time, and written straight to the file: a rank-64 adapter
@@ -267,7 +287,7 @@ def _externalize_inline(proto: onnx.ModelProto, model: LoadedModel, data_path: P
                     )
                 continue
             if out is None:
-                out = open(staged.temp_for(data_path), "wb")  # noqa: SIM115 (closed in finally)
+                out = open(staged.temp_for(data_path), "xb")  # noqa: SIM115 (closed in finally)
             offset = _pad_to_alignment(out, size)
             if deferred:
                 data = np.ascontiguousarray(model.overrides[tensor.name](), np_dtype(tensor.data_type))
@@ -291,7 +311,7 @@ def _pad_to_alignment(out, size: int) -> int:  # type: ignore[no-untyped-def]
 
 
 def _stream_data(
-    proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef], data_path: Path, staged: _Staged
+    proto: onnx.ModelProto, model: LoadedModel, refs: dict[str, ExternalRef], data_path: Path, staged: Staged
 ) -> None:
     """Write every external (or large inline) tensor into one new data file, one tensor at a time."""
     tensors = [
@@ -303,7 +323,7 @@ def _stream_data(
     ]
     total = sum(nbytes(tensor) for tensor in tensors)
     with (
-        open(staged.temp_for(data_path), "wb") as out,
+        open(staged.temp_for(data_path), "xb") as out,
         progress.step(f"writing {data_path.name}", total=total, unit="bytes") as advance,
     ):
         for tensor in tensors:

@@ -20,6 +20,7 @@ import numpy as np
 from lora_onnx import validation
 from lora_onnx.adapter_check import check_tensors, fitting_adapter
 from lora_onnx.adapter_files import FORMATS, format_for, read_adapter_file, write_adapter_file
+from lora_onnx.atomic import check_outputs
 from lora_onnx.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.finite import finite_number, require_finite_tensors
@@ -32,7 +33,7 @@ from lora_onnx.peft.export import export_peft_adapter
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.plan import BranchPlan, plan_branches, tensor_stem, unique_stem
 from lora_onnx.rewrite import insert_branches
-from lora_onnx.save import save_model
+from lora_onnx.save import model_inputs, planned_writes, save_model
 from lora_onnx.sites import DEFAULT_OPS, Skipped
 from lora_onnx.slots import (
     Bound,
@@ -214,6 +215,7 @@ def inject_slots(
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
+    link_data: bool = False,
 ) -> SlotInjectResult:
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
@@ -228,6 +230,9 @@ def inject_slots(
     """
     config = config or LoraConfig()
     source = load_model(model)
+    protect = [*model_inputs(source), *([Path(peft)] if peft is not None else [])]
+    writes = [*(planned_writes(source, output) if output is not None else [])]
+    check_outputs([*writes, *([adapter_output] if adapter_output is not None else [])], protect)
     adapter = config.adapter_name
     refuse_existing_adapter(source, adapter)
     if base_weights is not None and peft is None:
@@ -262,11 +267,10 @@ def inject_slots(
             )
     written = adapter_written = None
     if all(r is None or r.ok for r in (report, adapter_report)):
-        protect = [p for p in (source.path, *source.external_files()) if p is not None]
         if adapter_output is not None:
             adapter_written = write_adapter_file(tensors, adapter_output, adapter_format, protect=protect)
         if output is not None:
-            written = save_model(slotted, output)
+            written = save_model(slotted, output, protect=protect, link_data=link_data)
     return SlotInjectResult(
         slotted, records, produced, tensors, written, adapter_written, report, adapter_report
     )
@@ -362,7 +366,7 @@ def export_adapter(
         chosen = choose_adapter(target, adapter)
         source = peft_source(target, peft, chosen, base_weights=base_weights)
         tensors = retarget(source.plans, source.values, target, chosen)
-        protect = _inputs_of(target)
+        protect = [*_inputs_of(target), Path(peft)]
         return _write(tensors, output, format, chosen, source.origin, protect, adapter_version, model_version)
     if model is None:
         raise LoraOnnxError("give MODEL (a model with constant LoRA branches) or --peft DIR --for MODEL")

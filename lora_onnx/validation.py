@@ -246,7 +246,9 @@ def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[
         return Path(model), str(model)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-")))
     label = str(model.path) if model.path is not None else model.name
-    return save_model(model, folder / "model.onnx"), label
+    # A scratch copy for onnxruntime, gone when the run ends: linking the base's data (when no clone is
+    # possible) costs nothing, where a copy would write the whole model again into the temp folder.
+    return save_model(model, folder / "model.onnx", link_data=True), label
 
 
 def run_model(

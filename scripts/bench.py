@@ -14,8 +14,8 @@ Usage (from the repository root)::
     python scripts/bench.py [--size-gb 2.5] [--hidden 2048] [--layers N] [--ranks 8,16,64]
                             [--tokens 32] [--runs 10] [--workdir DIR] [--cold] [--json FILE]
 
-Disk: the base model, one extra full copy at a time (cp, onnx.save or a merged model) and hard links;
-the run refuses to start with less than 2.5x the data size free. The temporary folder (under /work by
+Disk: the base model, one extra full copy at a time (cp, onnx.save, an injected or a merged model);
+the run refuses to start with less than 3.5x the data size free. The temporary folder (under /work by
 default, as /tmp may be small) is removed at the end unless ``--keep``. lora-onnx's writes are durable
 (each file is fsynced before it is renamed into place), which ``cp`` and ``onnx.save`` are not, so the
 table also times ``cp`` followed by an fsync of the copy, the fair baseline for a merge; outputs are
@@ -88,7 +88,7 @@ import lora_onnx
 baseline, cpu0 = rss_mb(), cpu_s()
 start = time.perf_counter()
 result = lora_onnx.inject(args["source"], lora_onnx.LoraConfig(rank=args["rank"], init="random"),
-                          output=args["target"])
+                          output=args["target"], link_data=args.get("link_data", False))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "cpu_s": cpu_s() - cpu0, "peak_mb": rss_mb(), "baseline_mb": baseline,
                   "branches": len(result.branches)}))
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = make_spec(args)
     root = args.workdir or (Path("/work") if Path("/work").is_dir() else Path(tempfile.gettempdir()))
     root.mkdir(parents=True, exist_ok=True)
-    need = int(spec.data_bytes * 2.5)
+    need = int(spec.data_bytes * 3.5)
     if free_bytes(root) < need:
         raise SystemExit(
             f"bench: {root} has {free_bytes(root) / 1e9:.1f} GB free; this run needs about "
@@ -318,12 +318,25 @@ def run_benchmark(
     )
     remove(roundtrip)
 
+    # How an injected output gets the base's unchanged data: beside the base it refers to the base's data
+    # file (nothing copied); in another folder it gets a clone (reflink) where the file system has one,
+    # else a copy (the rank loop below); hard links only on request (--link-data).
+    beside = base.with_name("lora.onnx")
+    measure(f"lora-onnx inject beside the base (r={ranks[0]})", "inject", files_of(base), beside,
+            source=str(beside.with_name("model.onnx")), target=str(beside), rank=ranks[0])  # fmt: skip
+    for path in files_of(beside):
+        path.unlink()
+    linked = work / "linked" / "model.onnx"
+    measure(f"lora-onnx inject --link-data (r={ranks[0]})", "inject", files_of(base), linked,
+            source=str(base), target=str(linked), rank=ranks[0], link_data=True)  # fmt: skip
+    remove(linked)
+
     latency: list[dict[str, Any]] = []
     for rank in ranks:
         injected = work / f"lora{rank}" / "model.onnx"
         merged = work / f"merged{rank}" / "model.onnx"
         measure(
-            f"lora-onnx inject (r={rank})",
+            f"lora-onnx inject, other folder: copy (r={rank})",
             "inject",
             files_of(base),
             injected,

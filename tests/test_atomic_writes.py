@@ -58,8 +58,8 @@ class Paused:
 def hooked_open(file, mode="r", *args, **kwargs):
     handle = real_open(file, mode, *args, **kwargs)
     name = "" if isinstance(file, int) else os.path.basename(os.fspath(file))
-    wanted = ".data.tmp-" if point == "data" else ".onnx.tmp-"
-    if "w" in mode and point in ("data", "model") and wanted in name:
+    wanted = ".data.tmp" if point == "data" else ".onnx.tmp"
+    if ("w" in mode or "x" in mode) and point in ("data", "model") and wanted in name:
         return Paused(handle)
     return handle
 
@@ -113,7 +113,9 @@ def visible_models(folder: Path) -> list[Path]:
 
 def leftovers(folder: Path) -> list[str]:
     """Files a killed run may leave: only hidden temporary files, never under a model's name."""
-    return sorted(p.name for p in folder.rglob("*") if p.is_file() and ".tmp-" in p.name)
+    return sorted(
+        p.name for p in folder.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.endswith(".lock"))
+    )
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ _INJECT_CHILD = textwrap.dedent(
     import lora_onnx
     from lora_onnx import LoraConfig
 
-    source, output = Path(sys.argv[1]), Path(sys.argv[2])
+    source, output, link = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "link"
     data = str(source.with_name(source.name + ".data"))
     mapped = []
 
@@ -75,7 +75,7 @@ _INJECT_CHILD = textwrap.dedent(
     lora_onnx.inspect(source)  # warm lazy imports, so what follows is the pass itself
     before_rss, before_read = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rchar()
     start = time.perf_counter()
-    result = lora_onnx.inject(source, LoraConfig(rank=8), output=output)
+    result = lora_onnx.inject(source, LoraConfig(rank=8), output=output, link_data=link)
     seconds = time.perf_counter() - start
     print(json.dumps({
         "read": rchar() - before_read,
@@ -90,14 +90,15 @@ _INJECT_CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="reads are counted through Linux /proc")
 def test_inject_reads_no_weight_bytes_of_a_model_over_2_gb(tmp_path: Path) -> None:
-    """A 2.6 GB decoder whose data file is sparse (no disk blocks) is injected with no weight read."""
+    """A 2.6 GB decoder whose data file is sparse (no disk blocks) is injected with no weight read: into
+    another folder with --link-data, and beside the base (by default: the output refers to its data)."""
     spec = DecoderSpec(layers=10, hidden=2048, intermediate=5632, heads=16, vocab=32000)
     source = build_decoder(tmp_path / "base" / "model.onnx", spec, fill="sparse")
     data = source.with_name("model.onnx.data")
     assert data.stat().st_size > 2**31 and data.stat().st_blocks == 0
     output = tmp_path / "elsewhere" / "lora.onnx"
     done = subprocess.run(
-        [sys.executable, "-c", _INJECT_CHILD, str(source), str(output)],
+        [sys.executable, "-c", _INJECT_CHILD, str(source), str(output), "link"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -121,6 +122,20 @@ def test_inject_reads_no_weight_bytes_of_a_model_over_2_gb(tmp_path: Path) -> No
     # path-based tools work on it (shape inference takes the path of a model over 2 GB)
     onnx.shape_inference.infer_shapes_path(str(output), str(tmp_path / "elsewhere" / "inferred.onnx"))
     assert (tmp_path / "elsewhere" / "inferred.onnx").stat().st_size < 2 << 20
+
+    beside = source.with_name("lora.onnx")
+    done = subprocess.run(
+        [sys.executable, "-c", _INJECT_CHILD, str(source), str(beside), "default"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stats["mapped"] == [] and stats["read"] < 4 << 20
+    assert set(_refs(beside).values()) == {"model.onnx.data", "lora.onnx.lora.data"}
+    assert not beside.with_name("lora.onnx.data").exists() and data.stat().st_blocks == 0
 
 
 def test_injected_folder_is_self_contained(tmp_path: Path) -> None:

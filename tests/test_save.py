@@ -31,10 +31,10 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_inject_links_base_data_into_another_folder(llama: Path, tmp_path: Path) -> None:
+def test_inject_links_base_data_into_another_folder_on_request(llama: Path, tmp_path: Path) -> None:
     before = _digest(llama.parent)
     out = tmp_path / "elsewhere" / "lora.onnx"
-    lora_onnx.inject(llama, LoraConfig(rank=4, init="random"), output=out)
+    lora_onnx.inject(llama, LoraConfig(rank=4, init="random"), output=out, link_data=True)
     assert _digest(llama.parent) == before
     data = out.with_name("lora.onnx.data")
     assert os.path.samefile(data, llama.with_name("model.onnx.data"))  # a hard link, not a copy

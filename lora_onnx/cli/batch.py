@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_onnx import progress
 from lora_onnx.cli import render
-from lora_onnx.cli.options import _pairs, add_recipe_arguments, add_run_arguments
+from lora_onnx.cli.options import _pairs, add_data_arguments, add_recipe_arguments, add_run_arguments
 from lora_onnx.cli.render import info, warn
 from lora_onnx.errors import LoraOnnxError
 
@@ -81,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert only part I of N (1-based): models sorted by relative path, the k-th to part k%%N+1",
     )  # fmt: skip
     parser.add_argument("--skip-existing", action="store_true", help="leave models whose output exists")
+    add_data_arguments(parser)
     parser.add_argument("--report", metavar="FILE.json", help="write the per-model report as JSON")
     parser.add_argument("--junit", metavar="FILE.xml", help="write the per-model report as JUnit XML")
     # Flags left out must not hide the config file's values: unset flags are None, and only the flags
@@ -136,6 +137,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         dims=options.get("dims", {}),
         skip_existing=args.skip_existing,
         allow_nonfinite=args.allow_nonfinite,
+        link_data=args.link_data,
     )
     return batch_options, notes
 
@@ -147,31 +149,37 @@ def _line(report: ModelReport, done: int, total: int) -> str:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """A CI runner cancels with SIGTERM: unwind like Ctrl-C so jobs stop and temporary files go."""
+    """A CI runner cancels with SIGTERM (a closed terminal: SIGHUP): unwind like Ctrl-C so jobs stop and
+    temporary files go."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def run(args: argparse.Namespace) -> int:
     from lora_onnx.batch import plan_batch, run_batch
     from lora_onnx.reports import parse_shard
+    from lora_onnx.save import check_report_paths
 
     options, notes = options_from_args(args)
     for note in notes:
         warn(note)
     shard = parse_shard(args.shard) if args.shard else None
     plan = plan_batch(args.inputs, args.output_dir, shard)
+    reads = [*(job.source for job in plan.jobs), *(job.output for job in plan.jobs), args.config, args.peft]
+    check_report_paths([args.report, args.junit], reads, [job.source for job in plan.jobs])
     total = len(plan.jobs)
     part = f" (shard {shard} of {plan.total} models)" if shard else ""
     info(f"Converting {total} model(s) from {plan.root} into {plan.output_dir}{part}")

@@ -7,6 +7,7 @@ import argparse
 from lora_onnx.cli.inject_mixed import add_mixed_arguments, run_mixed, wants_mixed
 from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
 from lora_onnx.cli.options import (
+    add_data_arguments,
     add_recipe_arguments,
     add_run_arguments,
     check_model_output,
@@ -35,11 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_slot_arguments(parser)
     add_mixed_arguments(parser)
-    parser.add_argument(
-        "--copy-data", action="store_true",
-        help="copy the base's external data files instead of hard-linking them (slower; onnx >= 1.21's "
-        "onnx.load and checker refuse hard-linked data, onnxruntime accepts it)",
-    )  # fmt: skip
+    add_data_arguments(parser)
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -56,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
-        providers=args.providers, dims=dims_from_args(args), link_data=not args.copy_data,
+        providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
         allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
     for message in result.warnings:

@@ -83,7 +83,7 @@ def run_mixed(args: argparse.Namespace) -> int:
 
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
-        validate=args.validate, providers=args.providers, dims=dims_from_args(args),
+        validate=args.validate, providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
         allow_nonfinite=args.allow_nonfinite, base_weights=getattr(args, "base_weights", None),
     )  # fmt: skip
     for message in result.warnings:

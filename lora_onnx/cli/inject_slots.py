@@ -46,7 +46,7 @@ def run_slots(args: argparse.Namespace) -> int:
         args.model, config, peft=getattr(args, "peft", None), strength_input=args.strength_input,
         output=args.output, adapter_output=args.adapter_out, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), allow_nonfinite=args.allow_nonfinite,
-        base_weights=getattr(args, "base_weights", None),
+        base_weights=getattr(args, "base_weights", None), link_data=args.link_data,
     )  # fmt: skip
     for message in result.source.warnings:
         warn(message)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from lora_onnx import __version__, progress
+from lora_onnx.atomic import Terminated, discard_live, signals_as_exceptions
 from lora_onnx.cli import (
     batch,
     check_adapter,
@@ -71,23 +72,33 @@ def _progress_shown() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(reclaim_positionals(parser, sys.argv[1:] if argv is None else argv))
-    render.set_verbosity(args.verbosity)
-    try:
-        with _progress_shown():
-            return int(args.func(args))
-    except LoraOnnxError as exc:
-        render.error(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        render.error("interrupted; nothing was written")
-        return 130
-    except BrokenPipeError:
-        # The reader went away (lora-onnx inspect ... | head): stop quietly, as cat does; outputs are
-        # written before the result lines, so nothing is half done.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    # SIGTERM (timeout, a CI runner cancelling) and SIGHUP (a closed terminal) unwind like Ctrl-C: every
+    # writer removes its temporary files on the way out, and the run ends with one line.
+    with signals_as_exceptions():
+        try:
+            parser = build_parser()
+            args = parser.parse_args(reclaim_positionals(parser, sys.argv[1:] if argv is None else argv))
+            render.set_verbosity(args.verbosity)
+            if getattr(args, "copy_data", False):
+                render.warn("--copy-data is the default now (data is cloned or copied; --link-data links it)")
+            with _progress_shown():
+                return int(args.func(args))
+        except LoraOnnxError as exc:
+            render.error(str(exc))
+            return exc.exit_code
+        except KeyboardInterrupt:
+            discard_live()
+            render.error("interrupted; nothing was written")
+            return 130
+        except Terminated as exc:
+            discard_live()
+            render.error(f"stopped by {exc.name}; the output being written was not written")
+            return 128 + exc.signum
+        except BrokenPipeError:
+            # The reader went away (lora-onnx inspect ... | head): stop quietly, as cat does; outputs are
+            # written before the result lines, so nothing is half done.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
 
 
 if __name__ == "__main__":

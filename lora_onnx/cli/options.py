@@ -295,3 +295,15 @@ def dims_from_args(args: argparse.Namespace) -> dict[str, int]:
     from lora_onnx.inputs import parse_dims
 
     return parse_dims(args.dim)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--link-data: how an output in another folder gets the base's unchanged external data."""
+    parser.add_argument(
+        "--link-data", action="store_true",
+        help="hard-link the base's external data files into another output folder instead of cloning "
+        "(reflink) or copying them: instant, but while the link exists onnx >= 1.21 (onnx.load, checker) "
+        "and onnx-ir refuse to load both the output and the input model (onnxruntime accepts them)",
+    )  # fmt: skip
+    # --copy-data was the opt-out of the old default (hard links); copying is now the default.
+    parser.add_argument("--copy-data", action="store_true", help=argparse.SUPPRESS)

@@ -68,6 +68,7 @@ def run_peft(args: argparse.Namespace) -> int:
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite,
         base_weights=args.base_weights,
+        link_data=args.link_data,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

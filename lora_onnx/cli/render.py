@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_onnx.errors import EXIT_MISMATCH, OutputError
+from lora_onnx.atomic import write_file
+from lora_onnx.errors import EXIT_MISMATCH
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -258,15 +259,7 @@ def report_written(validation: ValidationReport | None, title: str, output: obje
 
 def write_json(path: str | os.PathLike, payload: object) -> None:
     """Write a machine-readable report (temp file + rename, so a reader never sees half a report)."""
-    target = Path(path)
-    temp = target.with_name(f".{target.name}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)  # as for models: a fresh CI checkout has no reports/
-        temp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        os.replace(temp, target)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the report {target}: {exc.strerror}") from exc
+    write_file(Path(path), (json.dumps(payload, indent=2, default=str) + "\n").encode(), "report")
 
 
 def _size(number: float) -> str:

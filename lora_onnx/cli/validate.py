@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lora_onnx.cli.options import add_run_arguments, dims_from_args
 from lora_onnx.cli.render import QUIET, final, print_validation, validation_verdict, verbosity, write_json
@@ -52,8 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.inputs and args.dim:
         raise LoraOnnxError("--dim shapes generated inputs; with --inputs FILE.npz the arrays' shapes apply")
+    from lora_onnx.save import check_report_paths
     from lora_onnx.validation import validate
 
+    models = [Path(args.reference), Path(args.candidate)]
+    check_report_paths([args.json], [*models, args.inputs], models)  # before any work
     report = validate(
         args.reference, args.candidate, providers=args.providers, rtol=_tolerance(args.rtol, "--rtol"),
         atol=_tolerance(args.atol, "--atol"), inputs=args.inputs, dims=dims_from_args(args), seed=args.seed,

@@ -17,7 +17,7 @@ from lora_onnx.manifest import BranchRecord
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.peft.rewrite import insert_peft_branches
 from lora_onnx.plan import Plan
-from lora_onnx.save import save_model
+from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.validation import ValidationReport
 
 
@@ -58,6 +58,7 @@ def apply_peft(
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
+    link_data: bool = False,
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -69,8 +70,12 @@ def apply_peft(
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
     ``base_weights``: the base model's original parameters (safetensors), needed where the exporter
     folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.folded_weights`).
+    ``link_data`` as for :func:`~lora_onnx.injection.inject`.
     """
     source = load_model(model)
+    protect = [Path(adapter_dir)]
+    if output is not None:
+        check_output_paths(source, output, protect)  # before any work; the adapter's files included
     refuse_existing_adapter(source, adapter_name)
     peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights)
     rewritten, records = insert_peft_branches(source, peft)
@@ -93,6 +98,6 @@ def apply_peft(
         )
     written = None
     if output is not None and (report is None or report.ok):
-        written = save_model(result, output)
+        written = save_model(result, output, protect=protect, link_data=link_data)
     folded = fold.folded if merge and fold is not None else ()
     return PeftResult(result, records, peft, folded, written, report, tuple(notes))

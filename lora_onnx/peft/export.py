@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_onnx.atomic import check_outputs
 from lora_onnx.errors import AdapterError, OutputError
 from lora_onnx.folded_weights import refuse_peft_export
 from lora_onnx.load import LoadedModel, ModelLike, load_model
@@ -27,6 +28,7 @@ from lora_onnx.manifest import BranchRecord, adapter_names, read_branches, read_
 from lora_onnx.peft.config import CONFIG_NAME
 from lora_onnx.peft.mapping import PEFT_PREFIX
 from lora_onnx.peft.tensors import WEIGHTS_NAME, encode_safetensors, write_atomic
+from lora_onnx.save import model_inputs
 
 
 def export_peft_adapter(
@@ -38,6 +40,10 @@ def export_peft_adapter(
     :class:`~lora_onnx.errors.AdapterError` when the model has no such adapter or a branch has no PEFT form.
     """
     loaded = load_model(model)
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file; the PEFT adapter needs a folder")
+    check_outputs([folder / WEIGHTS_NAME, folder / CONFIG_NAME], model_inputs(loaded))  # before any work
     branches = read_branches(loaded.proto)
     names = adapter_names(branches)
     if not branches:
@@ -52,9 +58,6 @@ def export_peft_adapter(
     refuse_peft_export(loaded, adapter, (branch.site for branch in chosen))
     tensors = peft_tensors(loaded, chosen)
     config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
-    folder = Path(directory)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file; the PEFT adapter needs a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / WEIGHTS_NAME, encode_safetensors(tensors, {"format": "pt"}))

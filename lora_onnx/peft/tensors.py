@@ -7,8 +7,6 @@ tensor is read when asked for (and refused, naming its key, when it holds a NaN 
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
+from lora_onnx.atomic import write_file
 from lora_onnx.errors import AdapterError
 from lora_onnx.finite import require_finite_tensor
 
@@ -96,10 +95,5 @@ def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` atomically (see :func:`lora_onnx.atomic.write_file`)."""
+    write_file(path, data)
