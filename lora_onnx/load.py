@@ -3,7 +3,9 @@
 Everything downstream works on a graph-only ``ModelProto``: initializers stored as external data keep just
 their metadata (dims, data type, location), so a multi-GB model costs what its graph costs. Loading also
 checks what a later stage would otherwise trip over: a missing or truncated data file, a location that
-escapes the model's folder, a graph that is not topologically sorted or refers to undefined values.
+escapes the model's folder (by ``..``, an absolute path or a symbolic link), malformed external_data
+entries, a graph that is not topologically sorted or refers to undefined values, and a lora-onnx
+manifest that is malformed or names nodes / tensors the graph lacks.
 """
 
 from __future__ import annotations
