@@ -3,7 +3,9 @@
 Everything downstream works on a graph-only ``ModelProto``: initializers stored as external data keep just
 their metadata (dims, data type, location), so a multi-GB model costs what its graph costs. Loading also
 checks what a later stage would otherwise trip over: a missing or truncated data file, a location that
-escapes the model's folder, a graph that is not topologically sorted or refers to undefined values.
+escapes the model's folder (by ``..``, an absolute path or a symbolic link), malformed external_data
+entries, a graph that is not topologically sorted or refers to undefined values, and a lora-onnx
+manifest that is malformed or names nodes / tensors the graph lacks.
 """
 
 from __future__ import annotations
@@ -234,33 +236,38 @@ def _check_external_data(model: LoadedModel) -> None:
     the tensor's size (dims x dtype), or a file too short for ``offset`` + size with or without ``length``.
     """
     _refuse_unsupported_external(model)
-    try:
-        refs = model.external_refs()
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{model.name}: {exc}") from exc
-    if not refs:
-        return
-    if model.base_dir is None:
-        first = next(iter(refs))
-        raise ModelLoadError(
-            f"{model.name}: initializer {first!r} is stored as external data; load the model from its file "
-            "or pass base_dir="
-        )
-    tensors = {tensor.name: tensor for tensor in all_tensors(model.proto.graph)}
-    sizes: dict[Path, int] = {}
-    for name, ref in refs.items():
-        what = f"initializer {name!r}"
-        file = model.base_dir / ref.location
+    # every tensor, not external_refs() (keyed by name: a second tensor of one name must not slip by)
+    external: list[tuple[onnx.TensorProto, ExternalRef]] = []
+    for tensor in all_tensors(model.proto.graph):
         try:
-            target = data_file(model.base_dir, ref.location, what, model.path)
+            ref = external_ref(tensor)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{model.name}: {exc}") from exc
-        size = _stored_size(model, tensors[name], f"{what} (in {file})")
+        if ref is not None:
+            external.append((tensor, ref))
+    if not external:
+        return
+    if model.base_dir is None:
+        raise ModelLoadError(
+            f"{model.name}: initializer {external[0][0].name!r} is stored as external data; load the model "
+            "from its file or pass base_dir="
+        )
+    sizes: dict[Path, int] = {}
+    resolved: dict[str, Path] = {}  # one resolve per file, not per tensor (LLMs: thousands share one)
+    for tensor, ref in external:
+        what = f"initializer {tensor.name!r}"
+        file = model.base_dir / ref.location
+        if ref.location not in resolved:
+            try:
+                resolved[ref.location] = data_file(model.base_dir, ref.location, what, model.path)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{model.name}: {exc}") from exc
+        target = resolved[ref.location]
+        size = _stored_size(model, tensor, f"{what} (in {file})")
         if ref.length is not None and ref.length != size:
             raise ModelLoadError(
                 f"{model.name}: {what} declares external_data length {ref.length} in {file}, but its "
-                f"shape {list(shape_of(tensors[name]))} of {type_name(tensors[name].data_type)} takes "
-                f"{size} bytes"
+                f"shape {list(shape_of(tensor))} of {type_name(tensor.data_type)} takes {size} bytes"
             )
         if target not in sizes:
             sizes[target] = target.stat().st_size

@@ -161,10 +161,26 @@ def check_branches(model: onnx.ModelProto) -> None:
     branches = read_branches(model)
     if not branches:
         return
-    graph = model.graph
-    nodes = {node.name for node in graph.node}
-    values = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    values |= {name for node in graph.node for name in node.output}
+    nodes: set[str] = set()
+    values: set[str] = set()
+    # subgraphs and functions too: a branch inside an If / Loop body or a local function is recorded there
+    graphs: list[onnx.GraphProto] = [model.graph]
+    bodies: list[list[onnx.NodeProto]] = [list(f.node) for f in model.functions]
+    values.update(name for function in model.functions for name in function.input)
+    while graphs or bodies:
+        if graphs:
+            graph = graphs.pop()
+            values.update(t.name for t in graph.initializer)
+            values.update(v.name for v in graph.input)
+            body = list(graph.node)
+        else:
+            body = bodies.pop()
+        for node in body:
+            nodes.add(node.name)
+            values.update(node.output)
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
     for branch in branches:
         missing_nodes = [name for name in branch.nodes if name not in nodes]
         missing_values = [name for name in branch.tensors if name and name not in values]

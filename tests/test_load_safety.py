@@ -177,6 +177,24 @@ def test_a_symlink_out_of_the_folder_is_neither_linked_nor_copied(tmp_path: Path
             assert b"\x7f" * 256 not in (folder / name).read_bytes()
 
 
+def test_every_tensor_is_checked_even_one_sharing_a_name(tmp_path: Path) -> None:
+    """A Constant's tensor named like an initializer, stored behind a symlink out: still refused."""
+    model = save(dense_model(1), tmp_path / "in" / "m.onnx", external=True)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x7f" * 4096)
+    (model.parent / "link.data").symlink_to(secret)
+    proto = onnx.load(model, load_external_data=False)
+    hidden = onnx.TensorProto()
+    hidden.CopyFrom(next(t for t in proto.graph.initializer if t.name == WEIGHT))
+    for entry in hidden.external_data:
+        if entry.key == "location":
+            entry.value = "link.data"
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], name="c", value=hidden))
+    onnx.save(proto, model)
+    with pytest.raises(ModelLoadError, match="symbolic link"):
+        load_model(model)
+
+
 def _data_behind_links(model: Path, *, subfolder: bool) -> None:
     """Move the data file into ``store/`` inside the folder and leave a relative symlink in its place
     (or, with ``subfolder``, link ``sub`` -> ``store`` and point every tensor there)."""
