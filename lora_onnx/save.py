@@ -210,7 +210,9 @@ def _clone_or_copy(source: Path, temp: Path, link: bool) -> None:
         return
     if link:
         try:
-            os.link(source, temp)
+            # link(2) links a symbolic link itself, not its target: a relative link would dangle beside
+            # the output (an in-folder link to the data file is allowed, as onnxruntime allows it)
+            os.link(source.resolve(), temp)
             return
         except OSError:
             pass  # another file system, or links not allowed: a copy is slower but just as correct

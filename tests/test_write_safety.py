@@ -74,6 +74,25 @@ def test_link_data_hard_links_on_request(llama: Path, tmp_path: Path) -> None:
     assert llama.with_name("model.onnx.data").stat().st_nlink == 3
 
 
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_a_data_file_that_is_an_in_folder_symlink_is_brought_as_its_target(
+    llama: Path, tmp_path: Path, link: bool
+) -> None:
+    # An in-folder link to the data is allowed (onnxruntime allows it); the output must get the bytes,
+    # not a copy or link of the symbolic link, which would dangle in another folder.
+    data = llama.with_name("model.onnx.data")
+    data.rename(llama.with_name("real.bin"))
+    data.symlink_to("real.bin")
+    out = tmp_path / "elsewhere" / "lora.onnx"
+    result = cli(
+        "inject", llama, "-o", out, "--rank", "2", "--init", "random", *(["--link-data"] if link else [])
+    )
+    assert result.returncode == 0, result.stderr
+    written = out.with_name("lora.onnx.data")
+    assert not written.is_symlink() and written.stat().st_size == llama.with_name("real.bin").stat().st_size
+    assert validate(inject(llama, LoraConfig(rank=2, init="random")).model, out, rtol=0, atol=0).ok
+
+
 def test_batch_copies_by_default(llama: Path, tmp_path: Path) -> None:
     result = cli("batch", llama.parent, "-o", tmp_path / "b")
     assert result.returncode == 0, result.stderr
