@@ -95,6 +95,27 @@ def check_output_paths(model: LoadedModel, output: str | os.PathLike, protect: I
     inputs = [p for p in (model.path, *model.external_files(), *protect) if p is not None]
     for suffix in ("", ".data", ".lora.data"):
         check_output_path(output.with_name(output.name + suffix), inputs)
+    check_model_suffix(output, inputs)
+
+
+#: Suffixes of adapter and data files: a model output named so is a mix-up; the suggestion swaps it.
+_NOT_MODEL_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz", ".data", ".json")
+
+
+def check_model_suffix(output: Path, inputs: Iterable[Path] = ()) -> None:
+    """Refuse a model output whose name does not end in ``.onnx``: ``-o x.onnx_adapter`` or
+    ``-o model_lora`` would otherwise be written as a model without a word. The suggested name is
+    never one of ``inputs``."""
+    if output.name.lower().endswith(".onnx"):
+        return
+    swap = output.suffix.lower() in _NOT_MODEL_SUFFIXES
+    suggestion = output.with_suffix(".onnx") if swap else output.with_name(f"{output.name}.onnx")
+    if any(_same_entry(suggestion, path) for path in inputs):
+        suggestion = suggestion.with_name(f"{suggestion.name.removesuffix('.onnx')}_lora.onnx")
+    raise OutputError(
+        f"{output}: a model output must end in .onnx (adapter files are written by export-adapter or "
+        f"inject --as-inputs --adapter-out FILE); name it {suggestion}"
+    )
 
 
 def save_model(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import add_run_arguments, check_model_output, dims_from_args
+from lora_onnx.cli.options import add_run_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.merging import merge
 
@@ -54,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_model_output(args.output)
     result = merge(
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from lora_onnx.config import INIT_KINDS, LoraConfig
-from lora_onnx.errors import LoraOnnxError, OutputError
+from lora_onnx.errors import LoraOnnxError
 from lora_onnx.inputs import parse_dims
 from lora_onnx.sites import OP_KEYS
 from lora_onnx.targets import TargetSelector
@@ -123,23 +122,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=V",
         help="values for symbolic input dims",
-    )
-
-
-#: Suffixes of adapter and data files: a model output named so is a mix-up, suggest the .onnx name instead.
-_NOT_MODEL_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz", ".data", ".json")
-
-
-def check_model_output(path: str) -> None:
-    """Refuse a model output (``-o``) whose name does not end in ``.onnx``: ``-o x.onnx_adapter`` or
-    ``-o model_lora`` would otherwise be written as a model without a word."""
-    if path.lower().endswith(".onnx"):
-        return
-    base = Path(path)
-    suggestion = base.with_suffix(".onnx") if base.suffix.lower() in _NOT_MODEL_SUFFIXES else f"{path}.onnx"
-    raise OutputError(
-        f"-o {path}: a model output must end in .onnx (adapter files are written by export-adapter or "
-        f"inject --as-inputs --adapter-out FILE); use -o {suggestion}"
     )
 
 
