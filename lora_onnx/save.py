@@ -35,7 +35,15 @@ import numpy as np
 import onnx
 
 from lora_onnx import progress
-from lora_onnx.atomic import NAME_MAX, Staged, check_outputs, describe_os_error, make_folder, output_lock
+from lora_onnx.atomic import (
+    NAME_MAX,
+    Staged,
+    check_outputs,
+    describe_os_error,
+    make_folder,
+    output_lock,
+    same_entry,
+)
 from lora_onnx.errors import LoraOnnxError, OutputError
 from lora_onnx.load import LoadedModel, all_tensors, load_model
 from lora_onnx.streaming import StreamedTensor
@@ -110,10 +118,12 @@ def _shared_data(output: Path, writes: list[Path]) -> None:
 
 def check_output_paths(model: LoadedModel, output: str | os.PathLike, protect: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an output whose model or data files would replace one of the inputs, or
-    a data file another model beside it refers to."""
+    a data file another model beside it refers to, or a model output not named ``.onnx``."""
     writes = planned_writes(model, output)
-    check_outputs(writes, [*model_inputs(model), *protect])
+    inputs = [*model_inputs(model), *protect]
+    check_outputs(writes, inputs)
     _shared_data(Path(output), writes)
+    check_model_suffix(Path(output), inputs)
 
 
 def check_report_paths(
@@ -134,6 +144,26 @@ def check_report_paths(
             with contextlib.suppress(LoraOnnxError):  # an unreadable model fails later, on its own
                 extra.extend(model_inputs(load_model(model)))
     check_outputs(targets, [*reads, *extra])
+
+
+#: Suffixes of adapter and data files: a model output named so is a mix-up; the suggestion swaps it.
+_NOT_MODEL_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz", ".data", ".json")
+
+
+def check_model_suffix(output: Path, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse a model output whose name does not end in ``.onnx``: ``-o x.onnx_adapter`` or
+    ``-o model_lora`` would otherwise be written as a model without a word. The suggested name is
+    never one of ``inputs``."""
+    if output.name.lower().endswith(".onnx"):
+        return
+    swap = output.suffix.lower() in _NOT_MODEL_SUFFIXES
+    suggestion = output.with_suffix(".onnx") if swap else output.with_name(f"{output.name}.onnx")
+    if any(same_entry(suggestion, Path(path)) for path in inputs):
+        suggestion = suggestion.with_name(f"{suggestion.name.removesuffix('.onnx')}_lora.onnx")
+    raise OutputError(
+        f"{output}: a model output must end in .onnx (adapter files are written by export-adapter or "
+        f"inject --as-inputs --adapter-out FILE); name it {suggestion}"
+    )
 
 
 def save_model(

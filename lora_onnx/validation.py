@@ -14,6 +14,7 @@ falls back to the CPU when CUDA is unusable, and a validation asked for CUDA mus
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -81,8 +82,19 @@ class ValidationReport:
             "ok": self.ok,
             "providers": list(self.providers),
             "inputs": {name: list(shape) for name, shape in self.input_shapes.items()},
-            "outputs": [{**asdict(c), "shape": list(c.shape)} for c in self.comparisons],
+            "outputs": [
+                {**{k: _json_number(v) for k, v in asdict(c).items()}, "shape": list(c.shape)}
+                for c in self.comparisons
+            ],
         }
+
+
+def _json_number(value: object) -> object:
+    """JSON has no NaN / Infinity (``json.dumps`` writes them, and strict readers such as jq refuse the
+    file): a non-finite error is written as the string ``"inf"``, ``"-inf"`` or ``"nan"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def parse_providers(providers: str | Sequence[str]) -> tuple[str, ...]:

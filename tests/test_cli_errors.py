@@ -103,9 +103,9 @@ CASES = [
         ["inject", "{model}", "-o", "{folder}/x.onnx_adapter"],
         "must end in .onnx (adapter files are written by",
     ),
-    (["inject", "{model}", "-o", "{folder}/x.onnx_adapter"], "use -o {folder}/x.onnx"),
-    (["inject", "{model}", "-o", "{folder}/model_lora"], "use -o {folder}/model_lora.onnx"),
-    (["merge", "{model}", "-o", "{folder}/merged.safetensors"], "use -o {folder}/merged.onnx"),
+    (["inject", "{model}", "-o", "{folder}/x.onnx_adapter"], "name it {folder}/x.onnx"),
+    (["inject", "{model}", "-o", "{folder}/model_lora"], "name it {folder}/model_lora.onnx"),
+    (["merge", "{model}", "-o", "{folder}/merged.safetensors"], "name it {folder}/merged.onnx"),
     (
         ["validate", "{model}", "{model}", "--dim", "bacth=4"],
         "no input of the model has a symbolic dim 'bacth'",
@@ -203,7 +203,7 @@ def test_subprocess_errors_have_no_traceback_and_no_onnxruntime_log(
 
 def test_subprocess_bundled_model_suffix_and_dim(tmp_path: Path) -> None:
     wrong = cli("inject", BERT, "-o", tmp_path / "model_lora", "--rank", "2")
-    assert_one_line_error(wrong, 2, f"use -o {tmp_path / 'model_lora.onnx'}")
+    assert_one_line_error(wrong, 2, f"name it {tmp_path / 'model_lora.onnx'}")
     dims = cli("validate", BERT, BERT, "--dim", "seq=4")
     assert_one_line_error(dims, 2, "symbolic dim 'seq'", "(its symbolic dims: batch, sequence)")
     assert not list(tmp_path.iterdir())

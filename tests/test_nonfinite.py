@@ -200,6 +200,12 @@ def test_cli_validate_inject_merge_batch_fail_on_nan_outputs_and_take_allow_nonf
     code, out, _ = _main(capsys, "validate", model, model, "--dim", "batch=2", "--json", report)
     assert code == 1 and "--allow-nonfinite" in out
     assert json.loads(report.read_text())["outputs"][0]["nonfinite_reference"] == 2
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON (jq and other strict readers refuse it)")
+
+    written = json.loads(report.read_text(), parse_constant=strict)["outputs"][0]
+    assert written["max_abs"] in ("inf", "nan") and written["ok"] is False
     assert _main(capsys, "validate", model, model, "--dim", "batch=2", "--allow-nonfinite")[0] == 0
     lora = tmp_path / "lora.onnx"
     inject_args = (

@@ -164,8 +164,12 @@ def test_output_equal_to_the_input(inputs: Path) -> None:
         assert result.returncode == 2
         one_line_error(result.stderr, "refusing to overwrite the input", name)
     # the output's data file would replace the input's model
-    result = cli("inject", inputs / "ext.onnx", "-o", inputs / "ext")
+    result = cli("inject", inputs / "ext.onnx", "-o", inputs / "ext_lora.onnx")
     assert result.returncode == 0, "a distinct name is fine"
+    # a model output without the .onnx suffix is refused (issue 10): it would pass for a model file
+    result = cli("inject", inputs / "ext.onnx", "-o", inputs / "ext")
+    assert result.returncode == 2
+    one_line_error(result.stderr, "must end in .onnx", f"name it {inputs / 'ext_lora.onnx'}")  # not the input
     result = cli("inject", inputs / "ext.onnx", "-o", inputs / "ext.onnx.data")
     assert result.returncode == 2
     one_line_error(result.stderr, "refusing to overwrite the input", "ext.onnx.data")

@@ -10,7 +10,6 @@ from lora_onnx.cli.options import (
     add_data_arguments,
     add_recipe_arguments,
     add_run_arguments,
-    check_model_output,
     config_from_args,
     dims_from_args,
 )
@@ -42,7 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_model_output(args.output)
     if wants_mixed(args):
         return run_mixed(args)
     if args.as_inputs or args.strength_input or args.adapter_out:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import ListAction, add_run_arguments, check_model_output, dims_from_args
+from lora_onnx.cli.options import ListAction, add_run_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
 
 
@@ -56,7 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_model_output(args.output)
     from lora_onnx.merging import merge
 
     result = merge(

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_onnx.constants import INIT_KINDS, OP_KEYS
-from lora_onnx.errors import LoraOnnxError, OutputError
+from lora_onnx.errors import LoraOnnxError
 
 if TYPE_CHECKING:
     from lora_onnx.config import LoraConfig
@@ -269,23 +268,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="let a validation compare NaN / Inf outputs position by position (NaN where NaN, Inf of the "
         "same sign) instead of failing on them",
     )  # fmt: skip
-
-
-#: Suffixes of adapter and data files: a model output named so is a mix-up, suggest the .onnx name instead.
-_NOT_MODEL_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz", ".data", ".json")
-
-
-def check_model_output(path: str) -> None:
-    """Refuse a model output (``-o``) whose name does not end in ``.onnx``: ``-o x.onnx_adapter`` or
-    ``-o model_lora`` would otherwise be written as a model without a word."""
-    if path.lower().endswith(".onnx"):
-        return
-    base = Path(path)
-    suggestion = base.with_suffix(".onnx") if base.suffix.lower() in _NOT_MODEL_SUFFIXES else f"{path}.onnx"
-    raise OutputError(
-        f"-o {path}: a model output must end in .onnx (adapter files are written by export-adapter or "
-        f"inject --as-inputs --adapter-out FILE); use -o {suggestion}"
-    )
 
 
 def dims_from_args(args: argparse.Namespace) -> dict[str, int]:

@@ -235,15 +235,29 @@ def print_validation(report: ValidationReport, title: str = "Validation") -> Non
     table = new_table(validation_verdict(report, title))
     for column in ("provider", "output", "shape", "max abs err", "max rel err", "rtol / atol", "ok"):
         table.add_column(column, overflow="fold")
+    notes: list[str] = []
     for c in report.comparisons:
+        provider = c.provider.removesuffix("ExecutionProvider")
+        verdict = "yes"
+        if not c.ok:
+            # The reason goes under the table in full: a narrow column would break its words (and a
+            # hint such as --allow-nonfinite) across lines.
+            verdict = "NO"
+            if c.note:
+                notes.append(
+                    f"[{len(notes) + 1}] {c.provider.removesuffix('ExecutionProvider')} {c.name}: {c.note}"
+                )
+                verdict = f"NO [{len(notes)}]"
         table.add_row(
-            c.provider.removesuffix("ExecutionProvider"), c.name, _shape(c.shape), f"{c.max_abs:.3g}",
-            f"{c.max_rel:.3g}", f"{c.rtol:g} / {c.atol:g}", "yes" if c.ok else f"NO {c.note}".strip(),
+            provider, c.name, _shape(c.shape), f"{c.max_abs:.3g}",
+            f"{c.max_rel:.3g}", f"{c.rtol:g} / {c.atol:g}", verdict,
         )  # fmt: skip
     if report.ok:
         print_table(table)
     else:
         console().print(table)
+        for note in notes:
+            _write("stdout", note)
 
 
 def report_written(validation: ValidationReport | None, title: str, output: object) -> int:
