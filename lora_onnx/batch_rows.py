@@ -15,11 +15,10 @@ change. Sites that fail are skipped with the reason.
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,9 +27,8 @@ from onnx import helper
 from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.inputs import make_inputs
 from lora_onnx.load import LoadedModel
-from lora_onnx.save import save_model
 from lora_onnx.sites import Site, Skipped
-from lora_onnx.validation import create_session, input_specs, parse_providers, run_model
+from lora_onnx.validation import create_session, input_specs, parse_providers, run_model, session_source
 
 #: Batch sizes of the probe runs (3 rows, and its first 2).
 PROBE_ROWS = 3
@@ -178,9 +176,9 @@ def probe_sites(
         if name not in declared:
             elem = next(s.dtype for s in sites if s.data_input == name)
             proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    with tempfile.TemporaryDirectory(prefix="lora-onnx-probe-") as folder:
-        path = save_model(model.with_proto(proto), Path(folder) / "probe.onnx", link_data=True)  # scratch
-        session = create_session(path, provider, f"{model.name} (batch-row probe)")
+    with ExitStack() as stack:
+        source = session_source(model.with_proto(proto), stack, "probe.onnx")
+        session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
         full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0)
         other = feeds_for(specs, axes, PROBE_ROWS, dims, seed=1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from lora_onnx.validation import (
     input_specs,
     parse_providers,
     run_model,
+    session_source,
 )
 
 #: What :func:`inject_mixed` takes as one adapter: a PEFT folder or an adapter file (a path), an
@@ -361,13 +361,12 @@ def prove_rows(
     comparisons: list[OutputComparison] = []
     shapes: dict[str, tuple[int, ...]] = {}
     with ExitStack() as stack:
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-mixed-")))
         paths = {
-            "mixed": save_model(mixed, folder / "mixed.onnx", link_data=True),  # scratch: link, never copy
-            "base": save_model(host, folder / "base.onnx", link_data=True),
+            "mixed": session_source(mixed, stack, "mixed.onnx"),
+            "base": session_source(host, stack, "base.onnx"),
         }
         for i in sorted({r for r in rows if r >= 0}):
-            paths[i] = save_model(references[i], folder / f"adapter_{i}.onnx", link_data=True)  # type: ignore[index]
+            paths[i] = session_source(references[i], stack, f"adapter_{i}.onnx")  # type: ignore[index]
         for provider in chosen:
             sessions = {
                 key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()

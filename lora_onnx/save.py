@@ -205,6 +205,23 @@ def save_model(
     return output
 
 
+def serialize_in_place(model: LoadedModel) -> bytes | None:
+    """``model`` as bytes onnxruntime can load while its external data stays where it is (in
+    ``model.base_dir``, see :func:`lora_onnx.validation.create_session`): no file written, linked or
+    copied. None when that cannot be: a fold changed an external tensor (its new value needs a data
+    file), or the inline values would not fit one protobuf.
+    """
+    refs = model.external_refs()
+    if any(name in refs for name in model.overrides):
+        return None
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    if _inline_bytes(proto, model) > MAX_INLINE_BYTES:
+        return None
+    _apply_inline_overrides(proto, model)
+    return proto.SerializeToString()
+
+
 def _commit(staged: Staged, output: Path) -> None:
     def drop_old_model() -> None:
         # The old model refers to the data files about to be replaced: remove it first, so a crash in

@@ -30,7 +30,7 @@ from lora_onnx.errors import LoraOnnxError, ProviderError
 from lora_onnx.finite import finite_number
 from lora_onnx.inputs import InputSpec, load_inputs, make_inputs
 from lora_onnx.load import LoadedModel, load_model
-from lora_onnx.save import save_model
+from lora_onnx.save import save_model, serialize_in_place
 
 if TYPE_CHECKING:  # imported where a session is made: inspect and inject without --validate never need it
     import onnxruntime as ort
@@ -121,10 +121,22 @@ def session_threads() -> int | None:
     return int(raw)
 
 
-def create_session(path: str | os.PathLike, provider: str, label: str | None = None) -> ort.InferenceSession:
+@dataclass(frozen=True)
+class InMemoryModel:
+    """A serialized model for onnxruntime whose external data locations are relative to ``folder``."""
+
+    data: bytes
+    folder: Path | None
+
+
+#: What a session loads: a model file, or a model in memory.
+SessionSource = str | os.PathLike | InMemoryModel
+
+
+def create_session(path: SessionSource, provider: str, label: str | None = None) -> ort.InferenceSession:
     """A session on exactly ``provider``; raises :class:`ProviderError` when it is not the one in use.
 
-    ``label`` names the model in messages (the user's file, when ``path`` is a temporary copy).
+    ``label`` names the model in messages (the user's file, when ``path`` is a model in memory).
     """
     import onnxruntime as ort
 
@@ -145,10 +157,21 @@ def create_session(path: str | os.PathLike, provider: str, label: str | None = N
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    source: str | bytes = str(path)
+    if isinstance(path, InMemoryModel):
+        source = path.data
+        if path.folder is not None:  # external data is read where it is: no link or copy of it
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.folder)
+            )
     try:
-        session = ort.InferenceSession(str(path), options, providers=chain)
+        session = ort.InferenceSession(source, options, providers=chain)
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable models
-        message = _first_line(exc).replace(str(path), label)
+        message = (
+            _first_line(exc)
+            if isinstance(path, InMemoryModel)
+            else _first_line(exc).replace(str(path), label)
+        )
         raise LoraOnnxError(f"onnxruntime cannot load {label}: {message}") from exc
     if session.get_providers()[0] != provider:
         raise ProviderError(
@@ -250,17 +273,30 @@ def compare(
     return OutputComparison(provider, name, shape, max_abs, max_rel, r, a, ok, **counts)
 
 
-def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[Path, str]:
-    """A file onnxruntime can load, and the name to show for it (never a temporary path)."""
+def session_source(model: LoadedModel, stack: ExitStack, name: str = "model.onnx") -> SessionSource:
+    """What onnxruntime loads to run ``model`` (a rewritten model not saved yet).
+
+    In memory, reading the base's external data where it is, whenever possible: nothing is written and
+    the input's data files get no new link (onnx >= 1.21 refuses data files with several). A folded
+    model's changed weights need a data file: then a scratch copy in a temporary folder, gone when
+    ``stack`` closes (its unchanged data is linked there, which costs nothing where a copy would write
+    the whole model again).
+    """
+    data = serialize_in_place(model)
+    if data is not None:
+        return InMemoryModel(data, model.base_dir if model.external_refs() else None)
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-")))
+    return save_model(model, folder / name, link_data=True)
+
+
+def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[SessionSource, str]:
+    """What onnxruntime loads, and the name to show for it (never a temporary path)."""
     if not isinstance(model, LoadedModel):
         # our own checks first (one line naming the tensor and file, stricter than onnxruntime's)
         load_model(model, check_manifest=False)
         return Path(model), str(model)
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-onnx-")))
     label = str(model.path) if model.path is not None else model.name
-    # A scratch copy for onnxruntime, gone when the run ends: linking the base's data (when no clone is
-    # possible) costs nothing, where a copy would write the whole model again into the temp folder.
-    return save_model(model, folder / "model.onnx", link_data=True), label
+    return session_source(model, stack), label
 
 
 def run_model(

@@ -74,6 +74,36 @@ def test_link_data_hard_links_on_request(llama: Path, tmp_path: Path) -> None:
     assert llama.with_name("model.onnx.data").stat().st_nlink == 3
 
 
+def test_proofs_run_in_memory_and_never_link_the_input(
+    llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proof's rewritten model runs in onnxruntime from memory, its external data read where it is: the
+    # input's data file never gets a second link (onnx >= 1.21 would refuse the input meanwhile, and for
+    # good if the run were killed), and no scratch model is written.
+    import lora_onnx.validation as validation
+
+    data = llama.with_name("model.onnx.data")
+    links: list[int] = []
+    sources: list[object] = []
+    create = validation.create_session
+
+    def watching(path, provider, label=None):  # type: ignore[no-untyped-def]
+        links.append(data.stat().st_nlink)
+        sources.append(path)
+        return create(path, provider, label)
+
+    monkeypatch.setattr(validation, "create_session", watching)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    result = inject(llama, LoraConfig(rank=2, init="random"), validate=True)
+    assert result.validation is not None and result.validation.ok
+    assert links and set(links) == {1}
+    assert any(isinstance(source, validation.InMemoryModel) for source in sources)
+    assert not list(scratch.iterdir()), "no scratch model was written"
+
+
 @pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
 def test_a_data_file_that_is_an_in_folder_symlink_is_brought_as_its_target(
     llama: Path, tmp_path: Path, link: bool
