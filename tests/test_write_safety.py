@@ -4,6 +4,7 @@ one writer per output at a time, every output name that fits the file system wor
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from test_atomic_writes import HOOK, leftovers, run_and_kill
 
 from lora_onnx import LoraConfig, inject, load_model, validate
 from lora_onnx.atomic import TEMP_PATTERN, _start_token, reclaim_stale
+from lora_onnx.cli.main import main
 from lora_onnx.tensors import external_ref
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -262,10 +264,13 @@ def inputs(tmp_path: Path) -> Path:
 
 
 def refused(before: dict[str, str], folder: Path, *command: str | Path) -> None:
-    result = cli(*command)
-    assert result.returncode == 2, (command, result.stdout, result.stderr)
-    one_line_error(result.stderr)
-    assert "Traceback" not in result.stderr
+    # In-process (the CLI's own entry point): a subprocess per case would cost a Python start-up each;
+    # a traceback here would be an exception out of main(), failing the test just the same.
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(part) for part in command])
+    assert code == 2, (command, stdout.getvalue(), stderr.getvalue())
+    one_line_error(stderr.getvalue())
     after = tree_hashes(folder)
     assert {k: after.get(k) for k in before} == before, command
 
@@ -395,6 +400,16 @@ sys.exit(main(argv))
 """
 
 
+def _waits_for_a_lock(pid: int) -> bool:
+    return any(
+        line.split()[1:2] == ["->"] and str(pid) in line.split()
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+@pytest.mark.skipif(
+    not Path("/proc/locks").exists(), reason="needs Linux /proc/locks to see the waiting writer"
+)
 def test_two_writers_of_one_output_are_serialised(llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "lora.onnx"
     script = tmp_path / "gated.py"
@@ -415,9 +430,15 @@ def test_two_writers_of_one_output_are_serialised(llama: Path, tmp_path: Path) -
          "--rank", "4", "--init", "random", "--seed", "2"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        second.wait(timeout=20)
-    waited = second.returncode is None
+    # The kernel lists a process waiting for a lock in /proc/locks ("->"): the second writer must get
+    # there, and stay there while the first holds the output.
+    deadline = time.monotonic() + 120
+    while not _waits_for_a_lock(second.pid):
+        assert second.poll() is None, second.communicate()
+        assert time.monotonic() < deadline, "the second writer never waited for the lock"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    waited = second.poll() is None and _waits_for_a_lock(second.pid)
     go.write_text("go")
     assert first.wait(timeout=120) == 0, first.communicate()
     assert second.wait(timeout=120) == 0, second.communicate()
