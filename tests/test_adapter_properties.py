@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import struct
 import zipfile
 from pathlib import Path
@@ -20,9 +19,10 @@ import numpy as np
 import onnx
 import pytest
 from builders import make_model, rng_array, write_adapter
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
+from test_properties import PROFILE  # one hypothesis profile for the property tests
 
 from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
 from lora_onnx.errors import LoraOnnxError
@@ -30,14 +30,6 @@ from lora_onnx.load import load_model
 from lora_onnx.peft import plan_peft_adapter
 from lora_onnx.peft.tensors import SafetensorsFile
 
-EXAMPLES = int(os.environ.get("LORA_ONNX_HYPOTHESIS_EXAMPLES", "20"))
-PROFILE = settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
 DTYPES = (np.float32, np.float16, np.float64, np.int64, np.int8, np.uint8, np.bool_)
 

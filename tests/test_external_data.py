@@ -43,6 +43,19 @@ def _reflink_supported(folder: Path) -> bool:
     return cloned
 
 
+def _inject_in_a_child(source: Path, output: Path, mode: str) -> dict:
+    """Inject in a fresh process (so its reads, maps and memory are its own); its measurements."""
+    done = subprocess.run(
+        [sys.executable, "-c", _INJECT_CHILD, str(source), str(output), mode],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _run(path: Path, ids: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -97,15 +110,7 @@ def test_inject_reads_no_weight_bytes_of_a_model_over_2_gb(tmp_path: Path) -> No
     data = source.with_name("model.onnx.data")
     assert data.stat().st_size > 2**31 and data.stat().st_blocks == 0
     output = tmp_path / "elsewhere" / "lora.onnx"
-    done = subprocess.run(
-        [sys.executable, "-c", _INJECT_CHILD, str(source), str(output), "link"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = _inject_in_a_child(source, output, "link")
     assert stats["branches"] == len(spec.linears()) == 71
     assert stats["mapped"] == []  # nothing memory-mapped
     assert stats["read"] < 4 << 20  # the 75 KB graph and the odd module: no 260 MB weight, let alone 2.6 GB
@@ -124,15 +129,7 @@ def test_inject_reads_no_weight_bytes_of_a_model_over_2_gb(tmp_path: Path) -> No
     assert (tmp_path / "elsewhere" / "inferred.onnx").stat().st_size < 2 << 20
 
     beside = source.with_name("lora.onnx")
-    done = subprocess.run(
-        [sys.executable, "-c", _INJECT_CHILD, str(source), str(beside), "default"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = _inject_in_a_child(source, beside, "default")
     assert stats["mapped"] == [] and stats["read"] < 4 << 20
     assert set(_refs(beside).values()) == {"model.onnx.data", "lora.onnx.lora.data"}
     assert not beside.with_name("lora.onnx.data").exists() and data.stat().st_blocks == 0

@@ -607,6 +607,18 @@ def _expected_read(folder: Path, tensor: onnx.TensorProto, fields: dict[str, str
     return numpy_helper.to_array(inline)
 
 
+def _save_identity_model(path: Path, tensor: onnx.TensorProto, data_type: int, shape: list[int]) -> None:
+    """A model whose output is the (external) initializer ``tensor`` itself."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"], name="id")],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", data_type, shape)],
+        [tensor],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+
+
 @PROPERTY
 @given(
     # weighted towards entries that can load: a valid location, a small offset, the exact length
@@ -660,15 +672,7 @@ def test_random_external_data_loads_exactly_or_is_refused(
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = _hostile_folder(Path(tmp), data)
-        graph = helper.make_graph(
-            [helper.make_node("Identity", ["w"], ["y"], name="id")],
-            "g",
-            [],
-            [helper.make_tensor_value_info("y", data_type, shape)],
-            [tensor],
-        )
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-        onnx.save(proto, folder / "m.onnx")
+        _save_identity_model(folder / "m.onnx", tensor, data_type, shape)
         expected = None if refused_keys else _expected_read(folder, tensor, dict(entries))
         try:
             loaded = load_model(folder / "m.onnx")
@@ -712,14 +716,7 @@ def test_well_formed_external_data_loads_exactly_when_the_file_holds_it(
             entry.key, entry.value = key, value
     with tempfile.TemporaryDirectory() as tmp:
         folder = _hostile_folder(Path(tmp), data)
-        graph = helper.make_graph(
-            [helper.make_node("Identity", ["w"], ["y"], name="id")],
-            "g",
-            [],
-            [helper.make_tensor_value_info("y", data_type, shape)],
-            [tensor],
-        )
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), folder / "m.onnx")
+        _save_identity_model(folder / "m.onnx", tensor, data_type, shape)
         if offset + size > file_size:
             with pytest.raises(ModelLoadError, match="is truncated: initializer 'w'"):
                 load_model(folder / "m.onnx")
