@@ -14,6 +14,7 @@ from lora_onnx.errors import AdapterError
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord
 from lora_onnx.tensors import shape_of
+from lora_onnx.variants import variant_for
 
 
 def expected_shapes(
@@ -37,11 +38,12 @@ def expected_shapes(
 
 
 def check_branch_shapes(model: LoadedModel, branches: Iterable[BranchRecord]) -> None:
-    """Raise :class:`AdapterError` for the first constant branch whose A or B does not fit its weight."""
+    """Raise :class:`AdapterError` for the first branch with constant A and B (see
+    :attr:`~lora_onnx.variants.BranchVariant.constant_tensors`) whose A or B does not fit its weight."""
     initializers = {tensor.name: tensor for tensor in model.proto.graph.initializer}
     for branch in branches:
-        if branch.variant != "constant" or branch.weight not in initializers:
-            continue  # non-constant variants and missing weights are refused by the fold with a reason
+        if not variant_for(branch).constant_tensors or branch.weight not in initializers:
+            continue  # slots, stacks and missing weights are refused by the fold with a reason
         weight = shape_of(initializers[branch.weight])
         wanted = expected_shapes(branch, weight)
         if wanted is None:

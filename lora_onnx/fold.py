@@ -11,9 +11,8 @@ groups), are refused with their reason, or kept in place with a warning when a p
 So are branches on quantized weights (QDQ, MatMulNBits) unless ``dequantize`` asks for a float result
 (see :mod:`lora_onnx.quantized`).
 
-PEFT variants fold with PEFT's ``merge_and_unload`` numerics: a DoRA branch gives
-``W' = (m / norm) * (W + s * delta)`` (scaled per output channel, so it must be its weight's only delta),
-and a ``lora_B.bias`` is added, times s, to the base node's bias (see :mod:`lora_onnx.bias_fold`).
+What differs per branch variant (slots and stacks refuse, DoRA scales output channels, a ``lora_B.bias``
+folds into the base node's bias) is asked of the variant's plug-in (:mod:`lora_onnx.variants`).
 """
 
 from __future__ import annotations
@@ -26,13 +25,13 @@ import numpy as np
 import onnx
 
 from lora_onnx import quantized, streaming
-from lora_onnx.bias_fold import fold_lora_biases, lora_bias_refusal
 from lora_onnx.branch_checks import check_branch_shapes
 from lora_onnx.dequantize import DEQUANTIZE_OPS
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex, rename_output, retain
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.variants import by_variant, variant_for
 from lora_onnx.weights import PASS_THROUGH_OPS
 
 
@@ -90,34 +89,6 @@ def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
         return conv_delta(a, b, branch.scale, branch.b_group)
     delta = dense_delta(a, b, branch.scale)
     return delta.T if branch.source_layout == "out,in" else delta
-
-
-def dora_factor(model: LoadedModel, branch: BranchRecord, ndim: int) -> np.ndarray:
-    """A DoRA branch's ``magnitude / weight_norm``, shaped to scale the output channels of its source
-    weight (``ndim`` axes, in the branch's source layout)."""
-    factor = np.asarray(model.array(branch.magnitude), np.float32) / np.asarray(
-        model.array(branch.weight_norm), np.float32
-    )
-    factor = factor.reshape(-1)
-    if branch.kind == "conv":
-        return factor.reshape(-1, *(1,) * (ndim - 1))
-    return factor[:, None] if branch.source_layout == "out,in" else factor[None, :]
-
-
-def _why_not_foldable(branch: BranchRecord) -> str | None:
-    if branch.variant == "mixed":  # lora_onnx.mixed: stacks of several adapters, one chosen per row
-        return "it holds several adapters stacked (mixed batches); fold one of them (merge --adapter-index I)"
-    if branch.variant != "constant":
-        return (
-            f"its tensors are {branch.variant} inputs, not constants; fold it with a chosen adapter file "
-            "(merge --adapter-file FILE)"
-        )
-    if branch.kind == "conv" and branch.a_group != branch.base_group:
-        return (
-            f"its conv A is dense (group {branch.a_group}) but the base conv has group {branch.base_group}: "
-            "the delta mixes input groups and has no grouped-weight form (PEFT cannot merge it either)"
-        )
-    return lora_bias_refusal(branch)
 
 
 #: Readers of a tensor's shape alone: a fold keeps the weight's shape, so they see no change (dynamo's
@@ -180,7 +151,8 @@ def fold_branches(
     sources = quantized.dequantize_folded(proto, index, model, folding)
     write_branches(proto, remaining)
     producers = _weight_producers(model, folding, sources)
-    producers.update(fold_lora_biases(model, proto, [b for b in folding if b.lora_bias]))
+    for variant, group in by_variant(folding).items():
+        producers.update(variant.fold_beside_weight(model, proto, group))
     return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
 
 
@@ -189,7 +161,7 @@ def _refusals(
 ) -> dict[BranchRecord, str]:
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
-        reason = _why_not_foldable(branch)
+        reason = variant_for(branch).fold_refusal(branch)
         if reason:
             reasons[branch] = reason
         elif branch.weight not in index.initializers:
@@ -211,11 +183,8 @@ def _refusals(
             reason = (
                 f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
             )
-        elif _mixes_dora(weight, branches or group):
-            reason = (
-                f"its weight {weight!r} carries a DoRA branch and another branch; DoRA rescales the whole "
-                "weight, so neither folds without changing the other's output (keep them unmerged)"
-            )
+        else:
+            reason = _weight_refusal(weight, branches or group)
         if reason:
             for branch in group:
                 reasons.setdefault(branch, reason)
@@ -227,11 +196,12 @@ def _refusals(
     return reasons
 
 
-def _mixes_dora(weight: str, branches: Sequence[BranchRecord]) -> bool:
-    """A DoRA branch on ``weight`` beside any other delta (folded or not): DoRA's norm and rescaling are
-    of one exact weight, so neither can be folded without changing the other's output."""
+def _weight_refusal(weight: str, branches: Sequence[BranchRecord]) -> str | None:
+    """What the variants on ``weight`` say against folding its branches together (every branch on it,
+    folded or not: a variant such as DoRA minds deltas that stay unfolded too)."""
     on_weight = [b for b in branches if b.weight == weight]
-    return any(b.magnitude for b in on_weight) and len({(b.a, b.b, b.scale) for b in on_weight}) > 1
+    reasons = (variant.weight_refusal(weight, on_weight) for variant in by_variant(on_weight))
+    return next((reason for reason in reasons if reason), None)
 
 
 def remove_branches(
@@ -291,13 +261,15 @@ def _producer(
     model: LoadedModel, weight: str, branches: list[BranchRecord], source: streaming.FloatSource | None
 ) -> TensorProducer:
     # Streamed in row blocks (lora_onnx.streaming): memory stays a few MB even for a GB-sized lm_head.
-    # ``source`` is the dequantized value of a quantized weight (merge --dequantize). A DoRA branch (alone
-    # on its weight, see _refusals) rescales each output channel of W + s * delta by its own factor.
-    dora = next((branch for branch in branches if branch.magnitude), None)
+    # ``source`` is the dequantized value of a quantized weight (merge --dequantize). A variant that rescales
+    # its weight (DoRA; alone on it, see _refusals) scales each output channel of W + s * delta by its factor.
+    rescaling = next((branch for branch in branches if variant_for(branch).rescales_weight), None)
     scale = None
-    if dora is not None:
+    if rescaling is not None:
 
         def scale(ndim: int) -> np.ndarray:
-            return dora_factor(model, dora, ndim)
+            factor = variant_for(rescaling).channel_factor(model, rescaling, ndim)
+            assert factor is not None  # a variant that rescales its weight gives the factor
+            return factor
 
     return streaming.folded_weight(model, weight, branches, source, channel_scale=scale)

@@ -129,7 +129,8 @@ def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
     """The branches recorded in ``model``; empty for a model lora-onnx has not rewritten.
 
     Raises :class:`LoraOnnxError` (one line) when the manifest is not JSON, too deep, of a newer
-    version, or has a record with a missing or mistyped field.
+    version, or has a record with a missing or mistyped field or a variant no plug-in claims
+    (:mod:`lora_onnx.variants`).
     """
     for entry in model.metadata_props:
         if entry.key == MANIFEST_KEY:
@@ -142,7 +143,14 @@ def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
                     raise ValueError(
                         f"version {version!r} is not one this lora-onnx reads (up to {MANIFEST_VERSION})"
                     )
-                return tuple(BranchRecord.from_json(item) for item in data["branches"])
+                branches = tuple(BranchRecord.from_json(item) for item in data["branches"])
+                # Imported here: the variant plug-ins build on this module. Every record must be one
+                # plug-in's, or no command can say what to do with it.
+                from lora_onnx.variants import resolve
+
+                for branch in branches:
+                    resolve(branch)
+                return branches
             except ValueError as exc:
                 raise LoraOnnxError(
                     f"the model's {MANIFEST_KEY} metadata is unreadable: {exc}; it was not written by this "

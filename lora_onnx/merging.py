@@ -13,11 +13,10 @@ from lora_onnx.finite import finite_number
 from lora_onnx.fold import FoldResult, Kept, fold_branches, fold_tolerance
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
-from lora_onnx.mixed import bind_index
 from lora_onnx.quantized_proof import dequantized_rtol
 from lora_onnx.save import check_output_paths, save_model
-from lora_onnx.swapping import bind_adapter_file
 from lora_onnx.validation import ValidationReport
+from lora_onnx.variants import AdapterChoice, binder_for
 
 
 @dataclass(frozen=True)
@@ -76,13 +75,14 @@ def merge(
     removed: tuple[BranchRecord, ...] = ()
     if strength is not None and adapter_file is None:
         raise LoraOnnxError("a strength applies to an adapter file: pass --adapter-file FILE with it")
-    if adapter_index is not None:
-        if adapter_file is not None:
-            raise LoraOnnxError("give an adapter file or an adapter index, not both")
-        source, _, reference = bind_index(source, adapter_index)
-    if adapter_file is not None:
-        bound, reference = bind_adapter_file(source, adapter_file, strength=strength)
-        source, removed = bound.model, bound.removed
+    if adapter_index is not None and adapter_file is not None:
+        raise LoraOnnxError("give an adapter file or an adapter index, not both")
+    # The variant that holds several adapters in one place (slots, stacks) binds the chosen one.
+    choice = AdapterChoice(file=adapter_file, strength=strength, index=adapter_index)
+    binder = binder_for(choice)
+    if binder is not None:
+        binding = binder.bind(source, choice)
+        source, reference, removed = binding.model, binding.reference, binding.removed
     extra = {"remedy": remedy} if remedy is not None else {}  # the refusal's way out, if not --partial
     result: FoldResult = fold_branches(
         source, adapters=adapters, partial=partial, dequantize=dequantize, **extra

@@ -55,9 +55,11 @@ from lora_onnx.plan import BranchPlan, tensor_stem, unique_stem
 from lora_onnx.rewrite import insert_branches, source_layout
 from lora_onnx.sites import DEFAULT_OPS, Site
 from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.variants import StackedBranch, records_of
 
-#: ``BranchRecord.variant`` and adapter name of a mixed-batch branch.
-MIXED = "mixed"
+#: ``BranchRecord.variant`` and adapter name of a mixed-batch branch (its plug-in:
+#: :mod:`lora_onnx.variants.stacked`).
+MIXED = StackedBranch.recorded_as
 #: The per-row adapter index input (generated validation inputs set it to 0: lora_onnx.inputs).
 INDEX_INPUT = ADAPTER_INDEX
 #: Model metadata key: the index input, the adapters' labels, the shared nodes.
@@ -116,7 +118,7 @@ def mixed_info(model: LoadedModel) -> MixedInfo | None:
 
 
 def mixed_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
-    return tuple(b for b in read_branches(model.proto) if b.variant == MIXED)
+    return records_of(read_branches(model.proto), StackedBranch)
 
 
 def _write_info(proto: onnx.ModelProto, info: MixedInfo | None) -> None:

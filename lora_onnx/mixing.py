@@ -57,7 +57,7 @@ from lora_onnx.mixed import (
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import planned_writes, save_model
 from lora_onnx.sites import DEFAULT_OPS, Site, Skipped
-from lora_onnx.slots import adapter_strength, bake, remove_slots, slot_records
+from lora_onnx.slots import adapter_strength, bake, slot_records
 from lora_onnx.swapping import AdapterSource, peft_source
 from lora_onnx.validation import (
     OutputComparison,
@@ -69,6 +69,7 @@ from lora_onnx.validation import (
     run_model,
     session_source,
 )
+from lora_onnx.variants import SlotBranch, plug_in
 
 #: What :func:`inject_mixed` takes as one adapter: a PEFT folder or an adapter file (a path), an
 #: :class:`AdapterSource`, or adapter tensors in slot form (as an adapter file holds them).
@@ -246,8 +247,7 @@ def host_model(source: LoadedModel) -> LoadedModel:
         raise LoraOnnxError(
             f"{source.name} already has mixed-batch branches; start from the model without them"
         )
-    records = slot_records(source)
-    return remove_slots(source, records) if records else source
+    return plug_in(SlotBranch).strip(source)
 
 
 def inject_mixed(

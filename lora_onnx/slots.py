@@ -38,9 +38,10 @@ from lora_onnx.plan import BranchPlan
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.sites import DEFAULT_OPS
 from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.variants import SlotBranch, records_of
 
-#: ``BranchRecord.variant`` of a slot branch.
-SLOT = "slot"
+#: ``BranchRecord.variant`` of a slot branch (its plug-in: :mod:`lora_onnx.variants.slot`).
+SLOT = SlotBranch.recorded_as
 STRENGTH_SUFFIX = ".lora_strength"
 
 
@@ -74,11 +75,8 @@ class SlotSpec:
 
 def slot_records(model: LoadedModel, adapter: str | None = None) -> tuple[BranchRecord, ...]:
     """The slot branches of ``model`` (of one adapter when given)."""
-    return tuple(
-        b
-        for b in read_branches(model.proto)
-        if b.variant == SLOT and (adapter is None or b.adapter == adapter)
-    )
+    slots = records_of(read_branches(model.proto), SlotBranch)
+    return tuple(b for b in slots if adapter is None or b.adapter == adapter)
 
 
 def slot_adapters(model: LoadedModel) -> list[str]:

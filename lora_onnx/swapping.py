@@ -49,6 +49,7 @@ from lora_onnx.slots import (
     strength_name,
 )
 from lora_onnx.validation import ValidationReport
+from lora_onnx.variants import variant_for
 
 _SLOT_OPS = ("Gemm", "MatMul", "Conv")
 
@@ -139,7 +140,7 @@ def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike, purpose: st
 
 def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSource:
     """The adapter ``model`` carries as constant branches (``adapter``, or the model's only one)."""
-    records = [b for b in read_branches(model.proto) if b.variant == "constant"]
+    records = [b for b in read_branches(model.proto) if variant_for(b).constant_tensors]
     names = list(dict.fromkeys(b.adapter for b in records))
     if not records:
         kind = "only empty LoRA slots" if slot_records(model) else "no lora-onnx branches"
@@ -371,7 +372,7 @@ def export_adapter(
     if model is None:
         raise LoraOnnxError("give MODEL (a model with constant LoRA branches) or --peft DIR --for MODEL")
     loaded = load_model(model)
-    carried = {b.adapter for b in read_branches(loaded.proto) if b.variant == "constant"}
+    carried = {b.adapter for b in read_branches(loaded.proto) if variant_for(b).constant_tensors}
     # With --for, --name may name the target's slots only (the source then has one adapter).
     source = model_source(loaded, adapter if target is None or adapter in carried else None)
     chosen = source.plans[0].adapter

@@ -1,4 +1,7 @@
-"""Fold PEFT's ``lora_B.bias`` into the base node's bias: ``b' = b + s * lora_B.bias`` (PEFT's merge).
+"""lora_bias branches (PEFT ``lora_bias``): a constant branch whose B adds a bias, ``s * lora_B.bias``.
+
+The fold adds the weight's delta as for any constant branch and folds the bias into the base node's
+bias: ``b' = b + s * lora_B.bias`` (PEFT's merge).
 
 Where a Linear's or Conv's bias lives depends on the export: the constant input of a MatMul's bias Add,
 a Gemm's C, a Conv's B. Exporters deduplicate equal biases (all-zero ones above all) into one initializer
@@ -22,7 +25,27 @@ from lora_onnx.graph import GraphIndex
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord
 from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.variants.base import register
+from lora_onnx.variants.constant import ConstantBranch
 from lora_onnx.weights import PASS_THROUGH_OPS, WeightRef, resolve_weight
+
+
+@register
+class LoraBiasBranch(ConstantBranch):
+    """A constant branch with a ``lora_B.bias`` (see the module doc)."""
+
+    name = "lora_bias"
+
+    def matches(self, record: BranchRecord) -> bool:
+        return record.variant == self.recorded_as and bool(record.lora_bias)
+
+    def fold_refusal(self, record: BranchRecord) -> str | None:
+        return super().fold_refusal(record) or lora_bias_refusal(record)
+
+    def fold_beside_weight(
+        self, model: LoadedModel, proto: onnx.ModelProto, records: Sequence[BranchRecord]
+    ) -> dict[str, TensorProducer]:
+        return fold_lora_biases(model, proto, records)
 
 
 def lora_bias_refusal(branch: BranchRecord) -> str | None:
