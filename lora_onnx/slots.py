@@ -37,7 +37,7 @@ from lora_onnx.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.plan import BranchPlan
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.sites import DEFAULT_OPS
-from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.tensors import make_tensor, np_dtype, scale_into_b
 
 #: ``BranchRecord.variant`` of a slot branch.
 SLOT = "slot"
@@ -271,10 +271,7 @@ def slot_tensors(plans: Sequence[BranchPlan], values: Mapping[str, np.ndarray]) 
 
 
 def _scaled_pair(plan: BranchPlan, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(values[plan.a_name]), np.asarray(values[plan.b_name])
-    # Scale in float32 and round once to the tensor's own type (fp16 adapters stay fp16).
-    scaled = (np.float32(plan.scale) * b.astype(np.float32)).astype(b.dtype)
-    return a, scaled
+    return np.asarray(values[plan.a_name]), scale_into_b(values[plan.b_name], plan.scale)
 
 
 def _put(tensors: dict[str, np.ndarray], name: str, value: np.ndarray, where: str) -> None:
