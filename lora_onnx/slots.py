@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.branch_metadata import stamp_branches
 from lora_onnx.errors import AdapterError
 from lora_onnx.fold import remove_branches
 from lora_onnx.graph import GraphIndex, retain, splice_nodes
@@ -162,6 +163,7 @@ def insert_slots(
     editor = _SlotEditor(proto, plans[0].adapter, strength_input)
     slots = tuple(editor.convert(plan, record) for plan, record in zip(plans, records, strict=True))
     editor.finish()
+    stamp_branches(proto.graph, slots)
     write_branches(proto, earlier + slots)
     return rewritten.with_proto(proto), slots
 
