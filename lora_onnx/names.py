@@ -26,5 +26,10 @@ def nearest(
     if tail in by_tail:
         return difflib.get_close_matches(name, by_tail[tail], n=n, cutoff=0.0)
     close = difflib.get_close_matches(tail, list(by_tail), n=n, cutoff=min(cutoff, 0.5))
-    found = [difflib.get_close_matches(name, by_tail[t], n=1, cutoff=0.0)[0] for t in close]
+    found = [_closest(name, by_tail[t]) for t in close]
     return found or difflib.get_close_matches(name, pool, n=n, cutoff=0.3) or pool[:n]
+
+
+def _closest(name: str, paths: list[str]) -> str:
+    """The path most like ``name``; the first of equals, so the hint follows the graph's order."""
+    return max(paths, key=lambda path: difflib.SequenceMatcher(None, name, path).ratio())
