@@ -9,7 +9,6 @@ adds zero), never one tensor of a pair (onnxruntime would fail on the rank-0 par
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from lora_onnx.adapter_files import read_adapter_file
 from lora_onnx.errors import AdapterError
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
+from lora_onnx.names import nearest
 from lora_onnx.slots import SlotSpec, choose_adapter, slot_adapters, slot_records, slot_specs
 
 OK, EMPTY, UNUSED = "ok", "empty", "unused"
@@ -225,7 +225,7 @@ def _unexpected(
             f"a slot of adapter {specs[name].adapter!r}, not of {', '.join(sorted(targets)) or 'this file'}"
         )
     else:
-        close = difflib.get_close_matches(name, list(specs), n=1, cutoff=0.6)
+        close = nearest(name, specs, n=1)
         detail = "no slot has this name" + (f"; nearest: {close[0]}" if close else "")
     return TensorCheck(
         name, UNEXPECTED, actual_shape=tuple(value.shape), actual_dtype=str(value.dtype), detail=detail

@@ -26,6 +26,11 @@ import onnx
 
 from lora_onnx import quantized, streaming
 from lora_onnx.branch_checks import check_branch_shapes
+
+# The delta math lives in lora_onnx.deltas; re-exported where callers have always found it.
+from lora_onnx.deltas import branch_delta as branch_delta
+from lora_onnx.deltas import conv_delta as conv_delta
+from lora_onnx.deltas import dense_delta as dense_delta
 from lora_onnx.dequantize import DEQUANTIZE_OPS
 from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex, rename_output, retain
@@ -63,32 +68,6 @@ def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
     return HALF_PRECISION_TOLERANCE if stored & set(_HALF_TYPES) else (None, None)
 
 
-def dense_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """``s * A @ B`` in (in, out) orientation, float32, from MatMul-layout A (in, r) and B (r, out)."""
-    return scale * (a.astype(np.float32) @ b.astype(np.float32))
-
-
-def conv_delta(a: np.ndarray, b: np.ndarray, scale: float, group: int) -> np.ndarray:
-    """The (out, in/group, k...) delta of ConvB(ConvA(x)) with both convs split into ``group`` groups.
-
-    Group j's output channels see only group j's rank channels, which see only group j's input channels,
-    so the delta is one ``B_j @ A_j`` block per group, exactly a grouped weight's shape.
-    """
-    rank, out = a.shape[0], b.shape[0]
-    a2 = a.astype(np.float32).reshape(rank, -1)
-    b2 = b.astype(np.float32).reshape(out, -1)
-    rank_g, out_g = rank // group, out // group
-    blocks = [b2[j * out_g : (j + 1) * out_g] @ a2[j * rank_g : (j + 1) * rank_g] for j in range(group)]
-    return scale * np.concatenate(blocks).reshape(out, *a.shape[1:])
-
-
-def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
-    """The branch's delta in the layout of its source weight initializer (float32)."""
-    a, b = model.array(branch.a), model.array(branch.b)
-    if branch.kind == "conv":
-        return conv_delta(a, b, branch.scale, branch.b_group)
-    delta = dense_delta(a, b, branch.scale)
-    return delta.T if branch.source_layout == "out,in" else delta
 
 
 #: Readers of a tensor's shape alone: a fold keeps the weight's shape, so they see no change (dynamo's

@@ -44,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_onnx import json_input
 from lora_onnx.batch_rows import BatchAxes
+from lora_onnx.branch_metadata import stamp_branches, stamp_shared
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.fold import remove_branches
 from lora_onnx.graph import GraphIndex, rename_output, retain, splice_nodes
@@ -596,6 +597,8 @@ def insert_mixed(
         nodes=tuple(n.name for n in builder.shared), stacks_as_inputs=stacks_as_inputs,
     )  # fmt: skip
     _write_info(proto, info)
+    stamp_branches(graph, records)
+    stamp_shared(graph, info.nodes, records)
     write_branches(proto, read_branches(proto) + tuple(records))
     return model.with_proto(proto), tuple(records)
 

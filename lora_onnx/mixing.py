@@ -59,6 +59,7 @@ from lora_onnx.save import planned_writes, save_model
 from lora_onnx.sites import DEFAULT_OPS, Site, Skipped
 from lora_onnx.slots import adapter_strength, bake, slot_records
 from lora_onnx.swapping import AdapterSource, peft_source
+from lora_onnx.tensors import scale_into_b
 from lora_onnx.validation import (
     OutputComparison,
     ValidationReport,
@@ -110,12 +111,6 @@ class MixedInjectResult:
 # Adapters -> (A, B) per site
 
 
-def _scaled(b: np.ndarray, factor: float) -> np.ndarray:
-    # Scale in float32 and round once to B's own type, as slot files do.
-    b = np.asarray(b)
-    return b if factor == 1.0 else (np.float32(factor) * b.astype(np.float32)).astype(b.dtype)
-
-
 def from_source(
     source: AdapterSource, host: LoadedModel, sites: Mapping[str, Site], label: str
 ) -> MixedAdapter:
@@ -132,7 +127,7 @@ def from_source(
             )
         pair = SitePair(
             np.asarray(source.values[plan.a_name]),
-            _scaled(source.values[plan.b_name], plan.scale),
+            scale_into_b(source.values[plan.b_name], plan.scale),
             plan.a_group,
             plan.b_group,
         )
@@ -184,7 +179,7 @@ def from_tensors(
                 f"{label}: slot {record.a!r} of {slots.name} is at node {record.site!r}, which is not a "
                 f"{record.op} site of {host.name}; --slots must be a slotted model of the same base"
             )
-        pair = SitePair(np.asarray(a), _scaled(b, strength), record.a_group, record.b_group)
+        pair = SitePair(np.asarray(a), scale_into_b(b, strength), record.a_group, record.b_group)
         check_pair(site, pair, f"{label} at {site.module_path}")
         pairs[site.node] = pair
 

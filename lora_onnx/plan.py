@@ -7,17 +7,16 @@ that runs more than once) share one pair of LoRA tensors, as PEFT shares one ada
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from lora_onnx.config import DEFAULT_ADAPTER, DEFAULT_RANK, LoraConfig
 from lora_onnx.errors import TargetError
 from lora_onnx.graph import GraphIndex
+from lora_onnx.names import nearest
 from lora_onnx.sites import Site, SiteScan, Skipped
-from lora_onnx.targets import name_matches
+from lora_onnx.targets import module_matches, name_matches
 
 
 @dataclass(frozen=True)
@@ -231,7 +230,8 @@ def _unmatched_target_warnings(config: LoraConfig, sites: Sequence[Site]) -> lis
     for flag, pattern in (("--target-regex", targets.regex), ("--exclude-regex", targets.exclude_regex)):
         # A lone --target-regex that matches nothing is an error (nothing selected), not a warning.
         lone = flag == "--target-regex" and not targets.names
-        if pattern is not None and not lone and not any(re.fullmatch(pattern, path) for path in paths):
+        unmatched = pattern is not None and not any(module_matches(path, regex=pattern) for path in paths)
+        if unmatched and not lone:
             what = "excludes" if flag == "--exclude-regex" else "selects"
             warnings.append(
                 f"{flag} '{pattern}' matches no module path (it must match the whole path), so it {what} "
@@ -261,8 +261,4 @@ def _nearest(name: str, paths: Sequence[str]) -> str:
     """A hint listing the module paths closest to ``name``, for error messages."""
     if not paths:
         return ""
-    tails = {path.rsplit(".", 1)[-1]: path for path in paths}
-    close = difflib.get_close_matches(name, list(tails), n=3, cutoff=0.5)
-    candidates = [tails[tail] for tail in close] or difflib.get_close_matches(name, paths, n=3, cutoff=0.3)
-    candidates = candidates or list(dict.fromkeys(paths))[:3]
-    return "; nearest module paths: " + ", ".join(candidates)
+    return "; nearest module paths: " + ", ".join(nearest(name, paths, dotted=True))

@@ -33,10 +33,8 @@ Every problem is one :class:`RecipeError` line naming the file and the key.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,8 +44,9 @@ from typing import Any
 from lora_onnx import json_input
 from lora_onnx.config import DEFAULT_ADAPTER, INIT_KINDS, LoraConfig
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.names import nearest
 from lora_onnx.sites import OP_KEYS
-from lora_onnx.targets import TargetSelector, compile_regex, name_matches
+from lora_onnx.targets import PeftTargetSelector, TargetSelector
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,68 +93,6 @@ ALL_LINEAR = "all-linear"
 OUTPUT_LAYER_NAMES = ("lm_head",)
 #: Classification heads PEFT's "all-linear" also leaves out for task_type SEQ_CLS.
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
-
-
-@dataclass(frozen=True)
-class PeftTargetSelector(TargetSelector):
-    """:class:`TargetSelector` plus PEFT's layer filter and ``modules_to_save``, in PEFT's order.
-
-    PEFT (``check_target_module_exists``): excluded modules first, then ``modules_to_save`` and their
-    children, then the targets. A regex target or a path *equal* to a listed name is taken as is; a path
-    matched by ``.name`` suffix must also have its first numbered segment (after ``layers_pattern`` when
-    given) in ``layers``. With no target at all (a native recipe), the layer filter applies to every path.
-    """
-
-    layers: tuple[int, ...] = ()
-    layers_pattern: tuple[str, ...] = ()
-    protected: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for pattern in self.layers_pattern:
-            compile_regex(pattern, "layers_pattern")
-
-    @property
-    def selects_everything(self) -> bool:
-        return super().selects_everything and not self.layers and not self.protected
-
-    def selects(self, path: str) -> bool:
-        if self.exclude and name_matches(path, self.exclude):
-            return False
-        if self.exclude_regex is not None and re.fullmatch(self.exclude_regex, path):
-            return False
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in self.protected):
-            return False
-        if self.regex is not None and re.fullmatch(self.regex, path):
-            return True
-        if path in self.names:
-            return True
-        if self.names and not name_matches(path, self.names):
-            return False
-        if not self.names and self.regex is not None:
-            return False
-        return self.in_layers(path)
-
-    def in_layers(self, path: str) -> bool:
-        """PEFT's layer filter: the first numbered segment (after a ``layers_pattern``) is in ``layers``."""
-        if not self.layers:
-            return True
-        if not self.layers_pattern:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-        else:
-            match = None
-            for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
-                if match is not None:
-                    break
-        return match is not None and int(match.group("idx")) in self.layers
-
-    def describe(self) -> str:
-        text = super().describe()
-        if self.layers:
-            within = f" under {'/'.join(self.layers_pattern)}" if self.layers_pattern else ""
-            text += f" in layers {list(self.layers)}{within}"
-        return text
 
 
 @dataclass(frozen=True)
@@ -220,7 +157,7 @@ def _from_native(file: Path, data: Mapping[str, Any]) -> dict[str, Any]:
         if key == "dim":
             key = "dims"
         if key not in ALL_KEYS:
-            close = difflib.get_close_matches(key, list(ALL_KEYS), n=1)
+            close = nearest(key, ALL_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(ALL_KEYS)}"
             raise RecipeError(f"{file}: unknown key {raw_key!r}{hint}")
         _check_type(file, raw_key, value, ALL_KEYS[key])

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.branch_metadata import stamp_branches
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.graph import GraphIndex, rename_output, splice_nodes
 from lora_onnx.load import LoadedModel, TensorProducer
@@ -84,6 +85,7 @@ def insert_branches(
         scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
         graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
     records = tuple(item.record for item in built)
+    stamp_branches(graph, records)
     write_branches(proto, read_branches(proto) + records)
     return model.with_proto(proto, deferred), records
 

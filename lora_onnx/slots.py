@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.branch_metadata import stamp_branches
 from lora_onnx.errors import AdapterError
 from lora_onnx.fold import remove_branches
 from lora_onnx.graph import GraphIndex, retain, splice_nodes
@@ -37,7 +38,7 @@ from lora_onnx.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.plan import BranchPlan
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.sites import DEFAULT_OPS
-from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.tensors import make_tensor, np_dtype, scale_into_b
 from lora_onnx.variants import SlotBranch, records_of
 
 #: ``BranchRecord.variant`` of a slot branch (its plug-in: :mod:`lora_onnx.variants.slot`).
@@ -160,6 +161,7 @@ def insert_slots(
     editor = _SlotEditor(proto, plans[0].adapter, strength_input)
     slots = tuple(editor.convert(plan, record) for plan, record in zip(plans, records, strict=True))
     editor.finish()
+    stamp_branches(proto.graph, slots)
     write_branches(proto, earlier + slots)
     return rewritten.with_proto(proto), slots
 
@@ -269,10 +271,7 @@ def slot_tensors(plans: Sequence[BranchPlan], values: Mapping[str, np.ndarray]) 
 
 
 def _scaled_pair(plan: BranchPlan, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(values[plan.a_name]), np.asarray(values[plan.b_name])
-    # Scale in float32 and round once to the tensor's own type (fp16 adapters stay fp16).
-    scaled = (np.float32(plan.scale) * b.astype(np.float32)).astype(b.dtype)
-    return a, scaled
+    return np.asarray(values[plan.a_name]), scale_into_b(values[plan.b_name], plan.scale)
 
 
 def _put(tensors: dict[str, np.ndarray], name: str, value: np.ndarray, where: str) -> None:

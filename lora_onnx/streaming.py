@@ -13,7 +13,8 @@ is a ``TensorProducer``).
 
 Rows are read from disk with ``readinto`` into the reused buffer (no page-cache mapping that would count
 against the process). :func:`folded_weight` builds the ``W + sum(s * delta)`` of a fold this way for
-dense and conv branches in any source layout; quantized sources plug in their own row readers
+dense and conv branches in any source layout, the deltas' rows coming from :mod:`lora_onnx.deltas`;
+quantized sources plug in their own row readers
 (:mod:`lora_onnx.quantized`).
 """
 
@@ -32,6 +33,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
+from lora_onnx.deltas import delta_rows
 from lora_onnx.load import LoadedModel
 from lora_onnx.manifest import BranchRecord
 from lora_onnx.tensors import external_ref, np_dtype, shape_of
@@ -235,51 +237,6 @@ def tensor_rows(model: LoadedModel, name: str) -> RowSource:
     if name in model.overrides or ref is None or model.base_dir is None or dtype.itemsize > 4:
         return ArrayRows(np.asarray(model.array(name)))
     return FileRows(model.base_dir / ref.location, ref.offset, shape_of(tensor), dtype)
-
-
-class DenseRows:
-    """Rows of ``s * A @ B`` (layout ``in,out``) or of its transpose (layout ``out,in``)."""
-
-    def __init__(self, a: np.ndarray, b: np.ndarray, scale: float, layout: str) -> None:
-        a32 = np.asarray(a, np.float32) * np.float32(scale)
-        b32 = np.asarray(b, np.float32)
-        # Row block r0:r1 of delta (in, out) is A[r0:r1] @ B; of delta.T (out, in) it is B.T[r0:r1] @ A.T.
-        if layout == "out,in":
-            self.left, self.right = np.ascontiguousarray(b32.T), np.ascontiguousarray(a32.T)
-        else:
-            self.left, self.right = np.ascontiguousarray(a32), b32
-
-    def add_rows(self, r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
-        product = scratch[: (r1 - r0) * self.right.shape[1]].reshape(r1 - r0, self.right.shape[1])
-        np.matmul(self.left[r0:r1], self.right, out=product)
-        out.reshape(r1 - r0, -1)[...] += product
-
-
-class ConvRows:
-    """Rows (output channels) of the grouped conv delta, as :func:`lora_onnx.fold.conv_delta` defines it."""
-
-    def __init__(self, a: np.ndarray, b: np.ndarray, scale: float, group: int) -> None:
-        rank, out = a.shape[0], b.shape[0]
-        self.a2 = np.asarray(a, np.float32).reshape(rank, -1) * np.float32(scale)
-        self.b2 = np.asarray(b, np.float32).reshape(out, -1)
-        self.rank_g, self.out_g, self.group = rank // group, out // group, group
-
-    def add_rows(self, r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
-        flat = out.reshape(r1 - r0, -1)
-        cols = self.a2.shape[1]
-        for j in range(r0 // self.out_g, (r1 - 1) // self.out_g + 1):
-            lo, hi = max(r0, j * self.out_g), min(r1, (j + 1) * self.out_g)
-            product = scratch[: (hi - lo) * cols].reshape(hi - lo, cols)
-            np.matmul(self.b2[lo:hi], self.a2[j * self.rank_g : (j + 1) * self.rank_g], out=product)
-            flat[lo - r0 : hi - r0] += product
-
-
-def delta_rows(model: LoadedModel, branch: BranchRecord) -> DenseRows | ConvRows:
-    """The row-block form of ``branch``'s delta in its source weight's layout."""
-    a, b = model.array(branch.a), model.array(branch.b)
-    if branch.kind == "conv":
-        return ConvRows(a, b, branch.scale, branch.b_group)
-    return DenseRows(a, b, branch.scale, branch.source_layout)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from lora_onnx.slots import (
     slot_tensors,
     strength_name,
 )
+from lora_onnx.tensors import scale_into_b
 from lora_onnx.validation import ValidationReport
 from lora_onnx.variants import variant_for
 
@@ -456,7 +457,6 @@ def bind_adapter_file(
         # The reference runs the file with each B scaled by ``strength`` (a strength input, if any, at 1).
         for record in slot_records(model, chosen):
             if record.b in active:
-                b = np.asarray(active[record.b])
-                active[record.b] = (np.float32(strength) * b.astype(np.float32)).astype(b.dtype)
+                active[record.b] = scale_into_b(active[record.b], strength)
         active[strength_name(chosen)] = np.ones(1, np.float32)
     return bound, bake(model, active)

@@ -214,3 +214,15 @@ def make_deferred(name: str, shape: tuple[int, ...], onnx_type: int) -> onnx.Ten
     tensor.data_type = onnx_type
     tensor.dims.extend(shape)
     return tensor
+
+
+def scale_into_b(b: np.ndarray, factor: float) -> np.ndarray:
+    """``factor * B``, computed in float32 and rounded once to B's own type (fp16 adapters stay fp16).
+
+    The one place a LoRA scale (or a strength) is folded into B: slot forms, adapter files, mixed stacks.
+    A factor of exactly 1 returns B's values untouched (no float32 round trip for wider types).
+    """
+    b = np.asarray(b)
+    if factor == 1.0:
+        return b
+    return (np.float32(factor) * b.astype(np.float32)).astype(b.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_onnx.deltas import dense_delta
 from lora_onnx.load import LoadedModel
 from lora_onnx.rewrite import source_layout
 from lora_onnx.sites import Site
@@ -44,6 +45,6 @@ def weight_norm(
         norm = np.sqrt(np.sum(np.square(combined), axis=tuple(range(1, combined.ndim))))
     else:
         in_out = weight.T if source_layout(site) == "out,in" else weight
-        combined = in_out + np.float32(scale) * (a32 @ b32)
+        combined = in_out + dense_delta(a32, b32, scale)
         norm = np.sqrt(np.sum(np.square(combined), axis=0))
     return norm.astype(np.float32).reshape(shape)

@@ -17,7 +17,6 @@ path but cannot take a branch and why; two adapter modules on one graph path are
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from lora_onnx.errors import AdapterError
+from lora_onnx.names import nearest
 from lora_onnx.sites import Site, SiteScan, Skipped
 from lora_onnx.targets import name_matches
 
@@ -230,7 +230,4 @@ def _nearest(path: str, paths: Sequence[str]) -> str:
     """A hint listing the graph module paths closest to ``path``."""
     if not paths:
         return " (the graph has no module of this kind)"
-    tail = path.rsplit(".", 1)[-1]
-    same_tail = [p for p in paths if p.rsplit(".", 1)[-1] == tail]
-    close = difflib.get_close_matches(path, same_tail or list(paths), n=3, cutoff=0.0)
-    return "; nearest module paths: " + ", ".join(close)
+    return "; nearest module paths: " + ", ".join(nearest(path, paths, dotted=True))

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.branch_metadata import stamp_branches
 from lora_onnx.folded_weights import mark_scaled
 from lora_onnx.graph import GraphIndex, splice_nodes
 from lora_onnx.load import LoadedModel
@@ -76,6 +77,7 @@ def insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> tuple[LoadedMode
             )
         )
     splice_nodes(graph, before=before, after=after)
+    stamp_branches(graph, updated)
     kept = read_branches(proto)[: -len(records) or None]
     write_branches(proto, (*kept, *updated))
     if peft.config is not None:
