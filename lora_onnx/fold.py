@@ -68,8 +68,6 @@ def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
     return HALF_PRECISION_TOLERANCE if stored & set(_HALF_TYPES) else (None, None)
 
 
-
-
 #: Readers of a tensor's shape alone: a fold keeps the weight's shape, so they see no change (dynamo's
 #: ``optimize=False`` exports feed a conv weight to a Shape node).
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
