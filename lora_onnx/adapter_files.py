@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_onnx.atomic import write_file
+from lora_onnx.atomic import check_outputs, write_file
 from lora_onnx.constants import ADAPTER_FORMATS
 from lora_onnx.errors import AdapterError
 from lora_onnx.finite import require_finite_tensors
-from lora_onnx.save import check_output_path
 
 #: Format name -> file suffix.
 FORMATS = ADAPTER_FORMATS
@@ -162,7 +161,7 @@ def write_adapter_file(
     """Write ``tensors`` atomically; returns the path. ``protect`` lists inputs that must not be replaced."""
     output = Path(path)
     kind = format_for(output, format)
-    check_output_path(output, protect)
+    check_outputs([output], protect)
     # np.require keeps 0-d arrays 0-d (ascontiguousarray would silently make them 1-d)
     arrays = {name: np.require(value, requirements="C") for name, value in tensors.items()}
     if kind == "onnx_adapter":

@@ -241,15 +241,11 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _write_text_atomic(path: Path, text: str, what: str) -> None:
-    """Temp file + fsync + rename: a reader (a CI step) never sees half a report."""
-    write_file(path, text.encode("utf-8"), what)
-
-
 def write_report(path: str | os.PathLike, report: BatchReport) -> Path:
     """Write ``report`` as JSON (atomically)."""
     target = Path(path)
-    _write_text_atomic(target, json.dumps(report.to_json(), indent=2) + "\n", "report")
+    # atomic: a reader (a CI step) never sees half a report
+    write_file(target, (json.dumps(report.to_json(), indent=2) + "\n").encode(), "report")
     return target
 
 
@@ -381,7 +377,7 @@ def _case_details(model: ModelReport) -> str:
 def write_junit(path: str | os.PathLike, report: BatchReport) -> Path:
     """Write ``report`` as JUnit XML (atomically)."""
     target = Path(path)
-    _write_text_atomic(target, junit_xml(report), "JUnit report")
+    write_file(target, junit_xml(report).encode(), "JUnit report")
     return target
 
 

@@ -82,11 +82,6 @@ def model_inputs(model: LoadedModel) -> list[Path]:
     return [p for p in (model.path, *model.external_files()) if p is not None]
 
 
-def check_output_path(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse to write ``output`` over any of ``inputs`` (see :func:`lora_onnx.atomic.check_outputs`)."""
-    check_outputs([output], inputs)
-
-
 #: Models in an output's folder larger than this are not scanned for references (see _shared_data).
 _SCAN_LIMIT = 64 << 20
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_onnx.atomic import check_outputs
+from lora_onnx.atomic import check_outputs, write_file
 from lora_onnx.errors import AdapterError, OutputError
 from lora_onnx.folded_weights import refuse_peft_export
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches, read_peft_config
 from lora_onnx.peft.config import CONFIG_NAME
 from lora_onnx.peft.mapping import PEFT_PREFIX
-from lora_onnx.peft.tensors import WEIGHTS_NAME, encode_safetensors, write_atomic
+from lora_onnx.peft.tensors import WEIGHTS_NAME, encode_safetensors
 from lora_onnx.save import model_inputs
 
 
@@ -60,8 +60,8 @@ def export_peft_adapter(
     config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / WEIGHTS_NAME, encode_safetensors(tensors, {"format": "pt"}))
-        write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        write_file(folder / WEIGHTS_NAME, encode_safetensors(tensors, {"format": "pt"}))
+        write_file(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     except OSError as exc:
         raise OutputError(f"cannot write the adapter to {folder}: {exc.strerror or exc}") from exc
     return folder

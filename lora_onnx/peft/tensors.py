@@ -15,7 +15,6 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-from lora_onnx.atomic import write_file
 from lora_onnx.errors import AdapterError
 from lora_onnx.finite import require_finite_tensor
 
@@ -92,8 +91,3 @@ def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
     """The bytes of a safetensors file holding ``tensors``."""
     arrays = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
     return safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`lora_onnx.atomic.write_file`)."""
-    write_file(path, data)
