@@ -30,6 +30,7 @@ from lora_onnx.injection import refuse_existing_adapter, scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, read_branches
 from lora_onnx.peft.export import export_peft_adapter
+from lora_onnx.peft.mapping import AdapterModule
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.plan import BranchPlan, plan_branches, tensor_stem, unique_stem
 from lora_onnx.rewrite import insert_branches
@@ -64,6 +65,8 @@ class AdapterSource:
     origin: str
     skipped: tuple[Skipped, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: PEFT keys left out with ``skip_unmatched`` (modules the graph does not have).
+    skipped_keys: tuple[str, ...] = ()
 
 
 def fresh_source(model: LoadedModel, config: LoraConfig, *, check_ranks: bool = True) -> AdapterSource:
@@ -86,6 +89,8 @@ def peft_source(
     *,
     purpose: str = "LoRA slots",
     base_weights: str | os.PathLike | None = None,
+    skip_unmatched: bool = False,
+    modules: Sequence[AdapterModule] | None = None,
 ) -> AdapterSource:
     """A PEFT adapter folder as an :class:`AdapterSource` on ``model`` (which may already carry branches).
 
@@ -94,9 +99,13 @@ def peft_source(
     named after ``model``'s free names for ``adapter``. Adapter parts a slot cannot hold (DoRA
     magnitudes, lora_B biases, embedding adapters) are refused with the reason; ``purpose`` names what
     the adapter is for in that message (mixed-batch branches hold only A and B too). ``base_weights``:
-    the base's original parameters, for sites the exporter folded a BatchNorm into.
+    the base's original parameters, for sites the exporter folded a BatchNorm into. ``skip_unmatched``
+    and ``modules`` as for :func:`~lora_onnx.peft.planning.plan_peft_adapter`.
     """
-    result = plan_peft_adapter(base_view(model), adapter_dir, adapter_name=adapter, base_weights=base_weights)
+    result = plan_peft_adapter(
+        base_view(model), adapter_dir, adapter_name=adapter, base_weights=base_weights,
+        skip_unmatched=skip_unmatched, modules=modules,
+    )  # fmt: skip
     _refuse_slotless(result, adapter_dir, purpose)
     plans_in = tuple(result.plan.require_branches().branches)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
@@ -119,7 +128,9 @@ def peft_source(
         values[moved.b_name] = np.asarray(result.values[plan.b_name])
         plans.append(moved)
     origin = f"PEFT {adapter_dir}"
-    return AdapterSource(tuple(plans), values, origin, tuple(result.plan.skipped), result.plan.warnings)
+    return AdapterSource(
+        tuple(plans), values, origin, tuple(result.plan.skipped), result.plan.warnings, result.skipped_keys
+    )
 
 
 def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike, purpose: str = "LoRA slots") -> None:
@@ -218,6 +229,8 @@ def inject_slots(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    skip_unmatched: bool = False,
+    modules: Sequence[AdapterModule] | None = None,
 ) -> SlotInjectResult:
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
@@ -228,7 +241,8 @@ def inject_slots(
     ``validate``, before anything is written: outputs with no adapter active must equal the base's
     exactly, and (when an adapter file is asked for or ``peft`` given) outputs with it active must equal
     the same tensors inserted as constant branches (NaN / Inf outputs fail unless ``allow_nonfinite``).
-    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.peft.apply_peft`).
+    ``base_weights``, ``skip_unmatched`` and ``modules`` go with ``peft`` (see
+    :func:`~lora_onnx.peft.apply_peft`).
     """
     config = config or LoraConfig()
     source = load_model(model)
@@ -241,7 +255,9 @@ def inject_slots(
         raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
     # The slots' rank is free (a symbolic dim): the recipe's rank only shapes an --adapter-out file.
     produced = (
-        peft_source(source, peft, adapter, base_weights=base_weights)
+        peft_source(
+            source, peft, adapter, base_weights=base_weights, skip_unmatched=skip_unmatched, modules=modules
+        )
         if peft is not None
         else fresh_source(source, config, check_ranks=adapter_output is not None)
     )

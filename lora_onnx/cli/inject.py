@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lora_onnx.cli.folders import folder_input, run_inject_folder
 from lora_onnx.cli.inject_mixed import add_mixed_arguments, run_mixed, wants_mixed
 from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
 from lora_onnx.cli.options import (
@@ -15,6 +16,7 @@ from lora_onnx.cli.options import (
 )
 from lora_onnx.cli.peft import add_peft_arguments, run_peft
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
+from lora_onnx.errors import LoraOnnxError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Add a LoRA branch y += s * B(A(x)) beside every targeted Gemm, MatMul and Conv node. "
         "Reads tensor shapes only, never weight bytes. With --peft, applies a trained PEFT adapter instead.",
     )
-    parser.add_argument("model", help="input .onnx model (never modified)")
-    parser.add_argument("-o", "--output", required=True, help="output .onnx path")
+    parser.add_argument(
+        "model", nargs="+", metavar="MODEL",
+        help="input .onnx model (never modified); with --peft also a folder of model files (an Optimum, "
+        "genai or pipeline export) or several model files, written to the folder -o",
+    )  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", required=True, help="output .onnx path (a folder for folder inputs)"
+    )
+    parser.add_argument(
+        "--json", metavar="REPORT",
+        help="with --peft: write a machine-readable report (modules per model file, skipped keys)",
+    )  # fmt: skip
     add_recipe_arguments(parser)
     add_peft_arguments(parser)
     parser.add_argument(
@@ -41,6 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    folder = folder_input(args.model)
+    if folder is not None:
+        return run_inject_folder(args, folder)
+    args.model = args.model[0]
+    if args.json and not args.peft:
+        raise LoraOnnxError("--json reports a --peft run (or a folder run)")
+    if args.skip_unmatched and not args.peft:
+        raise LoraOnnxError("--skip-unmatched applies with --peft (keys of a trained adapter)")
     if wants_mixed(args):
         return run_mixed(args)
     if args.as_inputs or args.strength_input or args.adapter_out:

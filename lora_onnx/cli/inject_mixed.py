@@ -63,6 +63,10 @@ def run_mixed(args: argparse.Namespace) -> int:
             raise LoraOnnxError(
                 f"{flag} does not apply to --mixed (for run-time stacks use --stacks-as-inputs)"
             )
+    if getattr(args, "skip_unmatched", False):
+        raise LoraOnnxError("--skip-unmatched applies to one --peft adapter, not to --mixed")
+    if getattr(args, "json", None):
+        raise LoraOnnxError("--json reports a --peft run (or a folder run), not --mixed")
     sources = adapter_sources(args)
     if not sources:
         raise AdapterError("--mixed needs adapters: --peft DIR or --adapter-file FILE, once per adapter")

@@ -10,7 +10,7 @@ import argparse
 
 from lora_onnx.cli.options import config_from_args, dims_from_args
 from lora_onnx.cli.render import final, info, print_skipped, print_validation, warn
-from lora_onnx.errors import EXIT_MISMATCH, AdapterError
+from lora_onnx.errors import EXIT_MISMATCH, AdapterError, LoraOnnxError
 
 
 def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_slots(args: argparse.Namespace) -> int:
+    if getattr(args, "json", None):
+        raise LoraOnnxError("--json reports an inject --peft run with constant branches (or a folder run)")
     for flag, given in (("--strength-input", args.strength_input), ("--adapter-out", args.adapter_out)):
         if given and not args.as_inputs:
             raise AdapterError(f"{flag} needs --as-inputs")
@@ -47,6 +49,7 @@ def run_slots(args: argparse.Namespace) -> int:
         output=args.output, adapter_output=args.adapter_out, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), allow_nonfinite=args.allow_nonfinite,
         base_weights=getattr(args, "base_weights", None), link_data=args.link_data,
+        skip_unmatched=getattr(args, "skip_unmatched", False),
     )  # fmt: skip
     for message in result.source.warnings:
         warn(message)

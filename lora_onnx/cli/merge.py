@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from lora_onnx.cli.folders import folder_input, run_merge_folder
 from lora_onnx.cli.options import ListAction, add_run_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
+from lora_onnx.errors import LoraOnnxError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,8 +17,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fold every branch (or those of --adapter) into its base weight: W' = W + s * delta, "
         "computed in float32 in the weight's own layout, one weight at a time.",
     )
-    parser.add_argument("model", help="a model rewritten by lora-onnx (never modified)")
-    parser.add_argument("-o", "--output", required=True, help="output .onnx path")
+    parser.add_argument(
+        "model", nargs="+", metavar="MODEL",
+        help="a model rewritten by lora-onnx (never modified); also a folder of model files or several "
+        "model files (those with branches are merged, all are written to the folder -o with the side files)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", required=True, help="output .onnx path (a folder for folder inputs)"
+    )
+    parser.add_argument(
+        "--json", metavar="REPORT", help="for a folder input: write a machine-readable report"
+    )
     parser.add_argument(
         "--adapter",
         action=ListAction,
@@ -56,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    folder = folder_input(args.model)
+    if folder is not None:
+        return run_merge_folder(args, folder)
+    args.model = args.model[0]
+    if args.json:
+        raise LoraOnnxError("--json reports a folder merge; a one-model merge prints its result")
     from lora_onnx.merging import merge
 
     result = merge(

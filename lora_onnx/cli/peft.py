@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
-from lora_onnx.cli.render import info, report_written, warn
+from lora_onnx.cli.render import info, report_written, warn, write_json
 from lora_onnx.errors import LoraOnnxError
+
+if TYPE_CHECKING:
+    from lora_onnx.peft import PeftResult
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
 _RECIPE_FLAGS = {
@@ -29,6 +33,11 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --peft: fold the adapter into the weights in the same step (PEFT's merge_and_unload)",
     )  # fmt: skip
     add_base_weights_argument(group)
+    group.add_argument(
+        "--skip-unmatched", action="store_true",
+        help="with --peft: skip adapter keys whose module the graph does not have (the export left it "
+        "out: a pooler, a head not exported) instead of refusing; they are listed in a warning and --json",
+    )  # fmt: skip
 
 
 def add_base_weights_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -55,12 +64,11 @@ def run_peft(args: argparse.Namespace) -> int:
         raise LoraOnnxError(
             "--peft is given more than once: one model takes one adapter, or several with --mixed"
         )
-    defaults = _recipe_defaults()
-    given = [flag for key, flag in _RECIPE_FLAGS.items() if getattr(args, key) != getattr(defaults, key)]
-    if given:
-        raise LoraOnnxError(
-            f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
-        )
+    refuse_recipe_flags(args)
+    if args.json:
+        from lora_onnx.save import check_report_paths
+
+        check_report_paths([args.json], [args.model, args.output, args.peft])
     from lora_onnx.peft import apply_peft
 
     result = apply_peft(
@@ -69,6 +77,7 @@ def run_peft(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         base_weights=args.base_weights,
         link_data=args.link_data,
+        skip_unmatched=args.skip_unmatched,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)
@@ -87,4 +96,33 @@ def run_peft(args: argparse.Namespace) -> int:
     if args.merge:
         info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
     title = "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"
-    return report_written(result.validation, title, result.output)
+    code = report_written(result.validation, title, result.output)
+    if args.json:
+        write_json(args.json, _json(args, result, modules))
+    return code
+
+
+def _json(args: argparse.Namespace, result: PeftResult, modules: int) -> dict[str, object]:
+    return {
+        "command": "inject --peft" + (" --merge" if args.merge else ""),
+        "model": str(args.model),
+        "output": str(result.output) if result.output is not None else None,
+        "adapter": str(args.peft),
+        "modules": sorted({b.peft_path for b in result.branches}),
+        "module_count": modules,
+        "branches": len(result.branches),
+        "folded": len(result.folded),
+        "skipped_keys": list(result.peft.skipped_keys),
+        "validation": result.validation.to_json() if result.validation is not None else None,
+        "warnings": list(result.warnings),
+    }
+
+
+def refuse_recipe_flags(args: argparse.Namespace) -> None:
+    """A PEFT adapter's config sets ranks, alphas and targets: a recipe flag beside it is refused."""
+    defaults = _recipe_defaults()
+    given = [flag for key, flag in _RECIPE_FLAGS.items() if getattr(args, key) != getattr(defaults, key)]
+    if given:
+        raise LoraOnnxError(
+            f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
+        )

@@ -14,6 +14,7 @@ from lora_onnx.fold import fold_branches
 from lora_onnx.injection import refuse_existing_adapter
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
+from lora_onnx.peft.mapping import AdapterModule
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.peft.rewrite import insert_peft_branches
 from lora_onnx.plan import Plan
@@ -59,6 +60,8 @@ def apply_peft(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    skip_unmatched: bool = False,
+    modules: Sequence[AdapterModule] | None = None,
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -70,14 +73,18 @@ def apply_peft(
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
     ``base_weights``: the base model's original parameters (safetensors), needed where the exporter
     folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.folded_weights`).
-    ``link_data`` as for :func:`~lora_onnx.injection.inject`.
+    ``link_data`` as for :func:`~lora_onnx.injection.inject`. ``skip_unmatched`` and ``modules`` as for
+    :func:`~lora_onnx.peft.planning.plan_peft_adapter` (skipped keys: ``result.peft.skipped_keys``).
     """
     source = load_model(model)
     protect = [Path(adapter_dir)]
     if output is not None:
         check_output_paths(source, output, protect)  # before any work; the adapter's files included
     refuse_existing_adapter(source, adapter_name)
-    peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights)
+    peft = plan_peft_adapter(
+        source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights,
+        skip_unmatched=skip_unmatched, modules=modules,
+    )  # fmt: skip
     rewritten, records = insert_peft_branches(source, peft)
     fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if merge or validate else None
     notes: list[str] = []

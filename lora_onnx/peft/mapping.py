@@ -11,8 +11,9 @@ is matched against the sites' module paths:
    model, the export is the inner model, as Optimum exports some).
 
 Every node with the matched path gets the branch (a module that runs more than once has several). An
-adapter module that matches nothing is an error listing the nearest paths, or naming the node that has the
-path but cannot take a branch and why; two adapter modules on one graph path are an error too.
+adapter module that matches nothing is an error listing the nearest paths and every such module (or, with
+``skip_unmatched``, left out: the export pruned it); one the graph has on a node that cannot take a branch
+is an error naming the node and why; two adapter modules on one graph path are an error too.
 """
 
 from __future__ import annotations
@@ -63,9 +64,16 @@ class AdapterModule:
     path: str
     keys: Mapping[str, str] = field(default_factory=dict)
     base_weight: str | None = None
+    #: A pipeline component's prefix (``"unet."``) removed from ``path`` for the component's own model;
+    #: the config's rank / alpha patterns still see :attr:`full_path`.
+    prefix: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
+
+    @property
+    def full_path(self) -> str:
+        return self.prefix + self.path
 
     @property
     def kind(self) -> str:
@@ -155,20 +163,40 @@ def _check_roles(source: str, module: AdapterModule) -> None:
         )
 
 
-def match_modules(modules: Sequence[AdapterModule], scan: SiteScan, *, source: str = "") -> list[ModuleMatch]:
-    """The sites of every adapter module (see the module doc for the rule and the errors)."""
+def site_paths(scan: SiteScan) -> dict[str, dict[str, list[Site]]]:
+    """kind ("lora", "embedding") -> graph module path -> its sites."""
     by_kind: dict[str, dict[str, list[Site]]] = {kind: defaultdict(list) for kind in KIND_OPS}
     for site in scan.sites:
         for kind, ops in KIND_OPS.items():
             if site.op in ops:
                 by_kind[kind][site.module_path].append(site)
+    return by_kind
+
+
+def match_modules(
+    modules: Sequence[AdapterModule], scan: SiteScan, *, source: str = "", skip_unmatched: bool = False
+) -> list[ModuleMatch]:
+    """The sites of every adapter module (see the module doc for the rule and the errors).
+
+    A module whose path matches no graph module at all (the export left it out: BERT's pooler when only
+    ``last_hidden_state`` is exported) is an error listing every such key, unless ``skip_unmatched``:
+    then it is left out (:func:`unmatched_modules` says which). A module the graph has but cannot adapt
+    is an error either way.
+    """
+    by_kind = site_paths(scan)
     matches: list[ModuleMatch] = []
     owner: dict[str, str] = {}
+    unmatched: list[AdapterModule] = []
     for module in modules:
         paths = by_kind[module.kind]
-        graph_path = _match_path(module, list(paths), source)
-        if graph_path is None:
-            raise AdapterError(_no_site(module, scan, paths, source))
+        found = match_path(module, list(paths), source)
+        if found is None:
+            reason = unadaptable(module, scan, source)
+            if reason is not None:
+                raise AdapterError(reason)
+            unmatched.append(module)
+            continue
+        graph_path = found[0]
         if graph_path in owner:
             raise AdapterError(
                 f"{source}: adapter modules {owner[graph_path]!r} and {module.path!r} both match graph "
@@ -176,27 +204,63 @@ def match_modules(modules: Sequence[AdapterModule], scan: SiteScan, *, source: s
             )
         owner[graph_path] = module.path
         matches.append(ModuleMatch(module, graph_path, tuple(paths[graph_path])))
+    if unmatched and not skip_unmatched:
+        first = unmatched[0]
+        raise AdapterError(
+            f"{source}: key {first_key(first)!r} matches no module of the graph"
+            f"{_nearest(first.path, list(by_kind[first.kind]))}{unmatched_hint(unmatched)}"
+        )
     return matches
 
 
-def _match_path(module: AdapterModule, paths: Sequence[str], source: str) -> str | None:
+def unmatched_modules(
+    modules: Sequence[AdapterModule], matches: Sequence[ModuleMatch]
+) -> list[AdapterModule]:
+    """The modules of ``modules`` that ``matches`` left out (skipped by ``skip_unmatched``)."""
+    taken = {id(match.module) for match in matches}
+    return [module for module in modules if id(module) not in taken]
+
+
+def first_key(module: AdapterModule) -> str:
+    return module.keys[min(module.keys)]
+
+
+def unmatched_hint(unmatched: Sequence[AdapterModule]) -> str:
+    """The tail of an unmatched-key error: every such module and the way out."""
+    paths = [module.full_path for module in unmatched]
+    listed = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+    return (
+        f"; {len(paths)} adapter module(s) match no module ({listed}): if the export left them out "
+        "(a pooler or head not exported), --skip-unmatched (skip_unmatched=True) skips their keys and "
+        "lists them in the report"
+    )
+
+
+def match_path(module: AdapterModule, paths: Sequence[str], source: str = "") -> tuple[str, str] | None:
+    """The graph path ``module`` matches (rules 1-3 of the module doc) and the wrapper prefix of the
+    adapter's path that rule 3 dropped ("" for rules 1 and 2); None when it matches none."""
     path = module.path
     if path in paths:
-        return path
+        return path, ""
     longer = [p for p in paths if p.endswith("." + path)]
     if len(longer) > 1:
         raise AdapterError(
-            f"{source}: adapter module {path!r} ({module.keys[min(module.keys)]!r}) is ambiguous: it "
+            f"{source}: adapter module {path!r} ({first_key(module)!r}) is ambiguous: it "
             f"matches graph modules {', '.join(sorted(longer)[:5])}"
         )
     if longer:
-        return longer[0]
+        return longer[0], ""
     shorter = [p for p in paths if path.endswith("." + p)]
-    return max(shorter, key=len) if shorter else None
+    if not shorter:
+        return None
+    graph_path = max(shorter, key=len)
+    return graph_path, path[: -len(graph_path) - 1]
 
 
-def _no_site(module: AdapterModule, scan: SiteScan, paths: Mapping[str, list[Site]], source: str) -> str:
-    key = module.keys[min(module.keys)]
+def unadaptable(module: AdapterModule, scan: SiteScan, source: str = "") -> str | None:
+    """Why ``module`` cannot take its branch although the graph has it (exported as another op, or a node
+    that cannot take a branch); None when the graph has no such module at all."""
+    key = first_key(module)
     path = module.path
     what = "an embedding (lora_embedding_A/B)" if module.kind == "embedding" else "a Linear / Conv (lora_A/B)"
     for other in scan.sites:
@@ -208,7 +272,7 @@ def _no_site(module: AdapterModule, scan: SiteScan, paths: Mapping[str, list[Sit
     for skipped in scan.skipped:
         if skipped.op in KIND_OPS[module.kind] and _same_module(path, skipped.module_path):
             return _skipped_message(source, key, skipped)
-    return f"{source}: key {key!r} matches no module of the graph{_nearest(path, list(paths))}"
+    return None
 
 
 def _skipped_message(source: str, key: str, skipped: Skipped) -> str:

@@ -25,7 +25,7 @@ and ``lora_B.bias`` are scaled by ``f`` (PEFT's ``f * (W x + d x)``, exactly; Do
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -40,7 +40,7 @@ from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.peft.config import PeftAdapterConfig, read_adapter_config
 from lora_onnx.peft.dora import weight_norm
-from lora_onnx.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys
+from lora_onnx.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys, unmatched_modules
 from lora_onnx.peft.tensors import SafetensorsFile, open_adapter_weights
 from lora_onnx.plan import BranchPlan, Plan, tensor_stem
 from lora_onnx.sites import Site
@@ -80,6 +80,8 @@ class PeftPlan:
     folder: Path | None = None
     #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
     scaled: tuple[str, ...] = ()
+    #: Adapter keys left out because their module matches no graph module (``skip_unmatched``).
+    skipped_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
@@ -102,8 +104,15 @@ def plan_peft_adapter(
     *,
     adapter_name: str = DEFAULT_ADAPTER,
     base_weights: str | os.PathLike | None = None,
+    skip_unmatched: bool = False,
+    modules: Sequence[AdapterModule] | None = None,
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
+
+    ``skip_unmatched``: keys of modules the graph does not have at all (pruned by the export) are left
+    out, listed in :attr:`PeftPlan.skipped_keys` and a warning, instead of refused. ``modules``: plan only
+    these adapter modules (parsed from the adapter by :func:`~lora_onnx.peft.mapping.parse_keys`; a
+    folder run gives each model file the modules it carries) instead of every key of the adapter.
 
     Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
     with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
@@ -116,20 +125,31 @@ def plan_peft_adapter(
     weights = open_adapter_weights(folder)
     source = str(weights.path)
     modules_to_save = config.raw.get("modules_to_save") or ()
-    modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
+    if modules is None:
+        modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
     _check_flags(config, modules, source)
     loaded = load_model(model)
     scan = scan_sites(loaded, PEFT_OPS)
-    matches = match_modules(modules, scan, source=source)
+    matches = match_modules(modules, scan, source=source, skip_unmatched=skip_unmatched)
+    left_out = unmatched_modules(modules, matches)
+    skipped_keys = tuple(key for module in left_out for key in module.keys.values())
     scalings = _scalings(loaded, matches, base_weights, source)
     index = GraphIndex(loaded.proto.graph)
     planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
     for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
         planner.add(match)
     branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
-    plan = Plan(branches, (), tuple(planner.warnings))
+    warnings = list(planner.warnings)
+    if left_out:
+        paths = [module.full_path for module in left_out]
+        listed = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+        warnings.append(
+            f"skipped {len(skipped_keys)} adapter key(s) of {len(paths)} module(s) the graph does not have "
+            f"(--skip-unmatched): {listed}"
+        )
+    plan = Plan(branches, (), tuple(warnings))
     scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
-    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
+    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled, skipped_keys)
 
 
 def _scalings(
@@ -237,8 +257,8 @@ class _Planner:
         embedding = module.kind == "embedding"
         a_key = module.key("lora_embedding_A" if embedding else "lora_A")
         b_key = module.key("lora_embedding_B" if embedding else "lora_B")
-        rank = self.config.rank_for(module.path)
-        alpha = self.config.alpha_for(module.path)
+        rank = self.config.rank_for(module.full_path)
+        alpha = self.config.alpha_for(module.full_path)
         scale = self.config.scale(rank, alpha)
         for site in match.sites:
             self._check_site(module, site, rank, a_key, b_key)

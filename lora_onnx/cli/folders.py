@@ -1,0 +1,117 @@
+"""Folder inputs of ``inject --peft`` (also ``--merge``, ``--as-inputs``) and ``merge``: a folder of model
+files (or several model files) in, a folder out; the table says which file took which modules.
+
+``inject`` and ``merge`` hand a run to :func:`run_inject_folder` / :func:`run_merge_folder` when their
+input is a folder or more than one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_onnx.cli.options import adapter_sources, dims_from_args
+from lora_onnx.cli.render import final, info, new_table, print_table, print_validation, warn, write_json
+from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
+
+if TYPE_CHECKING:
+    from lora_onnx.folder_runs import FolderResult
+
+
+def folder_input(models: list[str]) -> str | list[str] | None:
+    """The folder run's input (a folder, or several files), or None for a one-model run."""
+    if len(models) > 1:
+        return models
+    return models[0] if os.path.isdir(models[0]) else None
+
+
+def run_inject_folder(args: argparse.Namespace, source: str | list[str]) -> int:
+    from lora_onnx.cli.inject_mixed import wants_mixed
+    from lora_onnx.cli.peft import refuse_recipe_flags
+
+    if wants_mixed(args):
+        raise LoraOnnxError("--mixed takes one model file; build a mixed model per model file")
+    if not args.peft:
+        raise LoraOnnxError(
+            "a folder (or several model files) takes a trained adapter, --peft ADAPTER_DIR; for a recipe "
+            "over many models use lora-onnx batch"
+        )
+    if len(adapter_sources(args, "peft")) > 1:
+        raise LoraOnnxError("--peft is given more than once: a folder run applies one adapter")
+    if args.base_weights:
+        raise LoraOnnxError("--base-weights takes one model's parameters: apply such models one by one")
+    refuse_recipe_flags(args)
+    from lora_onnx.folder_runs import apply_peft_folder
+
+    _check_json(args)
+    result = apply_peft_folder(
+        source, args.peft, args.output, merge=args.merge, as_inputs=args.as_inputs,
+        strength_input=args.strength_input, adapter_output=args.adapter_out, validate=args.validate,
+        adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
+        allow_nonfinite=args.allow_nonfinite, skip_unmatched=args.skip_unmatched, link_data=args.link_data,
+    )  # fmt: skip
+    return _finish(args, result, "adapter modules")
+
+
+def run_merge_folder(args: argparse.Namespace, source: str | list[str]) -> int:
+    for flag, given in (("--adapter-file", args.adapter_file), ("--adapter-index", args.adapter_index)):
+        if given is not None:
+            raise LoraOnnxError(f"{flag} belongs to one model: merge such model files one by one")
+    if args.strength is not None:
+        raise LoraOnnxError("--strength goes with --adapter-file: merge such model files one by one")
+    from lora_onnx.folder_runs import merge_folder
+
+    _check_json(args)
+    result = merge_folder(
+        source, args.output, adapters=args.adapter, partial=args.partial, dequantize=args.dequantize,
+        validate=args.validate, providers=args.providers, dims=dims_from_args(args),
+        allow_nonfinite=args.allow_nonfinite,
+    )  # fmt: skip
+    return _finish(args, result, "folded modules")
+
+
+def _check_json(args: argparse.Namespace) -> None:
+    if getattr(args, "json", None):
+        from lora_onnx.save import check_report_paths
+
+        check_report_paths([args.json], [args.output])
+
+
+def _finish(args: argparse.Namespace, result: FolderResult, what: str) -> int:
+    for message in result.warnings:
+        warn(message)
+    print_table(_table(result, what))
+    for file in result.files:
+        for title, report in file.validations:
+            print_validation(report, f"{file.model}: {title}")
+    if result.skipped_keys:
+        info(f"Skipped keys ({len(result.skipped_keys)}, --skip-unmatched): {', '.join(result.skipped_keys)}")
+    if getattr(args, "json", None):
+        write_json(args.json, result.to_json())
+    if not result.ok:
+        warn("validation failed; nothing was written", always=True)
+        return EXIT_MISMATCH
+    changed = sum(1 for file in result.files if file.result is not None)
+    info(f"{changed} of {len(result.files)} model file(s) changed, {len(result.copied)} side file(s) copied.")
+    final(f"Wrote {result.output}")
+    return 0
+
+
+def _table(result: FolderResult, what: str):  # type: ignore[no-untyped-def]
+    table = new_table(f"Model files of {result.folder} ({len(result.files)})")
+    for column in ("model file", what, "nodes", "written"):
+        table.add_column(column, overflow="fold")
+    for file in result.files:
+        modules = _modules(file.modules) if file.modules else "-"
+        written = "changed" if file.result is not None else "unchanged"
+        if file.adapter_output is not None:
+            written += f", adapter {Path(file.adapter_output).name}"
+        table.add_row(file.model, modules, str(file.branches), written)
+    return table
+
+
+def _modules(paths: tuple[str, ...]) -> str:
+    shown = ", ".join(paths[:3])
+    return f"{len(paths)}: {shown}" + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
