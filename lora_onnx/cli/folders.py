@@ -8,7 +8,6 @@ input is a folder or more than one file.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +20,14 @@ if TYPE_CHECKING:
 
 
 def folder_input(models: list[str]) -> str | list[str] | None:
-    """The folder run's input (a folder, or several files), or None for a one-model run."""
+    """The folder run's input (a folder holding model files, or several files), or None for a one-model
+    run (a folder without any .onnx file is refused there, as "a folder, not an .onnx file")."""
     if len(models) > 1:
         return models
-    return models[0] if os.path.isdir(models[0]) else None
+    folder = Path(models[0])
+    if folder.is_dir() and next(folder.rglob("*.onnx"), None) is not None:
+        return models[0]
+    return None
 
 
 def run_inject_folder(args: argparse.Namespace, source: str | list[str]) -> int:

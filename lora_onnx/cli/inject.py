@@ -27,10 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Reads tensor shapes only, never weight bytes. With --peft, applies a trained PEFT adapter instead.",
     )
     parser.add_argument(
-        "model", nargs="+", metavar="MODEL",
+        "model",
         help="input .onnx model (never modified); with --peft also a folder of model files (an Optimum, "
         "genai or pipeline export) or several model files, written to the folder -o",
     )  # fmt: skip
+    parser.add_argument("more_models", nargs="*", metavar="MODEL", help="more model files (a folder run)")
     parser.add_argument(
         "-o", "--output", required=True, help="output .onnx path (a folder for folder inputs)"
     )
@@ -53,10 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = folder_input(args.model)
+    folder = folder_input([args.model, *args.more_models])
     if folder is not None:
         return run_inject_folder(args, folder)
-    args.model = args.model[0]
     if args.json and not args.peft:
         raise LoraOnnxError("--json reports a --peft run (or a folder run)")
     if args.skip_unmatched and not args.peft:

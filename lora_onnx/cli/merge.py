@@ -18,10 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "computed in float32 in the weight's own layout, one weight at a time.",
     )
     parser.add_argument(
-        "model", nargs="+", metavar="MODEL",
+        "model",
         help="a model rewritten by lora-onnx (never modified); also a folder of model files or several "
         "model files (those with branches are merged, all are written to the folder -o with the side files)",
     )  # fmt: skip
+    parser.add_argument("more_models", nargs="*", metavar="MODEL", help="more model files (a folder run)")
     parser.add_argument(
         "-o", "--output", required=True, help="output .onnx path (a folder for folder inputs)"
     )
@@ -67,10 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = folder_input(args.model)
+    folder = folder_input([args.model, *args.more_models])
     if folder is not None:
         return run_merge_folder(args, folder)
-    args.model = args.model[0]
     if args.json:
         raise LoraOnnxError("--json reports a folder merge; a one-model merge prints its result")
     from lora_onnx.merging import merge
