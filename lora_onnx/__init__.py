@@ -6,7 +6,9 @@ The pipeline, one module per stage: :mod:`~lora_onnx.load` (graph only) -> :mod:
 :mod:`~lora_onnx.validation` (onnxruntime). :mod:`~lora_onnx.fold` undoes a rewrite into the weights.
 
 The functions below are what the ``lora-onnx`` command line calls. :mod:`lora_onnx.peft` applies
-trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters back to PEFT. Run-time
+trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters back to PEFT;
+:mod:`~lora_onnx.folder_runs` applies one across a folder's model files (``apply_peft_folder``,
+``merge_folder``: Optimum split exports, genai folders, pipelines). Run-time
 adapters (LoRA slots that onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.slots`
 (graph), :mod:`~lora_onnx.adapter_files` (file formats), :mod:`~lora_onnx.adapter_check` and
 :mod:`~lora_onnx.swapping` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time they load
     from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
     from lora_onnx.config import LoraConfig
     from lora_onnx.errors import LoraOnnxError
+    from lora_onnx.folder_runs import FolderResult, apply_peft_folder, merge_folder
     from lora_onnx.injection import InjectResult, inject
     from lora_onnx.inspection import Inspection, inspect_model
     from lora_onnx.load import LoadedModel, load_model
@@ -47,6 +50,9 @@ _LAZY = {
     "write_adapter_file": ("adapter_files", "write_adapter_file"),
     "LoraConfig": ("config", "LoraConfig"),
     "LoraOnnxError": ("errors", "LoraOnnxError"),
+    "FolderResult": ("folder_runs", "FolderResult"),
+    "apply_peft_folder": ("folder_runs", "apply_peft_folder"),
+    "merge_folder": ("folder_runs", "merge_folder"),
     "InjectResult": ("injection", "InjectResult"),
     "inject": ("injection", "inject"),
     "Inspection": ("inspection", "Inspection"),
@@ -95,6 +101,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AdapterCheck",
     "ExportResult",
+    "FolderResult",
     "InjectResult",
     "Inspection",
     "LoadedModel",
@@ -110,6 +117,7 @@ __all__ = [
     "TargetSelector",
     "ValidationReport",
     "apply_peft",
+    "apply_peft_folder",
     "check_adapter",
     "export_adapter",
     "export_peft_adapter",
@@ -122,6 +130,7 @@ __all__ = [
     "inspect_model",
     "load_model",
     "merge",
+    "merge_folder",
     "read_adapter_file",
     "save_model",
     "stack_adapters",

@@ -235,3 +235,42 @@ def test_cli_pipeline_folder(pipeline: dict, tmp_path: Path) -> None:
     assert main(["inject", str(pipeline["folder"]), "-o", str(tmp_path / "x")]) == 2
     assert main(["inject", str(pipeline["folder"]), "--peft", str(pipeline["adapter"]), "-o",
                  str(tmp_path / "y"), "--target", "q_proj"]) == 2  # fmt: skip
+
+
+def test_one_file_never_takes_two_dropped_prefixes(tmp_path: Path) -> None:
+    # An encoder-only folder whose paths are layers.N...: encoder.layers.0 and decoder.layers.1 would both
+    # fit once their first part is dropped; which part the file is cannot be told, so it is refused.
+    folder = tmp_path / "export"
+    _export(Layers().eval(), INPUTS["text_encoder"], folder / "encoder_model.onnx")
+    (folder / "config.json").write_text("{}")
+    rng = np.random.default_rng(4)
+    tensors = {}
+    for part, layer in (("encoder", 0), ("decoder", 1)):
+        stem = f"base_model.model.{part}.layers.{layer}.q_proj"
+        tensors[f"{stem}.lora_A.weight"] = rng.standard_normal((2, 8)).astype(np.float32)
+        tensors[f"{stem}.lora_B.weight"] = rng.standard_normal((8, 2)).astype(np.float32)
+    adapter = write_adapter(tmp_path / "adapter", tensors, r=2, lora_alpha=2)
+    with pytest.raises(AdapterError, match=r"encoder_model\.onnx would take modules of two different parts"):
+        apply_peft_folder(folder, adapter, tmp_path / "out")
+
+
+def test_cli_folder_refusals(pipeline: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lora_onnx.cli.main import main
+
+    folder, adapter, out = str(pipeline["folder"]), str(pipeline["adapter"]), str(tmp_path / "out")
+    cases = [
+        (["inject", folder, "--peft", adapter, "-o", out, "--mixed"], "--mixed takes one model file"),
+        (["inject", folder, "--peft", adapter, "-o", out, "--base-weights", "w.safetensors"], "one by one"),
+        (["inject", folder, "--peft", adapter, "-o", out, "--merge", "--as-inputs"], "exclude each other"),
+        (["inject", folder, "--peft", adapter, "-o", out + ".onnx"], "not to one .onnx file"),
+        (["merge", folder, "-o", out], "no model file of"),
+        (
+            ["merge", folder, "-o", out, "--adapter-file", "a.onnx_adapter"],
+            "merge such model files one by one",
+        ),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("lora-onnx: error: ") and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "out").exists()

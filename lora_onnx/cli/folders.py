@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_onnx.cli.options import adapter_sources, dims_from_args
-from lora_onnx.cli.render import final, info, new_table, print_table, print_validation, warn, write_json
+from lora_onnx.cli.render import (
+    VERBOSE,
+    final,
+    info,
+    new_table,
+    print_table,
+    print_validation,
+    verbosity,
+    warn,
+    write_json,
+)
 from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
 
 if TYPE_CHECKING:
@@ -48,7 +58,7 @@ def run_inject_folder(args: argparse.Namespace, source: str | list[str]) -> int:
     refuse_recipe_flags(args)
     from lora_onnx.folder_runs import apply_peft_folder
 
-    _check_json(args)
+    _check_json(args, [*([source] if isinstance(source, str) else source), args.peft])
     result = apply_peft_folder(
         source, args.peft, args.output, merge=args.merge, as_inputs=args.as_inputs,
         strength_input=args.strength_input, adapter_output=args.adapter_out, validate=args.validate,
@@ -66,7 +76,7 @@ def run_merge_folder(args: argparse.Namespace, source: str | list[str]) -> int:
         raise LoraOnnxError("--strength goes with --adapter-file: merge such model files one by one")
     from lora_onnx.folder_runs import merge_folder
 
-    _check_json(args)
+    _check_json(args, [source] if isinstance(source, str) else source)
     result = merge_folder(
         source, args.output, adapters=args.adapter, partial=args.partial, dequantize=args.dequantize,
         validate=args.validate, providers=args.providers, dims=dims_from_args(args),
@@ -75,11 +85,12 @@ def run_merge_folder(args: argparse.Namespace, source: str | list[str]) -> int:
     return _finish(args, result, "folded modules")
 
 
-def _check_json(args: argparse.Namespace) -> None:
+def _check_json(args: argparse.Namespace, reads: list[str]) -> None:
+    """Refuse, before any work, a --json report that would replace an input (a model file, an adapter)."""
     if getattr(args, "json", None):
         from lora_onnx.save import check_report_paths
 
-        check_report_paths([args.json], [args.output])
+        check_report_paths([args.json], reads)
 
 
 def _finish(args: argparse.Namespace, result: FolderResult, what: str) -> int:
@@ -116,5 +127,8 @@ def _table(result: FolderResult, what: str):  # type: ignore[no-untyped-def]
 
 
 def _modules(paths: tuple[str, ...]) -> str:
+    """Every module with --verbose (--json has them all too), else the count and the first three."""
+    if verbosity() >= VERBOSE:
+        return ", ".join(paths)
     shown = ", ".join(paths[:3])
     return f"{len(paths)}: {shown}" + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
