@@ -308,6 +308,8 @@ class ExportResult:
     tensors: Mapping[str, tuple[int, ...]]
     empty: tuple[str, ...] = ()
     origin: str = ""
+    #: PEFT keys left out with ``skip_unmatched`` (modules the graph does not have).
+    skipped_keys: tuple[str, ...] = ()
 
 
 def _write(
@@ -352,6 +354,7 @@ def export_adapter(
     adapter_version: int = 1,
     model_version: int = 1,
     base_weights: str | os.PathLike | None = None,
+    skip_unmatched: bool = False,
 ) -> ExportResult:
     """Write an adapter file for LoRA slots (``format``: onnx_adapter, safetensors, npz or peft).
 
@@ -359,7 +362,8 @@ def export_adapter(
     (a model carrying the adapter as constant branches). With ``for_model`` the tensors take that
     model's slot names, layouts and dtypes (matched by node), slots the adapter does not cover are
     written empty; without it they keep ``model``'s names. The LoRA scale is folded into B.
-    ``format="peft"`` writes ``model``'s adapter as a PEFT folder (issue 3's exporter).
+    ``format="peft"`` writes ``model``'s adapter as a PEFT folder (issue 3's exporter). ``skip_unmatched``
+    goes with ``peft``: keys of modules the graph does not have are left out (as ``inject --peft``).
     ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.peft.apply_peft`).
     """
     if base_weights is not None and peft is None:
@@ -382,10 +386,13 @@ def export_adapter(
         if target is None:
             raise LoraOnnxError("--peft DIR needs --for MODEL (the model whose slots the file is for)")
         chosen = choose_adapter(target, adapter)
-        source = peft_source(target, peft, chosen, base_weights=base_weights)
+        source = peft_source(target, peft, chosen, base_weights=base_weights, skip_unmatched=skip_unmatched)
         tensors = retarget(source.plans, source.values, target, chosen)
         protect = [*_inputs_of(target), Path(peft)]
-        return _write(tensors, output, format, chosen, source.origin, protect, adapter_version, model_version)
+        written = _write(
+            tensors, output, format, chosen, source.origin, protect, adapter_version, model_version
+        )
+        return dataclasses.replace(written, skipped_keys=source.skipped_keys)
     if model is None:
         raise LoraOnnxError("give MODEL (a model with constant LoRA branches) or --peft DIR --for MODEL")
     loaded = load_model(model)

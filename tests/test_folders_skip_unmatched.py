@@ -141,3 +141,40 @@ def test_genai_style_folder_with_external_data(bert: dict, tmp_path: Path) -> No
     }
     assert refs == {"model.onnx.data"}
     assert rel_err(run(out / "model.onnx", {"input_ids": IDS})[0], bert["expected"]) <= 1e-4
+
+
+def test_slots_and_export_adapter_skip_too(
+    bert: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnxruntime as ort
+
+    from lora_onnx.cli.main import main
+
+    slots = tmp_path / "slots.onnx"
+    base = ["inject", str(bert["model"]), "--peft", str(bert["adapter"]), "-o", str(slots), "--as-inputs"]
+    assert main(base) == 2 and "--skip-unmatched" in capsys.readouterr().err
+    assert main([*base, "--skip-unmatched", "--validate"]) == 0
+    assert "pooler.dense" in capsys.readouterr().err  # the warning names what was skipped
+    export = [
+        "export-adapter",
+        "--peft",
+        str(bert["adapter"]),
+        "--for",
+        str(slots),
+        "-o",
+        str(tmp_path / "a.onnx_adapter"),
+    ]
+    assert main(export) == 2 and "--skip-unmatched" in capsys.readouterr().err
+    assert main([*export, "--skip-unmatched"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 adapter key(s)" in err and "pooler.dense.lora_A.weight" in err
+    # the slotted model with that file active equals PEFT
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(tmp_path / "a.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    session = ort.InferenceSession(str(slots), session_options)
+    (hidden,) = session.run(None, {"input_ids": IDS}, options)
+    assert rel_err(hidden, bert["expected"]) <= 1e-4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.peft import add_base_weights_argument
-from lora_onnx.cli.render import final
+from lora_onnx.cli.render import final, warn
 from lora_onnx.constants import ADAPTER_FORMATS as FORMATS
 from lora_onnx.errors import LoraOnnxError
 
@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, help="output file (a folder for --format peft)")
     parser.add_argument("--peft", metavar="DIR", help="a PEFT adapter folder (needs --for)")
     add_base_weights_argument(parser)
+    parser.add_argument(
+        "--skip-unmatched", action="store_true",
+        help="with --peft: skip keys of modules the graph does not have (pruned by the export); warns",
+    )  # fmt: skip
     parser.add_argument(
         "--for", dest="for_model", metavar="MODEL", help="the slotted model the file is for (its slot names)"
     )
@@ -45,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
     result = export_adapter(
         args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
         format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
-        base_weights=args.base_weights,
+        base_weights=args.base_weights, skip_unmatched=args.skip_unmatched,
     )  # fmt: skip
+    if result.skipped_keys:
+        warn(
+            f"skipped {len(result.skipped_keys)} adapter key(s) of modules the graph does not have "
+            f"(--skip-unmatched): {', '.join(result.skipped_keys)}"
+        )
     if result.format == "peft":
         final(f"Wrote PEFT adapter folder {result.output}")
         return 0
