@@ -292,6 +292,9 @@ def model_label(model: str, error: LoraOnnxError) -> LoraOnnxError:
     message = str(error)
     if model in message:
         return error
-    labelled = type(error)(f"{model}: {message}")
+    try:
+        labelled = type(error)(f"{model}: {message}")
+    except TypeError:  # a subclass with other constructor arguments: the plain error class
+        labelled = LoraOnnxError(f"{model}: {message}")
     labelled.exit_code = error.exit_code
     return labelled

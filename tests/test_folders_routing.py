@@ -274,3 +274,26 @@ def test_cli_folder_refusals(pipeline: dict, tmp_path: Path, capsys: pytest.Capt
         err = capsys.readouterr().err
         assert err.startswith("lora-onnx: error: ") and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_several_model_files(
+    pipeline: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_onnx.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "1000")  # a wide table: module paths on one line
+
+    files = [str(pipeline["folder"] / name / "model.onnx") for name in ("text_encoder", "unet")]
+    argv = ["inject", *files, "--peft", str(pipeline["adapter"]), "-o", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pipeline component 'text_encoder_2'" in err and "--skip-unmatched" in err
+    assert main([*argv, "--skip-unmatched", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 8 adapter key(s) of 4 module(s) no model file has" in captured.err
+    # --verbose lists every module a file took
+    assert "text_encoder.text_model.layers.1.v_proj" in captured.out
+    outputs = {name: run(tmp_path / "out" / name / "model.onnx", {"x": INPUTS[name]})[0]
+               for name in ("text_encoder", "unet")}  # fmt: skip
+    for name, output in outputs.items():
+        assert rel_err(output, pipeline["expected"][name]) <= 1e-4, name
