@@ -197,3 +197,44 @@ def test_cli_folder_run_with_json_and_slots(t5: dict, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = t5["peft"].get_encoder()(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
     assert _rel(hidden, expected) <= 1e-4
+
+
+def test_bart_folder_equals_peft_through_optimum(tmp_path: Path) -> None:
+    # BART's export paths differ from T5's (the encoder file keeps model.encoder..., as PEFT names it)
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+    from peft import LoraConfig, get_peft_model
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+    )  # fmt: skip
+    BartForConditionalGeneration(config).eval().save_pretrained(tmp_path / "hf")
+    main_export(str(tmp_path / "hf"), output=str(tmp_path / "export"), task="text2text-generation-with-past",
+                no_post_process=True)  # fmt: skip
+    peft_model = get_peft_model(
+        BartForConditionalGeneration.from_pretrained(tmp_path / "hf"),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids, decoder_ids = torch.tensor([[0, 5, 9, 3, 2]]), torch.tensor([[2, 0, 7]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, decoder_input_ids=decoder_ids).logits.numpy()
+    base = ORTModelForSeq2SeqLM.from_pretrained(tmp_path / "export")
+    base_logits = base(
+        input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder_ids
+    ).logits
+    assert _rel(np.asarray(base_logits), expected) > 1e-3  # the adapter matters: the check below can fail
+    for merge in (False, True):
+        out = tmp_path / f"out_{merge}"
+        result = apply_peft_folder(tmp_path / "export", tmp_path / "adapter", out, merge=merge)
+        assert {f.model: f.branches for f in result.files} == {
+            "encoder_model.onnx": 4, "decoder_model.onnx": 8, "decoder_with_past_model.onnx": 6,
+        }  # fmt: skip
+        model = ORTModelForSeq2SeqLM.from_pretrained(out)
+        logits = model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder_ids
+        ).logits
+        assert _rel(np.asarray(logits), expected) <= 1e-4, merge
