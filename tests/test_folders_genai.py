@@ -18,7 +18,7 @@ import onnxruntime_genai as og
 import pytest
 import torch
 
-from lora_onnx.folder_runs import apply_peft_folder
+from lora_onnx.commands.folders import apply_peft_folder
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ pytest.importorskip("optimum.onnxruntime")
 import onnxruntime as ort
 import torch
 
+from lora_onnx.commands.folders import apply_peft_folder, merge_folder
 from lora_onnx.errors import AdapterError
-from lora_onnx.folder_runs import apply_peft_folder, merge_folder
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,9 @@ import torch
 from builders import rel_err, run
 from torch import nn
 
+from lora_onnx import apply_peft
+from lora_onnx.commands.folders import apply_peft_folder
 from lora_onnx.errors import AdapterError
-from lora_onnx.folder_runs import apply_peft_folder
-from lora_onnx.peft import apply_peft
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from lora_onnx.cli.render import (
 from lora_onnx.errors import EXIT_MISMATCH, LoraOnnxError
 
 if TYPE_CHECKING:
-    from lora_onnx.folder_runs import FolderResult
+    from lora_onnx.commands.folders import FolderResult
 
 
 def folder_input(models: list[str]) -> str | list[str] | None:
@@ -56,7 +56,7 @@ def run_inject_folder(args: argparse.Namespace, source: str | list[str]) -> int:
     if args.base_weights:
         raise LoraOnnxError("--base-weights takes one model's parameters: apply such models one by one")
     refuse_recipe_flags(args)
-    from lora_onnx.folder_runs import apply_peft_folder
+    from lora_onnx.commands.folders import apply_peft_folder
 
     _check_json(args, [*([source] if isinstance(source, str) else source), args.peft])
     result = apply_peft_folder(
@@ -74,7 +74,7 @@ def run_merge_folder(args: argparse.Namespace, source: str | list[str]) -> int:
             raise LoraOnnxError(f"{flag} belongs to one model: merge such model files one by one")
     if args.strength is not None:
         raise LoraOnnxError("--strength goes with --adapter-file: merge such model files one by one")
-    from lora_onnx.folder_runs import merge_folder
+    from lora_onnx.commands.folders import merge_folder
 
     _check_json(args, [source] if isinstance(source, str) else source)
     result = merge_folder(
@@ -88,7 +88,7 @@ def run_merge_folder(args: argparse.Namespace, source: str | list[str]) -> int:
 def _check_json(args: argparse.Namespace, reads: list[str]) -> None:
     """Refuse, before any work, a --json report that would replace an input (a model file, an adapter)."""
     if getattr(args, "json", None):
-        from lora_onnx.save import check_report_paths
+        from lora_onnx.model.save import check_report_paths
 
         check_report_paths([args.json], reads)
 

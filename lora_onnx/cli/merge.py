@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return run_merge_folder(args, folder)
     if args.json:
         raise LoraOnnxError("--json reports a folder merge; a one-model merge prints its result")
-    from lora_onnx.merging import merge
+    from lora_onnx.commands.merge import merge
 
     result = merge(
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,

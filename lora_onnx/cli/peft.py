@@ -10,7 +10,7 @@ from lora_onnx.cli.render import info, report_written, warn, write_json
 from lora_onnx.errors import LoraOnnxError
 
 if TYPE_CHECKING:
-    from lora_onnx.peft import PeftResult
+    from lora_onnx import PeftResult
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
 _RECIPE_FLAGS = {
@@ -66,10 +66,10 @@ def run_peft(args: argparse.Namespace) -> int:
         )
     refuse_recipe_flags(args)
     if args.json:
-        from lora_onnx.save import check_report_paths
+        from lora_onnx.model.save import check_report_paths
 
         check_report_paths([args.json], [args.model, args.output, args.peft])
-    from lora_onnx.peft import apply_peft
+    from lora_onnx import apply_peft
 
     result = apply_peft(
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
