@@ -47,6 +47,7 @@ from lora_onnx.manifest import read_branches
 from lora_onnx.merging import merge
 from lora_onnx.peft.apply import apply_peft
 from lora_onnx.peft.config import read_adapter_config
+from lora_onnx.peft.formats.detect import is_lora_file, read_lora_file
 from lora_onnx.peft.planning import adapter_folder
 from lora_onnx.recipes import PeftTargetSelector, recipe_digest
 from lora_onnx.reports import BatchReport, ModelReport, Shard, SkippedNode, now_iso, sort_models
@@ -537,7 +538,10 @@ def check_options(options: BatchOptions) -> None:
                 )
     if isinstance(options.recipe, AdapterSource):
         # A bad adapter folder is everyone's problem: say so once, not once per model.
-        read_adapter_config(adapter_folder(options.recipe.path))
+        if is_lora_file(options.recipe.path):
+            read_lora_file(options.recipe.path)  # a single-file LoRA (its component fits per model)
+        else:
+            read_adapter_config(adapter_folder(options.recipe.path))
 
 
 def run_batch(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
-from lora_onnx.errors import LoraOnnxError
+from lora_onnx.config import DEFAULT_ADAPTER
+from lora_onnx.errors import AdapterError, LoraOnnxError
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
 _RECIPE_FLAGS = {
@@ -20,9 +22,16 @@ _RECIPE_FLAGS = {
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("trained PEFT adapter")
     group.add_argument(
-        "--peft", metavar="ADAPTER_DIR", action=AdapterSourceAction, kind="peft",
-        help="apply this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with PEFT's "
-        "numerics instead of a fresh recipe (with --mixed: repeatable, one per adapter)",
+        "--peft", metavar="ADAPTER[:STRENGTH]", action=AdapterSourceAction, kind="peft",
+        help="apply this trained LoRA with PEFT's numerics instead of a fresh recipe: a PEFT adapter folder "
+        "(adapter_config.json + adapter_model.safetensors) or a single-file LoRA (.safetensors: diffusers "
+        "or kohya); ':STRENGTH' (a number >= 0) scales it. Repeatable: each is its own adapter, named "
+        "after its file (with --mixed: one per adapter index)",
+    )  # fmt: skip
+    group.add_argument(
+        "--component", metavar="NAME",
+        help="with a single-file LoRA: the part of it for this model (unet, text_encoder, text_encoder_2...; "
+        "default: the one whose modules match the model)",
     )  # fmt: skip
     group.add_argument(
         "--merge", action="store_true",
@@ -40,6 +49,17 @@ def add_base_weights_argument(parser: argparse.ArgumentParser | argparse._Argume
     )  # fmt: skip
 
 
+def _adapter_spec(value: str) -> tuple[Path, float]:
+    """``--peft PATH[:STRENGTH]``; a missing path is named here, with the strength rule when it has ':'."""
+    from lora_onnx.peft.formats.source import parse_adapter_spec
+
+    path, strength = parse_adapter_spec(value)
+    if not Path(path).exists():
+        hint = " (a ':' suffix is a strength only when it is a number >= 0)" if ":" in value else ""
+        raise AdapterError(f"--peft {value}: no such adapter folder or LoRA file{hint}")
+    return Path(path), strength
+
+
 def _recipe_defaults() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     add_recipe_arguments(parser)
@@ -51,10 +71,6 @@ def run_peft(args: argparse.Namespace) -> int:
         raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
     if not args.peft:
         raise LoraOnnxError("--merge applies with --peft (to fold a fresh adapter, run lora-onnx merge)")
-    if len(adapter_sources(args, "peft")) > 1:
-        raise LoraOnnxError(
-            "--peft is given more than once: one model takes one adapter, or several with --mixed"
-        )
     defaults = _recipe_defaults()
     given = [flag for key, flag in _RECIPE_FLAGS.items() if getattr(args, key) != getattr(defaults, key)]
     if given:
@@ -62,10 +78,19 @@ def run_peft(args: argparse.Namespace) -> int:
             f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
         )
     from lora_onnx.peft import apply_peft
+    from lora_onnx.peft.apply import default_adapter_names
+
+    values = [value for _, value in adapter_sources(args, "peft")] or [args.peft]
+    specs = [_adapter_spec(value) for value in values]
+    if len(specs) > 1 and args.name != DEFAULT_ADAPTER:
+        raise LoraOnnxError(
+            "--name names one adapter; several --peft adapters are named after their files "
+            f"({', '.join(default_adapter_names([path for path, _ in specs]))})"
+        )
 
     result = apply_peft(
-        args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
-        adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
+        args.model, specs, output=args.output, component=args.component, merge=args.merge,
+        validate=args.validate, adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite,
         base_weights=args.base_weights,
         link_data=args.link_data,
@@ -73,17 +98,21 @@ def run_peft(args: argparse.Namespace) -> int:
     for message in result.warnings:
         warn(message)
     branches = result.branches
-    modules = len({b.peft_path for b in branches})
-    kinds = {
-        "DoRA": sum(1 for b in branches if b.magnitude),
-        "lora_bias": sum(1 for b in branches if b.lora_bias),
-        "embedding": sum(1 for b in branches if b.op == "Gather"),
-    }
-    detail = ", ".join(f"{name} {count}" for name, count in kinds.items() if count)
-    info(
-        f"Applied PEFT adapter {args.peft}: {modules} module(s) on {len(branches)} node(s)"
-        f"{f' ({detail})' if detail else ''}, {result.plan.lora_params:,} LoRA parameters."
-    )
+    for (path, strength), name, plan in zip(specs, result.adapters, result.plans, strict=True):
+        mine = [b for b in branches if b.adapter == name]
+        modules = len({b.peft_path for b in mine})
+        kinds = {
+            "DoRA": sum(1 for b in mine if b.magnitude),
+            "lora_bias": sum(1 for b in mine if b.lora_bias),
+            "embedding": sum(1 for b in mine if b.op == "Gather"),
+        }
+        detail = ", ".join(f"{kind} {count}" for kind, count in kinds.items() if count)
+        named = f" as {name!r}" if len(specs) > 1 else ""
+        at = f" at strength {strength:g}" if strength != 1.0 else ""
+        info(
+            f"Applied PEFT adapter {path}{named}{at}: {modules} module(s) on {len(mine)} node(s)"
+            f"{f' ({detail})' if detail else ''}, {plan.plan.lora_params:,} LoRA parameters."
+        )
     if args.merge:
         info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
     title = "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"

@@ -38,12 +38,13 @@ from lora_onnx.folded_weights import BaseWeights, SiteScaling, compare_site, fin
 from lora_onnx.graph import GraphIndex
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
-from lora_onnx.peft.config import PeftAdapterConfig, read_adapter_config
+from lora_onnx.peft.config import PeftAdapterConfig
 from lora_onnx.peft.dora import weight_norm
+from lora_onnx.peft.formats.source import RemappedWeights, open_adapter
 from lora_onnx.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys
-from lora_onnx.peft.tensors import SafetensorsFile, open_adapter_weights
+from lora_onnx.peft.tensors import SafetensorsFile
 from lora_onnx.plan import BranchPlan, Plan, tensor_stem
-from lora_onnx.sites import Site
+from lora_onnx.sites import Site, SiteScan
 from lora_onnx.tensors import np_dtype
 
 #: Site kinds a PEFT adapter can sit on: --ops plus embedding lookups.
@@ -102,8 +103,15 @@ def plan_peft_adapter(
     *,
     adapter_name: str = DEFAULT_ADAPTER,
     base_weights: str | os.PathLike | None = None,
+    component: str | None = None,
+    strength: float = 1.0,
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
+
+    ``adapter_dir`` may also be a single-file LoRA (``.safetensors``: diffusers or kohya, see
+    :mod:`lora_onnx.peft.formats`); ``component`` picks its part for this model (``unet``,
+    ``text_encoder``...; by default the one whose modules match the graph). ``strength`` multiplies
+    every module's scale.
 
     Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
     with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
@@ -111,15 +119,22 @@ def plan_peft_adapter(
     does not fit, including a site whose weight the exporter folded a BatchNorm into (without
     ``base_weights``).
     """
-    folder = adapter_folder(adapter_dir)
-    config = read_adapter_config(folder)
-    weights = open_adapter_weights(folder)
+    scans: list[tuple[LoadedModel, SiteScan]] = []
+
+    def module_paths() -> list[str]:  # a folder is read before the model, a file (kohya names) after
+        loaded = load_model(model)
+        scans.append((loaded, scan_sites(loaded, PEFT_OPS)))
+        return [site.module_path for site in scans[0][1].sites]
+
+    opened = open_adapter(adapter_dir, module_paths, component=component, strength=strength)
+    config, weights, folder = opened.config, opened.weights, opened.origin
     source = str(weights.path)
     modules_to_save = config.raw.get("modules_to_save") or ()
     modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
     _check_flags(config, modules, source)
-    loaded = load_model(model)
-    scan = scan_sites(loaded, PEFT_OPS)
+    if not scans:
+        module_paths()
+    loaded, scan = scans[0]
     matches = match_modules(modules, scan, source=source)
     scalings = _scalings(loaded, matches, base_weights, source)
     index = GraphIndex(loaded.proto.graph)
@@ -192,7 +207,7 @@ class _Planner:
         model: LoadedModel,
         index: GraphIndex,
         config: PeftAdapterConfig,
-        weights: SafetensorsFile,
+        weights: SafetensorsFile | RemappedWeights,
         adapter: str,
         scalings: Mapping[str, SiteScaling],
     ) -> None:
