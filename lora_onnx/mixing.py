@@ -54,6 +54,7 @@ from lora_onnx.mixed import (
     stack_pairs,
     strip_mixed,
 )
+from lora_onnx.peft.formats.source import PeftRef
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import planned_writes, save_model
 from lora_onnx.sites import DEFAULT_OPS, Site, Skipped
@@ -211,8 +212,9 @@ def resolve_adapters(
             resolved.append(from_tensors(item, slots, sites, f"adapter {i} (tensors)", host))
         else:
             path = Path(item)
-            if path.is_dir():
-                source = peft_source(host, path, f"mixed_{i}", purpose=purpose, base_weights=base_weights)
+            if path.is_dir() or isinstance(item, PeftRef):  # a PeftRef: --peft, a folder or LoRA file
+                peft = item if isinstance(item, PeftRef) else path
+                source = peft_source(host, peft, f"mixed_{i}", purpose=purpose, base_weights=base_weights)
                 resolved.append(from_source(source, host, sites, f"PEFT {path}"))
             elif path.is_file():
                 file = read_adapter_file(path)

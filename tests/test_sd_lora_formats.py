@@ -266,6 +266,7 @@ def test_other_methods_are_refused_naming_key_and_format(tmp_path, key, what) ->
     assert not (tmp_path / "out.onnx").exists()  # never half-applied
 
 
+@pytest.mark.slow
 def test_cli_refusal_is_one_line_and_several_files_get_their_names(tmp_path) -> None:
     model = tmp_path / "m.onnx"
     onnx.save(MODEL, model)
@@ -297,3 +298,53 @@ def test_cli_refusal_is_one_line_and_several_files_get_their_names(tmp_path) -> 
         [*base, "--peft", f"{tmp_path / 'nope.safetensors'}:x"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "no such adapter folder or LoRA file" in done.stderr
+
+
+def _batched_model() -> onnx.ModelProto:
+    """MODEL with a symbolic batch dim on both inputs (mixed batches need one)."""
+    model = _model()
+    for graph_input in model.graph.input:
+        graph_input.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return model
+
+
+@pytest.mark.slow
+def test_lora_file_with_strength_as_slots_adapter_file_and_mixed_tenant(tmp_path) -> None:
+    import onnxruntime as ort
+
+    tensors = _kohya(alpha=2.0, rank=4)
+    lora = _write(tmp_path / "k.safetensors", tensors)
+    model = tmp_path / "m.onnx"
+    onnx.save(_batched_model(), model)
+    base = [sys.executable, "-m", "lora_onnx"]
+    slots, adapter = tmp_path / "slots.onnx", tmp_path / "k.onnx_adapter"
+    done = subprocess.run(
+        [*base, "inject", str(model), "--as-inputs", "--peft", f"{lora}:0.5", "--adapter-out", str(adapter),
+         "--validate", "-o", str(slots)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    loaded = ort.LoraAdapter()
+    loaded.Load(str(adapter))
+    options = ort.RunOptions()
+    options.add_active_adapter(loaded)
+    session = ort.InferenceSession(str(slots), providers=["CPUExecutionProvider"])
+    got = session.run(None, FEEDS, options)
+    for value, want in zip(got, _reference(tensors, 0.25), strict=True):  # alpha / rank * strength
+        assert rel_err(value, want) <= 1e-5
+
+    mixed = tmp_path / "mixed.onnx"
+    done = subprocess.run(
+        [*base, "inject", str(model), "--mixed", "--peft", f"{lora}:0.5", "--validate", "-o", str(mixed)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    session = ort.InferenceSession(str(mixed), providers=["CPUExecutionProvider"])
+    index = next(i.name for i in session.get_inputs() if i.name not in FEEDS)
+    x = np.concatenate([FEEDS["x"][:1]] * 2)
+    img = np.concatenate([FEEDS["img"]] * 2)
+    y, c = session.run(None, {"x": x, "img": img, index: np.array([0, -1], np.int64)})
+    want_y, want_c = _reference(tensors, 0.25)
+    base_y, base_c = run(_model(), FEEDS)
+    assert rel_err(y[0], want_y[0]) <= 1e-5 and rel_err(c[0], want_c[0]) <= 1e-5
+    assert rel_err(y[1], base_y[0]) <= 1e-6 and rel_err(c[1], base_c[0]) <= 1e-6

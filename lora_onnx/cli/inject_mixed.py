@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
+from lora_onnx.cli.peft import peft_ref
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
 from lora_onnx.constants import ADAPTER_INDEX as INDEX_INPUT
 from lora_onnx.errors import AdapterError, LoraOnnxError
+
+if TYPE_CHECKING:
+    from lora_onnx.peft.formats.source import PeftRef
 
 
 def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +75,9 @@ def run_mixed(args: argparse.Namespace) -> int:
         warn("recipe options (--target, --rank...) do not apply to --mixed: the adapters define the sites")
     adapters = []
     for kind, value in sources:
-        path = Path(value)
+        path: Path | PeftRef = Path(value)
         if kind == "peft":
-            if not path.is_dir():
-                raise AdapterError(f"--peft {value}: no such PEFT adapter folder")
+            path = peft_ref(value, getattr(args, "component", None))  # a folder or a LoRA file
         elif not path.is_file():
             raise AdapterError(f"--adapter-file {value}: no such file")
         adapters.append(path)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
-from lora_onnx.config import DEFAULT_ADAPTER
+from lora_onnx.constants import DEFAULT_ADAPTER
 from lora_onnx.errors import AdapterError, LoraOnnxError
+
+if TYPE_CHECKING:
+    from lora_onnx.peft.formats.source import PeftRef
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
 _RECIPE_FLAGS = {
@@ -49,15 +53,16 @@ def add_base_weights_argument(parser: argparse.ArgumentParser | argparse._Argume
     )  # fmt: skip
 
 
-def _adapter_spec(value: str) -> tuple[Path, float]:
-    """``--peft PATH[:STRENGTH]``; a missing path is named here, with the strength rule when it has ':'."""
-    from lora_onnx.peft.formats.source import parse_adapter_spec
+def peft_ref(value: str, component: str | None = None) -> PeftRef:
+    """``--peft PATH[:STRENGTH]`` (and ``--component``) as a :class:`~lora_onnx.peft.formats.PeftRef`; a
+    missing path is named here, with the strength rule when the value has a ':'."""
+    from lora_onnx.peft.formats.source import PeftRef, parse_adapter_spec
 
     path, strength = parse_adapter_spec(value)
     if not Path(path).exists():
         hint = " (a ':' suffix is a strength only when it is a number >= 0)" if ":" in value else ""
         raise AdapterError(f"--peft {value}: no such adapter folder or LoRA file{hint}")
-    return Path(path), strength
+    return PeftRef(Path(path), strength, component)
 
 
 def _recipe_defaults() -> argparse.Namespace:
@@ -81,7 +86,8 @@ def run_peft(args: argparse.Namespace) -> int:
     from lora_onnx.peft.apply import default_adapter_names
 
     values = [value for _, value in adapter_sources(args, "peft")] or [args.peft]
-    specs = [_adapter_spec(value) for value in values]
+    refs = [peft_ref(value) for value in values]
+    specs = [(ref.path, ref.strength) for ref in refs]
     if len(specs) > 1 and args.name != DEFAULT_ADAPTER:
         raise LoraOnnxError(
             "--name names one adapter; several --peft adapters are named after their files "

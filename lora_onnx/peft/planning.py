@@ -40,7 +40,7 @@ from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.peft.config import PeftAdapterConfig
 from lora_onnx.peft.dora import weight_norm
-from lora_onnx.peft.formats.source import RemappedWeights, open_adapter
+from lora_onnx.peft.formats.source import PeftRef, RemappedWeights, open_adapter
 from lora_onnx.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys
 from lora_onnx.peft.tensors import SafetensorsFile
 from lora_onnx.plan import BranchPlan, Plan, tensor_stem
@@ -119,6 +119,9 @@ def plan_peft_adapter(
     does not fit, including a site whose weight the exporter folded a BatchNorm into (without
     ``base_weights``).
     """
+    if isinstance(adapter_dir, PeftRef):
+        component = adapter_dir.component if component is None else component
+        strength = strength * adapter_dir.strength
     scans: list[tuple[LoadedModel, SiteScan]] = []
 
     def module_paths() -> list[str]:  # a folder is read before the model, a file (kohya names) after

@@ -27,6 +27,7 @@ from lora_onnx.peft.formats.records import LoraFile, LoraModule
 from lora_onnx.peft.formats.source import (
     FileAdapterConfig,
     OpenedAdapter,
+    PeftRef,
     open_adapter,
     parse_adapter_spec,
     with_strength,
@@ -37,6 +38,7 @@ __all__ = [
     "LoraFile",
     "LoraModule",
     "OpenedAdapter",
+    "PeftRef",
     "choose_component",
     "components",
     "is_lora_file",

@@ -73,6 +73,25 @@ class OpenedAdapter:
     format: str = "peft"
 
 
+@dataclass(frozen=True)
+class PeftRef(os.PathLike):
+    """An adapter path with its strength and component (``--peft PATH:STRENGTH --component NAME``).
+
+    It is a path (``os.fspath`` gives ``path``), so it goes wherever an adapter folder does; PEFT
+    planning reads the strength and component from it.
+    """
+
+    path: Path
+    strength: float = 1.0
+    component: str | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def check_strength(strength: float, source: object) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
         raise AdapterError(f"{source}: strength must be a finite number >= 0, got {strength!r}")
