@@ -220,6 +220,14 @@ def test_component_whose_modules_match_is_chosen(tmp_path) -> None:
     assert {b.site.module_path for b in plan.branches} == {Q, OUT, CONV}
 
 
+def test_a_peft_folders_weights_file_is_read_with_its_config(tmp_path) -> None:
+    tensors = {k.removeprefix("unet."): v for k, v in _peft_keys().items()}
+    folder = write_adapter(tmp_path / "adapter", tensors, r=4, lora_alpha=2)
+    plan = plan_peft_adapter(MODEL, folder / "adapter_model.safetensors")
+    assert {b.scale for b in plan.branches} == {0.5}  # the config's alpha / r, not a file's default of 1
+    assert {b.scale for b in plan_peft_adapter(MODEL, folder, strength=2.0).branches} == {1.0}
+
+
 def test_kohya_names_are_resolved_against_the_graph_paths() -> None:
     paths = ["down_blocks.0.attn1.to_out.0", "text_model.encoder.layers.0.mlp.fc1"]
     assert resolve_name("down_blocks_0_attn1_to_out_0", paths, key="k", source="f") == paths[0]
@@ -348,3 +356,13 @@ def test_lora_file_with_strength_as_slots_adapter_file_and_mixed_tenant(tmp_path
     base_y, base_c = run(_model(), FEEDS)
     assert rel_err(y[0], want_y[0]) <= 1e-5 and rel_err(c[0], want_c[0]) <= 1e-5
     assert rel_err(y[1], base_y[0]) <= 1e-6 and rel_err(c[1], base_c[0]) <= 1e-6
+
+
+def test_kohya_shape_misfit_names_key_node_and_shapes(tmp_path) -> None:
+    tensors = _kohya()
+    tensors[f"lora_unet_{Q.replace('.', '_')}.lora_down.weight"] = rng_array((4, 7))  # to_q takes 8 features
+    with pytest.raises(
+        AdapterError,
+        match=r"'lora_unet_\w+_to_q\.lora_down\.weight' has shape \(4, 7\).*lora_A's rows.*needs \(4, 8\) for MatMul",
+    ):
+        plan_peft_adapter(MODEL, _write(tmp_path / "k.safetensors", tensors))

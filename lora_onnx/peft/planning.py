@@ -40,7 +40,13 @@ from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.peft.config import PeftAdapterConfig
 from lora_onnx.peft.dora import weight_norm
-from lora_onnx.peft.formats.source import PeftRef, RemappedWeights, open_adapter
+from lora_onnx.peft.formats.source import (
+    FileAdapterConfig,
+    PeftRef,
+    RemappedWeights,
+    file_keys_in_errors,
+    open_adapter,
+)
 from lora_onnx.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys
 from lora_onnx.peft.tensors import SafetensorsFile
 from lora_onnx.plan import BranchPlan, Plan, tensor_stem
@@ -131,22 +137,23 @@ def plan_peft_adapter(
 
     opened = open_adapter(adapter_dir, module_paths, component=component, strength=strength)
     config, weights, folder = opened.config, opened.weights, opened.origin
-    source = str(weights.path)
-    modules_to_save = config.raw.get("modules_to_save") or ()
-    modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
-    _check_flags(config, modules, source)
-    if not scans:
-        module_paths()
-    loaded, scan = scans[0]
-    matches = match_modules(modules, scan, source=source)
-    scalings = _scalings(loaded, matches, base_weights, source)
-    index = GraphIndex(loaded.proto.graph)
-    planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
-    for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
-        planner.add(match)
-    branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
-    plan = Plan(branches, (), tuple(planner.warnings))
-    scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
+    with file_keys_in_errors(weights):  # a LoRA file's errors name its own keys
+        source = str(weights.path)
+        modules_to_save = config.raw.get("modules_to_save") or ()
+        modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
+        _check_flags(config, modules, source)
+        if not scans:
+            module_paths()
+        loaded, scan = scans[0]
+        matches = match_modules(modules, scan, source=source)
+        scalings = _scalings(loaded, matches, base_weights, source)
+        index = GraphIndex(loaded.proto.graph)
+        planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
+        for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
+            planner.add(match)
+        branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
+        plan = Plan(branches, (), tuple(planner.warnings))
+        scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
     return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
 
 
@@ -366,7 +373,11 @@ class _Planner:
                 "module's, so PEFT's tensors do not apply to it"
             )
         in_f, out_f = site.in_features, site.out_features
-        rank_note = f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
+        rank_note = (
+            f"rank {rank} (lora_A's rows for {module.path!r})"
+            if isinstance(self.config, FileAdapterConfig)
+            else f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
+        )
         if site.op == "Gather":
             self._check(a_key, site, (rank, in_f), rank_note)
             self._check(b_key, site, (out_f, rank), rank_note)

@@ -8,10 +8,11 @@ from collections.abc import Collection
 from pathlib import Path
 
 from lora_onnx.errors import AdapterError
+from lora_onnx.peft.config import CONFIG_NAME
 from lora_onnx.peft.formats.diffusers import read_diffusers
 from lora_onnx.peft.formats.kohya import is_kohya_key, read_kohya, resolve_name, unresolved_message
 from lora_onnx.peft.formats.records import KOHYA, LoraFile, LoraModule
-from lora_onnx.peft.tensors import SafetensorsFile
+from lora_onnx.peft.tensors import WEIGHTS_NAME, SafetensorsFile
 
 SUFFIXES = (".safetensors",)
 
@@ -37,8 +38,12 @@ _HINT = (
 
 
 def is_lora_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file to read as a single-file LoRA (a ``.safetensors`` file)."""
+    """True when ``path`` is a file to read as a single-file LoRA (a ``.safetensors`` file), not the
+    weights of a PEFT folder (``adapter_model.safetensors`` beside an ``adapter_config.json``, whose
+    alphas are in that config: the folder is read instead)."""
     path = Path(path)
+    if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+        return False
     return path.suffix in SUFFIXES and path.is_file()
 
 

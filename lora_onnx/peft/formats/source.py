@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -60,6 +61,26 @@ class RemappedWeights:
 
     def read(self, key: str) -> np.ndarray:
         return self._weights.read(self._keys[key])
+
+    def file_keys(self, message: str) -> str:
+        """``message`` with each normalised key (quoted) replaced by the file's own key."""
+        for new, old in self._keys.items():
+            message = message.replace(repr(new), repr(old))
+        return message
+
+
+@contextmanager
+def file_keys_in_errors(weights: SafetensorsFile | RemappedWeights) -> Iterator[None]:
+    """Re-raise an :class:`AdapterError` naming a LoRA file's keys as the file spells them."""
+    try:
+        yield
+    except AdapterError as exc:
+        if not isinstance(weights, RemappedWeights):
+            raise
+        message = weights.file_keys(str(exc))
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc
 
 
 @dataclass(frozen=True)
