@@ -366,3 +366,14 @@ def test_kohya_shape_misfit_names_key_node_and_shapes(tmp_path) -> None:
         match=r"'lora_unet_\w+_to_q\.lora_down\.weight' has shape \(4, 7\).*lora_A's rows.*needs \(4, 8\)",
     ):
         plan_peft_adapter(MODEL, _write(tmp_path / "k.safetensors", tensors))
+
+
+def test_peft_ref_carries_strength_and_component_through_apply(tmp_path) -> None:
+    from lora_onnx.peft.formats import PeftRef
+
+    path = _write(
+        tmp_path / "xl.safetensors", {**_kohya("lora_te1", alpha=2.0), **_kohya("lora_te2", alpha=1.0)}
+    )
+    result = apply_peft(MODEL, PeftRef(path, 0.5, "text_encoder_2"), strength=2.0)
+    assert {b.scale for b in result.plan.branches} == {0.25}  # 1 / 4 * 0.5 * 2
+    assert sorted(b.peft_path for b in result.branches) == sorted([CONV, Q, OUT])

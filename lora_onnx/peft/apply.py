@@ -74,17 +74,25 @@ def default_adapter_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
-def _specs(adapters: AdapterSpec | Sequence[AdapterSpec], strength: float) -> list[tuple[Path, float]]:
+def _specs(
+    adapters: AdapterSpec | Sequence[AdapterSpec], strength: float
+) -> list[tuple[os.PathLike[str], float]]:
+    """(path, strength) per adapter; a path-like such as a ``PeftRef`` is kept (its own strength and
+    component are read by planning, times ``strength``)."""
+
+    def path(value: str | os.PathLike) -> os.PathLike[str]:
+        return Path(value) if isinstance(value, str) else value  # type: ignore[return-value]
+
     if isinstance(adapters, (str, os.PathLike)):
-        return [(Path(adapters), strength)]
+        return [(path(adapters), strength)]
     if isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[1], (int, float)):
-        return [(Path(adapters[0]), float(adapters[1]))]  # type: ignore[arg-type]
+        return [(path(adapters[0]), float(adapters[1]))]  # type: ignore[arg-type]
     specs = []
     for item in adapters:  # type: ignore[union-attr]
         if isinstance(item, tuple):
-            specs.append((Path(item[0]), float(item[1])))
+            specs.append((path(item[0]), float(item[1])))
         else:
-            specs.append((Path(item), strength))
+            specs.append((path(item), strength))
     if not specs:
         raise AdapterError("no adapter given")
     return specs
@@ -127,7 +135,7 @@ def apply_peft(
     """
     source = load_model(model)
     specs = _specs(adapter_dir, strength)
-    protect = [path for path, _ in specs]
+    protect = [Path(path) for path, _ in specs]
     if output is not None:
         check_output_paths(source, output, protect)  # before any work; the adapter's files included
     if adapter_names is not None:

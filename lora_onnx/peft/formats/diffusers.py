@@ -81,7 +81,7 @@ def read_diffusers(weights: SafetensorsFile, unsupported: Any) -> LoraFile:
     old = peft = False
     for key in weights:
         component, rest = split_component(key)
-        unsupported(key, PEFT_DIFFUSERS)
+        unsupported(key, "diffusers")
         if rest.endswith(".alpha"):
             alpha_keys[(component, rest.removesuffix(".alpha"))] = key
             continue
