@@ -16,15 +16,16 @@ import pytest
 from onnx import TensorProto, helper
 from safetensors.numpy import save_file
 
-from lora_onnx.errors import AdapterError
-from lora_onnx.peft import apply_peft, plan_peft_adapter
-from lora_onnx.peft.formats import (
+from lora_onnx import apply_peft
+from lora_onnx.adapters.formats import (
     components,
     parse_adapter_spec,
     read_lora_file,
     select_component,
 )
-from lora_onnx.peft.formats.kohya import resolve_name
+from lora_onnx.adapters.formats.kohya import resolve_name
+from lora_onnx.adapters.peft import plan_peft_adapter
+from lora_onnx.errors import AdapterError
 from tests.builders import make_model, rel_err, rng_array, run, write_adapter
 
 F = TensorProto.FLOAT
@@ -369,7 +370,7 @@ def test_kohya_shape_misfit_names_key_node_and_shapes(tmp_path) -> None:
 
 
 def test_peft_ref_carries_strength_and_component_through_apply(tmp_path) -> None:
-    from lora_onnx.peft.formats import PeftRef
+    from lora_onnx.adapters.formats import PeftRef
 
     path = _write(
         tmp_path / "xl.safetensors", {**_kohya("lora_te1", alpha=2.0), **_kohya("lora_te2", alpha=1.0)}

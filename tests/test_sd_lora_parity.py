@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 
-from lora_onnx.peft import apply_peft
+from lora_onnx import apply_peft
 from tests import sd_builders as sb
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
 from lora_onnx.cli.peft import peft_ref
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
-from lora_onnx.constants import ADAPTER_INDEX as INDEX_INPUT
+from lora_onnx.common.constants import ADAPTER_INDEX as INDEX_INPUT
 from lora_onnx.errors import AdapterError, LoraOnnxError
 
 if TYPE_CHECKING:
-    from lora_onnx.peft.formats.source import PeftRef
+    from lora_onnx.adapters.formats.source import PeftRef
 
 
 def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--stacks-as-inputs", action="store_true",
         help="with --mixed: the stacks are graph inputs too (backed by initializers), so other adapters "
-        "can be fed at run time (see lora_onnx.mixing.stack_adapters)",
+        "can be fed at run time (see lora_onnx.commands.inject_mixed.stack_adapters)",
     )  # fmt: skip
 
 
@@ -83,7 +83,7 @@ def run_mixed(args: argparse.Namespace) -> int:
         adapters.append(path)
     if getattr(args, "base_weights", None) and not any(kind == "peft" for kind, _ in sources):
         raise AdapterError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
-    from lora_onnx.mixing import inject_mixed
+    from lora_onnx.commands.inject_mixed import inject_mixed
 
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,

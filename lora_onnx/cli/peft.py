@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
 from lora_onnx.cli.render import info, report_written, warn
-from lora_onnx.constants import DEFAULT_ADAPTER
+from lora_onnx.common.constants import DEFAULT_ADAPTER
 from lora_onnx.errors import AdapterError, LoraOnnxError
 
 if TYPE_CHECKING:
-    from lora_onnx.peft.formats.source import PeftRef
+    from lora_onnx.adapters.formats.source import PeftRef
 
 #: Recipe options that a PEFT adapter's own config decides (--name still names the adapter).
 _RECIPE_FLAGS = {
@@ -54,9 +54,9 @@ def add_base_weights_argument(parser: argparse.ArgumentParser | argparse._Argume
 
 
 def peft_ref(value: str, component: str | None = None) -> PeftRef:
-    """``--peft PATH[:STRENGTH]`` (and ``--component``) as a :class:`~lora_onnx.peft.formats.PeftRef`; a
+    """``--peft PATH[:STRENGTH]`` (and ``--component``) as a :class:`~lora_onnx.adapters.formats.PeftRef`; a
     missing path is named here, with the strength rule when the value has a ':'."""
-    from lora_onnx.peft.formats.source import PeftRef, parse_adapter_spec
+    from lora_onnx.adapters.formats.source import PeftRef, parse_adapter_spec
 
     path, strength = parse_adapter_spec(value)
     if not Path(path).exists():
@@ -82,8 +82,8 @@ def run_peft(args: argparse.Namespace) -> int:
         raise LoraOnnxError(
             f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
         )
-    from lora_onnx.peft import apply_peft
-    from lora_onnx.peft.apply import default_adapter_names
+    from lora_onnx import apply_peft
+    from lora_onnx.commands.apply_peft import default_adapter_names
 
     values = [value for _, value in adapter_sources(args, "peft")] or [args.peft]
     refs = [peft_ref(value) for value in values]
