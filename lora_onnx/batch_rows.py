@@ -122,11 +122,17 @@ def _replace_rows(
 
 
 def feeds_for(
-    session_specs: Sequence[object], axes: BatchAxes, rows: int, dims: Mapping[str, int] | None, seed: int = 0
+    session_specs: Sequence[object],
+    axes: BatchAxes,
+    rows: int,
+    dims: Mapping[str, int] | None,
+    seed: int = 0,
+    graph: onnx.GraphProto | None = None,
 ) -> dict[str, np.ndarray]:
-    """Generated inputs (:func:`lora_onnx.inputs.make_inputs`) with ``rows`` batch rows."""
+    """Generated inputs (:func:`lora_onnx.inputs.make_inputs`, reading ``graph`` for decoder inputs)
+    with ``rows`` batch rows."""
     sizes = {**(dims or {}), axes.name: rows}
-    return make_inputs(session_specs, sizes, seed, strict=True)  # type: ignore[arg-type]
+    return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)  # type: ignore[arg-type]
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -180,8 +186,8 @@ def probe_sites(
         source = session_source(model.with_proto(proto), stack, "probe.onnx")
         session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
-        full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0)
-        other = feeds_for(specs, axes, PROBE_ROWS, dims, seed=1)
+        full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0, graph=model.proto.graph)
+        other = feeds_for(specs, axes, PROBE_ROWS, dims, seed=1, graph=model.proto.graph)
         runs = []
         for feeds in (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2))):
             try:

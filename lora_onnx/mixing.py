@@ -366,7 +366,7 @@ def prove_rows(
             sessions = {
                 key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()
             }
-            feeds = feeds_for(input_specs(sessions["base"]), axes, len(rows), dims, seed)
+            feeds = feeds_for(input_specs(sessions["base"]), axes, len(rows), dims, seed, host.proto.graph)
             shapes = {name: tuple(value.shape) for name, value in feeds.items()}
             got = run_model(sessions["mixed"], {**feeds, index_name: np.array(rows, np.int64)}, mixed.name)
             per_row = [

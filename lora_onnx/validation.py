@@ -289,14 +289,17 @@ def session_source(model: LoadedModel, stack: ExitStack, name: str = "model.onnx
     return save_model(model, folder / name, link_data=True)
 
 
-def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[SessionSource, str]:
-    """What onnxruntime loads, and the name to show for it (never a temporary path)."""
+def _as_path(
+    model: str | os.PathLike | LoadedModel, stack: ExitStack
+) -> tuple[SessionSource, str, LoadedModel]:
+    """What onnxruntime loads, the name to show for it (never a temporary path), and the model (whose
+    graph generated inputs read: embedding rows, attention heads)."""
     if not isinstance(model, LoadedModel):
         # our own checks first (one line naming the tensor and file, stricter than onnxruntime's)
-        load_model(model, check_manifest=False)
-        return Path(model), str(model)
+        loaded = load_model(model, check_manifest=False)
+        return Path(model), str(model), loaded
     label = str(model.path) if model.path is not None else model.name
-    return session_source(model, stack), label
+    return session_source(model, stack), label, model
 
 
 def run_model(
@@ -333,7 +336,7 @@ def validate(
     comparisons: list[OutputComparison] = []
     feeds: dict[str, np.ndarray] = {}
     with ExitStack() as stack:
-        (ref_path, ref_label), (cand_path, cand_label) = (
+        (ref_path, ref_label, ref_model), (cand_path, cand_label, _) = (
             _as_path(reference, stack),
             _as_path(candidate, stack),
         )
@@ -351,7 +354,7 @@ def validate(
                 elif inputs is not None:
                     feeds = load_inputs(inputs, specs)
                 else:
-                    feeds = make_inputs(specs, dims, seed, strict=True)
+                    feeds = make_inputs(specs, dims, seed, strict=True, graph=ref_model.proto.graph)
             ref_out = run_model(ref_session, feeds, ref_label)
             advance()
             cand_out = run_model(cand_session, feeds, cand_label)
