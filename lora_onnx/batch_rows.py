@@ -11,6 +11,11 @@ the base model runs on a 3-row batch, on its first 2 rows, and on the 3 rows wit
 a site passes when its input has the same number of rows per batch row at batch 3 and 2, blocks 0 and 1
 agree between the 3- and 2-row runs (they do not see row 2), and block 1 is unchanged when rows 0 and 2
 change. Sites that fail are skipped with the reason.
+
+A fixed batch size B (a dynamo export without ``dynamic_shapes``) cannot be run at 3 and 2 rows: the
+probe then runs B rows, the same B rows with every row but row 0 replaced, and with row 0 replaced; a site
+passes when its input splits into B blocks, block 0 is unchanged in the second run and every other
+block in the third, and block 0 does change in the third (else its rows cannot be told apart).
 """
 
 from __future__ import annotations
@@ -51,11 +56,13 @@ class Probe:
 class BatchAxes:
     """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
     (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
-    and ``anchor``, an input whose batch dim sizes the batch at run time."""
+    and ``anchor``, an input whose batch dim sizes the batch at run time. ``size`` is the batch size when
+    it is fixed (``name`` is then empty), None when it is symbolic."""
 
     name: str
     inputs: Mapping[str, int]
     outputs: Mapping[str, int | None]
+    size: int | None = None
 
     @property
     def anchor(self) -> str:
@@ -73,16 +80,23 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
 
 def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxes:
     """The model's batch dim: the symbolic dim most graph inputs have first (inputs backed by
-    initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim."""
+    initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim.
+    Without one, the fixed size most inputs have first: their axis 0 (outputs: where they start with it)."""
     graph = model.proto.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers and v.name not in exclude]
     firsts = Counter(dims[0] for v in inputs if (dims := _dims(v)) and isinstance(dims[0], str) and dims[0])
     if not firsts:
+        fixed = Counter(d[0] for v in inputs if (d := _dims(v)) and isinstance(d[0], int) and d[0] >= 1)
+        if fixed:
+            size = fixed.most_common(1)[0][0]
+            in_fixed = {v.name: 0 for v in inputs if (d := _dims(v)) and d[0] == size}
+            out_fixed = {v.name: 0 if (d := _dims(v)) and d[0] == size else None for v in graph.output}
+            return BatchAxes("", in_fixed, out_fixed, size)
         shapes = ", ".join(f"{v.name} {_dims(v)}" for v in inputs[:3]) or "no inputs"
         raise TargetError(
-            f"{model.name}: mixed batches need a symbolic batch dim as the first dim of the graph inputs "
-            f"(the index input has one entry per batch row), but the inputs are {shapes}"
+            f"{model.name}: mixed batches need a symbolic batch dim or a fixed one as the first dim of the "
+            f"graph inputs (the index input has one entry per batch row), but the inputs are {shapes}"
         )
     name = firsts.most_common(1)[0][0]
     in_axes = {v.name: _dims(v).index(name) for v in inputs if name in _dims(v)}
@@ -131,7 +145,9 @@ def feeds_for(
 ) -> dict[str, np.ndarray]:
     """Generated inputs (:func:`lora_onnx.inputs.make_inputs`, reading ``graph`` for decoder inputs)
     with ``rows`` batch rows."""
-    sizes = {**(dims or {}), axes.name: rows}
+    if axes.size is not None and rows != axes.size:
+        raise LoraOnnxError(f"the model's batch size is fixed at {axes.size}; a run cannot have {rows} rows")
+    sizes = {**(dims or {}), **({axes.name: rows} if axes.size is None else {})}
     return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)  # type: ignore[arg-type]
 
 
@@ -186,10 +202,16 @@ def probe_sites(
         source = session_source(model.with_proto(proto), stack, "probe.onnx")
         session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
-        full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0, graph=model.proto.graph)
-        other = feeds_for(specs, axes, PROBE_ROWS, dims, seed=1, graph=model.proto.graph)
+        rows = PROBE_ROWS if axes.size is None else axes.size
+        full = feeds_for(specs, axes, rows, dims, seed=0, graph=model.proto.graph)
+        other = feeds_for(specs, axes, rows, dims, seed=1, graph=model.proto.graph)
+        if axes.size is None:
+            variants = (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2)))
+        else:  # fixed batch: row 0 kept while the others change, then row 0 alone changed
+            others = _replace_rows(full, other, axes, range(1, rows))
+            variants = (full, others, _replace_rows(full, other, axes, (0,)))
         runs = []
-        for feeds in (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2))):
+        for feeds in variants:
             try:
                 outputs = run_model(session, feeds, model.name)
             except LoraOnnxError as exc:
@@ -199,13 +221,14 @@ def probe_sites(
     skipped: list[Skipped] = []
     batched: set[str] = set()
     for site in sites:
-        reason = _site_reason(site, runs)
+        reason = _site_reason(site, runs) if axes.size is None else _fixed_reason(site, runs, axes.size)
         if reason is None:
             kept.append(site)
             # A tensor's rank is fixed by the graph, and the probe saw dim 0 follow the batch.
             shapes = [run[site.data_input].shape for run in runs[:2]]
             three_d = site.op == "MatMul" and all(len(s) == 3 for s in shapes)
-            if three_d and (shapes[0][0], shapes[1][0]) == (PROBE_ROWS, 2):
+            expected = (PROBE_ROWS, 2) if axes.size is None else (axes.size, axes.size)
+            if three_d and (shapes[0][0], shapes[1][0]) == expected:
                 batched.add(site.node)
         else:
             skipped.append(
@@ -232,4 +255,23 @@ def _site_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]]) -> str | 
             "its rows mix batch rows (a row's block changes when another row changes): the batch is not "
             "its leading dim"
         )
+    return None
+
+
+def _fixed_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]], rows: int) -> str | None:
+    """:func:`_site_reason` for a fixed batch of ``rows`` (see the module doc)."""
+    values = [run[site.data_input] for run in runs]
+    blocks = [_blocks(site, value, rows) for value in values]
+    for item in blocks:
+        if isinstance(item, str):
+            return f"{item}, so rows cannot be told apart"
+    full, others, first = blocks
+    assert not isinstance(full, str) and not isinstance(others, str) and not isinstance(first, str)
+    if not _close(full[0], others[0]) or not all(_close(full[i], first[i]) for i in range(1, rows)):
+        return (
+            "its rows mix batch rows (a row's block changes when another row changes): the batch is not "
+            "its leading dim"
+        )
+    if _close(full[0], first[0]):
+        return "it does not change when its batch row does, so it has no batch rows to tell apart"
     return None

@@ -590,7 +590,8 @@ def insert_mixed(
                 graph.input.append(
                     helper.make_tensor_value_info(name, item.site.dtype, _stack_dims(item, name, shape))
                 )
-    graph.input.append(helper.make_tensor_value_info(index_name, TensorProto.INT64, [axes.name]))
+    index_dim = axes.name if axes.size is None else axes.size  # a fixed batch: a fixed-length index
+    graph.input.append(helper.make_tensor_value_info(index_name, TensorProto.INT64, [index_dim]))
     info = MixedInfo(
         index=index_name, count=len(labels), adapters=tuple(labels), batch_dim=axes.name,
         batch_input=axes.anchor, batch_axis=axes.inputs[axes.anchor],

@@ -101,6 +101,8 @@ class MixedInjectResult:
     validation: ValidationReport | None = None
     rows: tuple[int, ...] = ()
     index_name: str = INDEX_INPUT
+    #: The model's fixed batch size (``rows`` then holds consecutive batches of it), None when symbolic.
+    batch_size: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -307,7 +309,7 @@ def inject_mixed(
         batched = site.node in probe.batched
         items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form, batched))
     mixed, records = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
-    rows = proof_rows(len(resolved))
+    rows = proof_rows(len(resolved), axes.size)
     report = None
     if validate:
         kept_nodes = {site.node for site in kept}
@@ -325,16 +327,24 @@ def inject_mixed(
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(mixed, output, protect=protect, link_data=link_data)
-    return MixedInjectResult(mixed, records, labels, skipped, warnings, written, report, rows)
+    return MixedInjectResult(
+        mixed, records, labels, skipped, warnings, written, report, rows, batch_size=axes.size
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Proof: a mixed batch equals each row run alone
 
 
-def proof_rows(count: int) -> tuple[int, ...]:
-    """The index of each row of a proof batch: every adapter, base rows, an adapter on two rows."""
-    return (0, -1, *range(1, count), 0)
+def proof_rows(count: int, batch: int | None = None) -> tuple[int, ...]:
+    """The index of each row of a proof batch: every adapter, base rows, an adapter on two rows. With a
+    fixed ``batch`` size, the rows of consecutive batches of that size (the last one filled up from
+    the start of the pattern)."""
+    pattern = (0, -1, *range(1, count), 0)
+    if batch is None:
+        return pattern
+    cycled = pattern * (-(-batch // len(pattern)) + 1)
+    return pattern + cycled[: -len(pattern) % batch]
 
 
 def prove_rows(
@@ -351,8 +361,17 @@ def prove_rows(
     allow_nonfinite: bool = False,
 ) -> ValidationReport:
     """Run ``mixed`` on one batch whose row i takes adapter ``rows[i]``, and every row alone through its
-    reference (``references[rows[i]]``, or ``host`` for a negative index); compare every output."""
+    reference (``references[rows[i]]``, or ``host`` for a negative index); compare every output.
+
+    With a fixed batch size (``axes.size``), ``rows`` holds consecutive batches of that size; a row
+    cannot run alone, so row i of each batch is compared with row i of its reference run on that batch
+    (the probe showed rows do not mix)."""
     chosen = parse_providers(providers)
+    if axes.size is not None:
+        return _prove_fixed_rows(
+            mixed, host, references, rows, axes, providers=chosen, dims=dims, index_name=index_name,
+            seed=seed, allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
     comparisons: list[OutputComparison] = []
     shapes: dict[str, tuple[int, ...]] = {}
     with ExitStack() as stack:
@@ -378,6 +397,84 @@ def prove_rows(
                 axis = axes.outputs.get(name)
                 comparisons.append(_compare_rows(name, value, parts, axis, provider, allow_nonfinite))
     return ValidationReport(tuple(comparisons), chosen, shapes)
+
+
+def _prove_fixed_rows(
+    mixed: LoadedModel,
+    host: LoadedModel,
+    references: Sequence[LoadedModel],
+    rows: Sequence[int],
+    axes: BatchAxes,
+    *,
+    providers: Sequence[str],
+    dims: Mapping[str, int] | None,
+    index_name: str,
+    seed: int,
+    allow_nonfinite: bool,
+) -> ValidationReport:
+    """:func:`prove_rows` for a fixed batch size: each batch of ``rows`` against its references' rows."""
+    size = axes.size
+    assert size is not None
+    if not rows or len(rows) % size:
+        raise LoraOnnxError(
+            f"the model's batch size is fixed at {size}; the proof rows {list(rows)} do not fill it"
+        )
+    batches = [tuple(rows[i : i + size]) for i in range(0, len(rows), size)]
+    comparisons: list[OutputComparison] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    with ExitStack() as stack:
+        paths = {
+            "mixed": session_source(mixed, stack, "mixed.onnx"),
+            -1: session_source(host, stack, "base.onnx"),
+        }
+        for i in sorted({r for r in rows if r >= 0}):
+            paths[i] = session_source(references[i], stack, f"adapter_{i}.onnx")
+        for provider in providers:
+            sessions = {
+                key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()
+            }
+            for number, batch in enumerate(batches):
+                specs = input_specs(sessions[-1])
+                feeds = feeds_for(specs, axes, size, dims, seed + number, host.proto.graph)
+                shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+                index = np.array(batch, np.int64)
+                got = run_model(sessions["mixed"], {**feeds, index_name: index}, mixed.name)
+                alone = {
+                    r: run_model(sessions[max(r, -1)], feeds, f"{mixed.name} (adapter {r})")
+                    for r in sorted(set(batch))
+                }
+                for name, value in got.items():
+                    comparisons.append(
+                        _compare_fixed(
+                            name, value, alone, batch, axes.outputs.get(name), provider, allow_nonfinite
+                        )
+                    )
+    return ValidationReport(tuple(comparisons), tuple(providers), shapes)
+
+
+def _compare_fixed(
+    name: str,
+    value: np.ndarray,
+    alone: Mapping[int, Mapping[str, np.ndarray]],
+    batch: Sequence[int],
+    axis: int | None,
+    provider: str,
+    allow_nonfinite: bool,
+) -> OutputComparison:
+    """The mixed output against, block by block along the batch axis (axis 0 when the output declares
+    none and splits into one block per row), block i of row i's reference run on the same batch."""
+    axis = 0 if axis is None else axis
+    runs = [alone[max(r, -1)][name] for r in batch]
+    if value.ndim <= axis or value.shape[axis] % len(batch) or any(run.shape != value.shape for run in runs):
+        note = f"shape {list(value.shape)} has no batch axis of {len(batch)} rows to compare rows by"
+        return OutputComparison(
+            provider, name, tuple(value.shape), float("inf"), float("inf"), 0, 0, False, note
+        )
+    parts = [np.split(run, len(batch), axis=axis)[b] for b, run in enumerate(runs)]
+    reference = np.concatenate(parts, axis=axis)
+    return compare(
+        reference, value, name=name, provider=provider, rtol=None, atol=None, allow_nonfinite=allow_nonfinite
+    )
 
 
 def _compare_rows(

@@ -94,6 +94,11 @@ def run_mixed(args: argparse.Namespace) -> int:
         f"Added {len(result.branches)} mixed-batch branch(es) holding {len(result.adapters)} adapter(s) "
         f"({listing}); input {result.index_name!r}: int64, one entry per batch row, -1 = base model."
     )
-    rows = ", ".join(map(str, result.rows))
-    title = f"Mixed batch [{rows}] vs each row alone with its adapter"
+    size = result.batch_size or len(result.rows) or 1
+    batches = [result.rows[i : i + size] for i in range(0, len(result.rows), size)]
+    listed = " ".join(f"[{', '.join(map(str, batch))}]" for batch in batches)
+    if result.batch_size is None:
+        title = f"Mixed batch {listed} vs each row alone with its adapter"
+    else:  # a fixed batch: rows cannot run alone
+        title = f"Mixed batches {listed} (fixed size {size}) vs each row's adapter on the same batch"
     return report_written(result.validation, title, result.output)
