@@ -33,7 +33,15 @@ from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.inputs import make_inputs
 from lora_onnx.load import LoadedModel
 from lora_onnx.sites import Site, Skipped
-from lora_onnx.validation import create_session, input_specs, parse_providers, run_model, session_source
+from lora_onnx.validation import (
+    InputsLike,
+    create_session,
+    given_inputs,
+    input_specs,
+    parse_providers,
+    run_model,
+    session_source,
+)
 
 #: Batch sizes of the probe runs (3 rows, and its first 2).
 PROBE_ROWS = 3
@@ -142,13 +150,39 @@ def feeds_for(
     dims: Mapping[str, int] | None,
     seed: int = 0,
     graph: onnx.GraphProto | None = None,
+    given: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Generated inputs (:func:`lora_onnx.inputs.make_inputs`, reading ``graph`` for decoder inputs)
-    with ``rows`` batch rows."""
+    with ``rows`` batch rows; with ``given`` (the user's ``--inputs``), its rows instead, cycled from row
+    ``seed`` on (see :func:`given_rows`)."""
     if axes.size is not None and rows != axes.size:
         raise LoraOnnxError(f"the model's batch size is fixed at {axes.size}; a run cannot have {rows} rows")
+    if given is not None:
+        return given_rows(given, axes, rows, seed)
     sizes = {**(dims or {}), **({axes.name: rows} if axes.size is None else {})}
     return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)  # type: ignore[arg-type]
+
+
+def given_rows(
+    given: Mapping[str, np.ndarray], axes: BatchAxes, rows: int, start: int = 0, negate: bool = False
+) -> dict[str, np.ndarray]:
+    """``rows`` batch rows of the user's inputs, cycled from row ``start``; ``negate`` flips the sign of
+    the float inputs with a batch axis (the probe's replacement rows must differ from its first rows even
+    when the file holds one row)."""
+    anchor = given.get(axes.anchor)
+    if (
+        anchor is None
+        or anchor.ndim <= axes.inputs[axes.anchor]
+        or anchor.shape[axes.inputs[axes.anchor]] < 1
+    ):
+        raise LoraOnnxError(f"--inputs has no batch rows in {axes.anchor!r} to build a mixed batch from")
+    count = anchor.shape[axes.inputs[axes.anchor]]
+    feeds = take_rows(given, axes, [(start + i) % count for i in range(rows)])
+    if negate:
+        for name, value in feeds.items():
+            if name in axes.inputs and np.issubdtype(value.dtype, np.floating):
+                feeds[name] = -value
+    return feeds
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -183,9 +217,11 @@ def probe_sites(
     *,
     dims: Mapping[str, int] | None = None,
     providers: str | Sequence[str] = ("cpu",),
+    inputs: InputsLike = None,
 ) -> Probe:
     """Split ``sites`` into those whose data input is batch-major and those that are not (see the module
-    doc); runs ``model`` three times in onnxruntime on its first provider."""
+    doc); runs ``model`` three times in onnxruntime on its first provider, on generated inputs or the
+    rows of ``inputs`` (an .npz path or arrays; see :func:`feeds_for`)."""
     if not sites:
         return Probe((), ())
     provider = parse_providers(providers)[0]
@@ -202,9 +238,14 @@ def probe_sites(
         source = session_source(model.with_proto(proto), stack, "probe.onnx")
         session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
+        given = given_inputs(inputs, specs)
         rows = PROBE_ROWS if axes.size is None else axes.size
-        full = feeds_for(specs, axes, rows, dims, seed=0, graph=model.proto.graph)
-        other = feeds_for(specs, axes, rows, dims, seed=1, graph=model.proto.graph)
+        full = feeds_for(specs, axes, rows, dims, seed=0, graph=model.proto.graph, given=given)
+        other = (
+            feeds_for(specs, axes, rows, dims, seed=1, graph=model.proto.graph)
+            if given is None
+            else given_rows(given, axes, rows, 1, negate=True)
+        )
         if axes.size is None:
             variants = (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2)))
         else:  # fixed batch: row 0 kept while the others change, then row 0 alone changed

@@ -22,7 +22,7 @@ from lora_onnx.quantized_proof import dequantized_rtol
 from lora_onnx.rewrite import insert_branches
 from lora_onnx.save import check_output_paths, save_model
 from lora_onnx.sites import SiteScan, find_sites
-from lora_onnx.validation import ValidationReport, validate
+from lora_onnx.validation import InputsLike, ValidationReport, validate
 
 #: Zero-B branches add exact zeros, so outputs must agree far tighter than the default tolerance.
 UNCHANGED_RTOL, UNCHANGED_ATOL = 1e-6, 1e-6
@@ -76,22 +76,24 @@ def prove(
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
+    inputs: InputsLike = None,
 ) -> ValidationReport:
-    """A rewrite's proof: zero-B branches leave outputs unchanged; others equal their own fold."""
+    """A rewrite's proof: zero-B branches leave outputs unchanged; others equal their own fold.
+    ``inputs`` (an .npz path or arrays) replaces the generated inputs."""
     if zero_init:
         return validate(
             source, rewritten, providers=providers, rtol=UNCHANGED_RTOL, atol=UNCHANGED_ATOL, dims=dims,
-            allow_nonfinite=allow_nonfinite,
+            allow_nonfinite=allow_nonfinite, inputs=inputs,
         )  # fmt: skip
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.slots), not foldable.
     added = set(adapter_names(read_branches(rewritten.proto))) - set(adapter_names(existing_branches(source)))
     # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
     folded = fold_branches(rewritten, adapters=added, dequantize=True, remedy=FOLD_PROOF_REMEDY)
     rtol, atol = fold_tolerance(folded)
-    quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims)
+    quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims, inputs=inputs)
     return validate(
         rewritten, folded.model, providers=providers, rtol=quantized_rtol or rtol, atol=atol, dims=dims,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, inputs=inputs,
     )  # fmt: skip
 
 
@@ -105,6 +107,7 @@ def inject(
     dims: Mapping[str, int] | None = None,
     link_data: bool = False,
     allow_nonfinite: bool = False,
+    inputs: InputsLike = None,
 ) -> InjectResult:
     """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
 
@@ -113,7 +116,8 @@ def inject(
     rewrite's own fold. An output beside the input refers to the input's data files; elsewhere they are
     cloned (reflink) or copied, or hard-linked with ``link_data`` (then onnx >= 1.21's ``onnx.load`` and
     checker refuse both the output and the input while both exist; onnxruntime does not).
-    ``allow_nonfinite`` lets the proof compare NaN / Inf outputs position by position. Raises
+    ``allow_nonfinite`` lets the proof compare NaN / Inf outputs position by position; ``inputs`` (an
+    .npz path or arrays by input name) replaces its generated inputs. Raises
     :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
     """
     config = config or LoraConfig()
@@ -135,7 +139,15 @@ def inject(
     zero_init = config.init != "random"
     rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
     report = (
-        prove(source, rewritten, zero_init, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite)
+        prove(
+            source,
+            rewritten,
+            zero_init,
+            providers=providers,
+            dims=dims,
+            allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
+        )
         if validate
         else None
     )

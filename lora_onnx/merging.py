@@ -45,6 +45,7 @@ def merge(
     adapter_index: int | None = None,
     remedy: str | None = None,
     allow_nonfinite: bool = False,
+    inputs: validation.InputsLike = None,
 ) -> MergeResult:
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
@@ -64,7 +65,8 @@ def merge(
     removed; ``validate`` compares with the input running that index on every row.
 
     ``strength`` must be a finite number >= 0; NaN / Inf outputs fail the validation unless
-    ``allow_nonfinite`` (see :func:`lora_onnx.validation.compare`).
+    ``allow_nonfinite`` (see :func:`lora_onnx.validation.compare`). ``inputs`` (an .npz path or arrays)
+    replaces the validation's generated inputs.
     """
     if strength is not None:
         strength = finite_number(strength, "--strength")
@@ -89,7 +91,7 @@ def merge(
     )
     rtol, atol = fold_tolerance(result)
     if validate and dequantize:
-        rtol = dequantized_rtol(source, adapters, partial, providers, dims) or rtol
+        rtol = dequantized_rtol(source, adapters, partial, providers, dims, inputs) or rtol
     report = (
         validation.validate(
             reference,
@@ -99,6 +101,7 @@ def merge(
             atol=atol,
             dims=dims,
             allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
         )
         if validate
         else None

@@ -61,10 +61,12 @@ from lora_onnx.slots import adapter_strength, bake, slot_records
 from lora_onnx.swapping import AdapterSource, peft_source
 from lora_onnx.tensors import scale_into_b
 from lora_onnx.validation import (
+    InputsLike,
     OutputComparison,
     ValidationReport,
     compare,
     create_session,
+    given_inputs,
     input_specs,
     parse_providers,
     run_model,
@@ -260,6 +262,7 @@ def inject_mixed(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    inputs: InputsLike = None,
 ) -> MixedInjectResult:
     """Add mixed-batch branches holding ``adapters`` (stack index = position) and the index input
     ``lora_adapter_index`` (int64, one entry per batch row, negative = the base model for that row).
@@ -272,7 +275,9 @@ def inject_mixed(
     adapter and base rows must equal each row run alone with its adapter active (rel <= 1e-4; NaN / Inf
     fail unless ``allow_nonfinite``, see :func:`lora_onnx.validation.compare`).
     ``base_weights``: the base's original parameters, for PEFT folders on sites the exporter folded a
-    BatchNorm into (see :mod:`lora_onnx.folded_weights`).
+    BatchNorm into (see :mod:`lora_onnx.folded_weights`). ``inputs`` (an .npz path or arrays by input
+    name) gives the probe's and the proof's batch rows instead of generated ones (cycled to the size of
+    each run; see :func:`lora_onnx.batch_rows.feeds_for`).
     """
     if not adapters:
         raise AdapterError("a mixed batch needs at least one adapter (a PEFT folder or an adapter file)")
@@ -288,7 +293,7 @@ def inject_mixed(
     covered = {node for adapter in resolved for node in adapter.pairs}
     sites = [site for site in scan_sites(host, DEFAULT_OPS).sites if site.node in covered]
     axes = batch_axes(host)
-    probe = probe_sites(host, sites, axes, dims=dims, providers=providers)
+    probe = probe_sites(host, sites, axes, dims=dims, providers=providers, inputs=inputs)
     kept, skipped = probe.kept, probe.skipped
     warnings = tuple(
         f"{adapter.label}: its branch at {skip.module_path} is left out: {skip.reason}"
@@ -323,6 +328,7 @@ def inject_mixed(
             providers=providers,
             dims=dims,
             allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
         )
     written = None
     if output is not None and (report is None or report.ok):
@@ -359,6 +365,7 @@ def prove_rows(
     index_name: str = INDEX_INPUT,
     seed: int = 0,
     allow_nonfinite: bool = False,
+    inputs: InputsLike = None,
 ) -> ValidationReport:
     """Run ``mixed`` on one batch whose row i takes adapter ``rows[i]``, and every row alone through its
     reference (``references[rows[i]]``, or ``host`` for a negative index); compare every output.
@@ -370,7 +377,7 @@ def prove_rows(
     if axes.size is not None:
         return _prove_fixed_rows(
             mixed, host, references, rows, axes, providers=chosen, dims=dims, index_name=index_name,
-            seed=seed, allow_nonfinite=allow_nonfinite,
+            seed=seed, allow_nonfinite=allow_nonfinite, inputs=inputs,
         )  # fmt: skip
     comparisons: list[OutputComparison] = []
     shapes: dict[str, tuple[int, ...]] = {}
@@ -385,7 +392,9 @@ def prove_rows(
             sessions = {
                 key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()
             }
-            feeds = feeds_for(input_specs(sessions["base"]), axes, len(rows), dims, seed, host.proto.graph)
+            specs = input_specs(sessions["base"])
+            given = given_inputs(inputs, specs)
+            feeds = feeds_for(specs, axes, len(rows), dims, seed, host.proto.graph, given)
             shapes = {name: tuple(value.shape) for name, value in feeds.items()}
             got = run_model(sessions["mixed"], {**feeds, index_name: np.array(rows, np.int64)}, mixed.name)
             per_row = [
@@ -411,6 +420,7 @@ def _prove_fixed_rows(
     index_name: str,
     seed: int,
     allow_nonfinite: bool,
+    inputs: InputsLike,
 ) -> ValidationReport:
     """:func:`prove_rows` for a fixed batch size: each batch of ``rows`` against its references' rows."""
     size = axes.size
@@ -435,7 +445,9 @@ def _prove_fixed_rows(
             }
             for number, batch in enumerate(batches):
                 specs = input_specs(sessions[-1])
-                feeds = feeds_for(specs, axes, size, dims, seed + number, host.proto.graph)
+                given = given_inputs(inputs, specs)
+                start = seed + number * size if given is not None else seed + number  # the next rows
+                feeds = feeds_for(specs, axes, size, dims, start, host.proto.graph, given)
                 shapes = {name: tuple(value.shape) for name, value in feeds.items()}
                 index = np.array(batch, np.int64)
                 got = run_model(sessions["mixed"], {**feeds, index_name: index}, mixed.name)

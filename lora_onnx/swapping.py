@@ -218,6 +218,7 @@ def inject_slots(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    inputs: validation.InputsLike = None,
 ) -> SlotInjectResult:
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
@@ -228,7 +229,8 @@ def inject_slots(
     ``validate``, before anything is written: outputs with no adapter active must equal the base's
     exactly, and (when an adapter file is asked for or ``peft`` given) outputs with it active must equal
     the same tensors inserted as constant branches (NaN / Inf outputs fail unless ``allow_nonfinite``).
-    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.peft.apply_peft`).
+    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.peft.apply_peft`); ``inputs`` (an .npz
+    path or arrays) replaces the validation's generated inputs.
     """
     config = config or LoraConfig()
     source = load_model(model)
@@ -257,6 +259,7 @@ def inject_slots(
             atol=0.0,
             dims=dims,
             allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
         )
         if report.ok and (adapter_output is not None or peft is not None):
             constant, _ = insert_branches(source, produced.plans, produced.values)
@@ -266,6 +269,7 @@ def inject_slots(
                 providers=providers,
                 dims=dims,
                 allow_nonfinite=allow_nonfinite,
+                inputs=inputs,
             )
     written = adapter_written = None
     if all(r is None or r.ok for r in (report, adapter_report)):

@@ -41,6 +41,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 THREADS_ENV = "LORA_ONNX_THREADS"
 
 Tolerances = float | Mapping[str, float] | None
+#: Validation inputs the user gives: an .npz path or arrays by input name (None: generated).
+InputsLike = str | os.PathLike | Mapping[str, np.ndarray] | None
 #: onnxruntime log severity for our sessions (4 = FATAL): its errors reach the user in our own message.
 ORT_QUIET = 4
 
@@ -190,6 +192,15 @@ def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
     return [InputSpec(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
 
 
+def given_inputs(inputs: InputsLike, specs: Sequence[InputSpec]) -> dict[str, np.ndarray] | None:
+    """The user's inputs as arrays (an .npz is read and checked against ``specs``), None when not given."""
+    if inputs is None:
+        return None
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    return load_inputs(inputs, specs)
+
+
 def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
     if dtype in (np.float16,) or dtype.name == "bfloat16":
         return 1e-2, 1e-3
@@ -320,7 +331,7 @@ def validate(
     providers: str | Sequence[str] = ("cpu",),
     rtol: Tolerances = None,
     atol: Tolerances = None,
-    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    inputs: InputsLike = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
     allow_nonfinite: bool = False,
@@ -349,10 +360,9 @@ def validate(
             advance()
             if not feeds:
                 specs = input_specs(ref_session)
-                if isinstance(inputs, Mapping):
-                    feeds = dict(inputs)
-                elif inputs is not None:
-                    feeds = load_inputs(inputs, specs)
+                given = given_inputs(inputs, specs)
+                if given is not None:
+                    feeds = given
                 else:
                     feeds = make_inputs(specs, dims, seed, strict=True, graph=ref_model.proto.graph)
             ref_out = run_model(ref_session, feeds, ref_label)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
+from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args, inputs_from_args
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
 from lora_onnx.constants import ADAPTER_INDEX as INDEX_INPUT
 from lora_onnx.errors import AdapterError, LoraOnnxError
@@ -85,6 +85,7 @@ def run_mixed(args: argparse.Namespace) -> int:
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
         validate=args.validate, providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
         allow_nonfinite=args.allow_nonfinite, base_weights=getattr(args, "base_weights", None),
+        inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

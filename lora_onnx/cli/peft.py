@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
+from lora_onnx.cli.options import (
+    AdapterSourceAction,
+    adapter_sources,
+    add_recipe_arguments,
+    dims_from_args,
+    inputs_from_args,
+)
 from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.errors import LoraOnnxError
 
@@ -68,7 +74,7 @@ def run_peft(args: argparse.Namespace) -> int:
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite,
         base_weights=args.base_weights,
-        link_data=args.link_data,
+        link_data=args.link_data, inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

@@ -59,6 +59,7 @@ def apply_peft(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    inputs: validation.InputsLike = None,
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -70,7 +71,7 @@ def apply_peft(
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
     ``base_weights``: the base model's original parameters (safetensors), needed where the exporter
     folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.folded_weights`).
-    ``link_data`` as for :func:`~lora_onnx.injection.inject`.
+    ``link_data`` and ``inputs`` (the proof's .npz / arrays) as for :func:`~lora_onnx.injection.inject`.
     """
     source = load_model(model)
     protect = [Path(adapter_dir)]
@@ -94,8 +95,9 @@ def apply_peft(
     report = None
     if validate and fold is not None and fold.folded:
         report = validation.validate(
-            rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite
-        )
+            rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
+        )  # fmt: skip
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(result, output, protect=protect, link_data=link_data)
