@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from lora_onnx.errors import LoraOnnxError
 
-if TYPE_CHECKING:  # inputs.py imports this module
+if TYPE_CHECKING:  # annotations only: inputs.py imports this module, and onnx loads on first use
+    import onnx
+
     from lora_onnx.inputs import InputSpec
 
 #: Default new-token and past lengths of a decoder with a cache (distinct, so a mix-up fails to run).
