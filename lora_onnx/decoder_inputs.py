@@ -14,7 +14,7 @@ only on a batch of one.
 
 Independently of a cache, an integer input that indexes an embedding table (a Gather or
 GatherBlockQuantized on an initializer, through casts and reshapes) takes ids below the table's row
-count, so token ids never index out of range.
+count, so token ids never index out of range (position and token-type ids keep their own rules).
 """
 
 from __future__ import annotations
@@ -115,28 +115,44 @@ def _attribute(node: onnx.NodeProto, name: str, default: int = 0) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
-def _width(graph: onnx.GraphProto, value: str) -> int | None:
-    """The last dim of ``value`` when a MatMul (+ bias Add) on an initializer or a MatMulNBits makes it."""
-    producers = {out: node for node in graph.node for out in node.output}
-    tables = {t.name: list(t.dims) for t in graph.initializer}
-    infos = {v.name: v for v in (*graph.value_info, *graph.output)}
-    info = infos.get(value)
-    if info is not None and info.type.tensor_type.shape.dim:
-        last = info.type.tensor_type.shape.dim[-1]
-        if last.HasField("dim_value"):
-            return int(last.dim_value)
-    node = producers.get(value)
-    for _ in range(4):  # through a bias Add or a cast
-        if node is None:
-            return None
-        if node.op_type == "MatMulNBits":
-            return _attribute(node, "N") or None
-        if node.op_type == "MatMul" and node.input[1] in tables:
-            return int(tables[node.input[1]][-1])
-        if node.op_type not in ("Add", "Cast"):
-            return None
-        node = next((producers[i] for i in node.input if i in producers and i not in tables), None)
-    return None
+@dataclass(frozen=True)
+class _Graph:
+    """Look-ups over a graph, made once."""
+
+    producers: Mapping[str, onnx.NodeProto]
+    tables: Mapping[str, list[int]]
+    infos: Mapping[str, onnx.ValueInfoProto]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> _Graph:
+        return cls(
+            {out: node for node in graph.node for out in node.output},
+            {t.name: list(t.dims) for t in graph.initializer},
+            {v.name: v for v in (*graph.value_info, *graph.output)},
+        )
+
+    def width(self, value: str) -> int | None:
+        """The last dim of ``value``: declared, or from the MatMul (on an initializer; MatMulNBits) that
+        makes it, through a bias Add or a Cast."""
+        info = self.infos.get(value)
+        if info is not None and info.type.tensor_type.shape.dim:
+            last = info.type.tensor_type.shape.dim[-1]
+            if last.HasField("dim_value"):
+                return int(last.dim_value)
+        node = self.producers.get(value)
+        for _ in range(4):
+            if node is None:
+                return None
+            if node.op_type == "MatMulNBits":
+                return _attribute(node, "N") or None
+            if node.op_type == "MatMul" and node.input[1] in self.tables:
+                return int(self.tables[node.input[1]][-1])
+            if node.op_type not in ("Add", "Cast"):
+                return None
+            node = next(
+                (self.producers[i] for i in node.input if i in self.producers and i not in self.tables), None
+            )
+        return None
 
 
 def _head_sizes(graph: onnx.GraphProto, specs: Sequence[InputSpec]) -> dict[str, int]:
@@ -147,12 +163,13 @@ def _head_sizes(graph: onnx.GraphProto, specs: Sequence[InputSpec]) -> dict[str,
     }
     if not past_dims:
         return fixed
-    for node in graph.node:
-        if node.op_type not in ("GroupQueryAttention", "MultiHeadAttention") or len(node.input) < 5:
+    looks = _Graph.of(graph)
+    for node in graph.node:  # GroupQueryAttention(query, key, value, past_key, past_value, ...)
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 5:
             continue
         heads, kv_heads = _attribute(node, "num_heads"), _attribute(node, "kv_num_heads")
         packed = len(node.input) < 2 or not node.input[1]
-        width = _width(graph, node.input[0])
+        width = looks.width(node.input[0])
         if not heads or width is None:
             continue
         parts = heads + 2 * (kv_heads or heads) if packed else heads
@@ -237,7 +254,7 @@ def decoder_value(
     name = spec.name
     if not np.issubdtype(dtype, np.integer):
         return None
-    if name in layout.vocab and "position" not in name.lower():
+    if name in layout.vocab and not any(word in name.lower() for word in ("position", "type")):
         return rng.integers(0, min(layout.vocab[name], max_token), size=shape).astype(dtype)
     if _KEEP.search(name):
         return np.ones(shape, dtype)

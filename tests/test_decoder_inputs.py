@@ -128,6 +128,17 @@ def test_token_ids_stay_below_the_embedding_tables_rows_through_casts() -> None:
     assert report.ok
 
 
+def test_token_type_ids_stay_zeros_beside_a_small_table() -> None:
+    nodes = [
+        helper.make_node("Gather", ["types", "token_type_ids"], ["t"], name="/types/Gather"),
+        helper.make_node("MatMul", ["t", "W"], ["y"], name="/fc/MatMul"),
+    ]
+    inputs = {"token_type_ids": (I64, ["batch", "seq"])}
+    model = make_model(nodes, inputs, ["y"], {"types": rng_array((2, 4), 1), "W": rng_array((4, 2), 2)})
+    assert vocab_sizes(model.graph) == {"token_type_ids": 2}
+    assert not make_inputs(_specs(model.graph), graph=model.graph)["token_type_ids"].any()
+
+
 def test_logits_to_keep_and_cache_position() -> None:
     specs = [
         *_optimum_specs(),
