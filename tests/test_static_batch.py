@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import make_model, rel_err, rng_array
+from builders import make_model, rel_err, rng_array, run
 from mixed_builders import run_rows
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import cli
@@ -225,3 +225,19 @@ def test_a_static_dynamo_export_mixes_rows_on_the_command_line(tmp_path: Path) -
             h = torch.relu(h + lora("fc1", xb))
             want = h @ module.fc2.weight.double().T + module.fc2.bias.double() + lora("fc2", h)
         assert rel_err(got[b : b + 1], want.numpy()) <= 1e-4
+
+
+def test_one_adapter_of_a_fixed_batch_mixed_model_folds_into_a_plain_model(tmp_path: Path) -> None:
+    from lora_onnx.merging import merge
+
+    base = _static_model()
+    adapters = _adapters(base, 2)
+    mixed = inject_mixed(base, adapters, output=tmp_path / "mixed.onnx")
+    merged = merge(tmp_path / "mixed.onnx", adapter_index=1, validate=True, output=tmp_path / "one.onnx")
+    assert merged.validation is not None and merged.validation.ok and mixed.output is not None
+    folded = onnx.load(tmp_path / "one.onnx")
+    assert INDEX_INPUT not in {i.name for i in folded.graph.input}
+    weights = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer}
+    x = rng_array((BATCH, 5, 8), 6)
+    (got,) = run(folded, {"x": x})
+    assert rel_err(got, _numpy_forward(weights, x, adapters[1])) <= 1e-4
