@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lora_onnx.inputs import make_inputs
-from lora_onnx.validation import create_session, input_specs, run_model
+from lora_onnx.proofs.inputs import make_inputs
+from lora_onnx.proofs.validation import create_session, input_specs, run_model
 
 VOCAB = 96
 

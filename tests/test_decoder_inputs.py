@@ -9,9 +9,9 @@ from builders import make_model, rel_err, rng_array, run
 from onnx import TensorProto, helper
 
 import lora_onnx
-from lora_onnx.decoder_inputs import DEFAULT_PAST, DEFAULT_SEQ, decoder_layout, vocab_sizes
-from lora_onnx.inputs import InputSpec, make_inputs
-from lora_onnx.validation import validate
+from lora_onnx.proofs.decoder_inputs import DEFAULT_PAST, DEFAULT_SEQ, decoder_layout, vocab_sizes
+from lora_onnx.proofs.inputs import InputSpec, make_inputs
+from lora_onnx.proofs.validation import validate
 
 F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 TOTAL = "past_sequence_length + sequence_length"

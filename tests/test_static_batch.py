@@ -18,13 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import cli
 
 from lora_onnx import LoraConfig
-from lora_onnx.batch_rows import batch_axes, probe_sites
-from lora_onnx.injection import scan_sites
-from lora_onnx.load import LoadedModel, load_model
-from lora_onnx.mixed import INDEX_INPUT, mixed_records
-from lora_onnx.mixing import inject_mixed, proof_rows, prove_rows
-from lora_onnx.sites import DEFAULT_OPS
-from lora_onnx.swapping import AdapterSource, fresh_source
+from lora_onnx.commands.inject import scan_sites
+from lora_onnx.commands.inject_mixed import inject_mixed, proof_rows, prove_rows
+from lora_onnx.commands.swap import AdapterSource, fresh_source
+from lora_onnx.model.load import LoadedModel, load_model
+from lora_onnx.proofs.batch_rows import batch_axes, probe_sites
+from lora_onnx.sites.find import DEFAULT_OPS
+from lora_onnx.stages.stacked import INDEX_INPUT, mixed_records
 
 F = TensorProto.FLOAT
 BATCH = 4
@@ -126,7 +126,7 @@ def test_the_fixed_batch_proof_fails_when_a_stack_holds_the_wrong_adapter() -> N
 
 def _reference(base: onnx.ModelProto, adapter: AdapterSource) -> LoadedModel:
     """``base`` with ``adapter`` as ordinary constant branches."""
-    from lora_onnx.rewrite import insert_branches
+    from lora_onnx.stages.insert import insert_branches
 
     return insert_branches(load_model(base), list(adapter.plans), dict(adapter.values))[0]
 
@@ -199,7 +199,7 @@ def test_a_static_dynamo_export_mixes_rows_on_the_command_line(tmp_path: Path) -
     index = next(i for i in onnx.load(mixed).graph.input if i.name == INDEX_INPUT)
     assert [d.dim_value for d in index.type.tensor_type.shape.dim] == [3]
     # row by row against torch with each row's adapter: LoRA on fc1 / fc2 from the file's tensors
-    from lora_onnx.adapter_files import read_adapter_file
+    from lora_onnx.adapters.files import read_adapter_file
 
     x = torch.randn(3, 5, 8)
     rows = [1, -1, 0]
@@ -228,7 +228,7 @@ def test_a_static_dynamo_export_mixes_rows_on_the_command_line(tmp_path: Path) -
 
 
 def test_one_adapter_of_a_fixed_batch_mixed_model_folds_into_a_plain_model(tmp_path: Path) -> None:
-    from lora_onnx.merging import merge
+    from lora_onnx.commands.merge import merge
 
     base = _static_model()
     adapters = _adapters(base, 2)
