@@ -30,6 +30,7 @@ from lora_onnx.injection import refuse_existing_adapter, scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, read_branches
 from lora_onnx.peft.export import export_peft_adapter
+from lora_onnx.peft.modules_to_save import refuse_saved_modules
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.plan import BranchPlan, plan_branches, tensor_stem, unique_stem
 from lora_onnx.rewrite import insert_branches
@@ -155,6 +156,7 @@ def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSourc
         adapter = names[0]
     elif adapter not in names:
         raise AdapterError(f"{model.name} carries no adapter {adapter!r}; it carries {names}")
+    refuse_saved_modules(model, adapter)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
     plans: list[BranchPlan] = []
     values: dict[str, np.ndarray] = {}

@@ -14,6 +14,7 @@ from lora_onnx.fold import fold_branches
 from lora_onnx.injection import refuse_existing_adapter
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
+from lora_onnx.peft.modules_to_save import replace_saved
 from lora_onnx.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.peft.rewrite import insert_peft_branches
 from lora_onnx.plan import Plan
@@ -77,8 +78,12 @@ def apply_peft(
     if output is not None:
         check_output_paths(source, output, protect)  # before any work; the adapter's files included
     refuse_existing_adapter(source, adapter_name)
-    peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights)
+    peft = plan_peft_adapter(
+        source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights, modules_to_save=True
+    )
     rewritten, records = insert_peft_branches(source, peft)
+    if peft.saved and peft.saved_weights is not None:
+        rewritten = replace_saved(rewritten, peft.saved, peft.saved_weights, adapter_name)
     fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if merge or validate else None
     notes: list[str] = []
     if fold is not None and fold.kept:

@@ -27,6 +27,7 @@ from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord, adapter_names, read_branches, read_peft_config
 from lora_onnx.peft.config import CONFIG_NAME
 from lora_onnx.peft.mapping import PEFT_PREFIX
+from lora_onnx.peft.modules_to_save import read_saved
 from lora_onnx.peft.tensors import WEIGHTS_NAME, encode_safetensors
 from lora_onnx.save import model_inputs
 
@@ -57,6 +58,9 @@ def export_peft_adapter(
         raise AdapterError(f"{loaded.name} has no adapter {adapter!r}; it has {', '.join(names)}")
     refuse_peft_export(loaded, adapter, (branch.site for branch in chosen))
     tensors = peft_tensors(loaded, chosen)
+    # modules_to_save go back under the keys they were imported with (the replacing tensors' values).
+    for saved in read_saved(loaded.proto, adapter):
+        tensors[saved.key] = saved.to_peft(loaded.array(saved.name))
     config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -89,14 +89,27 @@ def strip_prefix(key: str) -> str:
 
 
 def parse_keys(
-    keys: Iterable[str], *, modules_to_save: Sequence[str] = (), source: str = ""
+    keys: Iterable[str],
+    *,
+    modules_to_save: Sequence[str] = (),
+    source: str = "",
+    saved: list[str] | None = None,
 ) -> list[AdapterModule]:
-    """Group adapter keys into modules; a key that is not a LoRA tensor is an error naming it."""
+    """Group adapter keys into modules; a key that is not a LoRA tensor is an error naming it.
+
+    ``saved``, when given, collects the keys of ``modules_to_save`` copies instead of refusing them
+    (:mod:`lora_onnx.peft.modules_to_save` applies them).
+    """
+    from lora_onnx.peft.modules_to_save import is_saved_key
+
     roles: dict[str, dict[str, str]] = defaultdict(dict)
     base_weights: dict[str, str] = {}
     for key in keys:
         name = strip_prefix(key)
         if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if saved is not None and is_saved_key(name, modules_to_save):
+            saved.append(key)
             continue
         if name.endswith(".base_layer.weight"):
             base_weights[name.removesuffix(".base_layer.weight")] = key
@@ -129,8 +142,9 @@ def _unknown_key(source: str, key: str, name: str, modules_to_save: Sequence[str
     if ".modules_to_save." in name or (modules_to_save and name_matches(module, modules_to_save)):
         return (
             f"{source}: key {key!r} is a modules_to_save copy of module {module!r} (a whole retrained "
-            "module, not a LoRA branch); merge the adapter into the base in PyTorch (merge_and_unload) "
-            "and export that, or train without modules_to_save"
+            "module, not a LoRA branch), which has no run-time slot or mixed-batch form; apply the adapter "
+            "as constant branches (inject --peft, with or without --merge), or merge it in PyTorch "
+            "(merge_and_unload) and export that"
         )
     if ".trainable_tokens_" in name:
         return f"{source}: key {key!r} holds trainable tokens (rows replacing embedding rows), not LoRA"

@@ -41,6 +41,7 @@ from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.peft.config import PeftAdapterConfig, read_adapter_config
 from lora_onnx.peft.dora import weight_norm
 from lora_onnx.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys
+from lora_onnx.peft.modules_to_save import SavedTensor, plan_saved_modules
 from lora_onnx.peft.tensors import SafetensorsFile, open_adapter_weights
 from lora_onnx.plan import BranchPlan, Plan, tensor_stem
 from lora_onnx.sites import Site
@@ -80,6 +81,10 @@ class PeftPlan:
     folder: Path | None = None
     #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
     scaled: tuple[str, ...] = ()
+    #: Base tensors the adapter's ``modules_to_save`` replace (:mod:`lora_onnx.peft.modules_to_save`),
+    #: and the file their values are read from.
+    saved: tuple[SavedTensor, ...] = ()
+    saved_weights: SafetensorsFile | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
@@ -102,8 +107,13 @@ def plan_peft_adapter(
     *,
     adapter_name: str = DEFAULT_ADAPTER,
     base_weights: str | os.PathLike | None = None,
+    modules_to_save: bool = False,
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
+
+    ``modules_to_save``: plan the adapter's saved whole modules as replacements of the base's tensors
+    (:attr:`PeftPlan.saved`); without it such keys are refused (run-time slots and mixed batches have no
+    form for them).
 
     Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
     with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
@@ -115,8 +125,9 @@ def plan_peft_adapter(
     config = read_adapter_config(folder)
     weights = open_adapter_weights(folder)
     source = str(weights.path)
-    modules_to_save = config.raw.get("modules_to_save") or ()
-    modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
+    saved_names = list(config.raw.get("modules_to_save") or ())
+    saved_keys: list[str] | None = [] if modules_to_save else None
+    modules = parse_keys(weights, modules_to_save=saved_names, source=source, saved=saved_keys)
     _check_flags(config, modules, source)
     loaded = load_model(model)
     scan = scan_sites(loaded, PEFT_OPS)
@@ -129,7 +140,10 @@ def plan_peft_adapter(
     branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
     plan = Plan(branches, (), tuple(planner.warnings))
     scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
-    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
+    saved = plan_saved_modules(loaded, scan, saved_keys or (), weights, adapter_name, index)
+    return PeftPlan(
+        plan, planner.values, planner.extras, config, folder, scaled, saved, weights if saved else None
+    )
 
 
 def _scalings(
