@@ -36,6 +36,7 @@ from lora_onnx.errors import FoldError
 from lora_onnx.graph import GraphIndex, rename_output, retain
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.untie import Untied, retarget, untie, untie_refusal
 from lora_onnx.variants import by_variant, variant_for
 from lora_onnx.weights import PASS_THROUGH_OPS
 
@@ -50,9 +51,17 @@ class Kept:
 
 @dataclass(frozen=True)
 class FoldResult:
+    """The folded model, the branches folded and kept, and the shared weights the fold untied
+    (:mod:`lora_onnx.untie`; :attr:`notes` says which, for the user)."""
+
     model: LoadedModel
     folded: tuple[BranchRecord, ...]
     kept: tuple[Kept, ...]
+    untied: tuple[Untied, ...] = ()
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(untied.note for untied in self.untied)
 
 
 #: Tolerances for comparing a fold with its unfolded model when folded weights are stored in half precision:
@@ -63,8 +72,9 @@ _HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
     """(rtol, atol) for proving ``result`` against its input: None picks the output type's defaults."""
-    weights = {branch.weight for branch in result.folded}
-    stored = {result.model.initializer(name).data_type for name in weights}
+    present = {tensor.name for tensor in result.model.proto.graph.initializer}
+    weights = {branch.weight for branch in result.folded} | {untied.name for untied in result.untied}
+    stored = {result.model.initializer(name).data_type for name in weights & present}
     return HALF_PRECISION_TOLERANCE if stored & set(_HALF_TYPES) else (None, None)
 
 
@@ -110,7 +120,11 @@ def fold_branches(
     # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
     check_branch_shapes(model, chosen)
     index = GraphIndex(model.proto.graph)
-    reasons = {**_refusals(index, chosen, branches), **quantized.fold_refusals(index, chosen, dequantize)}
+    groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
+    reasons = {
+        **_refusals(index, chosen, branches, groups),
+        **quantized.fold_refusals(index, chosen, dequantize),
+    }
     if reasons and not partial:
         first = next(iter(reasons.items()))
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
@@ -125,17 +139,27 @@ def fold_branches(
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     remove_branches(proto, folding, remaining)
+    refused = {branch.weight for branch in reasons}
+    adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
+    untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
+    remaining = retarget(remaining, untied)
     sources = quantized.dequantize_folded(proto, index, model, folding)
     write_branches(proto, remaining)
-    producers = _weight_producers(model, folding, sources)
+    producers = _weight_producers(model, folding, sources, untied)
     for variant, group in by_variant(folding).items():
         producers.update(variant.fold_beside_weight(model, proto, group))
-    return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
+    return FoldResult(model.with_proto(proto, producers), tuple(folding), kept, tuple(untied))
 
 
 def _refusals(
-    index: GraphIndex, chosen: Sequence[BranchRecord], branches: Sequence[BranchRecord] = ()
+    index: GraphIndex,
+    chosen: Sequence[BranchRecord],
+    branches: Sequence[BranchRecord] = (),
+    groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] | None = None,
 ) -> dict[BranchRecord, str]:
+    """Why each branch of ``chosen`` cannot be folded. A weight shared by nodes whose branches differ
+    (or with nodes that have none) is untied (:mod:`lora_onnx.untie`) when ``groups`` is given: it is
+    filled with each such weight's groups of nodes (one new copy each) and the nodes that keep the base."""
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
         reason = variant_for(branch).fold_refusal(branch)
@@ -153,13 +177,27 @@ def _refusals(
         users = _terminal_users(index, weight) if weight in index.initializers else []
         bare = [user for user in users if user not in per_node]
         distinct = {frozenset(deltas) for deltas in per_node.values()}
-        reason = None
-        if bare:
-            reason = f"its weight {weight!r} is shared with node {bare[0]!r}, which has no branch to fold"
-        elif len(distinct) > 1:
-            reason = (
-                f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
+        shared = weight in index.initializers and (bool(bare) or len(distinct) > 1)
+        reason = untie_refusal(index, weight, users) if shared and groups is not None else None
+        if shared and (groups is None or reason):
+            what = (
+                f"shared with node {bare[0]!r}, which has no branch to fold"
+                if bare
+                else "shared by nodes whose branches differ, so no single fold fits all"
             )
+            reason = f"its weight {weight!r} is {what}" + (f" ({reason})" if reason else "")
+        elif shared and groups is not None:
+            # Untied: one copy per set of branches; each copy's branches answer to their variants alone.
+            by_deltas: dict[frozenset[tuple[str, str, float]], set[str]] = defaultdict(set)
+            for node, deltas in per_node.items():
+                by_deltas[frozenset(deltas)].add(node)
+            groups[weight] = [(frozenset(nodes), tuple(bare)) for nodes in by_deltas.values()]
+            on_weight = [b for b in (branches or group) if b.weight == weight]
+            found = (
+                _weight_refusal(weight, [b for b in on_weight if b.site in nodes])
+                for nodes in by_deltas.values()
+            )
+            reason = next((r for r in found if r), None)
         else:
             reason = _weight_refusal(weight, branches or group)
         if reason:
@@ -221,16 +259,19 @@ def _weight_producers(
     model: LoadedModel,
     folding: Sequence[BranchRecord],
     sources: Mapping[str, streaming.FloatSource] | None = None,
+    untied: Sequence[Untied] = (),
 ) -> dict[str, TensorProducer]:
     # One delta per distinct (A, B, scale) on a weight: a module run twice shares its branch tensors,
-    # and its delta must be added once, not once per node.
-    deltas: dict[str, dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
+    # and its delta must be added once, not once per node. An untied node's delta goes to its own copy.
+    copies = {(u.weight, node): u.name for u in untied for node in u.nodes}
+    deltas: dict[tuple[str, str], dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
     for branch in folding:
-        deltas[branch.weight].setdefault((branch.a, branch.b, branch.scale), branch)
+        target = copies.get((branch.weight, branch.site), branch.weight)
+        deltas[(target, branch.weight)].setdefault((branch.a, branch.b, branch.scale), branch)
     sources = sources or {}
     return {
-        weight: _producer(model, weight, list(group.values()), sources.get(weight))
-        for weight, group in deltas.items()
+        target: _producer(model, weight, list(group.values()), sources.get(weight))
+        for (target, weight), group in deltas.items()
     }
 
 

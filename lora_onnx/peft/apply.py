@@ -95,6 +95,8 @@ def apply_peft(
         notes.append(
             f"{len(fold.kept)} branch(es) cannot be folded, so the proof does not cover them: {first.reason}"
         )
+    if merge and fold is not None:
+        notes.extend(fold.notes)  # shared weights the merge untied
     result = fold.model if merge and fold is not None else rewritten
     report = None
     if validate and fold is not None and fold.folded:
