@@ -121,8 +121,8 @@ def is_saved_key(name: str, modules_to_save: Sequence[str]) -> bool:
 
     if _INFIX in name:
         return True
-    module, _, param = name.rpartition(".")
-    return param in ("weight", "bias") and bool(modules_to_save) and name_matches(module, modules_to_save)
+    module = name.rpartition(".")[0]
+    return bool(modules_to_save) and name_matches(module, modules_to_save)
 
 
 def _split(key: str) -> tuple[str, str]:
