@@ -240,6 +240,7 @@ def test_cli_applies_and_merges_a_classification_adapter(
     folder = _adapter(tmp_path)
     out = tmp_path / "m.onnx"
     assert main(["inject", str(model), "--peft", str(folder), "--merge", "--validate", "-o", str(out)]) == 0
+    assert "modules_to_save: 2 tensor(s) of classifier replace the base's" in capsys.readouterr().out
     assert rel_err(run(out, {"x": X})[0], _expected(HEAD)) <= 1e-5
     assert (
         main(["inject", str(model), "--as-inputs", "--peft", str(folder), "-o", str(tmp_path / "s.onnx")])

@@ -204,8 +204,28 @@ def test_gpt2_tied_lm_head_merges_as_the_unmerged_peft_model(tmp_path: Path, tar
     assert rel_err(run(tmp_path / "u.onnx", feeds)[0], expected) <= 1e-4
     merged = lora_onnx.apply_peft(base, folder, output=tmp_path / "m.onnx", merge=True, validate=True)
     assert merged.validation is not None and merged.validation.ok
-    assert any("untied shared weight 'lm_head.weight'" in note for note in merged.notes)
+    assert any("untied shared weight 'lm_head.weight'" in note for note in merged.fold_notes)
     assert rel_err(run(tmp_path / "m.onnx", feeds)[0], expected) <= 1e-4
     # PEFT's merge_and_unload writes the delta into the shared parameter, changing the other user too (it
     # warns): its merged model is not its unmerged one. The untied merge equals the unmerged model.
     assert rel_err(peft_merged, expected) > 1e-2
+
+
+def test_inject_peft_merge_notes_the_untie(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from builders import write_adapter
+
+    model = tmp_path / "tied.onnx"
+    onnx.save(_tied(), model)
+    tensors = {
+        "base_model.model.lm_head.lora_A.weight": rng_array((2, DIM), 8),
+        "base_model.model.lm_head.lora_B.weight": rng_array((VOCAB, 2), 9),
+    }
+    folder = write_adapter(tmp_path / "adapter", tensors, target_modules=["lm_head"])
+    out = tmp_path / "m.onnx"
+    assert main(["inject", str(model), "--peft", str(folder), "--merge", "--validate", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "note: untied shared weight 'wte'" in captured.out and "warning" not in captured.err.lower()
+    a, b = tensors.values()
+    h = np.maximum(rng_array((VOCAB, DIM), 1)[IDS], 0)
+    expected = h @ rng_array((VOCAB, DIM), 1).T + 2.0 * (h @ a.T) @ b.T  # write_adapter: alpha 4, r 2
+    assert rel_err(run(out, {"ids": IDS})[0], expected) <= 1e-5

@@ -84,6 +84,11 @@ def run_peft(args: argparse.Namespace) -> int:
         f"Applied PEFT adapter {args.peft}: {modules} module(s) on {len(branches)} node(s)"
         f"{f' ({detail})' if detail else ''}, {result.plan.lora_params:,} LoRA parameters."
     )
+    if result.peft.saved:
+        saved = ", ".join(dict.fromkeys(tensor.module for tensor in result.peft.saved))
+        info(f"modules_to_save: {len(result.peft.saved)} tensor(s) of {saved} replace the base's.")
+    for note in result.fold_notes:
+        info(f"note: {note}")
     if args.merge:
         info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
     title = "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"

@@ -37,6 +37,8 @@ class PeftResult:
     output: Path | None = None
     validation: ValidationReport | None = None
     notes: tuple[str, ...] = ()
+    #: Shared weights the merge untied (:mod:`lora_onnx.untie`): information, not warnings.
+    fold_notes: tuple[str, ...] = ()
 
     @property
     def plan(self) -> Plan:
@@ -95,8 +97,6 @@ def apply_peft(
         notes.append(
             f"{len(fold.kept)} branch(es) cannot be folded, so the proof does not cover them: {first.reason}"
         )
-    if merge and fold is not None:
-        notes.extend(fold.notes)  # shared weights the merge untied
     result = fold.model if merge and fold is not None else rewritten
     report = None
     if validate and fold is not None and fold.folded:
@@ -107,4 +107,5 @@ def apply_peft(
     if output is not None and (report is None or report.ok):
         written = save_model(result, output, protect=protect, link_data=link_data)
     folded = fold.folded if merge and fold is not None else ()
-    return PeftResult(result, records, peft, folded, written, report, tuple(notes))
+    untied = fold.notes if merge and fold is not None else ()  # shared weights the merge untied
+    return PeftResult(result, records, peft, folded, written, report, tuple(notes), untied)
