@@ -337,3 +337,30 @@ def test_sequence_classification_matches_peft(
     )
     assert sorted(original) == sorted(exported)
     assert all(np.array_equal(original[key], exported[key]) for key in original)
+
+
+@pytest.mark.parametrize(
+    ("weight", "chain", "conv1d"),
+    [("proj.weight", False, True), ("onnx::MatMul_9", False, False), ("proj.weight", True, False)],
+)
+def test_a_square_weight_keeps_its_pytorch_layout(
+    tmp_path: Path, weight: str, chain: bool, conv1d: bool
+) -> None:
+    # Shapes cannot tell (out, in) from (in, out): a parameter-named initializer is the parameter as stored
+    # (GPT-2's Conv1D keeps (in, out)), an anonymous one a Linear weight the exporter pre-transposed.
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="/enc/q/MatMul")]
+    read = weight
+    if chain:
+        nodes.append(helper.make_node("Transpose", [weight], ["proj_t"], name="/proj/Transpose", perm=[1, 0]))
+        read = "proj_t"
+    nodes.append(helper.make_node("MatMul", ["h", read], ["y"], name="/proj/MatMul"))
+    base = make_model(
+        nodes, {"x": (F, ["batch", 8])}, ["y"], {"W": rng_array((8, 6), 5), weight: rng_array((6, 6), 6)}
+    )
+    saved = rng_array((6, 6), 9)
+    folder = _adapter(tmp_path, {"base_model.model.proj.weight": saved}, modules_to_save=["proj"])
+    apply_peft(base, folder, output=tmp_path / "o.onnx")
+    a, b = LORA["base_model.model.enc.q.lora_A.weight"], LORA["base_model.model.enc.q.lora_B.weight"]
+    h = X @ rng_array((8, 6), 5) + SCALE * (X @ a.T) @ b.T
+    expected = h @ (saved if conv1d else saved.T)
+    assert rel_err(run(tmp_path / "o.onnx", {"x": X})[0], expected) <= 1e-5

@@ -201,8 +201,8 @@ def _plan_module(
                         f"{site.node!r} has no constant {param}; the adapter was trained on another base"
                     )
                 holder, position, ref = found
-                # PEFT keeps Linear weights (out, in); a node seeing (in, out) gets the transpose.
-                transposed = param == "weight" and site.op in ("MatMul", "Gemm") and site.layout == "in,out"
+                dense = param == "weight" and site.op in ("MatMul", "Gemm")
+                transposed = dense and _transposed(ref, weights.tensors[key].shape)
                 targets.setdefault(param, []).append((holder, position, ref, transposed))
     else:
         graph_path = _norm_targets(index, module, params, targets, weights, scan)
@@ -246,6 +246,18 @@ def _plan_module(
             )
         )
     return planned
+
+
+def _transposed(ref: WeightRef, saved: Sequence[int]) -> bool:
+    """Whether a dense node sees the saved weight transposed. PEFT saves the parameter as PyTorch stores
+    it: ``(out, in)`` for Linear, ``(in, out)`` for GPT-2's Conv1D. Shapes decide, unless the weight is
+    square: then a parameter-named initializer (``c_proj.weight``) is the parameter as stored, so the node
+    sees it through its chain's transposes; an anonymous one (``onnx::MatMul_7``, ``val_12``) is a Linear
+    weight the exporter pre-transposed."""
+    node = tuple(ref.node_shape)
+    if tuple(saved) != node or node != node[::-1]:
+        return tuple(saved) == node[::-1] and tuple(saved) != node
+    return ref.transposed if ref.initializer.endswith(".weight") else not ref.transposed
 
 
 def _numel(shape: Sequence[int]) -> int:
