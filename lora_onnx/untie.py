@@ -16,6 +16,7 @@ it); the untied fold equals the unmerged model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ def untie_refusal(index: GraphIndex, weight: str, users: Iterable[str]) -> str |
     pass-through chains (a quantized weight's DequantizeLinear is refused by the quantized fold)."""
     for user in users:
         node = index.nodes[user]
+        if node.op_type == "MatMulNBits":
+            return f"node {user!r} reads {weight!r} as packed quantized blocks, which cannot be untied"
         if _weight_position(index, node, weight) is None:
             return f"node {user!r} reads weight {weight!r} in a way lora-onnx cannot copy"
     return None
@@ -141,8 +144,6 @@ def drop_released(graph: onnx.GraphProto, released: Iterable[str]) -> None:
 
 def retarget(records: Sequence[BranchRecord], untied: Sequence[Untied]) -> tuple[BranchRecord, ...]:
     """``records`` (branches left in place) with the weight their node now reads after untying."""
-    import dataclasses
-
     moved = {(u.weight, node): u.name for u in untied for node in u.nodes}
     return tuple(
         dataclasses.replace(r, weight=moved[(r.weight, r.site)]) if (r.weight, r.site) in moved else r
