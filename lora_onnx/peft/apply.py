@@ -68,7 +68,8 @@ def apply_peft(
 
     Every adapter key must map to a site (by module path, tolerating a wrapper prefix on either side);
     ``modules_to_save`` copies replace the base's tensors of their modules
-    (:mod:`lora_onnx.peft.modules_to_save`); anything that does not fit raises :class:`~lora_onnx.errors.AdapterError` before anything is written.
+    (:mod:`lora_onnx.peft.modules_to_save`); anything that does not fit raises
+    :class:`~lora_onnx.errors.AdapterError` before anything is written.
     With ``validate`` the unmerged model is compared in onnxruntime with its own fold (the merged model
     when ``merge``); a branch that cannot be folded (a grouped conv, as in PEFT) stays unproven, with a note.
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
