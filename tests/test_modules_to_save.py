@@ -364,3 +364,36 @@ def test_a_square_weight_keeps_its_pytorch_layout(
     h = X @ rng_array((8, 6), 5) + SCALE * (X @ a.T) @ b.T
     expected = h @ (saved if conv1d else saved.T)
     assert rel_err(run(tmp_path / "o.onnx", {"x": X})[0], expected) <= 1e-5
+
+
+def test_a_saved_conv_head(tmp_path: Path) -> None:
+    from builders import conv_reference
+
+    nodes = [
+        helper.make_node("Conv", ["img", "W1"], ["f"], name="/enc/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["f", "W2", "b2"], ["y"], name="/head/Conv"),
+    ]
+    inits = {"W1": rng_array((4, 2, 3, 3), 1), "W2": rng_array((3, 4, 1, 1), 2), "b2": rng_array((3,), 3)}
+    base = make_model(nodes, {"img": (F, ["batch", 2, 5, 5])}, ["y"], inits)
+    tensors = {
+        "base_model.model.enc.conv.lora_A.weight": rng_array((2, 2, 3, 3), 4),
+        "base_model.model.enc.conv.lora_B.weight": rng_array((4, 2, 1, 1), 5),
+        "base_model.model.head.weight": rng_array((3, 4, 1, 1), 6),
+        "base_model.model.head.bias": rng_array((3,), 7),
+    }
+    folder = write_adapter(tmp_path / "a", tensors, modules_to_save=["head"])
+    img = rng_array((2, 2, 5, 5), 8)
+    a, b = (
+        tensors["base_model.model.enc.conv.lora_A.weight"],
+        tensors["base_model.model.enc.conv.lora_B.weight"],
+    )
+    f = conv_reference(img, inits["W1"], pads=[1, 1, 1, 1])
+    f = f + SCALE * conv_reference(conv_reference(img, a, pads=[1, 1, 1, 1]), b)
+    expected = conv_reference(f, tensors["base_model.model.head.weight"])
+    expected = expected + tensors["base_model.model.head.bias"].reshape(1, -1, 1, 1)
+    for merge in (False, True):
+        apply_peft(base, folder, output=tmp_path / f"{merge}.onnx", merge=merge, validate=True)
+        assert rel_err(run(tmp_path / f"{merge}.onnx", {"img": img})[0], expected) <= 1e-5
+    wrong = {**tensors, "base_model.model.head.weight": rng_array((3, 4, 3, 3), 6)}
+    with pytest.raises(AdapterError, match=r"has shape \[3, 4, 3, 3\].*'/head/Conv'"):
+        apply_peft(base, write_adapter(tmp_path / "b", wrong, modules_to_save=["head"]))
