@@ -135,7 +135,6 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def plan_saved_modules(
-    model: LoadedModel,
     scan: SiteScan,
     keys: Iterable[str],
     weights: SafetensorsFile,
@@ -158,12 +157,11 @@ def plan_saved_modules(
         by_module[module][param] = key
     planned: list[SavedTensor] = []
     for module, params in by_module.items():
-        planned.extend(_plan_module(model, scan, index, weights, adapter, module, params))
+        planned.extend(_plan_module(scan, index, weights, adapter, module, params))
     return tuple(planned)
 
 
 def _plan_module(
-    model: LoadedModel,
     scan: SiteScan,
     index: GraphIndex,
     weights: SafetensorsFile,

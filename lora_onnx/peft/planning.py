@@ -140,7 +140,7 @@ def plan_peft_adapter(
     branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
     plan = Plan(branches, (), tuple(planner.warnings))
     scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
-    saved = plan_saved_modules(loaded, scan, saved_keys or (), weights, adapter_name, index)
+    saved = plan_saved_modules(scan, saved_keys or (), weights, adapter_name, index)
     return PeftPlan(
         plan, planner.values, planner.extras, config, folder, scaled, saved, weights if saved else None
     )
