@@ -19,10 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 
 import lora_onnx
+from lora_onnx import apply_peft
+from lora_onnx.adapters.peft import export_peft_adapter
+from lora_onnx.adapters.peft.modules_to_save import SAVED_KEY_PREFIX, read_saved
 from lora_onnx.cli.main import main
 from lora_onnx.errors import AdapterError
-from lora_onnx.peft import apply_peft, export_peft_adapter
-from lora_onnx.peft.modules_to_save import SAVED_KEY_PREFIX, read_saved
 
 F = TensorProto.FLOAT
 X = rng_array((2, 8), 10)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.cli.main import main
-from lora_onnx.manifest import read_branches
+from lora_onnx.model.manifest import read_branches
 
 F = TensorProto.FLOAT
 VOCAB, DIM = 32, 6
@@ -103,7 +103,7 @@ def test_different_adapters_on_the_sharing_nodes_get_one_copy_each(tmp_path: Pat
     x = {"x": rng_array((2, 8), 5)}
     expected = run(both.model.proto, x)[0]
     # fold one adapter: its node gets a copy; the other adapter's branch stays on the base tensor
-    one = lora_onnx.fold.fold_branches(both.model, adapters=["b"])
+    one = lora_onnx.stages.fold.fold_branches(both.model, adapters=["b"])
     (left,) = read_branches(one.model.proto)
     assert left.adapter == "default" and left.weight == "W"
     assert rel_err(run(lora_onnx.save_model(one.model, tmp_path / "one.onnx"), x)[0], expected) <= 1e-5
@@ -131,7 +131,7 @@ def test_a_kept_branch_follows_its_node_to_the_untied_copy(tmp_path: Path) -> No
         ),
     )
     expected = run(both.model.proto, {"ids": IDS})[0]
-    one = lora_onnx.fold.fold_branches(both.model, adapters=["a"])
+    one = lora_onnx.stages.fold.fold_branches(both.model, adapters=["a"])
     (left,) = read_branches(one.model.proto)
     assert left.adapter == "b" and left.weight.endswith(".folded")
     lora_onnx.save_model(one.model, tmp_path / "one.onnx")
