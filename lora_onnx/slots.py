@@ -31,6 +31,7 @@ from onnx import helper
 from lora_onnx.branch_metadata import stamp_branches
 from lora_onnx.errors import AdapterError
 from lora_onnx.fold import remove_branches
+from lora_onnx.foreign_slots import foreign_slot_records
 from lora_onnx.graph import GraphIndex, retain, splice_nodes
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel
@@ -75,8 +76,14 @@ class SlotSpec:
 
 
 def slot_records(model: LoadedModel, adapter: str | None = None) -> tuple[BranchRecord, ...]:
-    """The slot branches of ``model`` (of one adapter when given)."""
+    """The slot branches of ``model`` (of one adapter when given).
+
+    A model whose manifest records no slot may still have slots made by another tool (Olive,
+    onnxruntime's LoRA test model): those are recognised from the graph (:mod:`lora_onnx.foreign_slots`).
+    """
     slots = records_of(read_branches(model.proto), SlotBranch)
+    if not slots:
+        slots = foreign_slot_records(model)
     return tuple(b for b in slots if adapter is None or b.adapter == adapter)
 
 
@@ -419,10 +426,14 @@ def bind(
         if site is None:
             raise AdapterError(f"{model.name}: the slot's node {record.site!r} is no longer a LoRA site")
         rank = _rank_of(tensors, record)
+        # The slot's module path (another tool's slot names it by its tensors, the graph may not).
+        site = dataclasses.replace(site, module_path=record.module_path)
         stem = record.a.removesuffix(".lora_A.weight")
+        # A lora-onnx slot's scale is 1 (files carry it in B); another tool's chain may multiply by its own.
+        scale = strength * record.scale
         plans.append(
             BranchPlan(
-                site=site, adapter=adapter, rank=rank, alpha=strength * rank, scale=strength, stem=stem,
+                site=site, adapter=adapter, rank=rank, alpha=scale * rank, scale=scale, stem=stem,
                 a_name=record.a, b_name=record.b, a_group=record.a_group, b_group=record.b_group,
             )
         )  # fmt: skip

@@ -1,0 +1,198 @@
+"""LoRA slots made by other tools, recognised from the graph itself (no lora-onnx manifest).
+
+Olive's ``ExtractAdapters`` pass (``olive generate-adapter``) and onnxruntime's own LoRA test model
+(``two_params_lora_model``) give a model LoRA inputs the way lora-onnx's slots do: A and B are graph
+inputs, each backed by a same-named initializer holding an empty default (a 0-sized rank dim), so the
+model runs as the base until ``onnxruntime.LoraAdapter`` feeds them. The chain they feed is::
+
+    y = base(x) + MatMul(MatMul(x, A), B) [* s]        A (in, R), B (R, out), s a constant scalar
+
+where ``base`` is the site (a MatMul or Gemm on a constant weight, possibly with its bias Add) and the
+constant Muls (PEFT's ``scaling``, exported by TorchScript as a ``Constant`` node) may sit anywhere in
+the chain. Each chain found becomes the :class:`~lora_onnx.manifest.BranchRecord` a lora-onnx slot
+would have (variant ``slot``, adapter :data:`FOREIGN_ADAPTER`), with the chain's scale in ``scale``, so
+``check-adapter`` and ``merge --adapter-file`` take these models unchanged. Only chains whose every
+intermediate value feeds the next node alone, and whose ``x`` is the site's own data input, are taken:
+anything else could not be removed or folded without changing another value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from lora_onnx.graph import GraphIndex
+from lora_onnx.load import LoadedModel
+from lora_onnx.manifest import BranchRecord
+from lora_onnx.rewrite import source_layout
+from lora_onnx.sites import DEFAULT_OPS, Site, find_sites
+from lora_onnx.variants import SlotBranch
+
+#: The adapter name foreign slots are recorded under (PEFT's default adapter name).
+FOREIGN_ADAPTER = "default"
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
+_NAME_SUFFIX = ".lora_A.weight"
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """One recognised chain, before its site is looked up."""
+
+    a: str
+    b: str
+    data: str
+    scale: float
+    scale_tensor: str
+    join: str
+    base_join: str
+    nodes: tuple[str, ...]
+
+
+def foreign_slot_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
+    """The slots of ``model`` recognised from its graph (see the module doc); empty if there are none."""
+    graph = model.proto.graph
+    index = GraphIndex(graph)
+    empties = _empty_inputs(graph)
+    if len(empties) < 2:
+        return ()
+    chains = [chain for a in empties if (chain := _chain(model, index, a, empties)) is not None]
+    shapes = {chain.a: (empties[chain.a][0], empties[chain.b][1]) for chain in chains}
+    if not chains:
+        return ()
+    ignore = {name for chain in chains for name in chain.nodes}
+    sites = {site.node: site for site in find_sites(model, DEFAULT_OPS, ignore_nodes=ignore).sites}
+    records = []
+    for chain in chains:
+        site = _site_of(index, chain, sites)
+        if site is not None and shapes[chain.a] == (site.in_features, site.out_features):
+            record = _record(chain, site)
+            if record is not None:
+                records.append(record)
+    return tuple(records)
+
+
+def _empty_inputs(graph: onnx.GraphProto) -> dict[str, tuple[int, int]]:
+    """Float 2-D graph inputs backed by an initializer with one 0-sized dim (a rank-0 default): dims."""
+    initializers = {t.name: t for t in graph.initializer}
+    found = {}
+    for value in graph.input:
+        tensor = initializers.get(value.name)
+        if tensor is None or tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) != 2:
+            continue
+        if list(tensor.dims).count(0) == 1:
+            found[value.name] = (int(tensor.dims[0]), int(tensor.dims[1]))
+    return found
+
+
+def _only_consumer(index: GraphIndex, value: str) -> onnx.NodeProto | None:
+    users = index.consumers.get(value, [])
+    if len(users) != 1 or value in index.graph_outputs:
+        return None
+    return users[0]
+
+
+def _chain(
+    model: LoadedModel, index: GraphIndex, a: str, empties: dict[str, tuple[int, int]]
+) -> _Chain | None:
+    if empties[a][1] != 0:
+        return None  # A is (in, R): its rank is the second dim
+    users = index.consumers.get(a, [])
+    if len(users) != 1 or users[0].op_type != "MatMul" or list(users[0].input[1:]) != [a]:
+        return None
+    first = users[0]
+    nodes = [first.name]
+    scale, scale_tensor = 1.0, ""
+    value, b = first.output[0], ""
+    while True:
+        node = _only_consumer(index, value)
+        if node is None:
+            return None
+        if node.op_type == "Mul":
+            factor = _scalar_factor(model, index, node, value)
+            if factor is None:
+                return None
+            scale *= factor[0]
+            scale_tensor = factor[1] or scale_tensor
+            nodes.extend(factor[2])
+            nodes.append(node.name)
+        elif node.op_type == "MatMul" and not b and node.input[0] == value and node.input[1] in empties:
+            b = node.input[1]
+            if empties[b][0] != 0 or len(index.consumers.get(b, [])) != 1:
+                return None
+            nodes.append(node.name)
+        elif node.op_type == "Add" and b and len(node.input) == 2:
+            base_join = node.input[1] if node.input[0] == value else node.input[0]
+            if base_join == value:
+                return None
+            nodes.append(node.name)
+            return _Chain(a, b, first.input[0], scale, scale_tensor, node.output[0], base_join, tuple(nodes))
+        else:
+            return None
+        value = node.output[0]
+
+
+def _scalar_factor(
+    model: LoadedModel, index: GraphIndex, mul: onnx.NodeProto, value: str
+) -> tuple[float, str, list[str]] | None:
+    """The constant scalar ``mul`` multiplies ``value`` by: (factor, its initializer or "", Constant nodes
+    that only this Mul reads, which go with the branch). None if the other input is not such a scalar."""
+    other = mul.input[1] if mul.input[0] == value else mul.input[0]
+    if other == value:
+        return None
+    if index.is_constant(other) and other not in index.graph_inputs:
+        array = np.asarray(model.array(other))
+        owned = "" if len(index.consumers.get(other, [])) > 1 else other
+        return (float(array.reshape(-1)[0]), owned, []) if array.size == 1 else None
+    producer = index.producer.get(other)
+    if producer is None or producer.op_type != "Constant":
+        return None
+    attrs = {attr.name: attr for attr in producer.attribute}
+    if "value" in attrs:
+        array = onnx.numpy_helper.to_array(attrs["value"].t)
+    elif "value_float" in attrs:
+        array = np.array(attrs["value_float"].f)
+    else:
+        return None
+    if array.size != 1:
+        return None
+    owned = [producer.name] if len(index.consumers.get(other, [])) == 1 else []
+    return float(array.reshape(-1)[0]), "", owned
+
+
+def _site_of(index: GraphIndex, chain: _Chain, sites: dict[str, Site]) -> Site | None:
+    """The site whose output (directly, or after its bias Add) is the chain's base side."""
+    producer = index.producer.get(chain.base_join)
+    if producer is None:
+        return None
+    site = sites.get(producer.name)
+    if site is None and producer.op_type == "Add":
+        for name in producer.input:
+            upstream = index.producer.get(name)
+            if upstream is not None and upstream.name in sites:
+                other = next(n for n in producer.input if n != name)
+                if index.is_constant(other):
+                    site = sites[upstream.name]
+    if site is None or site.data_input != chain.data or site.op not in ("MatMul", "Gemm"):
+        return None
+    if site.gemm is not None and site.gemm.trans_a:
+        return None  # the chain reads x, the site x^T: not one branch
+    return site
+
+
+def _record(chain: _Chain, site: Site) -> BranchRecord | None:
+    gemm_alpha = site.gemm.alpha if site.gemm else 1.0
+    if gemm_alpha == 0.0:
+        return None
+    module = chain.a.removesuffix(_NAME_SUFFIX) if chain.a.endswith(_NAME_SUFFIX) else site.module_path
+    return BranchRecord(
+        adapter=FOREIGN_ADAPTER, site=site.node, op=site.op, module_path=module, kind="dense",
+        weight=site.weight.initializer, source_layout=source_layout(site), rank=0, alpha=0.0,
+        # A lora-onnx branch on a Gemm also applies its alpha (lora_onnx.rewrite); the chain does not.
+        scale=chain.scale / gemm_alpha, a=chain.a, b=chain.b, scale_tensor=chain.scale_tensor,
+        join=chain.join, base_join=chain.base_join, nodes=chain.nodes, gemm_alpha=gemm_alpha,
+        zero_init=True, variant=SlotBranch.recorded_as,
+    )  # fmt: skip
