@@ -11,6 +11,7 @@ from lora_onnx import validation
 from lora_onnx.config import DEFAULT_ADAPTER
 from lora_onnx.errors import FoldError
 from lora_onnx.fold import fold_branches
+from lora_onnx.fused_attention import fold_fused, fused_note
 from lora_onnx.injection import refuse_existing_adapter
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
@@ -77,10 +78,16 @@ def apply_peft(
     if output is not None:
         check_output_paths(source, output, protect)  # before any work; the adapter's files included
     refuse_existing_adapter(source, adapter_name)
-    peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights)
-    rewritten, records = insert_peft_branches(source, peft)
-    fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if merge or validate else None
-    notes: list[str] = []
+    peft = plan_peft_adapter(
+        source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights, fused_merge=merge
+    )
+    # Modules inside fused Attention nodes go straight into the packed weights (merge only; see
+    # lora_onnx.fused_attention): both sides of the proof below then carry them.
+    fused = fold_fused(source, peft.fused)
+    rewritten, records = insert_peft_branches(fused, peft) if peft.branches else (fused, ())
+    folding = (merge or validate) and bool(records)
+    fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if folding else None
+    notes: list[str] = [fused_note(peft.fused)] if peft.fused else []
     if fold is not None and fold.kept:
         first = fold.kept[0]
         where = f"the branch at node {first.branch.site!r} ({first.branch.module_path})"

@@ -35,6 +35,7 @@ import numpy as np
 from lora_onnx.config import DEFAULT_ADAPTER
 from lora_onnx.errors import AdapterError
 from lora_onnx.folded_weights import BaseWeights, SiteScaling, compare_site, find_folded, refuse_folded
+from lora_onnx.fused_attention import FusedDelta, split_fused
 from lora_onnx.graph import GraphIndex
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import LoadedModel, ModelLike, load_model
@@ -80,6 +81,8 @@ class PeftPlan:
     folder: Path | None = None
     #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
     scaled: tuple[str, ...] = ()
+    #: Modules folded into fused Attention nodes' packed weights (only with ``fused_merge``).
+    fused: tuple[FusedDelta, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
@@ -102,6 +105,7 @@ def plan_peft_adapter(
     *,
     adapter_name: str = DEFAULT_ADAPTER,
     base_weights: str | os.PathLike | None = None,
+    fused_merge: bool = False,
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
 
@@ -109,7 +113,8 @@ def plan_peft_adapter(
     with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
     Raises :class:`~lora_onnx.errors.AdapterError` naming the key, module or node for anything that
     does not fit, including a site whose weight the exporter folded a BatchNorm into (without
-    ``base_weights``).
+    ``base_weights``). Modules onnxruntime's optimizer fused into an Attention node are refused, or,
+    with ``fused_merge``, returned as :attr:`PeftPlan.fused` (:mod:`lora_onnx.fused_attention`).
     """
     folder = adapter_folder(adapter_dir)
     config = read_adapter_config(folder)
@@ -120,6 +125,7 @@ def plan_peft_adapter(
     _check_flags(config, modules, source)
     loaded = load_model(model)
     scan = scan_sites(loaded, PEFT_OPS)
+    modules, fused = split_fused(loaded, scan, modules, config, weights, merge=fused_merge, source=source)
     matches = match_modules(modules, scan, source=source)
     scalings = _scalings(loaded, matches, base_weights, source)
     index = GraphIndex(loaded.proto.graph)
@@ -129,7 +135,7 @@ def plan_peft_adapter(
     branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
     plan = Plan(branches, (), tuple(planner.warnings))
     scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
-    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
+    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled, fused)
 
 
 def _scalings(
