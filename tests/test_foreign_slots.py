@@ -264,3 +264,68 @@ def test_cli_check_and_merge(tmp_path: Path) -> None:
     merged = subprocess.run(command, capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr
     assert out.exists()
+
+
+@pytest.mark.slow
+def test_genai_builder_model_with_olive_extracted_slots(tmp_path: Path) -> None:
+    """onnxruntime-genai's builder with ``adapter_path=`` builds constant LoRA MatMuls (``.../q_proj/lora_A/
+    MatMul``, A^T and s * B^T); Olive's ExtractAdapters makes them inputs. The fold equals the model with the
+    file active. (The builder's tiny-Llama base itself differs from transformers' forward here, so PEFT's
+    logits are no reference; its tensors are.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    base = LlamaForCausalLM(config).eval()
+    base.save_pretrained(str(tmp_path / "hf"))
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2"
+    )
+    tokenizer.save_pretrained(str(tmp_path / "hf"))  # the builder loads one
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, lora).eval()
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    built = tmp_path / "built"
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "tiny", "-i", str(tmp_path / "hf"),
+        "-o", str(built), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache"),
+        "--extra_options", f"adapter_path={tmp_path / 'lora'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, weights = olive_style(onnx.load(str(built / "model.onnx")))
+    assert "model.layers.0.attn.q_proj.lora_A.weight" in weights  # the builder's naming, Olive's renaming
+    path = tmp_path / "slots.onnx"
+    onnx.save(model, str(path))
+    records = foreign_slot_records(load_model(path))
+    assert {r.module_path for r in records} == {
+        f"model.layers.{n}.attn.{p}_proj" for n in range(2) for p in ("q", "v")
+    }
+    adapter = write_adapter_file(weights, tmp_path / "tiny.onnx_adapter")
+    assert lora_onnx.check_adapter(path, adapter).ok
+    ids = np.array([[5, 9, 17, 3, 44]], np.int64)
+    feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for n in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{n}.{kind}"] = np.zeros((1, 2, 0, 16), np.float32)
+    state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    for n in range(2):
+        peft_a = state[f"base_model.model.model.layers.{n}.self_attn.q_proj.lora_A.default.weight"]
+        peft_b = state[f"base_model.model.model.layers.{n}.self_attn.q_proj.lora_B.default.weight"]
+        assert np.allclose(weights[f"model.layers.{n}.attn.q_proj.lora_A.weight"], peft_a.T)
+        assert np.allclose(weights[f"model.layers.{n}.attn.q_proj.lora_B.weight"], 2.0 * peft_b.T)
+    active = run_with(session(path), feeds, load_adapter(adapter))[0]
+    assert rel_err(run_with(session(path), feeds)[0], active) > 1e-2  # the adapter changes the logits
+    out = tmp_path / "merged.onnx"
+    lora_onnx.merge(path, output=out, adapter_file=adapter)
+    merged = onnx.load(str(out))
+    assert not any(v.name.endswith(".lora_A.weight") for v in merged.graph.input)
+    assert rel_err(session(out).run(None, feeds)[0], active) <= 1e-5
