@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from lora_onnx.errors import AdapterError
-from lora_onnx.graph import GraphIndex
+from lora_onnx.graph import GraphIndex, splice_nodes
 from lora_onnx.load import LoadedModel, TensorProducer
 from lora_onnx.sites import SiteScan
-from lora_onnx.tensors import make_deferred, np_dtype, shape_of
+from lora_onnx.tensors import make_deferred, make_tensor, np_dtype, shape_of
 
 if TYPE_CHECKING:
     from lora_onnx.peft.config import PeftAdapterConfig
@@ -320,10 +321,60 @@ def _producer(model: LoadedModel, weight: str, data_type: int, group: list[Fused
 
 
 def fused_note(deltas: Sequence[FusedDelta]) -> str:
-    """The report's note on modules folded into fused nodes (which the onnxruntime proof cannot cover:
-    a fused op has no unmerged form to compare with)."""
+    """The report's note on modules folded into fused nodes."""
     more = f" (and {len(deltas) - 1} more)" if len(deltas) > 1 else ""
-    return (
-        f"{len(deltas)} module(s) merged into fused {FUSED_OP} weights, outside the onnxruntime proof (a "
-        f"fused op has no unmerged form): {deltas[0].describe()}{more}"
-    )
+    return f"{len(deltas)} module(s) merged into fused {FUSED_OP} weights: {deltas[0].describe()}{more}"
+
+
+def fused_reference(model: LoadedModel, deltas: Sequence[FusedDelta]) -> LoadedModel:
+    """A copy of ``model`` computing each adapted packed weight in the graph, ``W + Concat(blocks)`` with
+    the adapted blocks ``Mul(MatMul(A^T, B^T), s)`` and zeros elsewhere: the proof's reference for
+    :func:`fold_fused` (onnxruntime does the arithmetic and the placement of the blocks)."""
+    if not deltas:
+        return model
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    index = GraphIndex(graph)
+    by_node: dict[str, dict[int, FusedDelta]] = {}
+    for delta in deltas:
+        by_node.setdefault(delta.attention.node, {})[delta.part] = delta
+    before: dict[str, list[onnx.NodeProto]] = {}
+    for name, parts in by_node.items():
+        node = index.nodes[name]
+        attention = next(iter(parts.values())).attention
+        dtype = index.initializers[attention.weight].data_type
+        numpy_type = np_dtype(dtype)
+        stem = f"{name}.lora_reference"
+        nodes: list[onnx.NodeProto] = []
+        blocks = []
+        for part, (start, end) in enumerate(attention.columns):
+            block = index.unique_name(f"{stem}.{PARTS[part]}")
+            delta = parts.get(part)
+            if delta is None:
+                zeros = np.zeros((attention.in_features, end - start), numpy_type)
+                graph.initializer.append(make_tensor(block, zeros))
+            else:
+                a, b, s = (index.unique_name(f"{block}.{role}") for role in ("A_t", "B_t", "scale"))
+                product = index.unique_name(f"{block}.product")
+                graph.initializer.extend(
+                    [
+                        make_tensor(a, delta.a.T.astype(numpy_type)),
+                        make_tensor(b, delta.b.T.astype(numpy_type)),
+                        make_tensor(s, np.array(delta.scale, numpy_type)),
+                    ]
+                )
+                nodes.append(helper.make_node("MatMul", [a, b], [product], index.unique_name(product)))
+                nodes.append(helper.make_node("Mul", [product, s], [block], index.unique_name(block)))
+            blocks.append(block)
+        packed_delta, weight = index.unique_name(f"{stem}.delta"), index.unique_name(f"{stem}.weight")
+        nodes.append(
+            helper.make_node("Concat", blocks, [packed_delta], index.unique_name(packed_delta), axis=1)
+        )
+        nodes.append(
+            helper.make_node("Add", [node.input[1], packed_delta], [weight], index.unique_name(weight))
+        )
+        node.input[1] = weight
+        before[name] = nodes
+    splice_nodes(graph, before=before)
+    return model.with_proto(proto)

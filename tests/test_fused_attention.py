@@ -9,6 +9,7 @@ own PyTorch outputs (rel <= 1e-4, fp32).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ import pytest
 from onnx import numpy_helper
 
 from lora_onnx.errors import AdapterError
-from lora_onnx.fused_attention import find_fused_attention
+from lora_onnx.fused_attention import find_fused_attention, fold_fused, fused_reference
 from lora_onnx.injection import scan_sites
 from lora_onnx.load import load_model
 from lora_onnx.peft import apply_peft
-from lora_onnx.peft.planning import PEFT_OPS
+from lora_onnx.peft.planning import PEFT_OPS, plan_peft_adapter
+from lora_onnx.validation import validate
 from tests.builders import rel_err, run
 
 pytestmark = pytest.mark.slow
@@ -125,6 +127,7 @@ def test_merge_folds_query_value_into_the_packed_weight(bert: dict, tmp_path: Pa
     merged = run(out, bert["feeds"])[0]
     assert rel_err(merged, reference) <= 1e-4 and rel_err(base, reference) > 1e-2
     assert any("Attention_0" in note and "columns 0:32 (query)" in note for note in result.notes)
+    assert result.validation is not None and result.validation.ok  # vs the weight computed in the graph
     # the key block of each packed weight is untouched; the query and value blocks changed
     before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(bert["path"])).graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
@@ -134,6 +137,18 @@ def test_merge_folds_query_value_into_the_packed_weight(bert: dict, tmp_path: Pa
         assert not np.allclose(before[name][:, :32], after[name][:, :32])
         assert not np.allclose(before[name][:, 64:], after[name][:, 64:])
     assert sum(node.op_type == "Attention" for node in onnx.load(str(out)).graph.node) == LAYERS
+
+
+def test_the_proof_catches_a_wrong_fold(bert: dict) -> None:
+    folder, _ = _adapter(bert, "qv_proof", ["query", "value"], seed=7)
+    model = load_model(bert["path"])
+    deltas = plan_peft_adapter(model, folder, fused_merge=True).fused
+    assert len(deltas) == 2 * LAYERS
+    folded = fold_fused(model, deltas)
+    assert validate(fused_reference(model, deltas), folded).ok
+    # the value block folded into the key columns: the reference disagrees
+    shifted = [dataclasses.replace(d, part=1) if d.part == 2 else d for d in deltas]
+    assert not validate(fused_reference(model, shifted), folded).ok
 
 
 def test_unmerged_is_refused_naming_the_fusion(bert: dict, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from lora_onnx import validation
 from lora_onnx.config import DEFAULT_ADAPTER
 from lora_onnx.errors import FoldError
 from lora_onnx.fold import fold_branches
-from lora_onnx.fused_attention import fold_fused, fused_note
+from lora_onnx.fused_attention import fold_fused, fused_note, fused_reference
 from lora_onnx.injection import refuse_existing_adapter
 from lora_onnx.load import LoadedModel, ModelLike, load_model
 from lora_onnx.manifest import BranchRecord
@@ -82,7 +82,7 @@ def apply_peft(
         source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights, fused_merge=merge
     )
     # Modules inside fused Attention nodes go straight into the packed weights (merge only; see
-    # lora_onnx.fused_attention): both sides of the proof below then carry them.
+    # lora_onnx.fused_attention).
     fused = fold_fused(source, peft.fused)
     rewritten, records = insert_peft_branches(fused, peft) if peft.branches else (fused, ())
     folding = (merge or validate) and bool(records)
@@ -99,7 +99,14 @@ def apply_peft(
         )
     result = fold.model if merge and fold is not None else rewritten
     report = None
-    if validate and fold is not None and fold.folded:
+    if validate and peft.fused:
+        # The reference computes the fused modules' packed weights in the graph, the rest as branches.
+        reference = fused_reference(source, peft.fused)
+        reference = insert_peft_branches(reference, peft)[0] if peft.branches else reference
+        report = validation.validate(
+            reference, result, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite
+        )
+    elif validate and fold is not None and fold.folded:
         report = validation.validate(
             rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite
         )
