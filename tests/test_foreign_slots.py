@@ -25,7 +25,7 @@ from lora_onnx.adapter_files import write_adapter_file
 from lora_onnx.errors import AdapterError
 from lora_onnx.foreign_slots import FOREIGN_ADAPTER, foreign_slot_records
 from lora_onnx.load import load_model
-from tests.builders import rel_err, rng_array
+from tests.builders import MODELS, rel_err, rng_array
 from tests.swap_builders import load_adapter, run_with, session
 
 
@@ -329,3 +329,46 @@ def test_genai_builder_model_with_olive_extracted_slots(tmp_path: Path) -> None:
     merged = onnx.load(str(out))
     assert not any(v.name.endswith(".lora_A.weight") for v in merged.graph.input)
     assert rel_err(session(out).run(None, feeds)[0], active) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnet", "tiny_gpt2"])
+def test_lora_onnx_slots_without_their_manifest(name: str, tmp_path: Path) -> None:
+    """lora-onnx's own slots (conv with groups, Gemm, MatMul) with the manifest stripped, as another tool
+    would leave them: the graph alone gives the same records, and the fold the same model."""
+    from lora_onnx import LoraConfig
+    from lora_onnx.manifest import MANIFEST_KEY, read_branches
+
+    slotted, adapter = tmp_path / "slots.onnx", tmp_path / "a.onnx_adapter"
+    lora_onnx.inject_slots(
+        MODELS / name / "model.onnx", LoraConfig(rank=4, init="random", seed=3), output=slotted,
+        adapter_output=adapter,
+    )  # fmt: skip
+    proto = onnx.load(str(slotted))
+    own = read_branches(proto)
+    kinds = {b.kind for b in own}
+    assert kinds == ({"conv", "dense"} if name == "convnet" else {"dense"})
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    kept = [entry for entry in bare.metadata_props if entry.key != MANIFEST_KEY]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(kept)
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(bare, str(stripped))
+    found = {r.site: r for r in foreign_slot_records(load_model(stripped))}
+    fields = ("kind", "a", "b", "weight", "source_layout", "join", "base_join", "a_group", "b_group", "scale")
+    assert set(found) == {b.site for b in own}
+    for record in own:
+        assert [getattr(found[record.site], f) for f in fields] == [getattr(record, f) for f in fields]
+        assert set(found[record.site].nodes) == set(record.nodes)
+    assert lora_onnx.check_adapter(stripped, adapter).ok
+    theirs = lora_onnx.merge(stripped, output=tmp_path / "theirs.onnx", adapter_file=adapter, validate=True)
+    ours = lora_onnx.merge(slotted, output=tmp_path / "ours.onnx", adapter_file=adapter)
+    assert theirs.validation is not None and theirs.validation.ok
+    assert len(theirs.folded) == len(ours.folded) == len(own)
+    mine, other = _initializers(tmp_path / "ours.onnx"), _initializers(tmp_path / "theirs.onnx")
+    assert set(mine) == set(other) and all(np.array_equal(mine[k], other[k]) for k in mine)
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
