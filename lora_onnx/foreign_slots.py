@@ -141,7 +141,8 @@ def _chain(
             nodes.append(node.name)
         elif node.op_type == "Add" and b and len(node.input) == 2:
             base_join = node.input[1] if node.input[0] == value else node.input[0]
-            if base_join == value:
+            # Removing the slot renames the base output to the Add's: nothing else may read it.
+            if base_join == value or _only_consumer(index, base_join) is not node:
                 return None
             nodes.append(node.name)
             kind = "dense" if op == "MatMul" else "conv"

@@ -244,6 +244,11 @@ def test_chain_read_elsewhere_is_not_a_slot(tmp_path: Path) -> None:
     model = ort_two_params_model()
     model.graph.output.append(helper.make_tensor_value_info("mm_output_b", TensorProto.FLOAT, [4, 4]))
     assert foreign_slot_records(load_model(model)) == ()
+    # so is a chain whose base output is read elsewhere too (removing the slot renames it)
+    other = ort_two_params_model()
+    other.graph.output.append(helper.make_tensor_value_info("mm_output_x", TensorProto.FLOAT, [4, 4]))
+    assert foreign_slot_records(load_model(other)) == ()
+    assert len(foreign_slot_records(load_model(ort_two_params_model()))) == 1
     adapter = write_adapter_file(ORT_ADAPTER, tmp_path / "a.onnx_adapter")
     with pytest.raises(AdapterError, match="has no LoRA slots"):
         lora_onnx.check_adapter(model, adapter)
