@@ -53,8 +53,8 @@ PROJECTIONS = {
 }  # fmt: skip
 PARTS = ("query", "key", "value")
 FIX = (
-    "apply the adapter before optimizing (inject --peft on the unoptimized export, then run the optimizer), "
-    "or merge it into the packed weight (inject --peft DIR --merge)"
+    "apply the adapter before optimizing (inject --peft on the unoptimized export), or merge it into the "
+    "packed weight (inject --peft DIR --merge)"
 )
 
 
