@@ -21,10 +21,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lora_onnx
-from lora_onnx.adapter_files import write_adapter_file
+from lora_onnx.adapters.files import write_adapter_file
 from lora_onnx.errors import AdapterError
-from lora_onnx.foreign_slots import FOREIGN_ADAPTER, foreign_slot_records
-from lora_onnx.load import load_model
+from lora_onnx.model.load import load_model
+from lora_onnx.stages.foreign_slots import FOREIGN_ADAPTER, foreign_slot_records
 from tests.builders import MODELS, rel_err, rng_array
 from tests.swap_builders import load_adapter, run_with, session
 
@@ -342,7 +342,7 @@ def test_lora_onnx_slots_without_their_manifest(name: str, tmp_path: Path) -> No
     """lora-onnx's own slots (conv with groups, Gemm, MatMul) with the manifest stripped, as another tool
     would leave them: the graph alone gives the same records, and the fold the same model."""
     from lora_onnx import LoraConfig
-    from lora_onnx.manifest import MANIFEST_KEY, read_branches
+    from lora_onnx.model.manifest import MANIFEST_KEY, read_branches
 
     slotted, adapter = tmp_path / "slots.onnx", tmp_path / "a.onnx_adapter"
     lora_onnx.inject_slots(

@@ -19,13 +19,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from lora_onnx import apply_peft
+from lora_onnx.adapters.peft.fused_attention import find_fused_attention, fold_fused, fused_reference
+from lora_onnx.adapters.peft.planning import PEFT_OPS, plan_peft_adapter
+from lora_onnx.commands.inject import scan_sites
 from lora_onnx.errors import AdapterError
-from lora_onnx.fused_attention import find_fused_attention, fold_fused, fused_reference
-from lora_onnx.injection import scan_sites
-from lora_onnx.load import load_model
-from lora_onnx.peft import apply_peft
-from lora_onnx.peft.planning import PEFT_OPS, plan_peft_adapter
-from lora_onnx.validation import validate
+from lora_onnx.model.load import load_model
+from lora_onnx.proofs.validation import validate
 from tests.builders import rel_err, run
 
 pytestmark = pytest.mark.slow

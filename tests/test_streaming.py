@@ -15,14 +15,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from synthetic import DecoderSpec, build_decoder
 
 import lora_onnx
-from lora_onnx import LoraConfig, streaming
-from lora_onnx.fold import branch_delta, fold_branches
-from lora_onnx.load import load_model
-from lora_onnx.manifest import read_branches
-from lora_onnx.save import save_model
-from lora_onnx.synthetic import DecoderSpec, build_decoder
+from lora_onnx import LoraConfig
+from lora_onnx.model import streaming
+from lora_onnx.model.load import load_model
+from lora_onnx.model.manifest import read_branches
+from lora_onnx.model.save import save_model
+from lora_onnx.stages.fold import branch_delta, fold_branches
 
 REPO = Path(__file__).resolve().parent.parent
 F = TensorProto.FLOAT
