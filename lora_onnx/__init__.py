@@ -1,17 +1,19 @@
 """lora-onnx: add, apply, swap and fold LoRA adapters in exported ONNX models, proven in onnxruntime.
 
-The pipeline, one module per stage: :mod:`~lora_onnx.load` (graph only) -> :mod:`~lora_onnx.sites`
-(find sites from metadata) -> :mod:`~lora_onnx.plan` (ranks, names, shapes) -> :mod:`~lora_onnx.rewrite`
-(insert branches) -> :mod:`~lora_onnx.save` (atomic, external data linked or streamed) ->
-:mod:`~lora_onnx.validation` (onnxruntime). :mod:`~lora_onnx.fold` undoes a rewrite into the weights.
+The pipeline, one package per step: :mod:`~lora_onnx.model.load` (graph only) ->
+:mod:`~lora_onnx.sites.find` (find sites from metadata; each op kind in :mod:`lora_onnx.kinds`) ->
+:mod:`~lora_onnx.recipes.plan` (ranks, names, shapes) -> :mod:`~lora_onnx.stages.insert` (insert branches) ->
+:mod:`~lora_onnx.model.save` (atomic, external data linked or streamed) -> :mod:`~lora_onnx.proofs.validation`
+(onnxruntime). :mod:`~lora_onnx.stages.fold` undoes a rewrite into the weights;
+:mod:`lora_onnx.commands` holds one module per command.
 
-The functions below are what the ``lora-onnx`` command line calls. :mod:`lora_onnx.peft` applies
+The functions below are what the ``lora-onnx`` command line calls. :mod:`lora_onnx.adapters.peft` applies
 trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters back to PEFT. Run-time
-adapters (LoRA slots that onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.slots`
-(graph), :mod:`~lora_onnx.adapter_files` (file formats), :mod:`~lora_onnx.adapter_check` and
-:mod:`~lora_onnx.swapping` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
-Mixed-adapter batches (a different adapter per batch row) live in :mod:`~lora_onnx.mixed` (graph) and
-:mod:`~lora_onnx.mixing` (``inject_mixed``, ``stack_adapters``).
+adapters (LoRA slots that onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.stages.slots`
+(graph), :mod:`~lora_onnx.adapters.files` (file formats), :mod:`~lora_onnx.adapters.check` and
+:mod:`~lora_onnx.commands.swap` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
+Mixed-adapter batches (a different adapter per batch row) live in :mod:`~lora_onnx.stages.stacked` (graph) and
+:mod:`~lora_onnx.commands.inject_mixed` (``inject_mixed``, ``stack_adapters``).
 """
 
 from __future__ import annotations
@@ -20,61 +22,68 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time they load on first use
-    from lora_onnx.adapter_check import AdapterCheck, check_adapter
-    from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
-    from lora_onnx.config import LoraConfig
+    from lora_onnx.adapters.check import AdapterCheck, check_adapter
+    from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
+    from lora_onnx.adapters.peft import export_peft_adapter
+    from lora_onnx.commands.apply_peft import PeftResult, apply_peft
+    from lora_onnx.commands.inject import InjectResult, inject
+    from lora_onnx.commands.inject_mixed import MixedInjectResult, inject_mixed, stack_adapters
+    from lora_onnx.commands.inspect import Inspection, inspect_model
+    from lora_onnx.commands.merge import MergeResult, merge
+    from lora_onnx.commands.swap import (
+        ExportResult,
+        SlotInjectResult,
+        export_adapter,
+        fresh_adapter,
+        inject_slots,
+    )
     from lora_onnx.errors import LoraOnnxError
-    from lora_onnx.injection import InjectResult, inject
-    from lora_onnx.inspection import Inspection, inspect_model
-    from lora_onnx.load import LoadedModel, load_model
-    from lora_onnx.merging import MergeResult, merge
-    from lora_onnx.mixing import MixedInjectResult, inject_mixed, stack_adapters
-    from lora_onnx.peft import PeftResult, apply_peft, export_peft_adapter
-    from lora_onnx.save import save_model
-    from lora_onnx.sites import Site, SiteScan, Skipped, find_sites
-    from lora_onnx.swapping import ExportResult, SlotInjectResult, export_adapter, fresh_adapter, inject_slots
-    from lora_onnx.targets import TargetSelector
-    from lora_onnx.validation import ValidationReport, validate
+    from lora_onnx.model.load import LoadedModel, load_model
+    from lora_onnx.model.save import save_model
+    from lora_onnx.proofs.validation import ValidationReport, validate
+    from lora_onnx.recipes.config import LoraConfig
+    from lora_onnx.sites.find import Site, SiteScan, Skipped, find_sites
+    from lora_onnx.sites.targets import TargetSelector
 
     inspect = inspect_model
 
 #: Public name -> (module, attribute). Importing ``lora_onnx`` stays cheap (the command line's ``--help``
 #: needs no onnx / onnxruntime); a name's module is imported when the name is first used.
 _LAZY = {
-    "AdapterCheck": ("adapter_check", "AdapterCheck"),
-    "check_adapter": ("adapter_check", "check_adapter"),
-    "read_adapter_file": ("adapter_files", "read_adapter_file"),
-    "write_adapter_file": ("adapter_files", "write_adapter_file"),
-    "LoraConfig": ("config", "LoraConfig"),
+    "AdapterCheck": ("adapters.check", "AdapterCheck"),
+    "check_adapter": ("adapters.check", "check_adapter"),
+    "read_adapter_file": ("adapters.files", "read_adapter_file"),
+    "write_adapter_file": ("adapters.files", "write_adapter_file"),
+    "LoraConfig": ("recipes.config", "LoraConfig"),
     "LoraOnnxError": ("errors", "LoraOnnxError"),
-    "InjectResult": ("injection", "InjectResult"),
-    "inject": ("injection", "inject"),
-    "Inspection": ("inspection", "Inspection"),
-    "inspect_model": ("inspection", "inspect_model"),
-    "inspect": ("inspection", "inspect_model"),
-    "LoadedModel": ("load", "LoadedModel"),
-    "load_model": ("load", "load_model"),
-    "MergeResult": ("merging", "MergeResult"),
-    "merge": ("merging", "merge"),
-    "MixedInjectResult": ("mixing", "MixedInjectResult"),
-    "inject_mixed": ("mixing", "inject_mixed"),
-    "stack_adapters": ("mixing", "stack_adapters"),
-    "PeftResult": ("peft", "PeftResult"),
-    "apply_peft": ("peft", "apply_peft"),
-    "export_peft_adapter": ("peft", "export_peft_adapter"),
-    "save_model": ("save", "save_model"),
-    "Site": ("sites", "Site"),
-    "SiteScan": ("sites", "SiteScan"),
-    "Skipped": ("sites", "Skipped"),
-    "find_sites": ("sites", "find_sites"),
-    "ExportResult": ("swapping", "ExportResult"),
-    "SlotInjectResult": ("swapping", "SlotInjectResult"),
-    "export_adapter": ("swapping", "export_adapter"),
-    "fresh_adapter": ("swapping", "fresh_adapter"),
-    "inject_slots": ("swapping", "inject_slots"),
-    "TargetSelector": ("targets", "TargetSelector"),
-    "ValidationReport": ("validation", "ValidationReport"),
-    "validate": ("validation", "validate"),
+    "InjectResult": ("commands.inject", "InjectResult"),
+    "inject": ("commands.inject", "inject"),
+    "Inspection": ("commands.inspect", "Inspection"),
+    "inspect_model": ("commands.inspect", "inspect_model"),
+    "inspect": ("commands.inspect", "inspect_model"),
+    "LoadedModel": ("model.load", "LoadedModel"),
+    "load_model": ("model.load", "load_model"),
+    "MergeResult": ("commands.merge", "MergeResult"),
+    "merge": ("commands.merge", "merge"),
+    "MixedInjectResult": ("commands.inject_mixed", "MixedInjectResult"),
+    "inject_mixed": ("commands.inject_mixed", "inject_mixed"),
+    "stack_adapters": ("commands.inject_mixed", "stack_adapters"),
+    "PeftResult": ("commands.apply_peft", "PeftResult"),
+    "apply_peft": ("commands.apply_peft", "apply_peft"),
+    "export_peft_adapter": ("adapters.peft", "export_peft_adapter"),
+    "save_model": ("model.save", "save_model"),
+    "Site": ("sites.find", "Site"),
+    "SiteScan": ("sites.find", "SiteScan"),
+    "Skipped": ("sites.find", "Skipped"),
+    "find_sites": ("sites.find", "find_sites"),
+    "ExportResult": ("commands.swap", "ExportResult"),
+    "SlotInjectResult": ("commands.swap", "SlotInjectResult"),
+    "export_adapter": ("commands.swap", "export_adapter"),
+    "fresh_adapter": ("commands.swap", "fresh_adapter"),
+    "inject_slots": ("commands.swap", "inject_slots"),
+    "TargetSelector": ("sites.targets", "TargetSelector"),
+    "ValidationReport": ("proofs.validation", "ValidationReport"),
+    "validate": ("proofs.validation", "validate"),
 }
 
 

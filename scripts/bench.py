@@ -40,8 +40,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic model builder lives with the tests
 
-from lora_onnx.synthetic import DecoderSpec, build_decoder, spec_for_size  # noqa: E402
+from synthetic import DecoderSpec, build_decoder, spec_for_size  # noqa: E402
 
 # ---- what each subprocess runs ---------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lora_onnx import LoraConfig  # noqa: E402
-from lora_onnx.batch import BatchOptions, available_cpus, run_batch  # noqa: E402
+from lora_onnx.commands.batch import BatchOptions, available_cpus, run_batch  # noqa: E402
 
 BUNDLED = ("convnet", "tiny_bert", "tiny_gpt2", "tiny_llama")
 

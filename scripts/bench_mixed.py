@@ -32,11 +32,11 @@ import numpy as np
 import onnxruntime as ort
 
 import lora_onnx
-from lora_onnx.inputs import make_inputs
-from lora_onnx.mixed import INDEX_INPUT
-from lora_onnx.mixing import inject_mixed
-from lora_onnx.swapping import fresh_adapter
-from lora_onnx.validation import input_specs
+from lora_onnx.commands.inject_mixed import inject_mixed
+from lora_onnx.commands.swap import fresh_adapter
+from lora_onnx.proofs.inputs import make_inputs
+from lora_onnx.proofs.validation import input_specs
+from lora_onnx.stages.stacked import INDEX_INPUT
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:

@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 import lora_onnx
-from lora_onnx.inputs import make_inputs
-from lora_onnx.validation import input_specs
+from lora_onnx.proofs.inputs import make_inputs
+from lora_onnx.proofs.validation import input_specs
 
 
 def _session(path: Path) -> ort.InferenceSession:

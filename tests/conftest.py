@@ -26,7 +26,7 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-# Each worker gets its share of the CPUs for onnxruntime sessions (lora_onnx.validation reads
+# Each worker gets its share of the CPUs for onnxruntime sessions (lora_onnx.proofs.validation reads
 # LORA_ONNX_THREADS), torch and BLAS: with every process using every core, N workers run N x cores spinning
 # threads and the parallel suite is slower than the serial one. Set before torch / numpy load their pools;
 # a value the caller exported wins.

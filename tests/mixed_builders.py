@@ -10,8 +10,8 @@ import onnxruntime as ort
 from swap_builders import load_adapter, run_with, session
 
 from lora_onnx import LoraConfig, TargetSelector
-from lora_onnx.mixed import INDEX_INPUT
-from lora_onnx.swapping import fresh_adapter, inject_slots
+from lora_onnx.commands.swap import fresh_adapter, inject_slots
+from lora_onnx.stages.stacked import INDEX_INPUT
 
 #: Inputs whose batch axis is not 0 (swap_builders.mixed_model's ``xt`` is [5, batch]).
 BATCH_AXES = {"xt": 1}
@@ -56,7 +56,7 @@ def rows_alone_with_files(
         if r not in adapters:
             onnx_file = files[r].with_suffix(".onnx_adapter")
             if not onnx_file.exists():
-                from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
+                from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
 
                 write_adapter_file(read_adapter_file(files[r]).tensors, onnx_file)
             adapters[r] = load_adapter(onnx_file)

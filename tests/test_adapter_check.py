@@ -11,10 +11,10 @@ from builders import MODELS
 from swap_builders import mixed_model
 
 from lora_onnx import LoraConfig, TargetSelector
-from lora_onnx.adapter_check import check_adapter, check_tensors
-from lora_onnx.adapter_files import write_adapter_file
+from lora_onnx.adapters.check import check_adapter, check_tensors
+from lora_onnx.adapters.files import write_adapter_file
+from lora_onnx.commands.swap import fresh_adapter, inject_slots
 from lora_onnx.errors import AdapterError
-from lora_onnx.swapping import fresh_adapter, inject_slots
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lora_onnx.adapter_files import format_for, read_adapter_file, write_adapter_file
+from lora_onnx.adapters.files import format_for, read_adapter_file, write_adapter_file
 from lora_onnx.errors import AdapterError, OutputError
 
 TENSORS = {

@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from test_properties import PROFILE  # one hypothesis profile for the property tests
 
-from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
+from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
+from lora_onnx.adapters.peft import plan_peft_adapter
+from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.load import load_model
-from lora_onnx.peft import plan_peft_adapter
-from lora_onnx.peft.tensors import SafetensorsFile
+from lora_onnx.model.load import load_model
 
 SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
 DTYPES = (np.float32, np.float16, np.float64, np.int64, np.int8, np.uint8, np.bool_)

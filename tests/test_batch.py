@@ -26,11 +26,11 @@ from batch_helpers import (
 from builders import run, write_adapter
 
 from lora_onnx import LoraConfig, load_model, validate
-from lora_onnx.batch import BatchOptions, ModelJob, plan_batch, run_batch
+from lora_onnx.commands.batch import BatchOptions, ModelJob, plan_batch, run_batch
+from lora_onnx.commands.inspect import inspect_model
+from lora_onnx.commands.reports import ModelReport, Shard, read_report
 from lora_onnx.errors import LoraOnnxError, OutputError
-from lora_onnx.inspection import inspect_model
-from lora_onnx.manifest import read_branches
-from lora_onnx.reports import ModelReport, Shard, read_report
+from lora_onnx.model.manifest import read_branches
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +372,7 @@ def test_an_internal_error_is_recorded_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug (not a user error) in one model's conversion: that model fails with its traceback."""
-    import lora_onnx.batch as batch
+    import lora_onnx.commands.batch as batch
 
     for index in range(3):
         save(dense_model(index), tmp_path / "in" / f"m{index}.onnx")
@@ -393,7 +393,7 @@ def test_an_internal_error_is_recorded_and_the_run_goes_on(
 
 
 def test_thread_cap_for_onnxruntime_sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_onnx.validation import THREADS_ENV, create_session
+    from lora_onnx.proofs.validation import THREADS_ENV, create_session
 
     path = save(dense_model(), tmp_path / "m.onnx")
     monkeypatch.setenv(THREADS_ENV, "1")

@@ -12,11 +12,11 @@ from builders import MODELS, make_model, rng_array, write_adapter
 from onnx import TensorProto, helper
 
 import lora_onnx
-from lora_onnx.branch_metadata import BRANCH_KEY, SCOPE_KEYS, SHARED, branch_tag
-from lora_onnx.config import LoraConfig
-from lora_onnx.load import load_model
-from lora_onnx.manifest import read_branches
-from lora_onnx.targets import TargetSelector
+from lora_onnx.model.load import load_model
+from lora_onnx.model.manifest import read_branches
+from lora_onnx.recipes.config import LoraConfig
+from lora_onnx.sites.targets import TargetSelector
+from lora_onnx.stages.branch_metadata import BRANCH_KEY, SCOPE_KEYS, SHARED, branch_tag
 
 LLAMA = MODELS / "tiny_llama" / "model.onnx"
 SCOPES = "pkg.torch.onnx.name_scopes"

@@ -14,8 +14,8 @@ from test_cli import assert_one_line_error, cli
 
 from lora_onnx.cli.main import build_parser
 from lora_onnx.cli.options import adapter_sources
-from lora_onnx.load import load_model
-from lora_onnx.mixed import mixed_info
+from lora_onnx.model.load import load_model
+from lora_onnx.stages.stacked import mixed_info
 
 
 @pytest.mark.slow

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from builders import MODELS, REPO
 
-from lora_onnx import LoraConfig, inject, merge, progress
+from lora_onnx import LoraConfig, inject, merge
 from lora_onnx.cli import render
 from lora_onnx.cli.main import build_parser, main
 from lora_onnx.cli.options import reclaim_positionals
-from lora_onnx.load import load_model
-from lora_onnx.sites import Skipped
-from lora_onnx.validation import validate
+from lora_onnx.common import progress
+from lora_onnx.model.load import load_model
+from lora_onnx.proofs.validation import validate
+from lora_onnx.sites.find import Skipped
 
 BERT = MODELS / "tiny_bert" / "model.onnx"
 LLAMA = MODELS / "tiny_llama" / "model.onnx"

@@ -60,9 +60,9 @@ def test_import_lora_onnx_is_light_and_loads_a_name_on_first_use() -> None:
     assert "lora_onnx" in modules and not heavy(modules), heavy(modules)
     # (importlib.import_module, which __getattr__ uses, is not itself logged by -X importtime)
     code = (
-        "import sys, lora_onnx; assert 'lora_onnx.inspection' not in sys.modules; "
-        "from lora_onnx import inspect_model; assert 'lora_onnx.inspection' in sys.modules; "
-        "assert inspect_model.__module__ == 'lora_onnx.inspection'"
+        "import sys, lora_onnx; assert 'lora_onnx.commands.inspect' not in sys.modules; "
+        "from lora_onnx import inspect_model; assert 'lora_onnx.commands.inspect' in sys.modules; "
+        "assert inspect_model.__module__ == 'lora_onnx.commands.inspect'"
     )
     result, modules = imported_modules("-c", code)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -75,9 +75,9 @@ def test_a_command_imports_what_it_uses(tmp_path) -> None:
         "-m", "lora_onnx", "inject", str(BERT), "-o", str(tmp_path / "b.onnx"), "-q"
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "onnx" in modules and "lora_onnx.injection" in modules
+    assert "onnx" in modules and "lora_onnx.commands.inject" in modules
     assert "onnxruntime" not in modules and "rich" not in modules
-    assert "lora_onnx.peft" not in modules and "lora_onnx.mixing" not in modules
+    assert "lora_onnx.adapters.peft" not in modules and "lora_onnx.commands.inject_mixed" not in modules
 
 
 def test_public_api_resolves_to_the_defining_modules() -> None:

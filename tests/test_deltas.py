@@ -1,11 +1,11 @@
-"""lora_onnx.deltas: one delta implementation, whole (in-memory folds) and in row blocks (streamed folds)."""
+"""lora_onnx.kinds.deltas: one delta implementation, whole (in-memory folds) and in row blocks (streamed)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lora_onnx.deltas import ConvRows, DenseRows, conv_delta, dense_delta
+from lora_onnx.kinds.deltas import ConvRows, DenseRows, conv_delta, dense_delta
 
 
 @pytest.mark.parametrize("layout", ["in,out", "out,in"])

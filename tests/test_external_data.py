@@ -16,14 +16,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from synthetic import DecoderSpec, build_decoder
 
 import lora_onnx
-from lora_onnx import LoraConfig, save
+from lora_onnx import LoraConfig
 from lora_onnx.cli.main import main
-from lora_onnx.load import load_model
-from lora_onnx.manifest import read_branches
-from lora_onnx.synthetic import DecoderSpec, build_decoder
-from lora_onnx.tensors import external_ref
+from lora_onnx.model import save
+from lora_onnx.model.load import load_model
+from lora_onnx.model.manifest import read_branches
+from lora_onnx.model.tensors import external_ref
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = DecoderSpec(layers=1, hidden=64, intermediate=128, heads=4, vocab=256)

@@ -11,12 +11,12 @@ from onnx import TensorProto, helper
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import FoldError
-from lora_onnx.fold import conv_delta, fold_branches
-from lora_onnx.graph import GraphIndex
-from lora_onnx.load import load_model
-from lora_onnx.plan import BranchPlan
-from lora_onnx.rewrite import insert_branches
-from lora_onnx.sites import find_sites
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.load import load_model
+from lora_onnx.recipes.plan import BranchPlan
+from lora_onnx.sites.find import find_sites
+from lora_onnx.stages.fold import conv_delta, fold_branches
+from lora_onnx.stages.insert import insert_branches
 
 F = TensorProto.FLOAT
 
@@ -60,7 +60,7 @@ def test_merge_equals_injected_and_restores_the_base_graph(tmp_path) -> None:
     assert sorted(t.name for t in proto.graph.initializer) == sorted(t.name for t in base.graph.initializer)
     dtypes = {t.name: t.data_type for t in proto.graph.initializer}
     assert dtypes["W3"] == TensorProto.FLOAT16  # folded in float32, cast back to the source type
-    assert not [p for p in proto.metadata_props if p.key == "lora_onnx.manifest"]
+    assert not [p for p in proto.metadata_props if p.key == "lora_onnx.model.manifest"]
     want, got = run(injected.model.proto, FEEDS), run(proto, FEEDS)
     assert rel_err(got[0], want[0]) <= 1e-3  # W3 is float16: its fold rounds to fp16
     assert rel_err(got[1], want[1]) <= 1e-4

@@ -25,12 +25,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from lora_onnx import apply_peft
+from lora_onnx.adapters.peft import export_peft_adapter
+from lora_onnx.commands.inject_mixed import inject_mixed
+from lora_onnx.commands.inspect import inspect_model
+from lora_onnx.commands.swap import export_adapter, inject_slots
 from lora_onnx.errors import AdapterError
-from lora_onnx.folded_weights import FoldedWeightError
-from lora_onnx.inspection import inspect_model
-from lora_onnx.mixing import inject_mixed
-from lora_onnx.peft import apply_peft, export_peft_adapter
-from lora_onnx.swapping import export_adapter, inject_slots
+from lora_onnx.sites.folded_weights import FoldedWeightError
 from tests.builders import rel_err, run
 
 EXPORTERS = ("dynamo", "torchscript")

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lora_onnx
 from lora_onnx import LoraConfig
-from lora_onnx.load import LoadedModel
-from lora_onnx.save import save_model
+from lora_onnx.model.load import LoadedModel
+from lora_onnx.model.save import save_model
 
 F = TensorProto.FLOAT
 

@@ -7,10 +7,10 @@ from builders import make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import LoraConfig, find_sites
-from lora_onnx.graph import GraphIndex
-from lora_onnx.init import initial_values
-from lora_onnx.load import load_model
-from lora_onnx.plan import plan_branches
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.load import load_model
+from lora_onnx.recipes.init import initial_values
+from lora_onnx.recipes.plan import plan_branches
 
 
 def _plan(rank: int = 8, conv: bool = False):

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import LoraOnnxError, TargetError
-from lora_onnx.manifest import read_branches
+from lora_onnx.model.manifest import read_branches
 
 F = TensorProto.FLOAT
 
@@ -253,7 +253,7 @@ def test_proof_allows_for_half_precision_storage_of_folded_weights() -> None:
 
 
 def test_an_output_that_is_the_input_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
-    from lora_onnx import injection
+    from lora_onnx.commands import inject as injection
     from lora_onnx.errors import OutputError
 
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")

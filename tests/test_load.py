@@ -9,7 +9,7 @@ import pytest
 from builders import MODELS
 
 from lora_onnx.errors import ModelLoadError
-from lora_onnx.load import load_model
+from lora_onnx.model.load import load_model
 
 
 def test_missing_not_onnx_and_truncated_files(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from lora_onnx import LoraConfig, inject
 from lora_onnx.cli.main import main
 from lora_onnx.errors import FoldError, LoraOnnxError, ModelLoadError
-from lora_onnx.load import load_model
-from lora_onnx.manifest import MANIFEST_KEY, PEFT_CONFIG_PREFIX, read_peft_config
-from lora_onnx.tensors import SUB_BYTE_BITS
+from lora_onnx.model.load import load_model
+from lora_onnx.model.manifest import MANIFEST_KEY, PEFT_CONFIG_PREFIX, read_peft_config
+from lora_onnx.model.tensors import SUB_BYTE_BITS
 
 WEIGHT = "fc1.weight"  # 8 x 8 float32: 256 bytes at offset 0 of m.onnx.data
 
@@ -519,7 +519,7 @@ def test_hostile_recipe_is_one_line(
 def test_hostile_report_is_one_line(
     tmp_path: Path, text: str, needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lora_onnx.reports import REPORT_FORMAT
+    from lora_onnx.commands.reports import REPORT_FORMAT
 
     bad = tmp_path / "bad.json"
     bad.write_text(text.replace("lora-onnx-batch-report", REPORT_FORMAT))
@@ -582,7 +582,7 @@ def _hostile_folder(root: Path, data: bytes) -> Path:
 def _expected_read(folder: Path, tensor: onnx.TensorProto, fields: dict[str, str]) -> np.ndarray | None:
     """What a correct reader returns, or None when the entries must be refused (our own oracle, written
     from the rules: known keys once, digits only, a regular file inside the folder, length = size)."""
-    from lora_onnx.tensors import nbytes
+    from lora_onnx.model.tensors import nbytes
 
     location = fields.get("location")
     if not location or "\0" in location or location.startswith("/") or ".." in Path(location).parts:
@@ -646,7 +646,7 @@ def test_random_external_data_loads_exactly_or_is_refused(
     file_size: int,
 ) -> None:
     """Plausible entries (a location, maybe an offset, a length right or wrong) plus random extra ones."""
-    from lora_onnx.tensors import nbytes
+    from lora_onnx.model.tensors import nbytes
 
     probe = onnx.TensorProto()
     probe.data_type = data_type
@@ -703,7 +703,7 @@ def test_well_formed_external_data_loads_exactly_when_the_file_holds_it(
     and the tensor read is the file's bytes at that offset."""
     import tempfile
 
-    from lora_onnx.tensors import nbytes
+    from lora_onnx.model.tensors import nbytes
 
     data = np.random.default_rng(file_size).integers(0, 0xEE, file_size, dtype=np.uint8).tobytes()
     tensor = onnx.TensorProto()

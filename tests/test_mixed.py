@@ -21,11 +21,11 @@ from swap_builders import mixed_feeds, mixed_model
 
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
-from lora_onnx.load import load_model
-from lora_onnx.manifest import read_branches
-from lora_onnx.mixed import ADAPTERS_DIM, INDEX_INPUT, MIXED, mixed_info
-from lora_onnx.mixing import inject_mixed
-from lora_onnx.swapping import AdapterSource, fresh_source
+from lora_onnx.commands.inject_mixed import inject_mixed
+from lora_onnx.commands.swap import AdapterSource, fresh_source
+from lora_onnx.model.load import load_model
+from lora_onnx.model.manifest import read_branches
+from lora_onnx.stages.stacked import ADAPTERS_DIM, INDEX_INPUT, MIXED, mixed_info
 
 F = TensorProto.FLOAT
 
@@ -199,8 +199,8 @@ def test_bundled_models_rows_equal_the_slotted_model_with_each_file_active(name:
 
 
 def _feeds(model: Path, batch: int) -> dict[str, np.ndarray]:
-    from lora_onnx.inputs import make_inputs
-    from lora_onnx.validation import input_specs
+    from lora_onnx.proofs.inputs import make_inputs
+    from lora_onnx.proofs.validation import input_specs
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return make_inputs(input_specs(sess), {"batch": batch, "sequence": 6}, seed=4)

@@ -15,9 +15,9 @@ from mixed_builders import run_rows
 from peft import PeftModel
 from test_cli import cli
 
+from lora_onnx.commands.inject_mixed import inject_mixed
+from lora_onnx.commands.swap import export_adapter, inject_slots
 from lora_onnx.errors import AdapterError
-from lora_onnx.mixing import inject_mixed
-from lora_onnx.swapping import export_adapter, inject_slots
 
 #: (arch, two presets whose adapters share one base export)
 CASES = [("llama", ("plain", "patterns")), ("gpt2", ("plain", "patterns")), ("convnet", ("plain", "grouped"))]

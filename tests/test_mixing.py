@@ -16,13 +16,13 @@ from swap_builders import load_adapter, mixed_feeds, mixed_model, session
 
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
-from lora_onnx.adapter_files import write_adapter_file
-from lora_onnx.batch_rows import batch_axes
+from lora_onnx.adapters.files import write_adapter_file
+from lora_onnx.commands.inject_mixed import inject_mixed, proof_rows, prove_rows, stack_adapters
+from lora_onnx.commands.swap import fresh_source, inject_slots
 from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError, OutputError
-from lora_onnx.load import load_model
-from lora_onnx.mixed import INDEX_INPUT, mixed_records
-from lora_onnx.mixing import inject_mixed, proof_rows, prove_rows, stack_adapters
-from lora_onnx.swapping import fresh_source, inject_slots
+from lora_onnx.model.load import load_model
+from lora_onnx.proofs.batch_rows import batch_axes
+from lora_onnx.stages.stacked import INDEX_INPUT, mixed_records
 
 
 def test_files_map_to_sites_through_the_model_or_a_separate_slotted_model(tmp_path: Path) -> None:

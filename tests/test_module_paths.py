@@ -7,8 +7,8 @@ from builders import MODELS, make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import find_sites
-from lora_onnx.graph import GraphIndex
-from lora_onnx.module_paths import FOLDED_FROM_KEY, NAME_SCOPES_KEY, module_path
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.module_paths import FOLDED_FROM_KEY, NAME_SCOPES_KEY, module_path
 
 
 @pytest.mark.parametrize(

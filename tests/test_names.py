@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lora_onnx import recipes
-from lora_onnx.names import nearest
-from lora_onnx.targets import PeftTargetSelector, TargetSelector, module_matches
+from lora_onnx.common.names import nearest
+from lora_onnx.recipes import files as recipes
+from lora_onnx.sites.targets import PeftTargetSelector, TargetSelector, module_matches
 
 PATHS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
 

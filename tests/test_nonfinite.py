@@ -14,13 +14,13 @@ from onnx import TensorProto, helper
 from test_cli import assert_one_line_error, cli
 
 from lora_onnx import LoraConfig, apply_peft, inject, inject_mixed, merge, validate
-from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
-from lora_onnx.batch import BatchOptions, run_batch
+from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
+from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.cli.main import main
+from lora_onnx.commands.batch import BatchOptions, run_batch
+from lora_onnx.commands.swap import export_adapter, inject_slots
 from lora_onnx.errors import AdapterError, LoraOnnxError
-from lora_onnx.peft.tensors import SafetensorsFile
-from lora_onnx.swapping import export_adapter, inject_slots
-from lora_onnx.validation import compare
+from lora_onnx.proofs.validation import compare
 
 F = TensorProto.FLOAT
 A_KEY, B_KEY = "enc.q.lora_A.weight", "enc.q.lora_B.weight"
@@ -135,7 +135,7 @@ def test_nan_negative_or_infinite_tolerances_are_refused(
 
 
 def test_finite_number_and_nonfinite_count() -> None:
-    from lora_onnx.finite import finite_number, nonfinite_count
+    from lora_onnx.common.finite import finite_number, nonfinite_count
 
     assert finite_number(0, "--strength") == 0.0 and finite_number("2.5", "x") == 2.5
     for bad in (float("nan"), float("inf"), -1.0, True, "abc", None):

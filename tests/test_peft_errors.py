@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from lora_onnx.adapters.peft import plan_peft_adapter
+from lora_onnx.adapters.peft.tensors import SafetensorsFile, encode_safetensors
 from lora_onnx.errors import AdapterError
-from lora_onnx.peft import plan_peft_adapter
-from lora_onnx.peft.tensors import SafetensorsFile, encode_safetensors
 from tests.builders import make_model, rng_array, write_adapter
 
 F = TensorProto.FLOAT

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file
 
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
+from lora_onnx.adapters.peft import export_peft_adapter
 from lora_onnx.errors import AdapterError, OutputError
-from lora_onnx.peft import export_peft_adapter
 
 try:  # import the harness exactly as test_peft_cases_smoke does, so both share its export cache
     from . import peft_cases as pc

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 
 import lora_onnx
 from lora_onnx import find_sites
+from lora_onnx.adapters.peft import plan_peft_adapter
+from lora_onnx.adapters.peft.mapping import parse_keys
 from lora_onnx.errors import AdapterError
-from lora_onnx.peft import plan_peft_adapter
-from lora_onnx.peft.mapping import parse_keys
 from tests.builders import make_model, rel_err, rng_array, run, write_adapter
 
 F = TensorProto.FLOAT

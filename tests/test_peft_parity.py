@@ -25,7 +25,7 @@ from torch import nn
 
 import lora_onnx
 from lora_onnx.errors import AdapterError, FoldError
-from lora_onnx.manifest import read_branches
+from lora_onnx.model.manifest import read_branches
 
 try:  # import the harness exactly as test_peft_cases_smoke does, so both share its export cache
     from . import peft_cases as pc

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import FoldError
-from lora_onnx.manifest import BranchRecord, read_branches, read_peft_config
+from lora_onnx.model.manifest import BranchRecord, read_branches, read_peft_config
 from tests.builders import conv_reference, make_model, rel_err, rng_array, run, write_adapter
 
 F = TensorProto.FLOAT

@@ -16,10 +16,10 @@ import lora_onnx
 from lora_onnx import LoraConfig
 from lora_onnx.cli.main import main
 from lora_onnx.errors import FoldError
-from lora_onnx.fold import fold_branches
-from lora_onnx.load import LoadedModel, load_model
-from lora_onnx.manifest import read_branches
-from lora_onnx.save import save_model
+from lora_onnx.model.load import LoadedModel, load_model
+from lora_onnx.model.manifest import read_branches
+from lora_onnx.model.save import save_model
+from lora_onnx.stages.fold import fold_branches
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)

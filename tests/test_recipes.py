@@ -9,8 +9,8 @@ import pytest
 from batch_helpers import MODELS
 
 from lora_onnx import inspect_model
-from lora_onnx.recipes import PeftTargetSelector, RecipeError, build_config, load_recipe, recipe_digest
-from lora_onnx.targets import TargetSelector
+from lora_onnx.recipes.files import PeftTargetSelector, RecipeError, build_config, load_recipe, recipe_digest
+from lora_onnx.sites.targets import TargetSelector
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_onnx.reports import (
+from lora_onnx.commands.reports import (
     BatchReport,
     ModelReport,
     ReportError,

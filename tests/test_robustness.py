@@ -37,7 +37,7 @@ from onnx import numpy_helper
 from lora_onnx import LoraConfig, inject
 from lora_onnx.cli.main import main
 from lora_onnx.errors import ModelLoadError
-from lora_onnx.load import load_model
+from lora_onnx.model.load import load_model
 
 
 def one_line_error(stderr: str, *needles: str) -> None:

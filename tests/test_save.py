@@ -15,8 +15,8 @@ from builders import MODELS, rel_err, run
 import lora_onnx
 from lora_onnx import LoraConfig
 from lora_onnx.errors import OutputError
-from lora_onnx.load import load_model
-from lora_onnx.tensors import external_ref
+from lora_onnx.model.load import load_model
+from lora_onnx.model.tensors import external_ref
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 import lora_onnx
 from lora_onnx import LoraConfig, find_sites
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.graph import GraphIndex
-from lora_onnx.load import load_model
-from lora_onnx.plan import plan_branches
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.load import load_model
+from lora_onnx.recipes.plan import plan_branches
 
 F = TensorProto.FLOAT
 
@@ -332,7 +332,7 @@ def test_matmuls_inside_model_local_functions_are_skipped_with_the_fix() -> None
 
 
 def test_rank_bounds_are_per_group_for_a_grouped_conv() -> None:
-    from lora_onnx.plan import rank_bounds
+    from lora_onnx.recipes.plan import rank_bounds
 
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="/g/Conv", group=4, pads=[1, 1, 1, 1])]
     model = make_model(nodes, {"x": (F, [1, 16, 5, 5])}, ["y"], {"W": rng_array((32, 4, 3, 3))})

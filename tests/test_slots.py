@@ -17,9 +17,9 @@ from swap_builders import load_adapter, mixed_feeds, mixed_model, run_with, sess
 
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
-from lora_onnx.manifest import read_branches
-from lora_onnx.slots import SLOT, slot_specs, strength_name
-from lora_onnx.swapping import fresh_adapter, inject_slots
+from lora_onnx.commands.swap import fresh_adapter, inject_slots
+from lora_onnx.model.manifest import read_branches
+from lora_onnx.stages.slots import SLOT, slot_specs, strength_name
 
 
 def _constant(base: onnx.ModelProto, config: LoraConfig, tmp_path: Path, name: str) -> Path:
@@ -126,8 +126,8 @@ def test_bundled_models_exact_without_adapter_and_equal_to_constant_branches_wit
 
 
 def _inputs(sess) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
-    from lora_onnx.inputs import make_inputs
-    from lora_onnx.validation import input_specs
+    from lora_onnx.proofs.inputs import make_inputs
+    from lora_onnx.proofs.validation import input_specs
 
     return list(make_inputs(input_specs(sess)).values())
 
@@ -141,7 +141,7 @@ def test_strength_input_blends_and_switches_an_adapter_off(tmp_path: Path) -> No
     halved = {
         name: value * np.float32(0.5) if ".lora_B." in name else value for name, value in tensors.items()
     }
-    lora_onnx.adapter_files.write_adapter_file(halved, tmp_path / "half.onnx_adapter")
+    lora_onnx.adapters.files.write_adapter_file(halved, tmp_path / "half.onnx_adapter")
     sess = session(tmp_path / "s.onnx")
     assert [i.name for i in sess.get_inputs()] == ["x", "xt", "img"]  # the strength has a default
     adapter = load_adapter(tmp_path / "a.onnx_adapter")
@@ -156,7 +156,7 @@ def test_strength_input_blends_and_switches_an_adapter_off(tmp_path: Path) -> No
         assert rel_err(half[i], expected_half[i]) <= 1e-5 and rel_err(half[i], full[i]) > 1e-3
         assert np.array_equal(off[i], reference)
     # a strength may also travel in the adapter file itself
-    lora_onnx.adapter_files.write_adapter_file(
+    lora_onnx.adapters.files.write_adapter_file(
         {**tensors, strength: np.array([0.5], np.float32)}, tmp_path / "a_half.onnx_adapter"
     )
     in_file = run_with(sess, feeds, load_adapter(tmp_path / "a_half.onnx_adapter"))

@@ -12,9 +12,9 @@ from swap_builders import load_adapter, run_with, session
 from test_cli import cli
 
 import lora_onnx
-from lora_onnx.adapter_files import read_adapter_file
+from lora_onnx.adapters.files import read_adapter_file
+from lora_onnx.commands.swap import export_adapter, inject_slots
 from lora_onnx.errors import AdapterError, FoldError
-from lora_onnx.swapping import export_adapter, inject_slots
 
 
 @pytest.fixture(scope="module")

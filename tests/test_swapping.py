@@ -13,9 +13,9 @@ from swap_builders import load_adapter, mixed_feeds, mixed_model, run_with, sess
 
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
-from lora_onnx.adapter_files import read_adapter_file, write_adapter_file
+from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
+from lora_onnx.commands.swap import export_adapter, fresh_adapter, inject_slots
 from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError
-from lora_onnx.swapping import export_adapter, fresh_adapter, inject_slots
 
 
 def test_export_from_a_constant_model_scales_b_and_runs_in_the_slots(tmp_path: Path) -> None:

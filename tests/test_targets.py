@@ -6,7 +6,7 @@ import pytest
 
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import LoraOnnxError, TargetError
-from lora_onnx.targets import name_matches, pattern_value
+from lora_onnx.sites.targets import name_matches, pattern_value
 
 
 def test_list_matching_is_equal_or_dotted_suffix() -> None:

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper
 
 from lora_onnx import validate
 from lora_onnx.errors import LoraOnnxError, ProviderError
-from lora_onnx.inputs import InputSpec, make_inputs, parse_dims
-from lora_onnx.validation import compare, create_session
+from lora_onnx.proofs.inputs import InputSpec, make_inputs, parse_dims
+from lora_onnx.proofs.validation import compare, create_session
 
 
 def _linear(path: Path, scale: float = 1.0) -> Path:

@@ -18,11 +18,11 @@ from test_cli_errors import error_line, run_main
 
 import lora_onnx
 from lora_onnx import LoraConfig
+from lora_onnx.commands.inject_mixed import inject_mixed
+from lora_onnx.commands.swap import fresh_source, inject_slots
 from lora_onnx.errors import FoldError, LoraOnnxError
-from lora_onnx.load import load_model
-from lora_onnx.manifest import MANIFEST_KEY, BranchRecord, read_branches
-from lora_onnx.mixing import inject_mixed
-from lora_onnx.swapping import fresh_source, inject_slots
+from lora_onnx.model.load import load_model
+from lora_onnx.model.manifest import MANIFEST_KEY, BranchRecord, read_branches
 from lora_onnx.variants import (
     VARIANTS,
     AdapterChoice,
@@ -198,4 +198,4 @@ def test_no_module_outside_the_plug_ins_tests_a_variant_string() -> None:
     ]
     assert offenders == []
     merging = (PACKAGE / "merging.py").read_text()
-    assert "lora_onnx.mixed" not in merging and "lora_onnx.swapping" not in merging
+    assert "lora_onnx.stages.stacked" not in merging and "lora_onnx.commands.swap" not in merging

@@ -21,9 +21,9 @@ from builders import write_adapter
 from test_atomic_writes import HOOK, leftovers, run_and_kill
 
 from lora_onnx import LoraConfig, inject, load_model, validate
-from lora_onnx.atomic import TEMP_PATTERN, _start_token, reclaim_stale
 from lora_onnx.cli.main import main
-from lora_onnx.tensors import external_ref
+from lora_onnx.common.atomic import TEMP_PATTERN, _start_token, reclaim_stale
+from lora_onnx.model.tensors import external_ref
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -82,7 +82,7 @@ def test_proofs_run_in_memory_and_never_link_the_input(
     # A proof's rewritten model runs in onnxruntime from memory, its external data read where it is: the
     # input's data file never gets a second link (onnx >= 1.21 would refuse the input meanwhile, and for
     # good if the run were killed), and no scratch model is written.
-    import lora_onnx.validation as validation
+    import lora_onnx.proofs.validation as validation
 
     data = llama.with_name("model.onnx.data")
     links: list[int] = []
@@ -460,7 +460,7 @@ def test_two_writers_of_one_output_are_serialised(llama: Path, tmp_path: Path) -
 def test_a_forked_writer_names_its_temporary_files_with_its_own_start_time(tmp_path: Path) -> None:
     """Batch workers fork from a server process: their temporary names must carry their own token, or a
     reclaim elsewhere would take a live worker for a gone one."""
-    from lora_onnx.atomic import _writer_alive, temp_name
+    from lora_onnx.common.atomic import _writer_alive, temp_name
 
     temp_name(tmp_path / "warm.onnx")  # the parent's token is looked up (and cached) first
     read, write = os.pipe()

@@ -9,17 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_onnx import progress
 from lora_onnx.cli import render
 from lora_onnx.cli.options import _pairs, add_data_arguments, add_recipe_arguments, add_run_arguments
 from lora_onnx.cli.render import info, warn
+from lora_onnx.common import progress
 from lora_onnx.errors import LoraOnnxError
 
 if TYPE_CHECKING:
-    from lora_onnx.batch import BatchOptions
-    from lora_onnx.reports import BatchReport, ModelReport
+    from lora_onnx.commands.batch import BatchOptions
+    from lora_onnx.commands.reports import BatchReport, ModelReport
 
-#: argparse destinations of recipe and run flags -> recipe option names (see lora_onnx.recipes).
+#: argparse destinations of recipe and run flags -> recipe option names (see lora_onnx.recipes.files).
 _FLAG_KEYS = {
     "rank": "rank",
     "alpha": "alpha",
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe and run options given on the command line, as recipe option values."""
-    from lora_onnx.inputs import parse_dims
+    from lora_onnx.proofs.inputs import parse_dims
 
     given: dict[str, Any] = {}
     for dest, key in _FLAG_KEYS.items():
@@ -111,8 +111,8 @@ def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str, ...]]:
     """Batch options from ``--config`` overridden by flags, and notes on how a PEFT config was read."""
-    from lora_onnx.batch import AdapterSource, BatchOptions
-    from lora_onnx.recipes import RECIPE_KEYS, build_config, load_recipe
+    from lora_onnx.commands.batch import AdapterSource, BatchOptions
+    from lora_onnx.recipes.files import RECIPE_KEYS, build_config, load_recipe
 
     recipe_file = load_recipe(args.config) if args.config else None
     options = {**(recipe_file.options if recipe_file else {}), **_given_flags(args)}
@@ -169,9 +169,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_onnx.batch import plan_batch, run_batch
-    from lora_onnx.reports import parse_shard
-    from lora_onnx.save import check_report_paths
+    from lora_onnx.commands.batch import plan_batch, run_batch
+    from lora_onnx.commands.reports import parse_shard
+    from lora_onnx.model.save import check_report_paths
 
     options, notes = options_from_args(args)
     for note in notes:
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
 def finish(report: BatchReport, json_path: str | None, junit_path: str | None) -> int:
     """Write the reports asked for, print failures and the summary; the run's exit code."""
-    from lora_onnx.reports import write_junit, write_report
+    from lora_onnx.commands.reports import write_junit, write_report
 
     if json_path:
         write_report(json_path, report)

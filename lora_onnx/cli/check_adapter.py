@@ -10,7 +10,7 @@ from lora_onnx.cli.render import QUIET, console, final, new_table, print_table, 
 from lora_onnx.errors import EXIT_MISMATCH
 
 if TYPE_CHECKING:
-    from lora_onnx.adapter_check import AdapterCheck
+    from lora_onnx.adapters.check import AdapterCheck
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_onnx.adapter_check import check_adapter
+    from lora_onnx.adapters.check import check_adapter
 
     check = check_adapter(args.model, args.adapter_file, adapter=args.name, partial=args.partial)
     if args.json:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_check(check: AdapterCheck) -> None:
-    from lora_onnx.adapter_check import shapes_text
+    from lora_onnx.adapters.check import shapes_text
 
     verdict = "fits" if check.ok else f"does NOT fit ({len(check.problems)} problem(s))"
     adapters = ", ".join(check.adapters) or "none"

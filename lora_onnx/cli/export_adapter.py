@@ -6,7 +6,7 @@ import argparse
 
 from lora_onnx.cli.peft import add_base_weights_argument
 from lora_onnx.cli.render import final
-from lora_onnx.constants import ADAPTER_FORMATS as FORMATS
+from lora_onnx.common.constants import ADAPTER_FORMATS as FORMATS
 from lora_onnx.errors import LoraOnnxError
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if not 0 <= version < 2**31:
             raise LoraOnnxError(f"{flag} must be a whole number from 0 to {2**31 - 1}, got {version}")
-    from lora_onnx.swapping import export_adapter
+    from lora_onnx.commands.swap import export_adapter
 
     result = export_adapter(
         args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return run_slots(args)
     if args.peft or args.merge or args.base_weights:
         return run_peft(args)
-    from lora_onnx.injection import inject
+    from lora_onnx.commands.inject import inject
 
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
-from lora_onnx.constants import ADAPTER_INDEX as INDEX_INPUT
+from lora_onnx.common.constants import ADAPTER_INDEX as INDEX_INPUT
 from lora_onnx.errors import AdapterError, LoraOnnxError
 
 
@@ -36,7 +36,7 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--stacks-as-inputs", action="store_true",
         help="with --mixed: the stacks are graph inputs too (backed by initializers), so other adapters "
-        "can be fed at run time (see lora_onnx.mixing.stack_adapters)",
+        "can be fed at run time (see lora_onnx.commands.inject_mixed.stack_adapters)",
     )  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def run_mixed(args: argparse.Namespace) -> int:
         adapters.append(path)
     if getattr(args, "base_weights", None) and not any(kind == "peft" for kind, _ in sources):
         raise AdapterError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
-    from lora_onnx.mixing import inject_mixed
+    from lora_onnx.commands.inject_mixed import inject_mixed
 
     result = inject_mixed(
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,

@@ -38,8 +38,8 @@ def run_slots(args: argparse.Namespace) -> int:
             raise AdapterError(f"{flag} needs --as-inputs")
     if args.init != "default" and args.adapter_out is None and getattr(args, "peft", None) is None:
         warn(f"--init {args.init} only shapes an --adapter-out file; the slots themselves stay empty")
-    from lora_onnx.slots import strength_name
-    from lora_onnx.swapping import inject_slots
+    from lora_onnx.commands.swap import inject_slots
+    from lora_onnx.stages.slots import strength_name
 
     config = config_from_args(args)
     result = inject_slots(

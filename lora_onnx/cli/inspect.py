@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_onnx.inspection import inspect_model
+    from lora_onnx.commands.inspect import inspect_model
 
     inspection = inspect_model(args.model, config_from_args(args))
     if args.json:

@@ -1,6 +1,6 @@
 """Entry point: parse, dispatch to a command module, turn user errors into one line and an exit code.
 
-Command modules register their options with argparse and :mod:`lora_onnx.constants` only and import the
+Command modules register their options with argparse and :mod:`lora_onnx.common.constants` only and import the
 library inside their ``run``: ``--help``, ``--version`` and argument errors import neither onnx nor
 onnxruntime, and each command imports what it uses.
 """
@@ -14,8 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn
 
-from lora_onnx import __version__, progress
-from lora_onnx.atomic import Terminated, discard_live, signals_as_exceptions
+from lora_onnx import __version__
 from lora_onnx.cli import (
     batch,
     check_adapter,
@@ -28,6 +27,8 @@ from lora_onnx.cli import (
     validate,
 )
 from lora_onnx.cli.options import add_output_arguments, leaf_parsers, reclaim_positionals
+from lora_onnx.common import progress
+from lora_onnx.common.atomic import Terminated, discard_live, signals_as_exceptions
 from lora_onnx.errors import EXIT_USAGE, LoraOnnxError
 
 #: Command modules; each has ``register(subparsers)`` which sets ``func`` (args -> exit code).

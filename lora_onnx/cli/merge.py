@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_onnx.merging import merge
+    from lora_onnx.commands.merge import merge
 
     result = merge(
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,

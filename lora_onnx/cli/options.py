@@ -1,6 +1,6 @@
 """Options shared by several commands: the adapter recipe, validation settings, output verbosity.
 
-Parsers are built from argparse and :mod:`lora_onnx.constants` only (``--help`` stays instant); what a
+Parsers are built from argparse and :mod:`lora_onnx.common.constants` only (``--help`` stays instant); what a
 command needs of the library is imported by the functions that turn options into library objects.
 """
 
@@ -11,11 +11,11 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lora_onnx.constants import INIT_KINDS, OP_KEYS
+from lora_onnx.common.constants import INIT_KINDS, OP_KEYS
 from lora_onnx.errors import LoraOnnxError
 
 if TYPE_CHECKING:
-    from lora_onnx.config import LoraConfig
+    from lora_onnx.recipes.config import LoraConfig
 
 
 def _split(value: str, pairs: bool) -> list[str]:
@@ -201,8 +201,8 @@ def _pairs(items: list[str], flag: str, kind: type) -> dict[str, object]:
 
 
 def config_from_args(args: argparse.Namespace) -> LoraConfig:
-    from lora_onnx.config import DEFAULT_ADAPTER, LoraConfig
-    from lora_onnx.targets import TargetSelector
+    from lora_onnx.recipes.config import DEFAULT_ADAPTER, LoraConfig
+    from lora_onnx.sites.targets import TargetSelector
 
     targets = TargetSelector(
         names=tuple(args.target),
@@ -274,7 +274,7 @@ def dims_from_args(args: argparse.Namespace) -> dict[str, int]:
     """``--dim`` values; refused where no validation runs (they would be ignored without a word)."""
     if args.dim and getattr(args, "validate", True) is False:
         raise LoraOnnxError("--dim sets the symbolic dims of the --validate run's inputs; add --validate")
-    from lora_onnx.inputs import parse_dims
+    from lora_onnx.proofs.inputs import parse_dims
 
     return parse_dims(args.dim)
 

@@ -61,7 +61,7 @@ def run_peft(args: argparse.Namespace) -> int:
         raise LoraOnnxError(
             f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
         )
-    from lora_onnx.peft import apply_peft
+    from lora_onnx import apply_peft
 
     result = apply_peft(
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_onnx.atomic import write_file
+from lora_onnx.common.atomic import write_file
 from lora_onnx.errors import EXIT_MISMATCH
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from rich.progress import Progress
     from rich.table import Table
 
-    from lora_onnx.inspection import Inspection
-    from lora_onnx.sites import Skipped
-    from lora_onnx.validation import ValidationReport
+    from lora_onnx.commands.inspect import Inspection
+    from lora_onnx.proofs.validation import ValidationReport
+    from lora_onnx.sites.find import Skipped
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 #: Table width when the output is not a terminal (CI logs, files), unless COLUMNS says otherwise.
@@ -291,7 +291,7 @@ def _amount(done: float, total: float | None, unit: str) -> str:
 
 
 class StepReporter:
-    """The CLI's :class:`lora_onnx.progress.Reporter`: rich bars on an interactive stdout (one row per
+    """The CLI's :class:`lora_onnx.common.progress.Reporter`: rich bars on an interactive stdout (one row per
     running step, removed when it ends) and, with --verbose, one line per finished step with its time."""
 
     def __init__(self, bars: bool, timings: bool) -> None:

@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from lora_onnx.reports import merge_reports, read_report
-    from lora_onnx.save import check_report_paths
+    from lora_onnx.commands.reports import merge_reports, read_report
+    from lora_onnx.model.save import check_report_paths
 
     check_report_paths([args.output, args.junit], args.reports)  # before any work
     reports = [(path, read_report(path)) for path in args.reports]

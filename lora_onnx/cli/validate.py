@@ -14,7 +14,7 @@ def _tolerance(items: list[str] | None, flag: str) -> float | dict[str, float] |
     """``--rtol 1e-3`` for every output, ``--rtol logits:1e-3`` for one (repeatable; both mix)."""
     if not items:
         return None
-    from lora_onnx.finite import finite_number
+    from lora_onnx.common.finite import finite_number
 
     values: dict[str, float] = {}
     for item in items:
@@ -53,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.inputs and args.dim:
         raise LoraOnnxError("--dim shapes generated inputs; with --inputs FILE.npz the arrays' shapes apply")
-    from lora_onnx.save import check_report_paths
-    from lora_onnx.validation import validate
+    from lora_onnx.model.save import check_report_paths
+    from lora_onnx.proofs.validation import validate
 
     models = [Path(args.reference), Path(args.candidate)]
     check_report_paths([args.json], [*models, args.inputs], models)  # before any work

@@ -1,7 +1,7 @@
 """What every branch variant says about itself, and the registry that picks a branch's variant.
 
 Modelled on PEFT's ``LoraVariant`` (``peft/tuners/lora/variants.py``): one class per variant with the
-hooks it needs, chosen from the branch alone. A :class:`~lora_onnx.manifest.BranchRecord` names its
+hooks it needs, chosen from the branch alone. A :class:`~lora_onnx.model.manifest.BranchRecord` names its
 family in ``variant`` (``constant``, ``slot``, ``mixed``); within the constant family, a DoRA magnitude
 or a ``lora_B.bias`` picks a finer plug-in. :func:`variant_for` finds the one plug-in that claims a
 record; a record no plug-in (or two) claims is a one-line error, never a guess.
@@ -33,8 +33,8 @@ from lora_onnx.errors import LoraOnnxError
 if TYPE_CHECKING:  # the manifest reads the registry, so the records' modules are imported for types only
     import onnx
 
-    from lora_onnx.load import LoadedModel, TensorProducer
-    from lora_onnx.manifest import BranchRecord
+    from lora_onnx.model.load import LoadedModel, TensorProducer
+    from lora_onnx.model.manifest import BranchRecord
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 from lora_onnx.variants.base import BranchVariant, register
 
 if TYPE_CHECKING:
-    from lora_onnx.manifest import BranchRecord
+    from lora_onnx.model.manifest import BranchRecord
 
 
 @register
 class ConstantBranch(BranchVariant):
     """``y = base(x) + s * B(A(x))`` with A and B initializers (``inject``, ``inject --peft``).
 
-    Folds as ``W' = W + s * delta`` (the delta in the weight's layout: :mod:`lora_onnx.fold`), unless
+    Folds as ``W' = W + s * delta`` (the delta in the weight's layout: :mod:`lora_onnx.stages.fold`), unless
     its conv A is dense on a grouped conv (:meth:`BranchVariant.fold_refusal`). Removed by folding it.
     """
 

@@ -1,7 +1,7 @@
 """DoRA branches (PEFT ``use_dora``): the joined output is rescaled per output channel by ``m / norm``.
 
 The graph multiplies the joined output by ``magnitude / weight_norm`` (both constants; the norm of
-``W + s * delta`` is computed when the adapter is applied, :mod:`lora_onnx.peft.dora`). Folding gives
+``W + s * delta`` is computed when the adapter is applied, :mod:`lora_onnx.adapters.peft.dora`). Folding gives
 PEFT's ``merge_and_unload``: ``W' = (m / norm) * (W + s * delta)``, each output channel scaled, so a
 DoRA branch must be its weight's only delta.
 """
@@ -17,8 +17,8 @@ from lora_onnx.variants.base import register
 from lora_onnx.variants.constant import ConstantBranch
 
 if TYPE_CHECKING:
-    from lora_onnx.load import LoadedModel
-    from lora_onnx.manifest import BranchRecord
+    from lora_onnx.model.load import LoadedModel
+    from lora_onnx.model.manifest import BranchRecord
 
 
 @register

@@ -21,13 +21,13 @@ import numpy as np
 import onnx
 
 from lora_onnx.errors import FoldError
-from lora_onnx.graph import GraphIndex
-from lora_onnx.load import LoadedModel, TensorProducer
-from lora_onnx.manifest import BranchRecord
-from lora_onnx.tensors import make_tensor, np_dtype
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.load import LoadedModel, TensorProducer
+from lora_onnx.model.manifest import BranchRecord
+from lora_onnx.model.tensors import make_tensor, np_dtype
+from lora_onnx.model.weights import PASS_THROUGH_OPS, WeightRef, resolve_weight
 from lora_onnx.variants.base import register
 from lora_onnx.variants.constant import ConstantBranch
-from lora_onnx.weights import PASS_THROUGH_OPS, WeightRef, resolve_weight
 
 
 @register

@@ -1,7 +1,7 @@
 """LoRA slots (``inject --as-inputs``): A and B are graph inputs with empty defaults, swapped per run.
 
 A slot holds no adapter values, so it cannot be folded as it is: ``merge --adapter-file FILE`` binds
-one adapter file (:func:`lora_onnx.swapping.bind_adapter_file`), whose adapter becomes constant
+one adapter file (:func:`lora_onnx.commands.swap.bind_adapter_file`), whose adapter becomes constant
 branches, and removes every other slot (uncovered, empty in the file, or of another adapter), which
 adds zeros when inactive.
 """
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from lora_onnx.variants.base import AdapterChoice, Binding, BranchVariant, register
 
 if TYPE_CHECKING:
-    from lora_onnx.load import LoadedModel
-    from lora_onnx.manifest import BranchRecord
+    from lora_onnx.model.load import LoadedModel
+    from lora_onnx.model.manifest import BranchRecord
 
 
 @register
@@ -36,14 +36,14 @@ class SlotBranch(BranchVariant):
 
     def bind(self, model: LoadedModel, choice: AdapterChoice) -> Binding:
         # Imported here: the slot modules build on the fold, which asks this registry.
-        from lora_onnx.swapping import bind_adapter_file
+        from lora_onnx.commands.swap import bind_adapter_file
 
         assert choice.file is not None
         bound, reference = bind_adapter_file(model, choice.file, strength=choice.strength)
         return Binding(bound.model, reference, bound.bound, bound.removed)
 
     def strip(self, model: LoadedModel) -> LoadedModel:
-        from lora_onnx.slots import remove_slots, slot_records
+        from lora_onnx.stages.slots import remove_slots, slot_records
 
         records = slot_records(model)
         return remove_slots(model, records) if records else model

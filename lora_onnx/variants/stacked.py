@@ -1,9 +1,10 @@
 """Mixed-batch branches (``inject --mixed``): several adapters stacked, each batch row picks one.
 
 A/B are the stacks (rank = the padded R), recorded with variant ``"mixed"``; the shared index nodes and
-the index input are under :data:`lora_onnx.mixed.MIXED_KEY`. The stacks hold several adapters, so they
-cannot be folded as they are: ``merge --adapter-index I`` binds stack position I
-(:func:`lora_onnx.mixed.bind_index`), which becomes constant branches, and removes the whole mixed form.
+the index input are under :data:`lora_onnx.stages.stacked.MIXED_KEY`. The stacks hold several adapters, so
+they cannot be folded as they are: ``merge --adapter-index I`` binds stack position I
+(:func:`lora_onnx.stages.stacked.bind_index`), which becomes constant branches, and removes the whole mixed
+form.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import TYPE_CHECKING
 from lora_onnx.variants.base import AdapterChoice, Binding, BranchVariant, register
 
 if TYPE_CHECKING:
-    from lora_onnx.load import LoadedModel
-    from lora_onnx.manifest import BranchRecord
+    from lora_onnx.model.load import LoadedModel
+    from lora_onnx.model.manifest import BranchRecord
 
 
 @register
@@ -32,14 +33,14 @@ class StackedBranch(BranchVariant):
         return choice.index is not None
 
     def bind(self, model: LoadedModel, choice: AdapterChoice) -> Binding:
-        # Imported here: lora_onnx.mixed builds on the fold, which asks this registry.
-        from lora_onnx.mixed import bind_index
+        # Imported here: lora_onnx.stages.stacked builds on the fold, which asks this registry.
+        from lora_onnx.stages.stacked import bind_index
 
         assert choice.index is not None
         bound, added, reference = bind_index(model, choice.index)
         return Binding(bound, reference, added)
 
     def strip(self, model: LoadedModel) -> LoadedModel:
-        from lora_onnx.mixed import strip_mixed
+        from lora_onnx.stages.stacked import strip_mixed
 
         return strip_mixed(model)

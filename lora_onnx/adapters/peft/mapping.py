@@ -1,0 +1,233 @@
+"""Map adapter keys to graph sites by module path.
+
+A key is ``[base_model.model.]<module path>.<role>``: roles are ``lora_A.weight``, ``lora_B.weight``,
+``lora_B.bias``, ``lora_embedding_A``, ``lora_embedding_B`` and ``lora_magnitude_vector``. The module path
+is matched against the sites' module paths:
+
+1. equal paths;
+2. else graph paths ending in ``"." + path`` (the export's root wraps the model PEFT wrapped: PEFT on
+   ``LlamaModel``, export of ``LlamaForCausalLM``); several such paths are ambiguous, an error naming them;
+3. else the longest graph path the adapter path ends with (``"." + graph path``: PEFT wrapped the task
+   model, the export is the inner model, as Optimum exports some).
+
+Every node with the matched path gets the branch (a module that runs more than once has several). An
+adapter module that matches nothing is an error listing the nearest paths, or naming the node that has the
+path but cannot take a branch and why; two adapter modules on one graph path are an error too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from lora_onnx.common.names import nearest
+from lora_onnx.errors import AdapterError
+from lora_onnx.sites.find import Site, SiteScan, Skipped
+from lora_onnx.sites.targets import name_matches
+
+PEFT_PREFIX = "base_model.model."
+
+_KEY = re.compile(
+    r"^(?P<path>.+?)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
+)
+#: (role, param) -> the role name used here; anything else is not a LoRA tensor.
+_ROLES = {
+    ("lora_A", "weight"): "lora_A",
+    ("lora_B", "weight"): "lora_B",
+    ("lora_B", "bias"): "lora_B.bias",
+    ("lora_embedding_A", None): "lora_embedding_A",
+    ("lora_embedding_B", None): "lora_embedding_B",
+    ("lora_magnitude_vector", None): "lora_magnitude_vector",
+    ("lora_magnitude_vector", "weight"): "lora_magnitude_vector",
+}
+LINEAR_ROLES = frozenset({"lora_A", "lora_B", "lora_B.bias"})
+EMBEDDING_ROLES = frozenset({"lora_embedding_A", "lora_embedding_B"})
+#: Op types each kind of adapter module can sit on.
+KIND_OPS = {"lora": ("MatMul", "Gemm", "Conv"), "embedding": ("Gather",)}
+#: Buffers some LoRA variants save that do not take part in inference.
+_IGNORED_SUFFIXES = (".lora_velora_embed",)
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted module: its path as the adapter names it, and its keys by role.
+
+    ``base_weight`` is the key of a saved copy of the base weight (PEFT saves embedding and lm_head
+    weights when they are targeted); it is only checked for its shape.
+    """
+
+    path: str
+    keys: Mapping[str, str] = field(default_factory=dict)
+    base_weight: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
+
+    @property
+    def kind(self) -> str:
+        return "embedding" if EMBEDDING_ROLES & set(self.keys) else "lora"
+
+    def key(self, role: str) -> str:
+        return self.keys[role]
+
+
+@dataclass(frozen=True)
+class ModuleMatch:
+    """An adapter module and the sites (one per node) of the graph module path it matched."""
+
+    module: AdapterModule
+    graph_path: str
+    sites: tuple[Site, ...]
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def parse_keys(
+    keys: Iterable[str], *, modules_to_save: Sequence[str] = (), source: str = ""
+) -> list[AdapterModule]:
+    """Group adapter keys into modules; a key that is not a LoRA tensor is an error naming it."""
+    roles: dict[str, dict[str, str]] = defaultdict(dict)
+    base_weights: dict[str, str] = {}
+    for key in keys:
+        name = strip_prefix(key)
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name.endswith(".base_layer.weight"):
+            base_weights[name.removesuffix(".base_layer.weight")] = key
+            continue
+        match = _KEY.match(name)
+        role = _ROLES.get((match["role"], match["param"])) if match else None
+        if match is None or role is None:
+            raise AdapterError(_unknown_key(source, key, name, modules_to_save))
+        if role in roles[match["path"]]:
+            raise AdapterError(
+                f"{source}: keys {roles[match['path']][role]!r} and {key!r} are the same tensor"
+            )
+        roles[match["path"]][role] = key
+    modules = []
+    for path, found in roles.items():
+        module = AdapterModule(path, found, base_weights.pop(path, None))
+        _check_roles(source, module)
+        modules.append(module)
+    for path, key in base_weights.items():
+        raise AdapterError(
+            f"{source}: key {key!r} saves the base weight of {path!r}, which has no LoRA tensors"
+        )
+    if not modules:
+        raise AdapterError(f"{source} holds no LoRA tensors (lora_A / lora_B / lora_embedding_A / _B)")
+    return modules
+
+
+def _unknown_key(source: str, key: str, name: str, modules_to_save: Sequence[str]) -> str:
+    module = name.split(".modules_to_save.")[0] if ".modules_to_save." in name else name.rsplit(".", 1)[0]
+    if ".modules_to_save." in name or (modules_to_save and name_matches(module, modules_to_save)):
+        return (
+            f"{source}: key {key!r} is a modules_to_save copy of module {module!r} (a whole retrained "
+            "module, not a LoRA branch); merge the adapter into the base in PyTorch (merge_and_unload) "
+            "and export that, or train without modules_to_save"
+        )
+    if ".trainable_tokens_" in name:
+        return f"{source}: key {key!r} holds trainable tokens (rows replacing embedding rows), not LoRA"
+    if name.endswith((".weight", ".bias")):
+        return (
+            f"{source}: key {key!r} is a plain parameter of the base model (saved by "
+            "bias='all'/'lora_only' or modules_to_save), not a LoRA tensor; merge in PyTorch and export "
+            "the merged model"
+        )
+    return f"{source}: key {key!r} is not a LoRA tensor (expected lora_A/B, lora_embedding_A/B, magnitude)"
+
+
+def _check_roles(source: str, module: AdapterModule) -> None:
+    roles = set(module.keys)
+    if roles & LINEAR_ROLES and roles & EMBEDDING_ROLES:
+        raise AdapterError(f"{source}: module {module.path!r} has both lora_A/B and lora_embedding_A/B keys")
+    pair = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else ("lora_A", "lora_B")
+    missing = [role for role in pair if role not in roles]
+    if missing:
+        raise AdapterError(
+            f"{source}: module {module.path!r} has no {missing[0]} key (it has {sorted(roles)})"
+        )
+
+
+def match_modules(modules: Sequence[AdapterModule], scan: SiteScan, *, source: str = "") -> list[ModuleMatch]:
+    """The sites of every adapter module (see the module doc for the rule and the errors)."""
+    by_kind: dict[str, dict[str, list[Site]]] = {kind: defaultdict(list) for kind in KIND_OPS}
+    for site in scan.sites:
+        for kind, ops in KIND_OPS.items():
+            if site.op in ops:
+                by_kind[kind][site.module_path].append(site)
+    matches: list[ModuleMatch] = []
+    owner: dict[str, str] = {}
+    for module in modules:
+        paths = by_kind[module.kind]
+        graph_path = _match_path(module, list(paths), source)
+        if graph_path is None:
+            raise AdapterError(_no_site(module, scan, paths, source))
+        if graph_path in owner:
+            raise AdapterError(
+                f"{source}: adapter modules {owner[graph_path]!r} and {module.path!r} both match graph "
+                f"module {graph_path!r}"
+            )
+        owner[graph_path] = module.path
+        matches.append(ModuleMatch(module, graph_path, tuple(paths[graph_path])))
+    return matches
+
+
+def _match_path(module: AdapterModule, paths: Sequence[str], source: str) -> str | None:
+    path = module.path
+    if path in paths:
+        return path
+    longer = [p for p in paths if p.endswith("." + path)]
+    if len(longer) > 1:
+        raise AdapterError(
+            f"{source}: adapter module {path!r} ({module.keys[min(module.keys)]!r}) is ambiguous: it "
+            f"matches graph modules {', '.join(sorted(longer)[:5])}"
+        )
+    if longer:
+        return longer[0]
+    shorter = [p for p in paths if path.endswith("." + p)]
+    return max(shorter, key=len) if shorter else None
+
+
+def _no_site(module: AdapterModule, scan: SiteScan, paths: Mapping[str, list[Site]], source: str) -> str:
+    key = module.keys[min(module.keys)]
+    path = module.path
+    what = "an embedding (lora_embedding_A/B)" if module.kind == "embedding" else "a Linear / Conv (lora_A/B)"
+    for other in scan.sites:
+        if other.op not in KIND_OPS[module.kind] and _same_module(path, other.module_path):
+            return (
+                f"{source}: key {key!r} adapts {what}, but module {other.module_path!r} is exported as "
+                f"{other.op} node {other.node!r}"
+            )
+    for skipped in scan.skipped:
+        if skipped.op in KIND_OPS[module.kind] and _same_module(path, skipped.module_path):
+            return _skipped_message(source, key, skipped)
+    return f"{source}: key {key!r} matches no module of the graph{_nearest(path, list(paths))}"
+
+
+def _skipped_message(source: str, key: str, skipped: Skipped) -> str:
+    return (
+        f"{source}: key {key!r}: module {skipped.module_path!r} is {skipped.op} node {skipped.node!r}, "
+        f"which cannot take a branch: {skipped.reason}"
+    )
+
+
+def _same_module(adapter_path: str, graph_path: str) -> bool:
+    return (
+        adapter_path == graph_path
+        or graph_path.endswith("." + adapter_path)
+        or adapter_path.endswith("." + graph_path)
+    )
+
+
+def _nearest(path: str, paths: Sequence[str]) -> str:
+    """A hint listing the graph module paths closest to ``path``."""
+    if not paths:
+        return " (the graph has no module of this kind)"
+    return "; nearest module paths: " + ", ".join(nearest(path, paths, dotted=True))

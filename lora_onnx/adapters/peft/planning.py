@@ -1,0 +1,391 @@
+"""Plan a PEFT adapter's branches: keys -> sites, PEFT layouts -> lora-onnx layouts, shapes checked.
+
+Everything that can be wrong with an adapter is found here, before the graph is touched: unreadable or
+unsupported configs, keys that match no site, shapes that disagree with the site, config flags that
+disagree with the keys. The result, a :class:`PeftPlan`, carries every tensor the rewrite adds.
+
+Layouts (PEFT -> stored):
+
+- Linear and GPT-2 Conv1D (MatMul or Gemm, whatever the weight's storage): ``lora_A`` (r, in) -> A (in, r),
+  ``lora_B`` (out, r) -> B (r, out). In and out come from the ONNX node, never from ``fan_in_fan_out``.
+- Conv: stored as PEFT has them, A (r, in, k...) dense (group 1) and B (out, r/g, 1...) with the base's
+  group g. The conv A copies the base's dilation, where PEFT's does not (peft issue 3697): PEFT's forward
+  is then wrong or fails on dilated convs, and ours equals PEFT's merged model.
+- Embedding (Gather): ``lora_embedding_A`` (r, vocab) -> A (vocab, r), ``lora_embedding_B`` (dim, r) ->
+  B (r, dim).
+- ``lora_magnitude_vector`` and ``lora_B.bias`` are kept in PEFT's shape; DoRA's weight norm has the
+  magnitude's shape.
+
+Sites whose weight the exporter folded a BatchNorm into (:mod:`lora_onnx.sites.folded_weights`) are refused,
+unless the base's original weights are given (``base_weights``): then every adapted site's weight is
+compared with its module's parameter, and where the graph holds ``f * W`` per output channel, B's rows
+and ``lora_B.bias`` are scaled by ``f`` (PEFT's ``f * (W x + d x)``, exactly; DoRA's norm uses ``W``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from lora_onnx.adapters.peft.config import PeftAdapterConfig, read_adapter_config
+from lora_onnx.adapters.peft.dora import weight_norm
+from lora_onnx.adapters.peft.mapping import AdapterModule, ModuleMatch, match_modules, parse_keys
+from lora_onnx.adapters.peft.tensors import SafetensorsFile, open_adapter_weights
+from lora_onnx.errors import AdapterError
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.load import LoadedModel, ModelLike, load_model
+from lora_onnx.model.tensors import np_dtype
+from lora_onnx.recipes.config import DEFAULT_ADAPTER
+from lora_onnx.recipes.plan import BranchPlan, Plan, tensor_stem
+from lora_onnx.sites.find import Site, scan_sites
+from lora_onnx.sites.folded_weights import BaseWeights, SiteScaling, compare_site, find_folded, refuse_folded
+
+#: Site kinds a PEFT adapter can sit on: --ops plus embedding lookups.
+PEFT_OPS = frozenset({"gemm", "matmul", "conv", "gather"})
+
+
+@dataclass(frozen=True)
+class PeftBranchExtras:
+    """What one site's branch adds beyond A and B; every name is a key of :attr:`PeftPlan.values`
+    ("" when absent). ``base_bias`` is the graph value the base node adds as its bias ("" if none),
+    which a DoRA branch needs to rescale the output without it."""
+
+    adapter_path: str
+    magnitude: str = ""
+    weight_norm: str = ""
+    lora_bias: str = ""
+    base_bias: str = ""
+
+
+@dataclass(frozen=True)
+class PeftPlan:
+    """A PEFT adapter planned onto a model.
+
+    ``plan`` holds one :class:`BranchPlan` per site (a module run twice has two, sharing tensors).
+    ``values`` maps every tensor name the rewrite adds to its array, in lora-onnx storage layouts (see the
+    module doc) and the site's dtype: A and B of every branch, plus DoRA magnitudes and weight norms and
+    ``lora_B.bias`` vectors. ``extras`` maps each site's node name to its :class:`PeftBranchExtras`.
+    """
+
+    plan: Plan
+    values: Mapping[str, np.ndarray]
+    extras: Mapping[str, PeftBranchExtras] = field(default_factory=dict)
+    config: PeftAdapterConfig | None = None
+    folder: Path | None = None
+    #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
+    scaled: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+    @property
+    def branches(self) -> tuple[BranchPlan, ...]:
+        return self.plan.branches
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """The adapter folder of ``path`` (a folder, or a file inside one such as adapter_config.json)."""
+    folder = Path(path)
+    return folder.parent if folder.is_file() else folder
+
+
+def plan_peft_adapter(
+    model: ModelLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    adapter_name: str = DEFAULT_ADAPTER,
+    base_weights: str | os.PathLike | None = None,
+) -> PeftPlan:
+    """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
+
+    Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
+    with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
+    Raises :class:`~lora_onnx.errors.AdapterError` naming the key, module or node for anything that
+    does not fit, including a site whose weight the exporter folded a BatchNorm into (without
+    ``base_weights``).
+    """
+    folder = adapter_folder(adapter_dir)
+    config = read_adapter_config(folder)
+    weights = open_adapter_weights(folder)
+    source = str(weights.path)
+    modules_to_save = config.raw.get("modules_to_save") or ()
+    modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
+    _check_flags(config, modules, source)
+    loaded = load_model(model)
+    scan = scan_sites(loaded, PEFT_OPS)
+    matches = match_modules(modules, scan, source=source)
+    scalings = _scalings(loaded, matches, base_weights, source)
+    index = GraphIndex(loaded.proto.graph)
+    planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
+    for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
+        planner.add(match)
+    branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
+    plan = Plan(branches, (), tuple(planner.warnings))
+    scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
+    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled)
+
+
+def _scalings(
+    model: LoadedModel, matches: list[ModuleMatch], base_weights: str | os.PathLike | None, source: str
+) -> dict[str, SiteScaling]:
+    """Without base weights: refuse sites the exporter folded a BatchNorm into. With them: each adapted
+    site compared with its module's parameter (:func:`~lora_onnx.sites.folded_weights.compare_site`)."""
+    if base_weights is None:
+        refuse_folded(find_folded(model, (site for match in matches for site in match.sites)), source)
+        return {}
+    base = BaseWeights(base_weights)
+    folds = {fold.site: fold for fold in find_folded(model, (s for m in matches for s in m.sites))}
+    scalings = {}
+    for match in matches:
+        for site in match.sites:
+            fold = folds.get(site.node)
+            if fold is not None and not fold.output_side:
+                refuse_folded([fold], source)
+            paths = list(dict.fromkeys((match.graph_path, match.module.path, site.module_path)))
+            scalings[site.node] = compare_site(model, site, base, paths)
+    return scalings
+
+
+def _check_flags(config: PeftAdapterConfig, modules: list[AdapterModule], source: str) -> None:
+    """use_dora / lora_bias in the config must agree with the keys (PEFT would silently re-initialise)."""
+    for module in modules:
+        roles = set(module.keys)
+        has_magnitude = "lora_magnitude_vector" in roles
+        if config.use_dora != has_magnitude:
+            raise AdapterError(
+                f"{source}: adapter_config.json {'sets' if config.use_dora else 'does not set'} use_dora, "
+                f"but module {module.path!r} {'has no' if config.use_dora else 'has a'} "
+                "lora_magnitude_vector key"
+            )
+        if module.kind == "embedding":
+            if "lora_B.bias" in roles:
+                raise AdapterError(f"{source}: embedding {module.path!r} has a lora_B.bias (PEFT has none)")
+            continue
+        if "lora_B.bias" in roles and not config.lora_bias:
+            raise AdapterError(
+                f"{source}: key {module.keys['lora_B.bias']!r} is a lora_B bias, but adapter_config.json "
+                "does not set lora_bias"
+            )
+        if config.lora_bias and "lora_B.bias" not in roles:
+            raise AdapterError(
+                f"{source}: adapter_config.json sets lora_bias, but module {module.path!r} has no "
+                "lora_B.bias key"
+            )
+
+
+def _shape(values: tuple[int, ...]) -> str:
+    return str(tuple(int(v) for v in values))
+
+
+class _Planner:
+    """Accumulates branches, tensors and extras module by module."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        index: GraphIndex,
+        config: PeftAdapterConfig,
+        weights: SafetensorsFile,
+        adapter: str,
+        scalings: Mapping[str, SiteScaling],
+    ) -> None:
+        self.model, self.index, self.config, self.weights, self.adapter = (
+            model,
+            index,
+            config,
+            weights,
+            adapter,
+        )
+        self.scalings = scalings
+        self.source = str(weights.path)
+        self.branches: list[BranchPlan] = []
+        self.values: dict[str, np.ndarray] = {}
+        self.extras: dict[str, PeftBranchExtras] = {}
+        self.warnings: list[str] = []
+
+    def _read(self, key: str) -> np.ndarray:
+        return np.asarray(self.weights.read(key))
+
+    def _check(self, key: str, site: Site, expected: tuple[int, ...], what: str = "") -> None:
+        actual = self.weights.tensors[key].shape
+        if actual != expected:
+            weight = site.weight
+            raise AdapterError(
+                f"{self.source}: key {key!r} has shape {_shape(actual)}, but {what or 'it'} needs "
+                f"{_shape(expected)} for {site.op} node {site.node!r} ({site.module_path}, weight "
+                f"{weight.initializer!r} {_shape(weight.node_shape)})"
+            )
+
+    def _unique_stem(self, wanted: str, suffixes: tuple[str, ...]) -> str:
+        stem, number = wanted, 0
+        while not all(self.index.is_free(stem + suffix) for suffix in suffixes):
+            number += 1
+            stem = f"{wanted}_{number}"
+        for suffix in suffixes:
+            self.index.reserve(stem + suffix)
+        return stem
+
+    def add(self, match: ModuleMatch) -> None:
+        module = match.module
+        embedding = module.kind == "embedding"
+        a_key = module.key("lora_embedding_A" if embedding else "lora_A")
+        b_key = module.key("lora_embedding_B" if embedding else "lora_B")
+        rank = self.config.rank_for(module.path)
+        alpha = self.config.alpha_for(module.path)
+        scale = self.config.scale(rank, alpha)
+        for site in match.sites:
+            self._check_site(module, site, rank, a_key, b_key)
+        first = match.sites[0]
+        factor = self._factor(match)
+        a_peft, b_peft = self._read(a_key), self._read(b_key)
+        if first.op == "Conv":
+            a, b = a_peft, b_peft  # PEFT's conv layouts are lora-onnx's (A with group 1)
+        else:
+            a, b = a_peft.T, b_peft.T  # (r, in) -> (in, r), (out, r) -> (r, out); embeddings alike
+        dtype = np_dtype(first.dtype)
+        a, b = np.ascontiguousarray(a, dtype), np.ascontiguousarray(b, dtype)
+        b_unscaled = b
+        if factor is not None:
+            # A BatchNorm folded into the weight scales each output channel by f, PEFT's branch with it.
+            axis_shape = (-1, *([1] * (b.ndim - 1))) if first.op == "Conv" else (1, -1)
+            b = np.ascontiguousarray(np.asarray(b, np.float64) * factor.reshape(axis_shape), dtype)
+
+        names = (
+            (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
+        )
+        optional = tuple(
+            suffix
+            for role, suffix in (
+                ("lora_magnitude_vector", ".lora_magnitude_vector"),
+                ("lora_B.bias", ".lora_B.bias"),
+            )
+            if role in module.keys
+        )
+        stem = self._unique_stem(tensor_stem(match.graph_path, self.adapter), (*names, *optional))
+        a_name, b_name = stem + names[0], stem + names[1]
+        self.values[a_name], self.values[b_name] = a, b
+        magnitude = lora_bias = ""
+        if "lora_magnitude_vector" in module.keys:
+            magnitude = stem + ".lora_magnitude_vector"
+            self.values[magnitude] = np.asarray(self._read(module.key("lora_magnitude_vector")), dtype)
+        if "lora_B.bias" in module.keys:
+            lora_bias = stem + ".lora_B.bias"
+            bias = np.asarray(self._read(module.key("lora_B.bias")), np.float64)
+            self.values[lora_bias] = np.asarray(bias * factor if factor is not None else bias, dtype)
+
+        norms: dict[str, str] = {}  # one DoRA norm per distinct weight (a module run twice may share one)
+        for site in match.sites:
+            norm = ""
+            if magnitude:
+                norm = norms.get(site.weight.initializer, "")
+                if not norm:
+                    norm = self.index.unique_name(stem + ".lora_weight_norm")
+                    shape = self.weights.tensors[module.key("lora_magnitude_vector")].shape
+                    scaling = self.scalings.get(site.node)
+                    original = scaling.original if scaling is not None and factor is not None else None
+                    self.values[norm] = weight_norm(
+                        self.model, site, a, b_unscaled, scale, shape, weight=original
+                    ).astype(dtype)
+                    norms[site.weight.initializer] = norm
+            conv = site.op == "Conv"
+            self.branches.append(
+                BranchPlan(
+                    site=site,
+                    adapter=self.adapter,
+                    rank=rank,
+                    alpha=alpha,
+                    scale=scale,
+                    stem=stem,
+                    a_name=a_name,
+                    b_name=b_name,
+                    a_group=1,
+                    b_group=site.group if conv else 1,
+                )
+            )
+            self.extras[site.node] = PeftBranchExtras(
+                adapter_path=module.path,
+                magnitude=magnitude,
+                weight_norm=norm,
+                lora_bias=lora_bias,
+                base_bias=_base_bias(self.index, site),
+            )
+            if conv and site.conv is not None and any(d != 1 for d in site.conv.dilations):
+                self.warnings.append(
+                    f"{site.module_path}: dilated conv (dilations {list(site.conv.dilations)}): the "
+                    "branch's conv A uses the base's dilation, which PEFT's forward does not (peft issue "
+                    "3697); outputs equal PEFT's merged model"
+                )
+
+    def _factor(self, match: ModuleMatch) -> np.ndarray | None:
+        """The per-output-channel factor of the module's sites (None: plain), the same for all of them."""
+        found = [
+            self.scalings[site.node].factor if site.node in self.scalings else None for site in match.sites
+        ]
+        first = found[0]
+        for site, other in zip(match.sites, found, strict=True):
+            same = (first is None) == (other is None) and (first is None or np.allclose(first, other))
+            if not same:
+                raise AdapterError(
+                    f"{self.source}: module {match.module.path!r} runs at several nodes whose weights fold "
+                    f"different per-channel factors ({match.sites[0].node!r}, {site.node!r}); one branch "
+                    "cannot serve both: re-export without the BatchNorm folded"
+                )
+        return first
+
+    def _check_site(self, module: AdapterModule, site: Site, rank: int, a_key: str, b_key: str) -> None:
+        """Every tensor of ``module`` against one of its sites, in PEFT's layouts."""
+        if site.gemm is not None and (site.gemm.alpha != 1.0 or site.gemm.beta != 1.0):
+            raise AdapterError(
+                f"{self.source}: module {module.path!r} is Gemm node {site.node!r} with "
+                f"alpha={site.gemm.alpha}, beta={site.gemm.beta}: its stored weight is not the PyTorch "
+                "module's, so PEFT's tensors do not apply to it"
+            )
+        in_f, out_f = site.in_features, site.out_features
+        rank_note = f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
+        if site.op == "Gather":
+            self._check(a_key, site, (rank, in_f), rank_note)
+            self._check(b_key, site, (out_f, rank), rank_note)
+            magnitude_shape: tuple[int, ...] = (out_f,)
+            base_shape: tuple[int, ...] = (in_f, out_f)
+        elif site.op == "Conv":
+            group = site.group
+            if rank % group:
+                raise AdapterError(
+                    f"{self.source}: module {module.path!r}: rank {rank} is not a multiple of the groups "
+                    f"({group}) of conv node {site.node!r}; PEFT requires it"
+                )
+            ones = tuple(1 for _ in site.kernel)
+            self._check(a_key, site, (rank, in_f, *site.kernel), rank_note)
+            self._check(b_key, site, (out_f, rank // group, *ones), rank_note)
+            magnitude_shape = (1, out_f, *ones)
+            base_shape = site.weight.node_shape
+        else:
+            self._check(a_key, site, (rank, in_f), rank_note)
+            self._check(b_key, site, (out_f, rank), rank_note)
+            magnitude_shape = (out_f,)
+            base_shape = (out_f, in_f)
+        if "lora_magnitude_vector" in module.keys:
+            self._check(module.key("lora_magnitude_vector"), site, magnitude_shape, "its DoRA magnitude")
+        if "lora_B.bias" in module.keys:
+            self._check(module.key("lora_B.bias"), site, (out_f,), "its lora_B bias")
+        if module.base_weight is not None:
+            # PEFT saves targeted embedding / lm_head weights whole; a different shape means a resized vocab.
+            self._check(module.base_weight, site, base_shape, "the saved base weight (a resized vocabulary?)")
+
+
+def _base_bias(index: GraphIndex, site: Site) -> str:
+    """The value the base node adds as its bias, "" when it adds none."""
+    if site.op in ("Gemm", "Conv"):
+        node = index.nodes[site.node]
+        return node.input[2] if len(node.input) > 2 else ""
+    if site.bias_add is not None:
+        add = index.nodes[site.bias_add]
+        mm_out = index.nodes[site.node].output[0]
+        return add.input[1] if add.input[0] == mm_out else add.input[0]
+    return ""

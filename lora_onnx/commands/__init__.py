@@ -1,0 +1,1 @@
+"""One module per command: inject, apply (PEFT), merge, inject-mixed, slots, inspect, batch."""

@@ -1,0 +1,1 @@
+"""Helpers every layer may use: parser constants, nearest names, finite checks, JSON, atomic writes."""

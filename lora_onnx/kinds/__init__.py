@@ -1,0 +1,1 @@
+"""Op kinds: what each kind of node (MatMul, Gemm, Conv, ...) needs to take, fold and export a LoRA branch."""

@@ -1,0 +1,335 @@
+"""Load a model's graph without its weights.
+
+Everything downstream works on a graph-only ``ModelProto``: initializers stored as external data keep just
+their metadata (dims, data type, location), so a multi-GB model costs what its graph costs. Loading also
+checks what a later stage would otherwise trip over: a missing or truncated data file, a location that
+escapes the model's folder (by ``..``, an absolute path or a symbolic link), malformed external_data
+entries, a graph that is not topologically sorted or refers to undefined values, and a lora-onnx
+manifest that is malformed or names nodes / tensors the graph lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from lora_onnx.common import progress
+from lora_onnx.errors import FoldError, LoraOnnxError, ModelLoadError
+from lora_onnx.model.manifest import check_branches
+from lora_onnx.model.tensors import (
+    ExternalRef,
+    data_file,
+    external_ref,
+    nbytes,
+    read_array,
+    shape_of,
+    type_name,
+)
+
+#: Produces a tensor's new value when the model is saved (folding streams one weight at a time).
+TensorProducer = Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A graph-only model and the folder its external data locations are relative to.
+
+    ``proto`` is owned by this record: stages copy it before they change it, so a caller's model is
+    never modified. ``path`` is the file it came from (None for a model built in memory). ``overrides``
+    maps initializer names to producers of their new values, computed only when the model is saved.
+    """
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    base_dir: Path | None = None
+    overrides: Mapping[str, TensorProducer] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """A short label for messages: the file name, or the graph name for in-memory models."""
+        return self.path.name if self.path else (self.proto.graph.name or "<in-memory model>")
+
+    def external_files(self) -> list[Path]:
+        """Every data file the model's initializers refer to, resolved against ``base_dir``."""
+        if self.base_dir is None:
+            return []
+        locations = {ref.location for ref in self.external_refs().values()}
+        return [self.base_dir / location for location in sorted(locations)]
+
+    def external_refs(self) -> dict[str, ExternalRef]:
+        """Tensor name -> where its bytes live, for tensors stored as external data."""
+        refs = {}
+        for tensor in all_tensors(self.proto.graph):
+            ref = external_ref(tensor)
+            if ref is not None:
+                refs[tensor.name] = ref
+        return refs
+
+    def initializer(self, name: str) -> onnx.TensorProto:
+        for tensor in self.proto.graph.initializer:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(name)
+
+    def array(self, name: str) -> np.ndarray:
+        """An initializer's current value (an override's, else read or memory-mapped from the source)."""
+        if name in self.overrides:
+            return self.overrides[name]()
+        return read_array(self.initializer(name), self.base_dir, self.path)
+
+    def with_proto(
+        self, proto: onnx.ModelProto, overrides: Mapping[str, TensorProducer] | None = None
+    ) -> LoadedModel:
+        """The same source (path, data folder) with another graph, e.g. a rewritten copy.
+
+        Overrides carry over, plus ``overrides``, except those of tensors ``proto`` no longer has.
+        """
+        present = {tensor.name for tensor in proto.graph.initializer}
+        merged = {k: v for k, v in {**self.overrides, **(overrides or {})}.items() if k in present}
+        return LoadedModel(proto=proto, path=self.path, base_dir=self.base_dir, overrides=merged)
+
+
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes (Constant values), including those of subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from all_tensors(sub)
+
+
+ModelLike = str | os.PathLike | onnx.ModelProto | LoadedModel
+
+
+def load_model(
+    model: ModelLike, *, base_dir: str | os.PathLike | None = None, check_manifest: bool = True
+) -> LoadedModel:
+    """Load ``model`` (a path, a ``ModelProto`` or a :class:`LoadedModel`) graph-only and check it.
+
+    A ``ModelProto`` is copied, so the caller's object is never modified; pass ``base_dir`` when its
+    initializers refer to external data. Raises :class:`ModelLoadError` with a one-line reason, also
+    for a lora-onnx manifest that is malformed or names nodes / tensors the graph lacks (unless
+    ``check_manifest`` is False: comparing outputs does not need it).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        loaded = LoadedModel(proto, None, Path(base_dir) if base_dir is not None else None)
+    else:
+        path = Path(model)
+        loaded = LoadedModel(_read_graph(path), path, path.parent)
+    _name_unnamed_nodes(loaded.proto.graph)
+    _check_graph(loaded)
+    _check_external_data(loaded)
+    if check_manifest:
+        try:
+            check_branches(loaded.proto)
+        except FoldError as exc:  # the graph lacks what the manifest records
+            raise FoldError(f"{loaded.name}: {exc}") from exc
+        except LoraOnnxError as exc:  # the manifest itself is malformed
+            raise ModelLoadError(f"{loaded.name}: {exc}") from exc
+    return loaded
+
+
+def _read_graph(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an .onnx file")
+    try:
+        data = _read_bytes(path)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror})") from exc
+    proto = onnx.ModelProto()
+    try:
+        with progress.step(f"parsing {path.name}"):
+            proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated ({exc})") from exc
+    if not proto.graph.node or not proto.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated (the graph is empty)")
+    _check_opsets(path, proto)
+    return proto
+
+
+_READ_CHUNK = 16 << 20
+
+
+def _read_bytes(path: Path) -> bytearray:
+    """The file's bytes, read in chunks so that reading a big graph reports progress."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        data = bytearray(size)
+        view = memoryview(data)
+        done = 0
+        with progress.step(f"reading {path.name}", total=size, unit="bytes") as advance:
+            while done < size:
+                count = file.readinto(view[done : done + _READ_CHUNK])
+                if not count:
+                    break  # the file shrank while being read: parsing reports the truncation
+                done += count
+                advance(count)
+        view.release()
+    return data[:done] if done < size else data
+
+
+def _check_opsets(path: Path, proto: onnx.ModelProto) -> None:
+    """Protobuf parses a file cut at a top-level field boundary: a cut right after the graph loses
+    opset_import (which follows it) yet parses cleanly, so a complete-looking graph needs its opsets."""
+    if not proto.opset_import:
+        raise ModelLoadError(
+            f"{path}: the model imports no opset (opset_import is empty); the file is truncated or not a "
+            "complete ONNX model"
+        )
+    imported = {entry.domain or "ai.onnx" for entry in proto.opset_import}
+    for index, node in enumerate(proto.graph.node):
+        if (node.domain or "ai.onnx") not in imported:
+            raise ModelLoadError(
+                f"{path}: node {node.name or f'#{index}'!r} ({node.op_type}) is in domain {node.domain!r}, "
+                f"which the model does not import ({', '.join(sorted(imported))}); the file may be truncated"
+            )
+
+
+def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name: sites, reports and branch records refer to nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{index}"
+            name, suffix = base, 0
+            while name in seen:
+                suffix += 1
+                name = f"{base}_{suffix}"
+            node.name = name
+        seen.add(node.name)
+
+
+def _check_graph(model: LoadedModel) -> None:
+    """Every node input must be defined before use: catches truncation and unsorted graphs early."""
+    graph = model.proto.graph
+    defined = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    defined |= {sparse.values.name for sparse in graph.sparse_initializer}  # named by its values
+    defined.add("")
+    for node in graph.node:
+        for name in node.input:
+            if name not in defined:
+                raise ModelLoadError(
+                    f"{model.name}: node {node.name!r} ({node.op_type}) uses {name!r}, which no earlier "
+                    "node, input or initializer defines (the file may be truncated or the graph unsorted)"
+                )
+        defined.update(node.output)
+    for output in graph.output:
+        if output.name not in defined:
+            raise ModelLoadError(f"{model.name}: graph output {output.name!r} is never computed")
+
+
+def _check_external_data(model: LoadedModel) -> None:
+    """Every external tensor's entries, file and byte range, as onnxruntime will need them.
+
+    One line names the tensor and the file: a location that is not a regular file inside the model's
+    folder (a folder, a symbolic link leading out, ``..``), malformed entries, a ``length`` other than
+    the tensor's size (dims x dtype), or a file too short for ``offset`` + size with or without ``length``.
+    """
+    _refuse_unsupported_external(model)
+    # every tensor, not external_refs() (keyed by name: a second tensor of one name must not slip by)
+    external: list[tuple[onnx.TensorProto, ExternalRef]] = []
+    for tensor in all_tensors(model.proto.graph):
+        try:
+            ref = external_ref(tensor)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{model.name}: {exc}") from exc
+        if ref is not None:
+            external.append((tensor, ref))
+    if not external:
+        return
+    if model.base_dir is None:
+        raise ModelLoadError(
+            f"{model.name}: initializer {external[0][0].name!r} is stored as external data; load the model "
+            "from its file or pass base_dir="
+        )
+    sizes: dict[Path, int] = {}
+    resolved: dict[str, Path] = {}  # one resolve per file, not per tensor (LLMs: thousands share one)
+    for tensor, ref in external:
+        what = f"initializer {tensor.name!r}"
+        file = model.base_dir / ref.location
+        if ref.location not in resolved:
+            try:
+                resolved[ref.location] = data_file(model.base_dir, ref.location, what, model.path)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{model.name}: {exc}") from exc
+        target = resolved[ref.location]
+        size = _stored_size(model, tensor, f"{what} (in {file})")
+        if ref.length is not None and ref.length != size:
+            raise ModelLoadError(
+                f"{model.name}: {what} declares external_data length {ref.length} in {file}, but its "
+                f"shape {list(shape_of(tensor))} of {type_name(tensor.data_type)} takes {size} bytes"
+            )
+        if target not in sizes:
+            sizes[target] = target.stat().st_size
+        if ref.offset + size > sizes[target]:
+            raise ModelLoadError(
+                f"{model.name}: external data file {file} is truncated: {what} needs bytes "
+                f"{ref.offset}..{ref.offset + size} but the file has {sizes[target]}"
+            )
+
+
+def _stored_size(model: LoadedModel, tensor: onnx.TensorProto, what: str) -> int:
+    """The bytes an external tensor's values take; refuses types without a fixed size, negative dims."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or (
+        tensor.data_type not in onnx.TensorProto.DataType.values()
+    ):
+        raise ModelLoadError(
+            f"{model.name}: {what} is stored as external data with element type {tensor.data_type} "
+            f"({_type_label(tensor.data_type)}), which has no fixed byte size (onnx keeps such tensors "
+            "inline)"
+        )
+    if any(dim < 0 for dim in tensor.dims):
+        raise ModelLoadError(f"{model.name}: {what} has a negative dimension {list(tensor.dims)}")
+    return nbytes(tensor)
+
+
+def _type_label(data_type: int) -> str:
+    return type_name(data_type) if data_type in onnx.TensorProto.DataType.values() else "unknown"
+
+
+def _refuse_unsupported_external(model: LoadedModel) -> None:
+    """External data lora-onnx would neither check nor carry along: sparse tensors, function constants."""
+    graph = model.proto.graph
+    places: list[tuple[str, onnx.TensorProto]] = []
+    for sparse in graph.sparse_initializer:
+        places += [("sparse initializer", sparse.values), ("sparse initializer", sparse.indices)]
+    for node in _all_nodes(graph):
+        for attr in node.attribute:
+            for sparse in (attr.sparse_tensor, *attr.sparse_tensors):
+                places += [(f"node {node.name!r}", sparse.values), (f"node {node.name!r}", sparse.indices)]
+    for function in model.proto.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                places += [(f"function {function.name!r}", t) for t in (attr.t, *attr.tensors)]
+    for where, tensor in places:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelLoadError(
+                f"{model.name}: {where} stores tensor {tensor.name!r} as external data, which lora-onnx "
+                "does not support there; save the model with that tensor inline"
+            )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                yield from _all_nodes(sub)

@@ -1,0 +1,1 @@
+"""Proofs in onnxruntime: inputs, tolerances, sessions and the comparison of every output."""

@@ -1,0 +1,221 @@
+"""Batch rows: which axis of each graph input and output is the batch, and which sites keep rows apart.
+
+A mixed-batch branch (:mod:`lora_onnx.stages.stacked`) gives every batch row its own adapter, so it must know,
+at each site, which part of the data input belongs to which row. It assumes *batch-major* rows: viewed
+as ``[B, -1, in]`` (dense) or ``[B, C, ...]`` (conv), block ``i`` holds row ``i`` only. That covers
+``[B, S, in]`` MatMul inputs and the ``[B*S, in]`` inputs of 2-D Gemms between Reshapes, but not a site
+whose input lost or moved the batch dim (a sequence-first layout, a batch-independent constant path).
+
+Graph structure alone cannot show that in general, so :func:`probe_sites` checks it in onnxruntime:
+the base model runs on a 3-row batch, on its first 2 rows, and on the 3 rows with rows 0 and 2 replaced;
+a site passes when its input has the same number of rows per batch row at batch 3 and 2, blocks 0 and 1
+agree between the 3- and 2-row runs (they do not see row 2), and block 1 is unchanged when rows 0 and 2
+change. Sites that fail are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lora_onnx.errors import LoraOnnxError, TargetError
+from lora_onnx.model.load import LoadedModel
+from lora_onnx.proofs.inputs import make_inputs
+from lora_onnx.proofs.validation import (
+    create_session,
+    input_specs,
+    parse_providers,
+    run_model,
+    session_source,
+)
+from lora_onnx.sites.find import Site, Skipped
+from lora_onnx.stages.stacked import BatchAxes  # the record the stacked form is built for
+
+#: Batch sizes of the probe runs (3 rows, and its first 2).
+PROBE_ROWS = 3
+#: Two runs' blocks agree when max|a - b| <= PROBE_RTOL * max|a| + PROBE_ATOL (different batch sizes
+#: may take different kernel paths; a row that leaks into another changes it by far more).
+PROBE_RTOL, PROBE_ATOL = 1e-4, 1e-6
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The probe's verdict: sites whose input keeps batch rows apart, the others (with the reason), and
+    ``batched``, the dense sites whose input already is ``[B, k, in]`` (no reshape needed to split rows)."""
+
+    kept: tuple[Site, ...]
+    skipped: tuple[Skipped, ...]
+    batched: frozenset[str] = frozenset()
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return []
+    return [
+        d.dim_param if d.HasField("dim_param") else (int(d.dim_value) if d.HasField("dim_value") else None)
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxes:
+    """The model's batch dim: the symbolic dim most graph inputs have first (inputs backed by
+    initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim."""
+    graph = model.proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers and v.name not in exclude]
+    firsts = Counter(dims[0] for v in inputs if (dims := _dims(v)) and isinstance(dims[0], str) and dims[0])
+    if not firsts:
+        shapes = ", ".join(f"{v.name} {_dims(v)}" for v in inputs[:3]) or "no inputs"
+        raise TargetError(
+            f"{model.name}: mixed batches need a symbolic batch dim as the first dim of the graph inputs "
+            f"(the index input has one entry per batch row), but the inputs are {shapes}"
+        )
+    name = firsts.most_common(1)[0][0]
+    in_axes = {v.name: _dims(v).index(name) for v in inputs if name in _dims(v)}
+    out_axes = {v.name: _dims(v).index(name) if name in _dims(v) else None for v in graph.output}
+    return BatchAxes(name, in_axes, out_axes)
+
+
+def take_rows(
+    feeds: Mapping[str, np.ndarray], axes: BatchAxes, rows: slice | Sequence[int]
+) -> dict[str, np.ndarray]:
+    """``feeds`` restricted to batch ``rows`` (inputs without a batch axis unchanged)."""
+    taken = {}
+    for name, value in feeds.items():
+        axis = axes.inputs.get(name)
+        if axis is None:
+            taken[name] = value
+        else:
+            index = [slice(None)] * value.ndim
+            index[axis] = rows if isinstance(rows, slice) else list(rows)
+            taken[name] = np.ascontiguousarray(value[tuple(index)])
+    return taken
+
+
+def _replace_rows(
+    feeds: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], axes: BatchAxes, rows: Sequence[int]
+) -> dict[str, np.ndarray]:
+    changed = dict(feeds)
+    for name, axis in axes.inputs.items():
+        if name not in feeds:
+            continue
+        value = np.array(feeds[name])
+        index = [slice(None)] * value.ndim
+        index[axis] = list(rows)
+        value[tuple(index)] = other[name][tuple(index)]
+        changed[name] = value
+    return changed
+
+
+def feeds_for(
+    session_specs: Sequence[object], axes: BatchAxes, rows: int, dims: Mapping[str, int] | None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Generated inputs (:func:`lora_onnx.proofs.inputs.make_inputs`) with ``rows`` batch rows."""
+    sizes = {**(dims or {}), axes.name: rows}
+    return make_inputs(session_specs, sizes, seed, strict=True)  # type: ignore[arg-type]
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    both_nan = np.isnan(a64) & np.isnan(b64)
+    diff = np.where(both_nan, 0.0, np.abs(a64 - b64))
+    finite = np.abs(a64[np.isfinite(a64)])
+    scale = float(finite.max()) if finite.size else 0.0
+    return bool(np.all(diff <= PROBE_ATOL + PROBE_RTOL * scale))
+
+
+def _blocks(site: Site, value: np.ndarray, rows: int) -> np.ndarray | str:
+    """``value`` (the site's data input) as one block per batch row, or why it cannot be split so."""
+    if site.gemm is not None and site.gemm.trans_a:
+        value = value.T
+    if site.op == "Conv":
+        if value.ndim < 3 or value.shape[0] != rows:
+            return f"its first dim is {value.shape[0] if value.ndim else None}, not the batch ({rows} rows)"
+        return value
+    width = site.in_features
+    if value.ndim == 0 or value.size % (rows * width):
+        return f"its {value.size} values do not split into {rows} rows of {width}-wide vectors"
+    return value.reshape(rows, -1, width)
+
+
+def probe_sites(
+    model: LoadedModel,
+    sites: Sequence[Site],
+    axes: BatchAxes,
+    *,
+    dims: Mapping[str, int] | None = None,
+    providers: str | Sequence[str] = ("cpu",),
+) -> Probe:
+    """Split ``sites`` into those whose data input is batch-major and those that are not (see the module
+    doc); runs ``model`` three times in onnxruntime on its first provider."""
+    if not sites:
+        return Probe((), ())
+    provider = parse_providers(providers)[0]
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph_inputs = {v.name for v in proto.graph.input}
+    declared = {v.name for v in proto.graph.output}
+    watched = list(dict.fromkeys(s.data_input for s in sites if s.data_input not in graph_inputs))
+    for name in watched:
+        if name not in declared:
+            elem = next(s.dtype for s in sites if s.data_input == name)
+            proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    with ExitStack() as stack:
+        source = session_source(model.with_proto(proto), stack, "probe.onnx")
+        session = create_session(source, provider, f"{model.name} (batch-row probe)")
+        specs = input_specs(session)
+        full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0)
+        other = feeds_for(specs, axes, PROBE_ROWS, dims, seed=1)
+        runs = []
+        for feeds in (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2))):
+            try:
+                outputs = run_model(session, feeds, model.name)
+            except LoraOnnxError as exc:
+                raise LoraOnnxError(f"probing batch rows: {exc}") from exc
+            runs.append({**{k: v for k, v in feeds.items()}, **outputs})
+    kept: list[Site] = []
+    skipped: list[Skipped] = []
+    batched: set[str] = set()
+    for site in sites:
+        reason = _site_reason(site, runs)
+        if reason is None:
+            kept.append(site)
+            # A tensor's rank is fixed by the graph, and the probe saw dim 0 follow the batch.
+            shapes = [run[site.data_input].shape for run in runs[:2]]
+            three_d = site.op == "MatMul" and all(len(s) == 3 for s in shapes)
+            if three_d and (shapes[0][0], shapes[1][0]) == (PROBE_ROWS, 2):
+                batched.add(site.node)
+        else:
+            skipped.append(
+                Skipped(site.node, site.op, site.module_path, f"input {site.data_input!r}: {reason}")
+            )
+    return Probe(tuple(kept), tuple(skipped), frozenset(batched))
+
+
+def _site_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]]) -> str | None:
+    three, two, changed = (run[site.data_input] for run in runs)
+    blocks = [_blocks(site, value, rows) for value, rows in ((three, 3), (two, 2), (changed, 3))]
+    for item in blocks:
+        if isinstance(item, str):
+            return f"{item}, so rows cannot be told apart"
+    b3, b2, bc = blocks
+    assert not isinstance(b3, str) and not isinstance(b2, str) and not isinstance(bc, str)
+    if b3.shape[1:] != b2.shape[1:]:
+        return (
+            f"it does not grow with the batch ({list(three.shape)} at batch 3, {list(two.shape)} at "
+            "batch 2), so it has no batch dim to split rows by"
+        )
+    if not (_close(b3[0], b2[0]) and _close(b3[1], b2[1]) and _close(b3[1], bc[1])):
+        return (
+            "its rows mix batch rows (a row's block changes when another row changes): the batch is not "
+            "its leading dim"
+        )
+    return None

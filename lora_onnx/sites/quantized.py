@@ -1,0 +1,289 @@
+"""Quantized bases: float LoRA branches beside QDQ and MatMulNBits nodes, and folding them.
+
+A quantized base keeps its quantized weight and its fast integer kernel; the branch beside it is float,
+in the node's activation type (QLoRA's arrangement). Sites:
+
+- QDQ: a MatMul / Gemm / Conv whose weight comes through ``DequantizeLinear`` (per tensor, per channel
+  or blocked; possibly with a Transpose after it) is an ordinary site, found by
+  :func:`lora_onnx.model.weights.resolve_weight`: shapes are the quantized tensor's, the type the
+  dequantized one's.
+- ``com.microsoft.MatMulNBits`` (op key ``matmulnbits``): in = K, out = N from the node's attributes,
+  the type from its scales; the branch is the dense MatMul branch, joined after the node (its bias is
+  inside it) or after a following bias Add.
+
+Folding into a quantized weight would mean re-quantizing ``W + delta``, which changes the base's own
+numerics, so it is refused with that reason unless the user asks for a dequantized float result
+(``merge --dequantize``): the weight is then written in float (the dequantized value plus the delta,
+streamed block by block), the DequantizeLinear is removed, and a MatMulNBits becomes a MatMul (plus an
+Add for its bias). The float weight keeps the quantized initializer's name, so branch records stay valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lora_onnx.model.dequantize import (
+    PACKED_TYPES,
+    DequantizeStep,
+    NBitsNode,
+    NBitsRows,
+    QdqRows,
+    dequantize_step,
+    nbits_node,
+)
+from lora_onnx.model.graph import GraphIndex, retain
+from lora_onnx.model.load import LoadedModel
+from lora_onnx.model.manifest import BranchRecord, read_branches
+from lora_onnx.model.module_paths import module_path
+from lora_onnx.model.streaming import FloatSource
+from lora_onnx.model.tensors import np_dtype, shape_of, type_name
+from lora_onnx.model.weights import WeightRef, resolve_weight
+from lora_onnx.sites.find import Site, _join_after_bias
+
+#: Suffixes onnxruntime's quantizers add to a weight's name (``fc.weight_Q4``, ``fc.weight_quantized``).
+_QUANT_SUFFIXES = ("_DQ_Q4", "_DQ_Q8", "_Q2", "_Q4", "_Q8", "_quantized")
+_T = onnx.TensorProto
+#: Types DequantizeLinear inputs may have that a dequantized fold can read.
+_READABLE = {_T.INT8, _T.UINT8, _T.INT16, _T.UINT16, _T.INT32, *PACKED_TYPES} | {
+    getattr(_T, name)
+    for name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+    if hasattr(_T, name)
+}
+
+
+def parameter_name(weight: str) -> str:
+    """``fc.weight`` from ``fc.weight_Q4``: the float parameter a quantizer named the tensor after."""
+    for suffix in _QUANT_SUFFIXES:
+        if weight.endswith(suffix):
+            return weight[: -len(suffix)]
+    return weight
+
+
+def matmulnbits_site(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+    """A MatMulNBits node as a dense site (in = K, out = N), or the reason it cannot take a branch."""
+    info = nbits_node(index, node)
+    if isinstance(info, str):
+        return info
+    data = node.input[0]
+    if index.is_constant(data):
+        return "the data input is a constant"
+    b = index.initializers[info.b]
+    dtype = index.initializers[info.scales].data_type
+    weight = WeightRef(
+        initializer=info.b,
+        source_shape=shape_of(b),
+        source_dtype=b.data_type,
+        node_shape=(info.k, info.n),
+        node_dtype=dtype,
+    )
+    path = module_path(index, node, parameter_name(info.b))
+    output, bias_add = (node.output[0], None) if info.bias else _join_after_bias(index, node, info.n)
+    return Site(
+        node.name, "MatMulNBits", path, data, output, weight, "in,out", info.k, info.n, bias_add=bias_add
+    )
+
+
+# ---- folding -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """How a branch's weight is quantized: a DequantizeLinear step, or its MatMulNBits node."""
+
+    weight: str
+    step: DequantizeStep | None = None
+    nbits: NBitsNode | None = None
+
+    @property
+    def node(self) -> str:
+        return self.step.node if self.step else self.nbits.node  # type: ignore[union-attr]
+
+    def describe(self, index: GraphIndex) -> str:
+        tensor = index.initializers[self.weight]
+        if self.nbits is not None:
+            return f"{self.nbits.bits}-bit, MatMulNBits {self.nbits.node!r}"
+        return f"{type_name(tensor.data_type)}, DequantizeLinear {self.node!r}"
+
+
+def quantized_weight(index: GraphIndex, branch: BranchRecord) -> QuantizedWeight | None:
+    """The quantization of ``branch``'s weight as the graph has it now; None for a float weight."""
+    node = index.nodes.get(branch.site)
+    if node is None:
+        return None
+    if node.op_type == "MatMulNBits":
+        info = nbits_node(index, node)
+        return QuantizedWeight(branch.weight, nbits=info) if not isinstance(info, str) else None
+    if len(node.input) < 2:
+        return None
+    ref = resolve_weight(index, node.input[1])
+    if isinstance(ref, str) or ref.dequantize is None:
+        return None
+    step = dequantize_step(index, index.nodes[ref.dequantize])
+    return QuantizedWeight(ref.initializer, step=step) if not isinstance(step, str) else None
+
+
+def _dequantize_blocker(index: GraphIndex, quantized: QuantizedWeight) -> str | None:
+    """Why a dequantized fold of this weight is impossible, or None."""
+    users = index.consumers.get(quantized.weight, [])
+    if len(users) != 1:
+        names = ", ".join(repr(user.name) for user in users)
+        return f"its quantized weight {quantized.weight!r} feeds several nodes ({names})"
+    tensor = index.initializers[quantized.weight]
+    if quantized.nbits is not None:
+        if quantized.nbits.g_idx:
+            return (
+                f"MatMulNBits {quantized.node!r} has a g_idx (act-order) input, which cannot be dequantized"
+            )
+        return None
+    step = quantized.step
+    assert step is not None
+    if users[0].name != step.node:
+        return (
+            f"{users[0].op_type} {users[0].name!r} sits between the quantized weight and its DequantizeLinear"
+        )
+    if tensor.data_type not in _READABLE:
+        return (
+            f"its quantized weight has type {type_name(tensor.data_type)}, which cannot be dequantized here"
+        )
+    if index.nodes[step.node].output[0] in index.graph_outputs:
+        return f"the output of DequantizeLinear {step.node!r} is also a graph output"
+    return None
+
+
+def fold_refusals(
+    index: GraphIndex, chosen: Sequence[BranchRecord], dequantize: bool
+) -> dict[BranchRecord, str]:
+    """Branches on quantized weights that cannot be folded (all of them unless ``dequantize``), and why."""
+    reasons: dict[BranchRecord, str] = {}
+    for branch in chosen:
+        quantized = quantized_weight(index, branch)
+        if quantized is None:
+            continue
+        if not dequantize:
+            reasons[branch] = (
+                f"its weight {quantized.weight!r} is quantized ({quantized.describe(index)}); folding into "
+                "it would mean re-quantizing and changing the base, so merge with --dequantize for a float "
+                "weight, or keep the branch"
+            )
+            continue
+        blocker = _dequantize_blocker(index, quantized)
+        if blocker:
+            reasons[branch] = f"cannot write a dequantized weight: {blocker}"
+    return reasons
+
+
+def dequantize_folded(
+    proto: onnx.ModelProto, index: GraphIndex, model: LoadedModel, folding: Sequence[BranchRecord]
+) -> dict[str, FloatSource]:
+    """Make every quantized weight among ``folding`` a float weight in ``proto``'s graph.
+
+    ``index`` indexes the source graph (``model.proto``). Removes each DequantizeLinear (its consumers
+    read the weight directly) and replaces each MatMulNBits by a MatMul (+ Add for a bias); changes the
+    weight initializer's type (and, for MatMulNBits, shape to (K, N)); drops scales and zero points no
+    node uses any more. Returns, per weight, the float source the fold adds its deltas to.
+    """
+    sources: dict[str, FloatSource] = {}
+    done: set[str] = set()
+    for branch in folding:
+        quantized = quantized_weight(index, branch)
+        if quantized is None or quantized.weight in done:
+            continue
+        done.add(quantized.weight)
+        tensor = next(t for t in proto.graph.initializer if t.name == quantized.weight)
+        if quantized.step is not None:
+            sources[quantized.weight] = _remove_dequantize(proto, tensor, quantized.step, model)
+        else:
+            assert quantized.nbits is not None
+            sources[quantized.weight] = _replace_nbits(proto, tensor, quantized.nbits, index, model)
+    if done:
+        _drop_unused_initializers(proto, index)
+    return sources
+
+
+def _remove_dequantize(
+    proto: onnx.ModelProto, tensor: onnx.TensorProto, step: DequantizeStep, model: LoadedModel
+) -> FloatSource:
+    graph = proto.graph
+    node = next(n for n in graph.node if n.name == step.node)
+    dequantized = node.output[0]
+    retain(graph.node, lambda n: n.name != step.node)
+    for other in graph.node:
+        for i, value in enumerate(other.input):
+            if value == dequantized:
+                other.input[i] = tensor.name
+    retain(graph.value_info, lambda value: value.name != dequantized)
+    shape = shape_of(tensor)
+    _retype(tensor, step.dtype, shape)
+    return FloatSource(shape, np_dtype(step.dtype), lambda: QdqRows(model, step))
+
+
+def _replace_nbits(
+    proto: onnx.ModelProto, tensor: onnx.TensorProto, info: NBitsNode, index: GraphIndex, model: LoadedModel
+) -> FloatSource:
+    graph = proto.graph
+    position = next(i for i, n in enumerate(graph.node) if n.name == info.node)
+    old = graph.node[position]
+    output = old.output[0]
+    replacement = [helper.make_node("MatMul", [old.input[0], tensor.name], [output], info.node)]
+    if info.bias:
+        product = index.unique_name(f"{info.node}.matmul_output")
+        replacement[0].output[0] = product
+        replacement.append(helper.make_node("Add", [product, info.bias], [output], f"{info.node}.bias_add"))
+    nodes = list(graph.node)
+    nodes[position : position + 1] = replacement
+    del graph.node[:]
+    graph.node.extend(nodes)
+    dtype = index.initializers[info.scales].data_type
+    _retype(tensor, dtype, (info.k, info.n))
+    return FloatSource((info.k, info.n), np_dtype(dtype), lambda: NBitsRows(model, info))
+
+
+def _retype(tensor: onnx.TensorProto, dtype: int, shape: tuple[int, ...]) -> None:
+    """Give ``tensor`` a new type and shape; its value comes from the fold's producer at save time."""
+    tensor.data_type = dtype
+    del tensor.dims[:]
+    tensor.dims.extend(shape)
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        tensor.ClearField("raw_data")
+
+
+def _drop_unused_initializers(proto: onnx.ModelProto, index: GraphIndex) -> None:
+    """Remove scales / zero points / g_idx the removed quantized nodes were the last users of."""
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input}
+    used |= {v.name for v in graph.output} | {v.name for v in graph.input}
+    was_used = set(index.consumers)
+    retain(graph.initializer, lambda t: t.name in used or t.name not in was_used)
+
+
+# ---- proofs ------------------------------------------------------------------------------------------
+
+
+def has_quantized_branches(model: LoadedModel, adapters: Collection[str] | None = None) -> bool:
+    """Whether a branch of ``adapters`` (all when None) sits on a quantized weight (its fold then needs
+    ``dequantize``)."""
+    branches = [b for b in read_branches(model.proto) if adapters is None or b.adapter in adapters]
+    if not branches:
+        return False
+    index = GraphIndex(model.proto.graph)
+    return any(quantized_weight(index, branch) is not None for branch in branches)
+
+
+def without_deltas(model: LoadedModel) -> LoadedModel:
+    """``model`` with every constant branch's B set to zero: its outputs are the base's, its fold only
+    dequantizes. Comparing the two in onnxruntime measures how far the quantized kernels are from float.
+    """
+    initializers = {t.name: t for t in model.proto.graph.initializer}
+    overrides = {}
+    for branch in read_branches(model.proto):
+        tensor = initializers.get(branch.b)
+        if tensor is None:  # not a constant (a graph input): nothing to zero
+            continue
+        shape, dtype = shape_of(tensor), np_dtype(tensor.data_type)
+        overrides[branch.b] = lambda shape=shape, dtype=dtype: np.zeros(shape, dtype)
+    return model.with_proto(model.proto, overrides)

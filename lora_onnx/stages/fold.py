@@ -1,0 +1,254 @@
+"""Fold (merge) branches into their base weights: ``W' = W + s * delta`` in the weight's own layout.
+
+The graph edit is immediate (branch nodes and tensors removed, the base output renamed back); the new
+weight values are *producers* run when the model is saved, one weight at a time, reading the old weight
+memory-mapped, computing in float32 and casting back to the weight's type.
+
+A weight can be folded only when every node that uses it (through any Identity / Transpose / Cast chain)
+carries the same set of folded branches; otherwise folding would change a node that has no branch, or
+give two nodes each other's delta. Such branches, and a dense A on a grouped conv (its delta mixes input
+groups), are refused with their reason, or kept in place with a warning when a partial fold is asked for.
+So are branches on quantized weights (QDQ, MatMulNBits) unless ``dequantize`` asks for a float result
+(see :mod:`lora_onnx.sites.quantized`).
+
+What differs per branch variant (slots and stacks refuse, DoRA scales output channels, a ``lora_B.bias``
+folds into the base node's bias) is asked of the variant's plug-in (:mod:`lora_onnx.variants`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from lora_onnx.errors import FoldError
+
+# The delta math lives in lora_onnx.kinds.deltas; re-exported where callers have always found it.
+from lora_onnx.kinds.deltas import branch_delta as branch_delta
+from lora_onnx.kinds.deltas import conv_delta as conv_delta
+from lora_onnx.kinds.deltas import dense_delta as dense_delta
+from lora_onnx.kinds.deltas import folded_weight
+from lora_onnx.model import streaming
+from lora_onnx.model.dequantize import DEQUANTIZE_OPS
+from lora_onnx.model.graph import GraphIndex, rename_output, retain
+from lora_onnx.model.load import LoadedModel, TensorProducer
+from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.model.weights import PASS_THROUGH_OPS
+from lora_onnx.sites import quantized
+from lora_onnx.stages.branch_checks import check_branch_shapes
+from lora_onnx.variants import by_variant, variant_for
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A branch left in place by a partial fold, and why."""
+
+    branch: BranchRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    model: LoadedModel
+    folded: tuple[BranchRecord, ...]
+    kept: tuple[Kept, ...]
+
+
+#: Tolerances for comparing a fold with its unfolded model when folded weights are stored in half precision:
+#: rounding W + delta to float16 / bfloat16 moves outputs by ~1e-3, which float32 output defaults would flag.
+HALF_PRECISION_TOLERANCE = (1e-2, 1e-3)
+_HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
+    """(rtol, atol) for proving ``result`` against its input: None picks the output type's defaults."""
+    weights = {branch.weight for branch in result.folded}
+    stored = {result.model.initializer(name).data_type for name in weights}
+    return HALF_PRECISION_TOLERANCE if stored & set(_HALF_TYPES) else (None, None)
+
+
+#: Readers of a tensor's shape alone: a fold keeps the weight's shape, so they see no change (dynamo's
+#: ``optimize=False`` exports feed a conv weight to a Shape node).
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
+def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
+    """Nodes using ``weight`` directly or through pass-through chains (the chain nodes excluded)."""
+    users, pending = [], [weight]
+    while pending:
+        value = pending.pop()
+        for node in index.consumers.get(value, []):
+            dequantizes = node.op_type in DEQUANTIZE_OPS and node.input[0] == value
+            if node.op_type in PASS_THROUGH_OPS or dequantizes:
+                pending.extend(node.output)
+            elif node.op_type not in SHAPE_ONLY_OPS:
+                users.append(node.name)
+    return users
+
+
+def fold_branches(
+    model: LoadedModel,
+    *,
+    adapters: Collection[str] | None = None,
+    partial: bool = False,
+    dequantize: bool = False,
+    remedy: str = "merge --partial (partial=True) keeps such branches in place",
+) -> FoldResult:
+    """Fold the branches of ``adapters`` (all when None) into their weights; see the module doc.
+
+    ``dequantize`` folds branches on quantized weights too, writing those weights in float. ``remedy``
+    ends the refusal of a branch that cannot be folded: what the caller's user can do about it.
+    """
+    branches = read_branches(model.proto)
+    if not branches:
+        raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
+    chosen = [b for b in branches if adapters is None or b.adapter in adapters]
+    if not chosen:
+        names = sorted({b.adapter for b in branches})
+        raise FoldError(f"no branch of adapter(s) {sorted(adapters or [])}; the model has {names}")
+    # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
+    check_branch_shapes(model, chosen)
+    index = GraphIndex(model.proto.graph)
+    reasons = {**_refusals(index, chosen, branches), **quantized.fold_refusals(index, chosen, dequantize)}
+    if reasons and not partial:
+        first = next(iter(reasons.items()))
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        raise FoldError(
+            f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}{more}; "
+            f"{remedy}"
+        )
+    folding = [b for b in chosen if b not in reasons]
+    kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
+    remaining = tuple(b for b in branches if b not in folding)
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    remove_branches(proto, folding, remaining)
+    sources = quantized.dequantize_folded(proto, index, model, folding)
+    write_branches(proto, remaining)
+    producers = _weight_producers(model, folding, sources)
+    for variant, group in by_variant(folding).items():
+        producers.update(variant.fold_beside_weight(model, proto, group))
+    return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
+
+
+def _refusals(
+    index: GraphIndex, chosen: Sequence[BranchRecord], branches: Sequence[BranchRecord] = ()
+) -> dict[BranchRecord, str]:
+    reasons: dict[BranchRecord, str] = {}
+    for branch in chosen:
+        reason = variant_for(branch).fold_refusal(branch)
+        if reason:
+            reasons[branch] = reason
+        elif branch.weight not in index.initializers:
+            reasons[branch] = f"its weight {branch.weight!r} is no longer an initializer of the graph"
+    by_weight: dict[str, list[BranchRecord]] = defaultdict(list)
+    for branch in chosen:
+        by_weight[branch.weight].append(branch)
+    for weight, group in by_weight.items():
+        per_node: dict[str, set[tuple[str, str, float]]] = defaultdict(set)
+        for branch in group:
+            per_node[branch.site].add((branch.a, branch.b, branch.scale))
+        users = _terminal_users(index, weight) if weight in index.initializers else []
+        bare = [user for user in users if user not in per_node]
+        distinct = {frozenset(deltas) for deltas in per_node.values()}
+        reason = None
+        if bare:
+            reason = f"its weight {weight!r} is shared with node {bare[0]!r}, which has no branch to fold"
+        elif len(distinct) > 1:
+            reason = (
+                f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
+            )
+        else:
+            reason = _weight_refusal(weight, branches or group)
+        if reason:
+            for branch in group:
+                reasons.setdefault(branch, reason)
+    # A weight is folded whole or not at all: one refused branch keeps its weight's other branches too.
+    refused_weights = {b.weight for b in reasons}
+    for branch in chosen:
+        if branch.weight in refused_weights and branch not in reasons:
+            reasons[branch] = f"another branch on its weight {branch.weight!r} cannot be folded"
+    return reasons
+
+
+def _weight_refusal(weight: str, branches: Sequence[BranchRecord]) -> str | None:
+    """What the variants on ``weight`` say against folding its branches together (every branch on it,
+    folded or not: a variant such as DoRA minds deltas that stay unfolded too)."""
+    on_weight = [b for b in branches if b.weight == weight]
+    reasons = (variant.weight_refusal(weight, on_weight) for variant in by_variant(on_weight))
+    return next((reason for reason in reasons if reason), None)
+
+
+def remove_branches(
+    proto: onnx.ModelProto, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
+) -> None:
+    """Take ``folding``'s nodes and tensors out of ``proto`` (in place), reconnecting each base output.
+
+    No weight changes here: folding pairs it with new weight values; :mod:`lora_onnx.stages.slots` uses it
+    alone to drop LoRA slots (which add zeros when no adapter is active).
+    """
+    graph = proto.graph
+    nodes = {node.name: node for node in graph.node}
+    producer = {name: node for node in graph.node for name in node.output}
+    for branch in folding:
+        # The branch's Add may have been renamed by a branch stacked on it later, so rename the base
+        # producer to whatever the Add outputs *now*: the stacked branch then reads the base directly.
+        add, base = nodes.get(branch.nodes[-1]), producer.get(branch.base_join)
+        if add is None or base is None:
+            raise FoldError(
+                f"the branch at node {branch.site!r} is not in the graph as recorded; was the model edited "
+                "after lora-onnx rewrote it?"
+            )
+        joined = add.output[0]
+        rename_output(base, branch.base_join, joined)
+        producer[joined] = base
+    drop_nodes = {name for branch in folding for name in branch.nodes}
+    retain(graph.node, lambda node: node.name not in drop_nodes)
+    kept_values = {name for node in graph.node for name in node.output}
+    dropped_values = {out for name in drop_nodes if name in nodes for out in nodes[name].output} - kept_values
+    still_used = {name for node in graph.node for name in node.input}
+    still_used |= {name for branch in remaining for name in branch.tensors}
+    drop_tensors = {name for branch in folding for name in branch.tensors} - still_used
+    retain(graph.initializer, lambda tensor: tensor.name not in drop_tensors)
+    # Slot branches (lora_onnx.stages.slots) also declare their tensors as graph inputs.
+    retain(graph.input, lambda value: value.name not in drop_tensors)
+    retain(graph.value_info, lambda value: value.name not in dropped_values)
+
+
+def _weight_producers(
+    model: LoadedModel,
+    folding: Sequence[BranchRecord],
+    sources: Mapping[str, streaming.FloatSource] | None = None,
+) -> dict[str, TensorProducer]:
+    # One delta per distinct (A, B, scale) on a weight: a module run twice shares its branch tensors,
+    # and its delta must be added once, not once per node.
+    deltas: dict[str, dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
+    for branch in folding:
+        deltas[branch.weight].setdefault((branch.a, branch.b, branch.scale), branch)
+    sources = sources or {}
+    return {
+        weight: _producer(model, weight, list(group.values()), sources.get(weight))
+        for weight, group in deltas.items()
+    }
+
+
+def _producer(
+    model: LoadedModel, weight: str, branches: list[BranchRecord], source: streaming.FloatSource | None
+) -> TensorProducer:
+    # Streamed in row blocks (lora_onnx.model.streaming): memory stays a few MB even for a GB-sized lm_head.
+    # ``source`` is the dequantized value of a quantized weight (merge --dequantize). A variant that rescales
+    # its weight (DoRA; alone on it, see _refusals) scales each output channel of W + s * delta by its factor.
+    rescaling = next((branch for branch in branches if variant_for(branch).rescales_weight), None)
+    scale = None
+    if rescaling is not None:
+
+        def scale(ndim: int) -> np.ndarray:
+            factor = variant_for(rescaling).channel_factor(model, rescaling, ndim)
+            assert factor is not None  # a variant that rescales its weight gives the factor
+            return factor
+
+    return folded_weight(model, weight, branches, source, channel_scale=scale)

@@ -1,0 +1,197 @@
+"""Insert planned branches into a copy of the graph.
+
+For each site the base output ``y`` is renamed ``y.lora_base`` and a branch re-creates ``y``:
+
+    dense:  y = y.lora_base + MatMul(Mul(MatMul(x', A), s), B)        x' = x, or x^T for Gemm transA=1
+    conv:   y = y.lora_base + ConvB(Mul(ConvA(x), s))
+    gather: y = y.lora_base + MatMul(Mul(Gather(A, ids), s), B)       (embedding lookups, PEFT import)
+
+so every consumer and graph output keeps its name. The scale multiplies the rank-r intermediate, the
+cheapest place for it. New nodes go right after the node producing ``y``, which keeps the graph sorted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lora_onnx.errors import LoraOnnxError
+from lora_onnx.model.graph import GraphIndex, rename_output, splice_nodes
+from lora_onnx.model.load import LoadedModel, TensorProducer
+from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype
+from lora_onnx.recipes.plan import BranchPlan
+from lora_onnx.sites.find import (
+    source_layout,
+)
+from lora_onnx.stages.branch_metadata import stamp_branches
+
+
+@dataclass(frozen=True)
+class _Built:
+    nodes: list[onnx.NodeProto]
+    record: BranchRecord
+    producer: str
+
+
+def insert_branches(
+    model: LoadedModel,
+    plans: Sequence[BranchPlan],
+    values: Mapping[str, np.ndarray | TensorProducer],
+    *,
+    zero_init: bool = False,
+) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+    """A copy of ``model`` with one branch per plan; ``values`` maps every A/B tensor name to its array,
+    or to a producer of it: such a tensor is *deferred* (metadata only until the model is saved)."""
+    _require_opset(model)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    index = GraphIndex(graph)
+    for plan in plans:
+        index.reserve(plan.a_name)
+        index.reserve(plan.b_name)
+    built = [_build(index, plan, zero_init) for plan in plans]
+
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for item in built:
+        rename_output(index.nodes[item.producer], item.record.join, item.record.base_join)
+        after.setdefault(item.producer, []).extend(item.nodes)
+    splice_nodes(graph, after=after)
+
+    added: set[str] = set()
+    deferred: dict[str, TensorProducer] = {}
+    for plan, item in zip(plans, built, strict=True):
+        for name, shape in ((plan.a_name, plan.a_shape), (plan.b_name, plan.b_shape)):
+            if name in added:
+                continue
+            value = values[name]
+            if callable(value):
+                graph.initializer.append(make_deferred(name, shape, plan.site.dtype))
+                deferred[name] = value
+            else:
+                graph.initializer.append(make_tensor(name, value, plan.site.dtype))
+            added.add(name)
+        scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
+        graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
+    records = tuple(item.record for item in built)
+    stamp_branches(graph, records)
+    write_branches(proto, read_branches(proto) + records)
+    return model.with_proto(proto, deferred), records
+
+
+#: Branches rely on numpy-style broadcasting in Mul / Add, which ONNX has from opset 7 on.
+MIN_OPSET = 7
+
+
+def _require_opset(model: LoadedModel) -> None:
+    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is not None and version < MIN_OPSET:
+        raise LoraOnnxError(
+            f"{model.name} uses opset {version}; branches need opset {MIN_OPSET} or newer "
+            "(convert it with onnx.version_converter.convert_version)"
+        )
+
+
+def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
+    site = plan.site
+    stem = plan.stem
+    join = site.output
+    base_join = index.unique_name(f"{join}.lora_base")
+    scale_name = index.unique_name(f"{stem}.lora_scale")
+    a_out = index.unique_name(f"{stem}.lora_A.output")
+    scaled = index.unique_name(f"{stem}.lora_scaled")
+    b_out = index.unique_name(f"{stem}.lora_B.output")
+    nodes: list[onnx.NodeProto] = []
+    data = site.data_input
+    if site.gemm is not None and site.gemm.trans_a:
+        data_t = index.unique_name(f"{stem}.lora_input_t")
+        nodes.append(
+            helper.make_node(
+                "Transpose",
+                [site.data_input],
+                [data_t],
+                index.unique_name(f"{stem}.lora_input_T"),
+                perm=[1, 0],
+            )
+        )
+        data = data_t
+    if plan.kind == "conv":
+        assert site.conv is not None
+        pad_attrs: dict[str, object] = (
+            {"pads": list(site.conv.pads)}
+            if site.conv.auto_pad == "NOTSET"
+            else {"auto_pad": site.conv.auto_pad}
+        )
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [data, plan.a_name],
+                [a_out],
+                index.unique_name(f"{stem}.lora_A"),
+                kernel_shape=list(site.conv.kernel_shape),
+                strides=list(site.conv.strides),
+                dilations=list(site.conv.dilations),
+                group=plan.a_group,
+                **pad_attrs,
+            )
+        )
+        ones = [1] * len(site.conv.kernel_shape)
+        b_node = helper.make_node(
+            "Conv",
+            [scaled, plan.b_name],
+            [b_out],
+            index.unique_name(f"{stem}.lora_B"),
+            kernel_shape=ones,
+            strides=ones,
+            group=plan.b_group,
+        )
+    elif site.op == "Gather":
+        # An embedding's A is a (vocab, r) table looked up by the same ids: A(x) = A[ids].
+        nodes.append(
+            helper.make_node("Gather", [plan.a_name, data], [a_out], index.unique_name(f"{stem}.lora_A"))
+        )
+        b_node = helper.make_node(
+            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
+        )
+    else:
+        nodes.append(
+            helper.make_node("MatMul", [data, plan.a_name], [a_out], index.unique_name(f"{stem}.lora_A"))
+        )
+        b_node = helper.make_node(
+            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
+        )
+    nodes.append(
+        helper.make_node("Mul", [a_out, scale_name], [scaled], index.unique_name(f"{stem}.lora_scale_mul"))
+    )
+    nodes.append(b_node)
+    nodes.append(helper.make_node("Add", [base_join, b_out], [join], index.unique_name(f"{stem}.lora_add")))
+    producer = index.producer[join].name
+    record = BranchRecord(
+        adapter=plan.adapter,
+        site=site.node,
+        op=site.op,
+        module_path=site.module_path,
+        kind=plan.kind,
+        weight=site.weight.initializer,
+        source_layout=source_layout(site),
+        rank=plan.rank,
+        alpha=plan.alpha,
+        scale=plan.scale,
+        a=plan.a_name,
+        b=plan.b_name,
+        scale_tensor=scale_name,
+        join=join,
+        base_join=base_join,
+        nodes=tuple(node.name for node in nodes),
+        a_group=plan.a_group,
+        b_group=plan.b_group,
+        base_group=site.group,
+        gemm_alpha=site.gemm.alpha if site.gemm else 1.0,
+        zero_init=zero_init,
+    )
+    return _Built(nodes, record, producer)

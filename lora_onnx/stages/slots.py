@@ -1,0 +1,449 @@
+"""LoRA slots: branches whose A and B are graph inputs, so onnxruntime can swap adapters per run.
+
+A slot is the core branch (:mod:`lora_onnx.stages.insert`) with its two tensors turned into graph inputs, each
+backed by a same-named initializer holding an *empty* default (rank 0)::
+
+    dense:  y = y.lora_base + MatMul(MatMul(x', A), B)     A (in, R), B (R, out)
+    conv:   y = y.lora_base + ConvB(ConvA(x))              A (R, in/ga, k...), B (out, R/gb, 1...)
+
+``R`` is a symbolic per-site dim ``"<stem>.rank"``, so one session accepts adapters of any rank per site.
+With no adapter active the branch adds exact zeros (a rank-0 product), so outputs equal the base's.
+Adapter files carry the LoRA scale folded into B, so a slot has no scale Mul; it keeps a constant Mul
+only for a Gemm's own ``alpha`` (as the core branch does). An optional per-adapter strength input
+``"<adapter>.lora_strength"`` (shape (1,), default 1.0) multiplies the rank-R intermediate, so an
+application can blend or switch off adapters per run.
+
+An adapter in *slot form* is a mapping tensor name -> array in these layouts, B already scaled. Any
+producer of branch plans + values (the fresh planner, a PEFT import, a model with constant branches)
+becomes one through :func:`slot_tensors` / :func:`retarget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lora_onnx.errors import AdapterError
+from lora_onnx.model.graph import GraphIndex, retain, splice_nodes
+from lora_onnx.model.load import LoadedModel
+from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.model.tensors import make_tensor, np_dtype, scale_into_b
+from lora_onnx.recipes.plan import BranchPlan
+from lora_onnx.sites.find import DEFAULT_OPS, scan_sites
+from lora_onnx.stages.branch_metadata import stamp_branches
+from lora_onnx.stages.fold import remove_branches
+from lora_onnx.stages.insert import insert_branches
+from lora_onnx.variants import SlotBranch, records_of
+
+#: ``BranchRecord.variant`` of a slot branch (its plug-in: :mod:`lora_onnx.variants.slot`).
+SLOT = SlotBranch.recorded_as
+STRENGTH_SUFFIX = ".lora_strength"
+
+
+def strength_name(adapter: str) -> str:
+    """The per-adapter strength input's name."""
+    return f"{adapter}{STRENGTH_SUFFIX}"
+
+
+def rank_dim(stem: str) -> str:
+    return f"{stem}.rank"
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One tensor a model's slots accept: its declared dims (ints and symbolic names) and dtype.
+
+    ``role`` is ``A``, ``B`` or ``strength``; ``branch`` is the slot's record (None for a strength).
+    """
+
+    name: str
+    adapter: str
+    role: str
+    dims: tuple[int | str, ...]
+    dtype: np.dtype
+    branch: BranchRecord | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype)
+
+
+def slot_records(model: LoadedModel, adapter: str | None = None) -> tuple[BranchRecord, ...]:
+    """The slot branches of ``model`` (of one adapter when given)."""
+    slots = records_of(read_branches(model.proto), SlotBranch)
+    return tuple(b for b in slots if adapter is None or b.adapter == adapter)
+
+
+def slot_adapters(model: LoadedModel) -> list[str]:
+    return list(dict.fromkeys(b.adapter for b in slot_records(model)))
+
+
+def choose_adapter(model: LoadedModel, adapter: str | None) -> str:
+    """``adapter`` if the model has slots for it, else the model's only slot adapter; else an error."""
+    names = slot_adapters(model)
+    if not names:
+        raise AdapterError(
+            f"{model.name} has no LoRA slots; add them with inject --as-inputs (or use a model with slots)"
+        )
+    if adapter is None:
+        if len(names) > 1:
+            raise AdapterError(f"{model.name} has slots for adapters {names}; choose one with --name")
+        return names[0]
+    if adapter not in names:
+        raise AdapterError(f"{model.name} has no slots for adapter {adapter!r}; it has slots for {names}")
+    return adapter
+
+
+def slot_specs(model: LoadedModel, adapter: str | None = None) -> dict[str, SlotSpec]:
+    """Every tensor the slots (of ``adapter``, or all) accept, as the graph declares it."""
+    declared = {value.name: value for value in model.proto.graph.input}
+    specs: dict[str, SlotSpec] = {}
+    for branch in slot_records(model, adapter):
+        for role, name in (("A", branch.a), ("B", branch.b)):
+            if name not in specs:
+                specs[name] = _spec(model, declared, name, branch.adapter, role, branch)
+        strength = strength_name(branch.adapter)
+        if strength in declared and strength not in specs:
+            specs[strength] = _spec(model, declared, strength, branch.adapter, "strength", None)
+    return specs
+
+
+def _spec(
+    model: LoadedModel,
+    declared: Mapping[str, onnx.ValueInfoProto],
+    name: str,
+    adapter: str,
+    role: str,
+    branch: BranchRecord | None,
+) -> SlotSpec:
+    value = declared.get(name)
+    if value is None:
+        raise AdapterError(
+            f"{model.name}: slot tensor {name!r} is not a graph input; was the model edited after lora-onnx "
+            "added its slots?"
+        )
+    tensor_type = value.type.tensor_type
+    dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in tensor_type.shape.dim)
+    return SlotSpec(name, adapter, role, dims, np_dtype(tensor_type.elem_type), branch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inserting slots
+
+
+def insert_slots(
+    model: LoadedModel, plans: Sequence[BranchPlan], *, strength_input: bool = False
+) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+    """A copy of ``model`` with one slot per plan (only sites, groups and names of the plans are used).
+
+    The core rewrite builds each branch from empty tensors; the branch is then turned into a slot:
+    A and B become graph inputs with a symbolic rank dim, and the scale Mul is dropped (adapter files
+    carry the scale) or multiplies by the strength input / the Gemm's alpha.
+    """
+    if not plans:
+        raise AdapterError("no site to put a LoRA slot on")
+    # The graph applies no LoRA scale (1.0); the rank is symbolic (recorded as 0: any rank fits).
+    plans = [dataclasses.replace(p, rank=0, alpha=0.0, scale=1.0) for p in plans]
+    empties = {}
+    for plan in plans:
+        dtype = np_dtype(plan.site.dtype)
+        empties[plan.a_name] = np.zeros(plan.a_shape, dtype)
+        empties[plan.b_name] = np.zeros(plan.b_shape, dtype)
+    rewritten, records = insert_branches(model, plans, empties, zero_init=True)
+    proto = rewritten.proto  # a fresh copy owned by ``rewritten``: safe to edit in place
+    earlier = read_branches(proto)[: -len(records)]
+    editor = _SlotEditor(proto, plans[0].adapter, strength_input)
+    slots = tuple(editor.convert(plan, record) for plan, record in zip(plans, records, strict=True))
+    editor.finish()
+    stamp_branches(proto.graph, slots)
+    write_branches(proto, earlier + slots)
+    return rewritten.with_proto(proto), slots
+
+
+class _SlotEditor:
+    """Turns freshly inserted constant branches into slots, in place on one proto."""
+
+    def __init__(self, proto: onnx.ModelProto, adapter: str, strength: bool) -> None:
+        self.graph = proto.graph
+        self.index = GraphIndex(self.graph)
+        self.nodes = {node.name: node for node in self.graph.node}
+        self.strength = strength_name(adapter) if strength else None
+        # float32 whatever the sites compute in, so applications feed one type; fp16 sites Cast it.
+        self.strength_type = onnx.TensorProto.FLOAT
+        if self.strength is not None and not self.index.is_free(self.strength):
+            raise AdapterError(
+                f"the model already has a value named {self.strength!r}; choose another --name"
+            )
+        self.inputs_added: set[str] = set()
+        self.drop_initializers: set[str] = set()
+        self.new_nodes: dict[str, list[onnx.NodeProto]] = {}  # existing node name -> nodes to put before it
+
+    def convert(self, plan: BranchPlan, record: BranchRecord) -> BranchRecord:
+        nodes = list(record.nodes)
+        mul = next(self.nodes[n] for n in nodes if record.scale_tensor in self.nodes[n].input)
+        consumer = next(self.nodes[n] for n in nodes if mul.output[0] in self.nodes[n].input)
+        scale_tensor = record.scale_tensor
+        before_mul: list[onnx.NodeProto] = []
+        factor = self._factor(plan, before_mul)
+        if record.gemm_alpha == 1.0:
+            self.drop_initializers.add(scale_tensor)
+            scale_tensor = ""
+            if factor is None:  # nothing to multiply: B reads A's output directly
+                consumer.input[list(consumer.input).index(mul.output[0])] = mul.input[0]
+                nodes.remove(mul.name)
+                self.graph.node.remove(mul)
+            else:
+                mul.input[1] = factor
+        elif factor is not None:  # a Gemm alpha (constant Mul, kept) and a strength: two Muls
+            scaled = self.index.unique_name(f"{plan.stem}.lora_strength_mul.output")
+            before_mul.append(
+                helper.make_node(
+                    "Mul",
+                    [mul.input[0], factor],
+                    [scaled],
+                    self.index.unique_name(f"{plan.stem}.lora_strength_mul"),
+                )
+            )
+            mul.input[0] = scaled
+        if before_mul:
+            self.new_nodes.setdefault(mul.name, []).extend(before_mul)
+            position = nodes.index(mul.name)
+            nodes[position:position] = [node.name for node in before_mul]
+        for name in (record.a, record.b):
+            self._declare_input(name, plan)
+        return dataclasses.replace(
+            record, nodes=tuple(nodes), scale_tensor=scale_tensor, variant=SLOT, rank=0, alpha=0.0, scale=1.0
+        )
+
+    def _factor(self, plan: BranchPlan, before: list[onnx.NodeProto]) -> str | None:
+        if self.strength is None:
+            return None
+        if plan.site.dtype == self.strength_type:
+            return self.strength
+        cast = self.index.unique_name(f"{plan.stem}.lora_strength_cast.output")
+        before.append(
+            helper.make_node(
+                "Cast", [self.strength], [cast], self.index.unique_name(f"{plan.stem}.lora_strength_cast"),
+                to=plan.site.dtype,
+            )
+        )  # fmt: skip
+        return cast
+
+    def _declare_input(self, name: str, plan: BranchPlan) -> None:
+        if name in self.inputs_added:
+            return
+        self.inputs_added.add(name)
+        shape = plan.a_shape if name == plan.a_name else plan.b_shape
+        rank = rank_dim(plan.stem)
+        # The rank is the only zero dim of an empty default; a grouped conv B holds rank / group.
+        symbol = rank if name == plan.a_name or plan.b_group == 1 else f"{rank}_per_group"
+        dims = [symbol if d == 0 else d for d in shape]
+        self.graph.input.append(helper.make_tensor_value_info(name, plan.site.dtype, dims))
+
+    def finish(self) -> None:
+        if self.strength is not None:
+            self.graph.input.append(helper.make_tensor_value_info(self.strength, self.strength_type, [1]))
+            self.graph.initializer.append(make_tensor(self.strength, np.ones(1), self.strength_type))
+        if self.drop_initializers:
+            retain(self.graph.initializer, lambda t: t.name not in self.drop_initializers)
+        if self.new_nodes:
+            splice_nodes(self.graph, before=self.new_nodes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapters in slot form
+
+
+def slot_tensors(plans: Sequence[BranchPlan], values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``values`` (A and B in storage layouts) with each branch's scale folded into B, named as planned."""
+    tensors: dict[str, np.ndarray] = {}
+    for plan in plans:
+        a, b = _scaled_pair(plan, values)
+        _put(tensors, plan.a_name, a, plan.site.module_path)
+        _put(tensors, plan.b_name, b, plan.site.module_path)
+    return tensors
+
+
+def _scaled_pair(plan: BranchPlan, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(values[plan.a_name]), scale_into_b(values[plan.b_name], plan.scale)
+
+
+def _put(tensors: dict[str, np.ndarray], name: str, value: np.ndarray, where: str) -> None:
+    if name in tensors and not np.array_equal(tensors[name], value):
+        raise AdapterError(
+            f"slot tensor {name!r} is shared by several sites but the adapter gives them different values "
+            f"(at {where}); such an adapter needs separate slots"
+        )
+    tensors[name] = value
+
+
+def retarget(
+    plans: Sequence[BranchPlan], values: Mapping[str, np.ndarray], model: LoadedModel, adapter: str
+) -> dict[str, np.ndarray]:
+    """The tensors ``model``'s slots of ``adapter`` expect, from an adapter given as plans + values.
+
+    Branches are matched to slots by site node; names, dtypes and layouts are the slots'. Slots the
+    adapter does not cover get explicit empty tensors, so the file is complete and that slot adds zero.
+    """
+    slots: dict[str, BranchRecord] = {}
+    for record in slot_records(model, adapter):
+        slots.setdefault(record.site, record)
+    specs = slot_specs(model, adapter)
+    tensors: dict[str, np.ndarray] = {}
+    for plan in plans:
+        record = slots.get(plan.site.node)
+        if record is None:
+            raise AdapterError(
+                f"the adapter has a branch for {plan.site.module_path} (node {plan.site.node!r}) but "
+                f"{model.name} has no slot there for adapter {adapter!r}; add slots for it "
+                "(inject --as-inputs with --target, or --peft DIR)"
+            )
+        _check_compatible(plan, record, model)
+        a, b = _scaled_pair(plan, values)
+        _put(tensors, record.a, a.astype(specs[record.a].dtype, copy=False), plan.site.module_path)
+        _put(tensors, record.b, b.astype(specs[record.b].dtype, copy=False), plan.site.module_path)
+    for record in slots.values():
+        for name in (record.a, record.b):
+            if name not in tensors:
+                tensors[name] = model.array(name)  # the slot's empty default
+    return tensors
+
+
+def _check_compatible(plan: BranchPlan, record: BranchRecord, model: LoadedModel) -> None:
+    where = f"{plan.site.module_path} (node {plan.site.node!r})"
+    if plan.kind != record.kind:
+        raise AdapterError(f"the adapter's branch at {where} is {plan.kind} but the slot is {record.kind}")
+    if plan.kind == "conv" and (plan.a_group, plan.b_group) != (record.a_group, record.b_group):
+        raise AdapterError(
+            f"the adapter's conv branch at {where} has A group {plan.a_group} and B group {plan.b_group}, "
+            f"but {model.name}'s slot has {record.a_group} and {record.b_group} (PEFT's conv A is dense, "
+            "group 1); make slots from this adapter with inject --as-inputs --peft DIR"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Using an adapter inside the graph
+
+
+def bake(model: LoadedModel, tensors: Mapping[str, np.ndarray]) -> LoadedModel:
+    """A copy whose slot defaults are ``tensors``: it runs exactly as ``model`` with that adapter active.
+
+    A reference for proofs; the graph (inputs, manifest) is unchanged.
+    """
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    inputs = {value.name for value in proto.graph.input}
+    for tensor in proto.graph.initializer:
+        if tensor.name in tensors and tensor.name in inputs:
+            tensor.CopyFrom(make_tensor(tensor.name, tensors[tensor.name], tensor.data_type))
+    return model.with_proto(proto)
+
+
+def remove_slots(model: LoadedModel, records: Iterable[BranchRecord]) -> LoadedModel:
+    """A copy without the slot branches ``records`` (and without strength inputs nothing uses any more)."""
+    removing = list(records)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    remaining = tuple(b for b in read_branches(proto) if b not in removing)
+    remove_branches(proto, removing, remaining)
+    write_branches(proto, remaining)
+    _drop_unused_strengths(proto)
+    return model.with_proto(proto)
+
+
+def base_view(model: LoadedModel) -> LoadedModel:
+    """``model`` without any lora-onnx branch (nothing folded): the base graph its branches were added to."""
+    branches = read_branches(model.proto)
+    if not branches:
+        return model
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    remove_branches(proto, branches, ())
+    write_branches(proto, ())
+    _drop_unused_strengths(proto)
+    return model.with_proto(proto)
+
+
+def _drop_unused_strengths(proto: onnx.ModelProto) -> None:
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input}
+    unused = {v.name for v in graph.input if v.name.endswith(STRENGTH_SUFFIX) and v.name not in used}
+    if not unused:
+        return
+    retain(graph.input, lambda value: value.name not in unused)
+    retain(graph.initializer, lambda tensor: tensor.name not in unused)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A slotted model with one adapter file turned into constant branches (see :func:`bind`)."""
+
+    model: LoadedModel
+    adapter: str
+    bound: tuple[BranchRecord, ...]
+    removed: tuple[BranchRecord, ...]
+    strength: float
+
+
+def bind(
+    model: LoadedModel,
+    tensors: Mapping[str, np.ndarray],
+    adapter: str,
+    *,
+    strength: float | None = None,
+) -> Bound:
+    """Replace every slot of the model by what running with ``tensors`` (adapter ``adapter``) active gives.
+
+    The adapter's covered slots become ordinary constant branches (the core's branch, scale = strength,
+    since files carry the LoRA scale in B) that :func:`lora_onnx.stages.fold.fold_branches` can fold; every
+    other slot (uncovered, empty in the file, or of another adapter) adds zeros when inactive and is removed.
+    ``strength`` defaults to the file's strength tensor, else the model's default (1.0).
+    """
+    records = slot_records(model)
+    chosen = [r for r in records if r.adapter == adapter]
+    if strength is None:
+        strength = adapter_strength(model, tensors, adapter)
+    covered = [r for r in chosen if _rank_of(tensors, r) > 0]
+    stripped = remove_slots(model, records)
+    sites = {site.node: site for site in scan_sites(stripped, DEFAULT_OPS).sites}
+    plans: list[BranchPlan] = []
+    values: dict[str, np.ndarray] = {}
+    for record in covered:
+        site = sites.get(record.site)
+        if site is None:
+            raise AdapterError(f"{model.name}: the slot's node {record.site!r} is no longer a LoRA site")
+        rank = _rank_of(tensors, record)
+        stem = record.a.removesuffix(".lora_A.weight")
+        plans.append(
+            BranchPlan(
+                site=site, adapter=adapter, rank=rank, alpha=strength * rank, scale=strength, stem=stem,
+                a_name=record.a, b_name=record.b, a_group=record.a_group, b_group=record.b_group,
+            )
+        )  # fmt: skip
+        values[record.a], values[record.b] = tensors[record.a], tensors[record.b]
+    bound_model, bound = insert_branches(stripped, plans, values) if plans else (stripped, ())
+    removed = tuple(r for r in records if r not in covered)
+    return Bound(bound_model, adapter, tuple(bound), removed, strength)
+
+
+def _rank_of(tensors: Mapping[str, np.ndarray], record: BranchRecord) -> int:
+    a = tensors.get(record.a)
+    if a is None or tensors.get(record.b) is None or a.size == 0:
+        return 0
+    return int(a.shape[1] if record.kind == "dense" else a.shape[0])
+
+
+def adapter_strength(model: LoadedModel, tensors: Mapping[str, np.ndarray], adapter: str) -> float:
+    """An adapter file's strength for ``adapter`` (its strength tensor), else the model's default, else 1."""
+    name = strength_name(adapter)
+    if name in tensors:
+        return float(np.asarray(tensors[name]).reshape(-1)[0])
+    try:
+        return float(np.asarray(model.array(name)).reshape(-1)[0])
+    except KeyError:
+        return 1.0

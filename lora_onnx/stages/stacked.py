@@ -1,0 +1,729 @@
+"""Mixed-adapter batches in the graph: every site holds n adapters stacked, each batch row picks one.
+
+The model takes one more input, ``lora_adapter_index`` (int64, one entry per batch row; a negative entry
+means the base model for that row). Shared nodes, computed once per run::
+
+    idx    = Reshape(lora_adapter_index, [B])       # B from an input's batch dim: a wrong length fails
+    neg    = idx < 0
+    safe   = Gather(Range(0, n), Where(neg, 0, idx)) # an index >= n fails here ("out of data bounds")
+    keep   = Cast(not neg)                           # dense: 0 for base rows, as [B, 1, 1]
+    onehot = Cast(Where(neg, -1, safe)[:, None] == Range(0, n))    # conv: [B, n], all 0 for base rows
+
+Dense site (MatMul, Gemm; stacks A [n, in, R], B [n, R, out], each adapter's scale folded into B, ranks
+zero-padded to the site's largest)::
+
+    h = MatMul(Reshape(x', [B, -1, in]), Gather(A, safe)) * keep   # rows are batch-major (see batch_rows)
+    y = y.lora_base + Reshape(MatMul(h, Gather(B, safe)), Shape(y.lora_base))
+
+x' is x, or x^T for a Gemm with transA; a Gemm's alpha multiplies ``keep``. When the probe saw x as
+``[B, k, in]`` already (a MatMul on ``[B, S, in]``) both Reshapes are left out. Conv site (stacks
+A [n, R, C/ga, k...], B [n, out, R/gb, 1...]): a conv's group is a static attribute, so per-row weights
+cannot be gathered; instead ConvA runs every adapter's A at once (the stack rearranged into one
+[n*R, C/ga, k...] weight, group-major so each input group's channels stay together), a one-hot mask keeps
+the row's adapter's channels, and a 1x1 ConvB with every B side by side (group gb) adds them up. That
+costs n times one adapter's low-rank FLOPs, still small beside the base conv. Grouped A and B (a fresh
+adapter on a grouped conv) and dense A with grouped B (PEFT) can share one site: when adapters' groups
+differ, the grouped ones are expanded to their dense, block-diagonal equivalents.
+
+Branches are recorded in the manifest with variant ``"mixed"`` (A/B = the stacks, rank = R), so fold
+refuses them with that reason; :func:`bind_index` turns one adapter of the stacks into ordinary constant
+branches (``merge --adapter-index``). Shared nodes and the index input are listed under the model
+metadata key :data:`MIXED_KEY`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lora_onnx.common import json_input
+from lora_onnx.common.constants import ADAPTER_INDEX
+from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.model.graph import GraphIndex, rename_output, retain, splice_nodes
+from lora_onnx.model.load import LoadedModel
+from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.model.tensors import make_tensor, np_dtype
+from lora_onnx.recipes.plan import BranchPlan, tensor_stem, unique_stem
+from lora_onnx.sites.find import DEFAULT_OPS, Site, scan_sites, source_layout
+from lora_onnx.stages.branch_metadata import stamp_branches, stamp_shared
+from lora_onnx.stages.fold import remove_branches
+from lora_onnx.stages.insert import insert_branches
+from lora_onnx.variants import StackedBranch, records_of
+
+#: ``BranchRecord.variant`` and adapter name of a mixed-batch branch (its plug-in:
+#: :mod:`lora_onnx.variants.stacked`).
+MIXED = StackedBranch.recorded_as
+#: The per-row adapter index input (generated validation inputs set it to 0: lora_onnx.proofs.inputs).
+INDEX_INPUT = ADAPTER_INDEX
+#: Model metadata key: the index input, the adapters' labels, the shared nodes.
+MIXED_KEY = "lora_onnx.stages.stacked"
+#: Symbolic dim of the adapter count when stacks are graph inputs.
+ADAPTERS_DIM = "lora_adapters"
+#: Branches use Range (opset 11) and Gather / Where / Less on int64.
+MIN_OPSET = 11
+
+
+@dataclass(frozen=True)
+class BatchAxes:
+    """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
+    (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
+    and ``anchor``, an input whose batch dim sizes the batch at run time."""
+
+    name: str
+    inputs: Mapping[str, int]
+    outputs: Mapping[str, int | None]
+
+    @property
+    def anchor(self) -> str:
+        return next(iter(self.inputs))
+
+
+@dataclass(frozen=True)
+class SitePair:
+    """One adapter at one site: A and B in storage layouts (dense A (in, r), B (r, out); conv
+    A (r, in/a_group, k...), B (out, r/b_group, 1...)) with the LoRA scale folded into B."""
+
+    a: np.ndarray
+    b: np.ndarray
+    a_group: int = 1
+    b_group: int = 1
+
+    def rank(self, kind: str) -> int:
+        return int(self.a.shape[1] if kind == "dense" else self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class MixedInfo:
+    """What :data:`MIXED_KEY` records: the index input, how many adapters the stacks hold (and their
+    labels), the batch dim the index follows, the shared nodes, and whether the stacks are inputs."""
+
+    index: str
+    count: int
+    adapters: tuple[str, ...]
+    batch_dim: str
+    batch_input: str
+    batch_axis: int
+    nodes: tuple[str, ...]
+    stacks_as_inputs: bool
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        return json.dumps({"version": 1, **data}, separators=(",", ":"))
+
+
+def mixed_info(model: LoadedModel) -> MixedInfo | None:
+    """The mixed-batch metadata of ``model``; None when it has no mixed branches."""
+    for entry in model.proto.metadata_props:
+        if entry.key == MIXED_KEY:
+            try:
+                data = json_input.loads(entry.value)
+                data.pop("version", None)
+                data["adapters"], data["nodes"] = tuple(data["adapters"]), tuple(data["nodes"])
+                return MixedInfo(**data)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise LoraOnnxError(f"{model.name}: the {MIXED_KEY} metadata is unreadable: {exc}") from exc
+    return None
+
+
+def mixed_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
+    return records_of(read_branches(model.proto), StackedBranch)
+
+
+def _write_info(proto: onnx.ModelProto, info: MixedInfo | None) -> None:
+    retain(proto.metadata_props, lambda entry: entry.key != MIXED_KEY)
+    if info is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = MIXED_KEY, info.to_json()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stacks
+
+
+@dataclass(frozen=True)
+class SiteForm:
+    """A site's stacked layout: the padded rank R and the groups of ConvA / ConvB (1 for dense)."""
+
+    rank: int
+    a_group: int = 1
+    b_group: int = 1
+
+    @property
+    def blocks(self) -> int:
+        """Rank blocks that stay together (a grouped conv splits the rank into groups)."""
+        return max(self.a_group, self.b_group)
+
+
+def site_form(kind: str, pairs: Sequence[SitePair | None], rank: int | None = None) -> SiteForm:
+    """The layout holding every pair: groups kept when all pairs agree, else dense (1); R = the largest
+    rank (or ``rank`` when given), padded per group block."""
+    present = [p for p in pairs if p is not None]
+    if kind == "dense":
+        return SiteForm(max(rank or 0, *(p.rank(kind) for p in present), 1))
+    a_groups = {p.a_group for p in present} or {1}
+    b_groups = {p.b_group for p in present} or {1}
+    a_group = a_groups.pop() if len(a_groups) == 1 else 1
+    b_group = b_groups.pop() if len(b_groups) == 1 else 1
+    if a_group > 1 and b_group > 1 and a_group != b_group:
+        a_group = b_group = 1
+    blocks = max(a_group, b_group)
+    per_block = max([(rank or 0) // blocks, *(p.rank(kind) // blocks for p in present), 1])
+    return SiteForm(per_block * blocks, a_group, b_group)
+
+
+def _dense_a(a: np.ndarray, group: int, in_channels: int) -> np.ndarray:
+    """A grouped ConvA weight (r, in/g, k...) as the dense (r, in, k...) weight computing the same."""
+    if group == 1:
+        return a
+    rank, width = a.shape[0], in_channels // group
+    out = np.zeros((rank, in_channels, *a.shape[2:]), a.dtype)
+    step = rank // group
+    for j in range(group):
+        out[j * step : (j + 1) * step, j * width : (j + 1) * width] = a[j * step : (j + 1) * step]
+    return out
+
+
+def _dense_b(b: np.ndarray, group: int) -> np.ndarray:
+    """A grouped 1x1 ConvB weight (out, r/g, 1...) as the dense (out, r, 1...) weight computing the same."""
+    if group == 1:
+        return b
+    out_channels, step = b.shape[0], b.shape[1]
+    rows = out_channels // group
+    out = np.zeros((out_channels, step * group, *b.shape[2:]), b.dtype)
+    for j in range(group):
+        out[j * rows : (j + 1) * rows, j * step : (j + 1) * step] = b[j * rows : (j + 1) * rows]
+    return out
+
+
+def _pad_blocks(value: np.ndarray, axis: int, blocks: int, size: int) -> np.ndarray:
+    """Zero-pad each of ``blocks`` equal blocks along ``axis`` to ``size`` (a group's rank channels
+    must stay in their group)."""
+    shape = value.shape
+    split = (*shape[:axis], blocks, shape[axis] // blocks, *shape[axis + 1 :])
+    pad = [(0, 0)] * len(split)
+    pad[axis + 1] = (0, size - shape[axis] // blocks)
+    padded = np.pad(value.reshape(split), pad)
+    return padded.reshape(*shape[:axis], blocks * size, *shape[axis + 1 :])
+
+
+def fit_pair(site: Site, pair: SitePair, form: SiteForm, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``pair`` in ``form``: groups expanded where the form is dense, rank zero-padded to ``form.rank``."""
+    kind = "conv" if site.op == "Conv" else "dense"
+    dtype = np_dtype(site.dtype)
+    a, b = np.asarray(pair.a), np.asarray(pair.b)
+    if kind == "dense":
+        rank = a.shape[1]
+        a = np.pad(a, [(0, 0), (0, form.rank - rank)])
+        b = np.pad(b, [(0, form.rank - rank), (0, 0)])
+        return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    if (pair.a_group != form.a_group and form.a_group != 1) or (
+        pair.b_group != form.b_group and form.b_group != 1
+    ):
+        raise AdapterError(
+            f"{where}: the adapter's conv branch has A group {pair.a_group} and B group {pair.b_group}, "
+            f"but the mixed branch holds A group {form.a_group} and B group {form.b_group}; build the mixed "
+            "model with this adapter among its adapters"
+        )
+    if pair.a_group != form.a_group:
+        a = _dense_a(a, pair.a_group, site.in_features)
+    if pair.b_group != form.b_group:
+        b = _dense_b(b, pair.b_group)
+    blocks = form.blocks
+    a = _pad_blocks(a, 0, blocks, form.rank // blocks)
+    if form.b_group == blocks:
+        b = np.pad(b, [(0, 0), (0, form.rank // blocks - b.shape[1]), *[(0, 0)] * (b.ndim - 2)])
+    else:  # B dense over a grouped A: B's rank axis holds the A groups' blocks
+        b = _pad_blocks(b, 1, blocks, form.rank // blocks)
+    return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+
+
+def check_pair(site: Site, pair: SitePair, where: str) -> None:
+    """Raise :class:`AdapterError` when ``pair`` does not fit ``site`` (shapes, groups, ranks)."""
+    a, b = np.asarray(pair.a), np.asarray(pair.b)
+    if site.op != "Conv":
+        ok = (
+            a.ndim == 2 and b.ndim == 2 and a.shape[0] == site.in_features and b.shape[1] == site.out_features
+        )
+        ok = ok and a.shape[1] == b.shape[0]
+        want = f"A ({site.in_features}, r) and B (r, {site.out_features})"
+    else:
+        ga, gb = pair.a_group, pair.b_group
+        spatial = len(site.kernel)
+        ok = a.ndim == b.ndim == 2 + spatial and ga >= 1 and gb >= 1 and site.in_features % ga == 0
+        ok = ok and tuple(a.shape[1:]) == (site.in_features // ga, *site.kernel)
+        ok = ok and b.shape[0] == site.out_features and tuple(b.shape[2:]) == (1,) * spatial
+        ok = ok and a.shape[0] == b.shape[1] * gb and a.shape[0] % max(ga, gb) == 0
+        ok = ok and site.out_features % gb == 0
+        want = (
+            f"A (r, {site.in_features // max(ga, 1)}, {', '.join(map(str, site.kernel))}) and "
+            f"B ({site.out_features}, r/{gb}, {', '.join('1' * spatial)})"
+        )
+    if not ok:
+        raise AdapterError(
+            f"{where}: the adapter's A {list(a.shape)} and B {list(b.shape)} do not fit {site.op} node "
+            f"{site.node!r} ({site.module_path}), which takes {want}"
+        )
+
+
+def stack_pairs(
+    site: Site, pairs: Sequence[SitePair | None], form: SiteForm, labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The site's A and B stacks (adapter i at index i; zeros where an adapter has no branch)."""
+    kind = "conv" if site.op == "Conv" else "dense"
+    dtype = np_dtype(site.dtype)
+    if kind == "dense":
+        a_shape: tuple[int, ...] = (site.in_features, form.rank)
+        b_shape: tuple[int, ...] = (form.rank, site.out_features)
+    else:
+        a_shape = (form.rank, site.in_features // form.a_group, *site.kernel)
+        b_shape = (site.out_features, form.rank // form.b_group, *(1 for _ in site.kernel))
+    a_stack = np.zeros((len(pairs), *a_shape), dtype)
+    b_stack = np.zeros((len(pairs), *b_shape), dtype)
+    for i, pair in enumerate(pairs):
+        if pair is not None:
+            where = f"{labels[i]} at {site.module_path}"
+            a_stack[i], b_stack[i] = fit_pair(site, pair, form, where)
+    return a_stack, b_stack
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graph
+
+
+@dataclass(frozen=True)
+class MixedSite:
+    """One site's mixed branch: the stacks (and their names) and their layout."""
+
+    site: Site
+    stem: str
+    a_name: str
+    b_name: str
+    a_stack: np.ndarray
+    b_stack: np.ndarray
+    form: SiteForm
+    #: The data input already is [B, k, in] (see :class:`lora_onnx.proofs.batch_rows.Probe`): no reshapes.
+    batched: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "conv" if self.site.op == "Conv" else "dense"
+
+
+def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
+    """A free stem and its ``<stem>.lora_A.stack`` / ``<stem>.lora_B.stack`` names (reserved)."""
+    stem, suffix = module_path, 0
+    while not (index.is_free(f"{stem}.lora_A.stack") and index.is_free(f"{stem}.lora_B.stack")):
+        suffix += 1
+        stem = f"{module_path}_{suffix}"
+    a, b = f"{stem}.lora_A.stack", f"{stem}.lora_B.stack"
+    index.reserve(a)
+    index.reserve(b)
+    return stem, a, b
+
+
+def require_opset(model: LoadedModel) -> None:
+    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is not None and version < MIN_OPSET:
+        raise LoraOnnxError(
+            f"{model.name} uses opset {version}; mixed-batch branches need opset {MIN_OPSET} or newer "
+            "(convert it with onnx.version_converter.convert_version)"
+        )
+
+
+class _Builder:
+    """Adds the shared index nodes and one mixed branch per site to a copy of the graph."""
+
+    def __init__(self, proto: onnx.ModelProto, axes: BatchAxes, index_name: str) -> None:
+        self.graph = proto.graph
+        self.index = GraphIndex(self.graph)
+        self.axes = axes
+        self.index_name = index_name
+        self.shared: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.cache: dict[object, str] = {}
+        self.first_stack = ""
+
+    # -- helpers
+    def name(self, wanted: str) -> str:
+        return self.index.unique_name(wanted)
+
+    def const(self, wanted: str, value: np.ndarray) -> str:
+        key = ("const", value.dtype.str, value.shape, value.tobytes())
+        if key not in self.cache:
+            name = self.name(f"{self.index_name}.{wanted}")
+            self.inits.append(numpy_helper.from_array(value, name))  # keeps 0-d scalars 0-d
+            self.cache[key] = name
+        return self.cache[key]
+
+    def node(
+        self, into: list[onnx.NodeProto], op: str, inputs: list[str], wanted: str, **attrs: object
+    ) -> str:
+        out = self.name(wanted)
+        into.append(helper.make_node(op, inputs, [out], self.name(f"{wanted}_node"), **attrs))
+        return out
+
+    def shared_value(self, key: object, make: object) -> str:
+        if key not in self.cache:
+            self.cache[key] = make()  # type: ignore[operator]
+        return self.cache[key]
+
+    # -- shared index values
+    def batch_shape(self) -> str:
+        def make() -> str:
+            shape = self.node(self.shared, "Shape", [self.axes.anchor], f"{self.index_name}.input_shape")
+            axis = self.const("batch_axis", np.array([self.axes.inputs[self.axes.anchor]], np.int64))
+            return self.node(self.shared, "Gather", [shape, axis], f"{self.index_name}.batch", axis=0)
+
+        return self.shared_value("batch", make)
+
+    def checked(self) -> tuple[str, str, str]:
+        """(idx, neg, safe): the index checked against the batch, its base rows, and a range-checked
+        index with base rows at 0."""
+
+        def make() -> tuple[str, str, str]:
+            s = self.shared
+            idx = self.node(s, "Reshape", [self.index_name, self.batch_shape()], f"{self.index_name}.per_row")
+            neg = self.node(
+                s, "Less", [idx, self.const("zero", np.array(0, np.int64))], f"{self.index_name}.base_rows"
+            )
+            zero = self.const("zero", np.array(0, np.int64))
+            clipped = self.node(s, "Where", [neg, zero, idx], f"{self.index_name}.clipped")
+            safe = self.node(s, "Gather", [self.adapters(), clipped], f"{self.index_name}.in_range", axis=0)
+            return idx, neg, safe
+
+        return self.shared_value("checked", make)  # type: ignore[return-value]
+
+    def adapters(self) -> str:
+        """Range(0, n): n read from the first stack's shape, so stacks fed at run time may hold more."""
+
+        def make() -> str:
+            s = self.shared
+            shape = self.node(s, "Shape", [self.first_stack], f"{self.index_name}.stack_shape")
+            count = self.node(
+                s,
+                "Gather",
+                [shape, self.const("zero", np.array(0, np.int64))],
+                f"{self.index_name}.count",
+                axis=0,
+            )
+            zero, one = self.const("zero", np.array(0, np.int64)), self.const("one", np.array(1, np.int64))
+            return self.node(s, "Range", [zero, count, one], f"{self.index_name}.adapters")
+
+        return self.shared_value("adapters", make)
+
+    def keep(self, dtype: int, alpha: float) -> str:
+        """[B, 1, 1] of the site's type: ``alpha`` for rows with an adapter, 0 for base rows."""
+
+        def make() -> str:
+            if alpha != 1.0:
+                base = self.keep(dtype, 1.0)
+                factor = self.const("alpha", np.array(alpha, np_dtype(dtype)))
+                return self.node(self.shared, "Mul", [base, factor], f"{self.index_name}.keep_alpha")
+            _, neg, _ = self.checked()
+            s = self.shared
+            kept = self.node(s, "Not", [neg], f"{self.index_name}.adapter_rows")
+            cast = self.node(s, "Cast", [kept], f"{self.index_name}.keep_flat", to=dtype)
+            shape = self.const("keep_shape", np.array([-1, 1, 1], np.int64))
+            return self.node(s, "Reshape", [cast, shape], f"{self.index_name}.keep")
+
+        return self.shared_value(("keep", dtype, alpha), make)
+
+    def onehot(self, dtype: int) -> str:
+        """[B, 1, n, 1] of the site's type: 1 at the row's adapter, all 0 for base rows."""
+
+        def make() -> str:
+            _, neg, safe = self.checked()
+            s = self.shared
+            minus = self.const("minus_one", np.array(-1, np.int64))
+            chosen = self.node(s, "Where", [neg, minus, safe], f"{self.index_name}.chosen")
+            column = self.node(
+                s,
+                "Reshape",
+                [chosen, self.const("column", np.array([-1, 1], np.int64))],
+                f"{self.index_name}.column",
+            )
+            equal = self.node(s, "Equal", [column, self.adapters()], f"{self.index_name}.onehot_bool")
+            cast = self.node(s, "Cast", [equal], f"{self.index_name}.onehot_flat", to=dtype)
+            shape = self.const("onehot_shape", np.array([0, 1, -1, 1], np.int64))
+            return self.node(s, "Reshape", [cast, shape], f"{self.index_name}.onehot")
+
+        return self.shared_value(("onehot", dtype), make)
+
+    # -- branches
+    def dense(self, item: MixedSite, data: str, base: str, join: str, nodes: list[onnx.NodeProto]) -> None:
+        site, stem = item.site, item.stem
+        _, _, safe = self.checked()
+        a = self.node(nodes, "Gather", [item.a_name, safe], f"{stem}.lora_A.rows", axis=0)
+        b = self.node(nodes, "Gather", [item.b_name, safe], f"{stem}.lora_B.rows", axis=0)
+
+        def make_shape() -> str:
+            width = self.const("rows_width", np.array([-1, site.in_features], np.int64))
+            return self.node(
+                self.shared, "Concat", [self.batch_shape(), width], f"{self.index_name}.rows_shape", axis=0
+            )
+
+        x = data
+        if not item.batched:
+            rows_shape = self.shared_value(("rows", site.in_features), make_shape)
+            x = self.node(nodes, "Reshape", [data, rows_shape], f"{stem}.lora_input_rows")
+        h = self.node(nodes, "MatMul", [x, a], f"{stem}.lora_A.output")
+        alpha = site.gemm.alpha if site.gemm else 1.0
+        kept = self.node(nodes, "Mul", [h, self.keep(site.dtype, alpha)], f"{stem}.lora_kept")
+        delta = self.node(nodes, "MatMul", [kept, b], f"{stem}.lora_B.output")
+        if not item.batched:
+            shape = self.node(nodes, "Shape", [base], f"{stem}.lora_output_shape")
+            delta = self.node(nodes, "Reshape", [delta, shape], f"{stem}.lora_delta")
+        nodes.append(helper.make_node("Add", [base, delta], [join], self.name(f"{stem}.lora_add")))
+
+    def conv(self, item: MixedSite, data: str, base: str, join: str, nodes: list[onnx.NodeProto]) -> None:
+        site, stem, form = item.site, item.stem, item.form
+        assert site.conv is not None
+        spatial = len(site.kernel)
+        ones = [1] * spatial
+        blocks = form.blocks
+        # A [n, R, C/ga, k...] -> [blocks, n, R/blocks, C/ga, k...] -> [n*R, C/ga, k...] (group-major)
+        # (Reshape's 0 copies the dim at the same position, so the trailing dims are spelled out.)
+        tail = [site.in_features // form.a_group, *site.kernel]
+        split = self.const("a_split", np.array([0, blocks, -1, *tail], np.int64))
+        a5 = self.node(nodes, "Reshape", [item.a_name, split], f"{stem}.lora_A.split")
+        a_arr = self.node(
+            nodes, "Transpose", [a5], f"{stem}.lora_A.grouped", perm=[1, 0, 2, *range(3, 4 + spatial)]
+        )
+        flat = self.const("a_flat", np.array([-1, *tail], np.int64))
+        a_cat = self.node(nodes, "Reshape", [a_arr, flat], f"{stem}.lora_A.concat")
+        pads: dict[str, object] = (
+            {"pads": list(site.conv.pads)}
+            if site.conv.auto_pad == "NOTSET"
+            else {"auto_pad": site.conv.auto_pad}
+        )
+        h = self.node(
+            nodes, "Conv", [data, a_cat], f"{stem}.lora_A.output", kernel_shape=list(site.kernel),
+            strides=list(site.conv.strides), dilations=list(site.conv.dilations), group=form.a_group, **pads,
+        )  # fmt: skip
+        # mask [B, 1, n, 1] expanded to the arranged A's [blocks, n, R/blocks] -> [B, n*R, 1...]
+        a_shape = self.node(nodes, "Shape", [a_arr], f"{stem}.lora_A.grouped_shape")
+        starts, ends = (
+            self.const("start0", np.array([0], np.int64)),
+            self.const("end3", np.array([3], np.int64)),
+        )
+        lead = self.node(nodes, "Slice", [a_shape, starts, ends], f"{stem}.lora_mask_dims")
+        mask4 = self.node(nodes, "Expand", [self.onehot(site.dtype), lead], f"{stem}.lora_mask_grouped")
+        mask_shape = self.const("mask_shape", np.array([0, -1, *ones], np.int64))
+        mask = self.node(nodes, "Reshape", [mask4, mask_shape], f"{stem}.lora_mask")
+        kept = self.node(nodes, "Mul", [h, mask], f"{stem}.lora_kept")
+        # B [n, out, R/gb, 1...] -> [out, (R/gb-blocks,) n, R/blocks, 1...] -> [out, n*R/gb, 1...]
+        if form.b_group == blocks:
+            b_arr = self.node(
+                nodes,
+                "Transpose",
+                [item.b_name],
+                f"{stem}.lora_B.grouped",
+                perm=[1, 0, *range(2, 3 + spatial)],
+            )
+        else:
+            split_b = self.const("b_split", np.array([0, 0, blocks, -1, *ones], np.int64))
+            b5 = self.node(nodes, "Reshape", [item.b_name, split_b], f"{stem}.lora_B.split")
+            b_arr = self.node(
+                nodes, "Transpose", [b5], f"{stem}.lora_B.grouped", perm=[1, 2, 0, *range(3, 4 + spatial)]
+            )
+        b_flat = self.const("b_flat", np.array([site.out_features, -1, *ones], np.int64))
+        b_cat = self.node(nodes, "Reshape", [b_arr, b_flat], f"{stem}.lora_B.concat")
+        d = self.node(
+            nodes, "Conv", [kept, b_cat], f"{stem}.lora_B.output", kernel_shape=ones, strides=ones,
+            group=form.b_group,
+        )  # fmt: skip
+        nodes.append(helper.make_node("Add", [base, d], [join], self.name(f"{stem}.lora_add")))
+
+
+def insert_mixed(
+    model: LoadedModel,
+    items: Sequence[MixedSite],
+    axes: BatchAxes,
+    labels: Sequence[str],
+    *,
+    stacks_as_inputs: bool = False,
+    index_name: str = INDEX_INPUT,
+) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+    """A copy of ``model`` with one mixed branch per item and the index input (see the module doc)."""
+    require_opset(model)
+    if not items:
+        raise AdapterError("no site to put a mixed-batch branch on")
+    if mixed_records(model) or mixed_info(model) is not None:
+        raise LoraOnnxError(
+            f"{model.name} already has mixed-batch branches; start from the model without them"
+        )
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    builder = _Builder(proto, axes, index_name)
+    if not builder.index.is_free(index_name):
+        raise LoraOnnxError(f"{model.name} already has a value named {index_name!r}")
+    builder.index.reserve(index_name)
+    for item in items:
+        builder.index.reserve(item.a_name)
+        builder.index.reserve(item.b_name)
+    builder.first_stack = items[0].a_name
+    graph = proto.graph
+    after: dict[str, list[onnx.NodeProto]] = {}
+    records: list[BranchRecord] = []
+    for item in items:
+        site = item.site
+        join = site.output
+        base = builder.name(f"{join}.lora_base")
+        producer = builder.index.producer[join]
+        data = site.data_input
+        nodes: list[onnx.NodeProto] = []
+        if site.gemm is not None and site.gemm.trans_a:
+            data = builder.node(nodes, "Transpose", [data], f"{item.stem}.lora_input_t", perm=[1, 0])
+        (builder.conv if item.kind == "conv" else builder.dense)(item, data, base, join, nodes)
+        rename_output(producer, join, base)
+        after.setdefault(producer.name, []).extend(nodes)
+        records.append(
+            BranchRecord(
+                adapter=MIXED, site=site.node, op=site.op, module_path=site.module_path, kind=item.kind,
+                weight=site.weight.initializer, source_layout=source_layout(site), rank=item.form.rank,
+                alpha=0.0, scale=1.0, a=item.a_name, b=item.b_name, scale_tensor="", join=join,
+                base_join=base,
+                nodes=tuple(n.name for n in nodes), a_group=item.form.a_group, b_group=item.form.b_group,
+                base_group=site.group, gemm_alpha=site.gemm.alpha if site.gemm else 1.0, variant=MIXED,
+            )
+        )  # fmt: skip
+    splice_nodes(graph, after=after, first=builder.shared)
+    graph.initializer.extend(builder.inits)
+    for item in items:
+        graph.initializer.append(make_tensor(item.a_name, item.a_stack, item.site.dtype))
+        graph.initializer.append(make_tensor(item.b_name, item.b_stack, item.site.dtype))
+        if stacks_as_inputs:
+            for name, shape in ((item.a_name, item.a_stack.shape), (item.b_name, item.b_stack.shape)):
+                graph.input.append(
+                    helper.make_tensor_value_info(name, item.site.dtype, _stack_dims(item, name, shape))
+                )
+    graph.input.append(helper.make_tensor_value_info(index_name, TensorProto.INT64, [axes.name]))
+    info = MixedInfo(
+        index=index_name, count=len(labels), adapters=tuple(labels), batch_dim=axes.name,
+        batch_input=axes.anchor, batch_axis=axes.inputs[axes.anchor],
+        nodes=tuple(n.name for n in builder.shared), stacks_as_inputs=stacks_as_inputs,
+    )  # fmt: skip
+    _write_info(proto, info)
+    stamp_branches(graph, records)
+    stamp_shared(graph, info.nodes, records)
+    write_branches(proto, read_branches(proto) + tuple(records))
+    return model.with_proto(proto), tuple(records)
+
+
+def _stack_dims(item: MixedSite, name: str, shape: tuple[int, ...]) -> list[int | str]:
+    """Declared dims of a stack input: the adapter count and the rank are symbolic, so run-time stacks
+    may hold other adapters of other ranks."""
+    rank = f"{item.stem}.rank"
+    dims: list[int | str] = [ADAPTERS_DIM, *shape[1:]]
+    if item.kind == "dense":
+        dims[2 if name == item.a_name else 1] = rank
+    elif name == item.a_name:
+        dims[1] = rank
+    else:
+        dims[2] = rank if item.form.b_group == 1 else f"{rank}_per_group"
+    return dims
+
+
+# ----------------------------------------------------------------------------------------------------
+# Leaving the mixed form
+
+
+def strip_mixed(model: LoadedModel) -> LoadedModel:
+    """``model`` without its mixed branches, shared index nodes and index input (nothing folded)."""
+    info = mixed_info(model)
+    records = mixed_records(model)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    if info is not None:
+        # Shared nodes go first: they read a stack, which must not count as still used below.
+        shared = set(info.nodes)
+        dropped = {out for node in graph.node if node.name in shared for out in node.output}
+        retain(graph.node, lambda node: node.name not in shared)
+        retain(graph.value_info, lambda value: value.name not in dropped)
+        retain(graph.input, lambda value: value.name != info.index)
+    remaining = tuple(b for b in read_branches(proto) if b not in records)
+    remove_branches(proto, records, remaining)
+    write_branches(proto, remaining)
+    if info is not None:
+        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        prefix = f"{info.index}."
+        retain(graph.initializer, lambda t: not t.name.startswith(prefix) or t.name in used)
+    _write_info(proto, None)
+    return model.with_proto(proto)
+
+
+def pin_index(model: LoadedModel, value: int) -> LoadedModel:
+    """``model`` with the index input replaced by ``value`` for every row (a reference for folds)."""
+    info = mixed_info(model)
+    if info is None:
+        raise LoraOnnxError(f"{model.name} has no mixed-batch branches")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    retain(graph.input, lambda value: value.name != info.index)
+    index = GraphIndex(graph)
+    prefix = f"{info.index}.pin"
+    shape, batch, axis = (index.unique_name(f"{prefix}_{part}") for part in ("shape", "batch", "axis"))
+    graph.initializer.append(make_tensor(axis, np.array([info.batch_axis], np.int64)))
+    pinned = [
+        helper.make_node("Shape", [info.batch_input], [shape], index.unique_name(f"{prefix}_shape_node")),
+        helper.make_node("Gather", [shape, axis], [batch], index.unique_name(f"{prefix}_batch_node"), axis=0),
+        helper.make_node(
+            "ConstantOfShape", [batch], [info.index], index.unique_name(prefix),
+            value=helper.make_tensor("value", TensorProto.INT64, [1], [value]),
+        ),
+    ]  # fmt: skip
+    splice_nodes(graph, first=pinned)
+    return model.with_proto(proto)
+
+
+def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[BranchRecord, ...], LoadedModel]:
+    """Adapter ``index`` of the stacks as ordinary constant branches (every other mixed part removed),
+    its branch records, and the reference it must equal: ``model`` run with that index on every row.
+
+    The stacks' slices carry the scale in B, so each branch has scale 1 (a Gemm's alpha stays). Sites
+    where the adapter has no branch (an all-zero slice) get none. A dense conv A on a grouped conv can
+    be applied but not folded, as for any branch.
+    """
+    info = mixed_info(model)
+    records = mixed_records(model)
+    if info is None or not records:
+        raise LoraOnnxError(
+            f"{model.name} has no mixed-batch branches; --adapter-index applies to inject --mixed models"
+        )
+    if not 0 <= index < info.count:
+        listing = ", ".join(f"{i}: {label}" for i, label in enumerate(info.adapters))
+        raise LoraOnnxError(
+            f"{model.name} stacks {info.count} adapter(s) ({listing}); there is no index {index}"
+        )
+    stripped = strip_mixed(model)
+    sites = {site.node: site for site in scan_sites(stripped, DEFAULT_OPS).sites}
+    names = GraphIndex(stripped.proto.graph)
+    adapter = f"{MIXED}_{index}"
+    plans, values = [], {}
+    for record in records:
+        a, b = np.asarray(model.array(record.a)[index]), np.asarray(model.array(record.b)[index])
+        if not (a.any() and b.any()):
+            continue
+        site = sites.get(record.site)
+        if site is None:
+            raise LoraOnnxError(
+                f"{model.name}: the mixed branch's node {record.site!r} is no longer a LoRA site"
+            )
+        stem = unique_stem(names, tensor_stem(site.module_path, adapter))
+        plan = BranchPlan(
+            site=site, adapter=adapter, rank=record.rank, alpha=float(record.rank), scale=1.0, stem=stem,
+            a_name=f"{stem}.lora_A.weight", b_name=f"{stem}.lora_B.weight", a_group=record.a_group,
+            b_group=record.b_group,
+        )  # fmt: skip
+        plans.append(plan)
+        values[plan.a_name], values[plan.b_name] = a, b
+    bound, added = insert_branches(stripped, plans, values) if plans else (stripped, ())
+    return bound, added, pin_index(model, index)
