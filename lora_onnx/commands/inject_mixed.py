@@ -35,6 +35,7 @@ from lora_onnx.commands.swap import AdapterSource, peft_source
 from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import form_of, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
@@ -173,7 +174,7 @@ def from_tensors(
         if a is None or b is None or np.asarray(a).size == 0:
             continue  # left out or empty: this adapter has no branch at that slot
         site = sites.get(record.site)
-        if site is None or (site.op == "Conv") != (record.kind == "conv"):
+        if site is None or kind_of(site.op).form.name != record.kind:
             raise AdapterError(
                 f"{label}: slot {record.a!r} of {slots.name} is at node {record.site!r}, which is not a "
                 f"{record.op} site of {host.name}; --slots must be a slotted model of the same base"
@@ -300,7 +301,7 @@ def inject_mixed(
     items = []
     for site in kept:
         pairs = [adapter.pairs.get(site.node) for adapter in resolved]
-        form = site_form("conv" if site.op == "Conv" else "dense", pairs)
+        form = site_form(kind_of(site.op).form.name, pairs)
         a_stack, b_stack = stack_pairs(site, pairs, form, labels)
         stem, a_name, b_name = stack_names(index, site.module_path)
         batched = site.node in probe.batched
@@ -463,11 +464,8 @@ def stack_adapters(
         site = sites[record.site]
         pairs = [adapter.pairs.get(record.site) for adapter in resolved]
         blocks = max(record.a_group, record.b_group)
-        widest = (
-            site_form(record.kind, pairs).rank
-            if record.kind == "dense"
-            else max([blocks, *(p.rank(record.kind) for p in pairs if p is not None)])
-        )
+        rank_of = form_of(record.kind).rank_of
+        widest = max([blocks, *(rank_of(p.a, p.a_group) for p in pairs if p is not None)])
         form = SiteForm(-(-widest // blocks) * blocks, record.a_group, record.b_group)
         tensors[record.a], tensors[record.b] = stack_pairs(site, pairs, form, labels)
     if output is not None:

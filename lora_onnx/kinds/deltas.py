@@ -81,12 +81,11 @@ class ConvRows(DeltaRows):
             flat[lo - r0 : hi - r0] += product
 
 
-def delta_rows(model: LoadedModel, branch: BranchRecord) -> DenseRows | ConvRows:
-    """The row form of ``branch``'s delta in its source weight's layout."""
-    a, b = model.array(branch.a), model.array(branch.b)
-    if branch.kind == "conv":
-        return ConvRows(a, b, branch.scale, branch.b_group)
-    return DenseRows(a, b, branch.scale, branch.source_layout)
+def delta_rows(model: LoadedModel, branch: BranchRecord) -> DeltaRows:
+    """The row form of ``branch``'s delta in its source weight's layout (its branch form's)."""
+    from lora_onnx.kinds.base import form_of  # the forms build on this module's row classes
+
+    return form_of(branch.kind).delta_rows(model.array(branch.a), model.array(branch.b), branch.scale, branch)
 
 
 def dense_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:

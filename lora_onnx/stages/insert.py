@@ -20,6 +20,8 @@ import onnx
 from onnx import helper
 
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.kinds import kind_of
+from lora_onnx.kinds.base import BranchNames, NodeMaker
 from lora_onnx.model.graph import GraphIndex, rename_output, splice_nodes
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
@@ -120,51 +122,17 @@ def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
             )
         )
         data = data_t
-    if plan.kind == "conv":
-        assert site.conv is not None
-        pad_attrs: dict[str, object] = (
-            {"pads": list(site.conv.pads)}
-            if site.conv.auto_pad == "NOTSET"
-            else {"auto_pad": site.conv.auto_pad}
-        )
-        nodes.append(
-            helper.make_node(
-                "Conv",
-                [data, plan.a_name],
-                [a_out],
-                index.unique_name(f"{stem}.lora_A"),
-                kernel_shape=list(site.conv.kernel_shape),
-                strides=list(site.conv.strides),
-                dilations=list(site.conv.dilations),
-                group=plan.a_group,
-                **pad_attrs,
-            )
-        )
-        ones = [1] * len(site.conv.kernel_shape)
-        b_node = helper.make_node(
-            "Conv",
-            [scaled, plan.b_name],
-            [b_out],
-            index.unique_name(f"{stem}.lora_B"),
-            kernel_shape=ones,
-            strides=ones,
-            group=plan.b_group,
-        )
-    elif site.op == "Gather":
-        # An embedding's A is a (vocab, r) table looked up by the same ids: A(x) = A[ids].
-        nodes.append(
-            helper.make_node("Gather", [plan.a_name, data], [a_out], index.unique_name(f"{stem}.lora_A"))
-        )
-        b_node = helper.make_node(
-            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
-        )
-    else:
-        nodes.append(
-            helper.make_node("MatMul", [data, plan.a_name], [a_out], index.unique_name(f"{stem}.lora_A"))
-        )
-        b_node = helper.make_node(
-            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
-        )
+    kind = kind_of(site.op)
+    names = BranchNames(
+        stem, a_out, scaled, b_out, index.unique_name(f"{stem}.lora_A"), index.unique_name(f"{stem}.lora_B")
+    )
+    built: list[onnx.NodeProto] = []
+    kind.form.build(
+        NodeMaker(index, built), site, data, plan.a_name, plan.b_name, names, kind.a_op, plan.a_group,
+        plan.b_group,
+    )  # fmt: skip
+    a_node, b_node = built
+    nodes.append(a_node)
     nodes.append(
         helper.make_node("Mul", [a_out, scale_name], [scaled], index.unique_name(f"{stem}.lora_scale_mul"))
     )

@@ -5,6 +5,7 @@ backed by a same-named initializer holding an *empty* default (rank 0)::
 
     dense:  y = y.lora_base + MatMul(MatMul(x', A), B)     A (in, R), B (R, out)
     conv:   y = y.lora_base + ConvB(ConvA(x))              A (R, in/ga, k...), B (out, R/gb, 1...)
+    ConvTranspose: ConvB(ConvTransposeA(x))                A (in, R/ga, k...), B (out, R/gb, 1...)
 
 ``R`` is a symbolic per-site dim ``"<stem>.rank"``, so one session accepts adapters of any rank per site.
 With no adapter active the branch adds exact zeros (a rank-0 product), so outputs equal the base's.
@@ -29,6 +30,7 @@ import onnx
 from onnx import helper
 
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import form_of
 from lora_onnx.model.graph import GraphIndex, retain, splice_nodes
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
@@ -240,8 +242,9 @@ class _SlotEditor:
         self.inputs_added.add(name)
         shape = plan.a_shape if name == plan.a_name else plan.b_shape
         rank = rank_dim(plan.stem)
-        # The rank is the only zero dim of an empty default; a grouped conv B holds rank / group.
-        symbol = rank if name == plan.a_name or plan.b_group == 1 else f"{rank}_per_group"
+        # The rank is the only zero dim of an empty default; a grouped conv's B holds rank / group.
+        split = plan.form.rank_split(name == plan.a_name, plan.a_group, plan.b_group)
+        symbol = rank if split == 1 else f"{rank}_per_group"
         dims = [symbol if d == 0 else d for d in shape]
         self.graph.input.append(helper.make_tensor_value_info(name, plan.site.dtype, dims))
 
@@ -318,9 +321,10 @@ def _check_compatible(plan: BranchPlan, record: BranchRecord, model: LoadedModel
     where = f"{plan.site.module_path} (node {plan.site.node!r})"
     if plan.kind != record.kind:
         raise AdapterError(f"the adapter's branch at {where} is {plan.kind} but the slot is {record.kind}")
-    if plan.kind == "conv" and (plan.a_group, plan.b_group) != (record.a_group, record.b_group):
+    if plan.form.groups_refusal((plan.a_group, plan.b_group), (record.a_group, record.b_group)):
         raise AdapterError(
-            f"the adapter's conv branch at {where} has A group {plan.a_group} and B group {plan.b_group}, "
+            f"the adapter's {plan.kind} branch at {where} has A group {plan.a_group} and B group "
+            f"{plan.b_group}, "
             f"but {model.name}'s slot has {record.a_group} and {record.b_group} (PEFT's conv A is dense, "
             "group 1); make slots from this adapter with inject --as-inputs --peft DIR"
         )
@@ -435,7 +439,7 @@ def _rank_of(tensors: Mapping[str, np.ndarray], record: BranchRecord) -> int:
     a = tensors.get(record.a)
     if a is None or tensors.get(record.b) is None or a.size == 0:
         return 0
-    return int(a.shape[1] if record.kind == "dense" else a.shape[0])
+    return form_of(record.kind).rank_of(a, record.a_group)
 
 
 def adapter_strength(model: LoadedModel, tensors: Mapping[str, np.ndarray], adapter: str) -> float:

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from lora_onnx.adapters.peft.planning import PeftBranchExtras, PeftPlan
+from lora_onnx.kinds import form_of
 from lora_onnx.model.graph import GraphIndex, splice_nodes
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches, write_peft_config
@@ -103,7 +104,7 @@ def _add_lora_bias(
         "Mul", [extras.lora_bias, record.scale_tensor], [scaled], index.unique_name(f"{stem}.lora_bias_mul")
     )
     before.setdefault(b_node.name, []).append(mul)
-    if b_node.op_type == "Conv":
+    if form_of(record.kind).b_takes_bias:  # a conv B's own bias input
         b_node.input.append(scaled)
         return (mul.name,)
     biased = index.unique_name(f"{stem}.lora_B.output_biased")
