@@ -78,7 +78,8 @@ def apply_peft(
         check_output_paths(source, output, protect)  # before any work; the adapter's files included
     refuse_existing_adapter(source, adapter_name)
     peft = plan_peft_adapter(source, adapter_dir, adapter_name=adapter_name, base_weights=base_weights)
-    rewritten, records = insert_peft_branches(source, peft)
+    inserted = insert_peft_branches(source, peft)
+    rewritten, records = inserted.model, inserted.records
     fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if merge or validate else None
     notes: list[str] = []
     if fold is not None and fold.kept:

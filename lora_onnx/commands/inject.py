@@ -117,7 +117,8 @@ def inject(
                 make = functools.partial(initial_value, branch, tensor, config.init, config.seed)
                 values[name] = make if defer else make()
     zero_init = config.init != "random"
-    rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    inserted = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    rewritten, records = inserted.model, inserted.records
     report = (
         prove(source, rewritten, zero_init, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite)
         if validate

@@ -145,7 +145,7 @@ def from_source(
             b_name = index.unique_name(f"{plan.stem}.lora_ref_B")
             values[a_name], values[b_name] = source.values[plan.a_name], source.values[plan.b_name]
             chosen.append(dataclasses.replace(plan, a_name=a_name, b_name=b_name))
-        return insert_branches(host, chosen, values)[0] if chosen else host
+        return insert_branches(host, chosen, values).model if chosen else host
 
     return MixedAdapter(label, pairs, reference)
 
@@ -306,7 +306,8 @@ def inject_mixed(
         stem, a_name, b_name = stack_names(index, site.module_path)
         batched = site.node in probe.batched
         items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form, batched))
-    mixed, records = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
+    inserted = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
+    mixed, records = inserted.model, inserted.records
     rows = proof_rows(len(resolved))
     report = None
     if validate:

@@ -243,7 +243,8 @@ def inject_slots(
         if peft is not None
         else fresh_source(source, config, check_ranks=adapter_output is not None)
     )
-    slotted, records = insert_slots(source, produced.plans, strength_input=strength_input)
+    inserted = insert_slots(source, produced.plans, strength_input=strength_input)
+    slotted, records = inserted.model, inserted.records
     tensors = retarget(produced.plans, produced.values, slotted, adapter)
     report = adapter_report = None
     if validate:
@@ -257,7 +258,7 @@ def inject_slots(
             allow_nonfinite=allow_nonfinite,
         )
         if report.ok and (adapter_output is not None or peft is not None):
-            constant, _ = insert_branches(source, produced.plans, produced.values)
+            constant = insert_branches(source, produced.plans, produced.values).model
             adapter_report = validation.validate(
                 constant,
                 bake(slotted, tensors),

@@ -197,10 +197,9 @@ def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
 
 
 def _rank_group_skip(site: Site, rank: int) -> Skipped:
-    group = site.group
+    group, noun = site.group, kind_of(site.op).noun or site.op
     reason = (
-        f"rank {rank} is not a multiple of the {kind_of(site.op).noun or site.op}'s group {group} (a foldable "
-        "grouped branch needs one); "
+        f"rank {rank} is not a multiple of the {noun}'s group {group} (a foldable grouped branch needs one); "
         f"use a rank that is a multiple of {group}, a rank_pattern for this module, or exclude it"
     )
     return Skipped(site.node, site.op, site.module_path, reason)

@@ -38,6 +38,7 @@ from lora_onnx.model.tensors import make_tensor, np_dtype, scale_into_b
 from lora_onnx.recipes.plan import BranchPlan
 from lora_onnx.sites.find import DEFAULT_OPS, scan_sites
 from lora_onnx.stages.branch_metadata import stamp_branches
+from lora_onnx.stages.contract import Stage, StageResult, require_free
 from lora_onnx.stages.fold import remove_branches
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.variants import SlotBranch, records_of
@@ -140,15 +141,35 @@ def _spec(
 
 def insert_slots(
     model: LoadedModel, plans: Sequence[BranchPlan], *, strength_input: bool = False
-) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+) -> StageResult:
     """A copy of ``model`` with one slot per plan (only sites, groups and names of the plans are used).
 
     The core rewrite builds each branch from empty tensors; the branch is then turned into a slot:
     A and B become graph inputs with a symbolic rank dim, and the scale Mul is dropped (adapter files
     carry the scale) or multiplies by the strength input / the Gemm's alpha.
     """
-    if not plans:
-        raise AdapterError("no site to put a LoRA slot on")
+    return InsertSlots(plans, strength_input=strength_input)(model)
+
+
+class InsertSlots(Stage):
+    """LoRA slots beside the planned sites (see the module doc)."""
+
+    name = "insert LoRA slots"
+
+    def __init__(self, plans: Sequence[BranchPlan], *, strength_input: bool = False) -> None:
+        self.plans, self.strength_input = tuple(plans), strength_input
+
+    def requires(self, model: LoadedModel) -> None:
+        if not self.plans:
+            raise AdapterError("no site to put a LoRA slot on")
+        if self.strength_input:
+            require_free(model, {strength_name(self.plans[0].adapter)}, self.name)
+
+    def call(self, model: LoadedModel) -> StageResult:
+        return _insert_slots(model, self.plans, self.strength_input)
+
+
+def _insert_slots(model: LoadedModel, plans: Sequence[BranchPlan], strength_input: bool) -> StageResult:
     # The graph applies no LoRA scale (1.0); the rank is symbolic (recorded as 0: any rank fits).
     plans = [dataclasses.replace(p, rank=0, alpha=0.0, scale=1.0) for p in plans]
     empties = {}
@@ -156,7 +177,8 @@ def insert_slots(
         dtype = np_dtype(plan.site.dtype)
         empties[plan.a_name] = np.zeros(plan.a_shape, dtype)
         empties[plan.b_name] = np.zeros(plan.b_shape, dtype)
-    rewritten, records = insert_branches(model, plans, empties, zero_init=True)
+    inserted = insert_branches(model, plans, empties, zero_init=True)
+    rewritten, records = inserted.model, inserted.records
     proto = rewritten.proto  # a fresh copy owned by ``rewritten``: safe to edit in place
     earlier = read_branches(proto)[: -len(records)]
     editor = _SlotEditor(proto, plans[0].adapter, strength_input)
@@ -164,7 +186,7 @@ def insert_slots(
     editor.finish()
     stamp_branches(proto.graph, slots)
     write_branches(proto, earlier + slots)
-    return rewritten.with_proto(proto), slots
+    return StageResult(rewritten.with_proto(proto), slots)
 
 
 class _SlotEditor:
@@ -430,7 +452,8 @@ def bind(
             )
         )  # fmt: skip
         values[record.a], values[record.b] = tensors[record.a], tensors[record.b]
-    bound_model, bound = insert_branches(stripped, plans, values) if plans else (stripped, ())
+    inserted = insert_branches(stripped, plans, values) if plans else StageResult(stripped, modified=False)
+    bound_model, bound = inserted.model, inserted.records
     removed = tuple(r for r in records if r not in covered)
     return Bound(bound_model, adapter, tuple(bound), removed, strength)
 

@@ -53,6 +53,8 @@ from lora_onnx.model.tensors import make_tensor, np_dtype
 from lora_onnx.recipes.plan import BranchPlan, tensor_stem, unique_stem
 from lora_onnx.sites.find import DEFAULT_OPS, Site, scan_sites, source_layout
 from lora_onnx.stages.branch_metadata import stamp_branches, stamp_shared
+from lora_onnx.stages.contract import Stage, StageResult
+from lora_onnx.stages.contract import require_opset as require_model_opset
 from lora_onnx.stages.fold import remove_branches
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.variants import StackedBranch, records_of
@@ -209,12 +211,7 @@ def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
 
 
 def require_opset(model: LoadedModel) -> None:
-    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if version is not None and version < MIN_OPSET:
-        raise LoraOnnxError(
-            f"{model.name} uses opset {version}; mixed-batch branches need opset {MIN_OPSET} or newer "
-            "(convert it with onnx.version_converter.convert_version)"
-        )
+    require_model_opset(model, "mixed-batch branches", MIN_OPSET)
 
 
 class _Builder:
@@ -345,15 +342,52 @@ def insert_mixed(
     *,
     stacks_as_inputs: bool = False,
     index_name: str = INDEX_INPUT,
-) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+) -> StageResult:
     """A copy of ``model`` with one mixed branch per item and the index input (see the module doc)."""
-    require_opset(model)
-    if not items:
-        raise AdapterError("no site to put a mixed-batch branch on")
-    if mixed_records(model) or mixed_info(model) is not None:
-        raise LoraOnnxError(
-            f"{model.name} already has mixed-batch branches; start from the model without them"
+    stage = InsertMixed(items, axes, labels, stacks_as_inputs=stacks_as_inputs, index_name=index_name)
+    return stage(model)
+
+
+class InsertMixed(Stage):
+    """Mixed-batch branches: the stacks, the shared index nodes and the index input."""
+
+    name = "insert mixed-batch branches"
+
+    def __init__(
+        self,
+        items: Sequence[MixedSite],
+        axes: BatchAxes,
+        labels: Sequence[str],
+        *,
+        stacks_as_inputs: bool = False,
+        index_name: str = INDEX_INPUT,
+    ) -> None:
+        self.items, self.axes, self.labels = tuple(items), axes, tuple(labels)
+        self.stacks_as_inputs, self.index_name = stacks_as_inputs, index_name
+
+    def requires(self, model: LoadedModel) -> None:
+        require_opset(model)
+        if not self.items:
+            raise AdapterError("no site to put a mixed-batch branch on")
+        if mixed_records(model) or mixed_info(model) is not None:
+            raise LoraOnnxError(
+                f"{model.name} already has mixed-batch branches; start from the model without them"
+            )
+
+    def call(self, model: LoadedModel) -> StageResult:
+        return _insert_mixed(
+            model, self.items, self.axes, self.labels, self.stacks_as_inputs, self.index_name
         )
+
+
+def _insert_mixed(
+    model: LoadedModel,
+    items: Sequence[MixedSite],
+    axes: BatchAxes,
+    labels: Sequence[str],
+    stacks_as_inputs: bool,
+    index_name: str,
+) -> StageResult:
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     builder = _Builder(proto, axes, index_name)
@@ -409,7 +443,7 @@ def insert_mixed(
     stamp_branches(graph, records)
     stamp_shared(graph, info.nodes, records)
     write_branches(proto, read_branches(proto) + tuple(records))
-    return model.with_proto(proto), tuple(records)
+    return StageResult(model.with_proto(proto), tuple(records))
 
 
 def _stack_dims(item: MixedSite, name: str, shape: tuple[int, ...]) -> list[int | str]:
@@ -514,5 +548,6 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
         )  # fmt: skip
         plans.append(plan)
         values[plan.a_name], values[plan.b_name] = a, b
-    bound, added = insert_branches(stripped, plans, values) if plans else (stripped, ())
+    inserted = insert_branches(stripped, plans, values) if plans else StageResult(stripped, modified=False)
+    bound, added = inserted.model, inserted.records
     return bound, added, pin_index(model, index)
