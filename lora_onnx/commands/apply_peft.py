@@ -10,7 +10,6 @@ from pathlib import Path
 from lora_onnx.adapters.peft.fused_attention import fold_fused, fused_note, fused_reference
 from lora_onnx.adapters.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.adapters.peft.rewrite import insert_peft_branches
-from lora_onnx.commands.inject import refuse_existing_adapter
 from lora_onnx.errors import FoldError
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
@@ -19,6 +18,7 @@ from lora_onnx.proofs import validation
 from lora_onnx.proofs.validation import ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
 from lora_onnx.recipes.plan import Plan
+from lora_onnx.sites.find import refuse_existing_adapter
 from lora_onnx.stages.fold import fold_branches
 
 
@@ -84,7 +84,11 @@ def apply_peft(
     # Modules inside fused Attention nodes go straight into the packed weights (merge only; see
     # lora_onnx.adapters.peft.fused_attention).
     fused = fold_fused(source, peft.fused)
-    rewritten, records = insert_peft_branches(fused, peft) if peft.branches else (fused, ())
+    if peft.branches:
+        inserted = insert_peft_branches(fused, peft)
+        rewritten, records = inserted.model, inserted.records
+    else:
+        rewritten, records = fused, ()
     folding = (merge or validate) and bool(records)
     fold = fold_branches(rewritten, adapters=[adapter_name], partial=True) if folding else None
     notes: list[str] = [fused_note(peft.fused)] if peft.fused else []
@@ -102,7 +106,7 @@ def apply_peft(
     if validate and peft.fused:
         # The reference computes the fused modules' packed weights in the graph, the rest as branches.
         reference = fused_reference(source, peft.fused)
-        reference = insert_peft_branches(reference, peft)[0] if peft.branches else reference
+        reference = insert_peft_branches(reference, peft).model if peft.branches else reference
         report = validation.validate(
             reference, result, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite
         )

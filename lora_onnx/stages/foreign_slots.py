@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from lora_onnx.kinds import all_kinds, form_of, kind_of
+from lora_onnx.kinds.base import BranchForm
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord
@@ -101,21 +103,24 @@ def _only_consumer(index: GraphIndex, value: str) -> onnx.NodeProto | None:
     return users[0]
 
 
-#: Where the rank-0 dim of A and B sits: dense A (in, R), B (R, out); conv A (R, in/g, k...),
-#: B (out, R/g, 1...).
-_RANK_AXES = {"MatMul": (1, 0), "Conv": (0, 1)}
+def _chain_forms() -> dict[str, BranchForm]:
+    """The branch forms whose slot chains can be recognised, by the op of their A and B nodes (where the
+    rank-0 dim of A and B sits is each form's ``rank_axes``)."""
+    return {kind.form.chain_op: kind.form for kind in all_kinds() if kind.form.chain_op}
 
 
 def _chain(
     model: LoadedModel, index: GraphIndex, a: str, empties: dict[str, tuple[int, ...]]
 ) -> _Chain | None:
     users = index.consumers.get(a, [])
-    if len(users) != 1 or users[0].op_type not in _RANK_AXES or list(users[0].input[1:]) != [a]:
+    forms = _chain_forms()
+    if len(users) != 1 or users[0].op_type not in forms or list(users[0].input[1:]) != [a]:
         return None
     first = users[0]
     op = first.op_type
-    axis_a, axis_b = _RANK_AXES[op]
-    if empties[a][axis_a] != 0 or (op == "MatMul") != (len(empties[a]) == 2):
+    form = forms[op]
+    axis_a, axis_b = form.rank_axes
+    if empties[a][axis_a] != 0 or not form.fits_ndim(len(empties[a])):
         return None
     nodes = [first.name]
     scale, scale_tensor = 1.0, ""
@@ -145,9 +150,8 @@ def _chain(
             if base_join == value or _only_consumer(index, base_join) is not node:
                 return None
             nodes.append(node.name)
-            kind = "dense" if op == "MatMul" else "conv"
             return _Chain(
-                kind, a, b, first.name, b_node, first.input[0], scale, scale_tensor, node.output[0],
+                form.name, a, b, first.name, b_node, first.input[0], scale, scale_tensor, node.output[0],
                 base_join, tuple(nodes),
             )  # fmt: skip
         else:
@@ -161,7 +165,7 @@ def _fits(
     """A's and B's groups if the chain computes the branch lora-onnx would put on ``site`` (shapes, and
     for convs every attribute: A the site's kernel, strides, dilations and padding; B 1x1, stride 1);
     else None."""
-    if chain.kind == "dense":
+    if not form_of(chain.kind).grouped:
         return (1, 1) if (a_dims[0], b_dims[1]) == (site.in_features, site.out_features) else None
     conv = site.conv
     if conv is None or b_dims[0] != site.out_features or a_dims[2:] != conv.kernel_shape:
@@ -236,8 +240,7 @@ def _site_of(index: GraphIndex, chain: _Chain, sites: dict[str, Site]) -> Site |
                 other = next(n for n in producer.input if n != name)
                 if index.is_constant(other):
                     site = sites[upstream.name]
-    ops = ("MatMul", "Gemm") if chain.kind == "dense" else ("Conv",)
-    if site is None or site.data_input != chain.data or site.op not in ops:
+    if site is None or site.data_input != chain.data or kind_of(site.op).form.name != chain.kind:
         return None
     if site.gemm is not None and site.gemm.trans_a:
         return None  # the chain reads x, the site x^T: not one branch
