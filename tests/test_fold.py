@@ -167,7 +167,7 @@ def test_dense_a_on_a_grouped_conv_is_applied_but_not_folded() -> None:
     # PEFT's conv LoRA: A is a dense conv (group 1) even when the base conv is grouped
     plan = BranchPlan(site, "default", 2, 2.0, 1.0, "conv", "conv.lora_A.weight", "conv.lora_B.weight", 1, 2)
     values = {plan.a_name: rng_array(plan.a_shape, 1), plan.b_name: rng_array(plan.b_shape, 2)}
-    injected, _ = insert_branches(model, [plan], values)
+    injected = insert_branches(model, [plan], values).model
     x = rng_array((1, 4, 5, 5), 3)
     expected = conv_reference(x, model.array("W"), group=2) + conv_reference(
         conv_reference(x, values[plan.a_name]), values[plan.b_name], group=2

@@ -62,6 +62,7 @@ def run_peft(args: argparse.Namespace) -> int:
             f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
         )
     from lora_onnx import apply_peft
+    from lora_onnx.kinds import kind_of
 
     result = apply_peft(
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
@@ -77,7 +78,7 @@ def run_peft(args: argparse.Namespace) -> int:
     kinds = {
         "DoRA": sum(1 for b in branches if b.magnitude),
         "lora_bias": sum(1 for b in branches if b.lora_bias),
-        "embedding": sum(1 for b in branches if b.op == "Gather"),
+        "embedding": sum(1 for b in branches if kind_of(b.op).peft_role == "embedding"),
     }
     detail = ", ".join(f"{name} {count}" for name, count in kinds.items() if count)
     info(

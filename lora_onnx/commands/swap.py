@@ -22,10 +22,10 @@ from lora_onnx.adapters.files import FORMATS, format_for, read_adapter_file, wri
 from lora_onnx.adapters.peft.export import export_peft_adapter
 from lora_onnx.adapters.peft.modules_to_save import refuse_saved_modules
 from lora_onnx.adapters.peft.planning import PeftPlan, plan_peft_adapter
-from lora_onnx.commands.inject import refuse_existing_adapter, scan_sites
 from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import finite_number, require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import form_of, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord, read_branches
@@ -36,7 +36,7 @@ from lora_onnx.proofs.validation import ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.recipes.init import initial_values
 from lora_onnx.recipes.plan import BranchPlan, plan_branches, tensor_stem, unique_stem
-from lora_onnx.sites.find import DEFAULT_OPS, Skipped
+from lora_onnx.sites.find import DEFAULT_OPS, Skipped, refuse_existing_adapter, scan_sites
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.stages.slots import (
     Bound,
@@ -52,8 +52,6 @@ from lora_onnx.stages.slots import (
     strength_name,
 )
 from lora_onnx.variants import variant_for
-
-_SLOT_OPS = ("Gemm", "MatMul", "Conv")
 
 
 @dataclass(frozen=True)
@@ -134,7 +132,7 @@ def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike, purpose: st
         if part:
             raise AdapterError(f"{adapter_dir}: the adapter has {part} on {extras.adapter_path}, {reason}")
     for plan in peft.plan.branches:
-        if plan.site.op not in _SLOT_OPS:
+        if not kind_of(plan.site.op).slottable:
             raise AdapterError(
                 f"{adapter_dir}: the adapter adapts {plan.site.module_path} ({plan.site.op}), {reason}"
             )
@@ -247,7 +245,8 @@ def inject_slots(
         if peft is not None
         else fresh_source(source, config, check_ranks=adapter_output is not None)
     )
-    slotted, records = insert_slots(source, produced.plans, strength_input=strength_input)
+    inserted = insert_slots(source, produced.plans, strength_input=strength_input)
+    slotted, records = inserted.model, inserted.records
     tensors = retarget(produced.plans, produced.values, slotted, adapter)
     report = adapter_report = None
     if validate:
@@ -261,7 +260,7 @@ def inject_slots(
             allow_nonfinite=allow_nonfinite,
         )
         if report.ok and (adapter_output is not None or peft is not None):
-            constant, _ = insert_branches(source, produced.plans, produced.values)
+            constant = insert_branches(source, produced.plans, produced.values).model
             adapter_report = validation.validate(
                 constant,
                 bake(slotted, tensors),
@@ -422,12 +421,9 @@ def fresh_adapter(
         seen.add(record.a)
         site = sites[record.site]
         rank, alpha = config.rank_for(site.module_path), config.alpha_for(site.module_path)
-        group = max(record.a_group, record.b_group)
-        if record.kind == "conv" and rank % group:
-            raise AdapterError(
-                f"rank {rank} for {site.module_path} is not a multiple of its conv branch's group {group}; "
-                "use a rank_pattern for it"
-            )
+        refusal = form_of(record.kind).rank_group_refusal(rank, record.a_group, record.b_group)
+        if refusal:
+            raise AdapterError(f"{site.module_path}: {refusal}; use a rank_pattern for it")
         plans.append(_record_plan(record, site, rank, alpha, config.scale(rank, alpha)))
     values: dict[str, np.ndarray] = {}
     for plan in plans:

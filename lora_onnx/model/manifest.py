@@ -23,7 +23,8 @@ MANIFEST_VERSION = 1
 #: Prefix of the metadata keys holding an imported PEFT adapter's adapter_config.json, one per adapter.
 PEFT_CONFIG_PREFIX = "lora_onnx.peft_config."
 #: Per-adapter metadata that goes with the adapter's last branch: its PEFT config and the record of the base
-#: tensors its modules_to_save replaced (:mod:`lora_onnx.adapters.peft.modules_to_save`; a merge keeps the tensors).
+#: tensors its modules_to_save replaced (:mod:`lora_onnx.adapters.peft.modules_to_save`; a merge keeps the
+#: tensors).
 ADAPTER_METADATA_PREFIXES = (PEFT_CONFIG_PREFIX, "lora_onnx.modules_to_save.")
 
 

@@ -30,6 +30,7 @@ from lora_onnx.errors import FoldError
 from lora_onnx.kinds.deltas import branch_delta as branch_delta
 from lora_onnx.kinds.deltas import conv_delta as conv_delta
 from lora_onnx.kinds.deltas import dense_delta as dense_delta
+from lora_onnx.kinds.deltas import folded_weight
 from lora_onnx.model import streaming
 from lora_onnx.model.dequantize import DEQUANTIZE_OPS
 from lora_onnx.model.graph import GraphIndex, rename_output, retain
@@ -38,6 +39,7 @@ from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.weights import PASS_THROUGH_OPS
 from lora_onnx.sites import quantized
 from lora_onnx.stages.branch_checks import check_branch_shapes
+from lora_onnx.stages.contract import Stage, StageResult
 from lora_onnx.stages.untie import Untied, retarget, untie, untie_refusal
 from lora_onnx.variants import by_variant, variant_for
 
@@ -51,14 +53,17 @@ class Kept:
 
 
 @dataclass(frozen=True)
-class FoldResult:
-    """The folded model, the branches folded and kept, and the shared weights the fold untied
+class FoldResult(StageResult):
+    """A fold's result: ``records`` are the branches folded (also ``folded``), ``kept`` those a partial
+    fold left in place and why, ``untied`` the shared weights the fold untied
     (:mod:`lora_onnx.stages.untie`; :attr:`notes` says which, for the user)."""
 
-    model: LoadedModel
-    folded: tuple[BranchRecord, ...]
-    kept: tuple[Kept, ...]
+    kept: tuple[Kept, ...] = ()
     untied: tuple[Untied, ...] = ()
+
+    @property
+    def folded(self) -> tuple[BranchRecord, ...]:
+        return self.records
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -111,45 +116,69 @@ def fold_branches(
     ``dequantize`` folds branches on quantized weights too, writing those weights in float. ``remedy``
     ends the refusal of a branch that cannot be folded: what the caller's user can do about it.
     """
-    branches = read_branches(model.proto)
-    if not branches:
-        raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
-    chosen = [b for b in branches if adapters is None or b.adapter in adapters]
-    if not chosen:
-        names = sorted({b.adapter for b in branches})
-        raise FoldError(f"no branch of adapter(s) {sorted(adapters or [])}; the model has {names}")
-    # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
-    check_branch_shapes(model, chosen)
-    index = GraphIndex(model.proto.graph)
-    groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
-    reasons = {
-        **_refusals(index, chosen, branches, groups),
-        **quantized.fold_refusals(index, chosen, dequantize),
-    }
-    if reasons and not partial:
-        first = next(iter(reasons.items()))
-        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
-        raise FoldError(
-            f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}{more}; "
-            f"{remedy}"
-        )
-    folding = [b for b in chosen if b not in reasons]
-    kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
-    remaining = tuple(b for b in branches if b not in folding)
+    result = FoldBranches(adapters=adapters, partial=partial, dequantize=dequantize, remedy=remedy)(model)
+    assert isinstance(result, FoldResult)
+    return result
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    remove_branches(proto, folding, remaining)
-    refused = {branch.weight for branch in reasons}
-    adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
-    untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
-    remaining = retarget(remaining, untied)
-    sources = quantized.dequantize_folded(proto, index, model, folding)
-    write_branches(proto, remaining)
-    producers = _weight_producers(model, folding, sources, untied)
-    for variant, group in by_variant(folding).items():
-        producers.update(variant.fold_beside_weight(model, proto, group))
-    return FoldResult(model.with_proto(proto, producers), tuple(folding), kept, tuple(untied))
+
+class FoldBranches(Stage):
+    """Fold branches into their weights, ``W' = W + s * delta`` (streamed when saved); a weight shared
+    by nodes with different branches (or none) is untied first (:mod:`lora_onnx.stages.untie`)."""
+
+    name = "fold branches"
+
+    def __init__(
+        self, *, adapters: Collection[str] | None, partial: bool, dequantize: bool, remedy: str
+    ) -> None:
+        self.adapters, self.partial, self.dequantize, self.remedy = adapters, partial, dequantize, remedy
+
+    def _chosen(self, model: LoadedModel) -> tuple[tuple[BranchRecord, ...], list[BranchRecord]]:
+        branches = read_branches(model.proto)
+        return branches, [b for b in branches if self.adapters is None or b.adapter in self.adapters]
+
+    def requires(self, model: LoadedModel) -> None:
+        branches, chosen = self._chosen(model)
+        if not branches:
+            raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
+        if not chosen:
+            names = sorted({b.adapter for b in branches})
+            raise FoldError(f"no branch of adapter(s) {sorted(self.adapters or [])}; the model has {names}")
+        # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
+        check_branch_shapes(model, chosen)
+
+    def call(self, model: LoadedModel) -> FoldResult:
+        branches, chosen = self._chosen(model)
+        index = GraphIndex(model.proto.graph)
+        groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
+        reasons = {
+            **_refusals(index, chosen, branches, groups),
+            **quantized.fold_refusals(index, chosen, self.dequantize),
+        }
+        if reasons and not self.partial:
+            first = next(iter(reasons.items()))
+            more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            raise FoldError(
+                f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}"
+                f"{more}; {self.remedy}"
+            )
+        folding = [b for b in chosen if b not in reasons]
+        kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
+        remaining = tuple(b for b in branches if b not in folding)
+
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        remove_branches(proto, folding, remaining)
+        refused = {branch.weight for branch in reasons}
+        adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
+        untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
+        remaining = retarget(remaining, untied)
+        sources = quantized.dequantize_folded(proto, index, model, folding)
+        write_branches(proto, remaining)
+        producers = _weight_producers(model, folding, sources, untied)
+        for variant, group in by_variant(folding).items():
+            producers.update(variant.fold_beside_weight(model, proto, group))
+        folded = model.with_proto(proto, producers)
+        return FoldResult(folded, tuple(folding), kept=kept, untied=tuple(untied), modified=bool(folding))
 
 
 def _refusals(
@@ -291,4 +320,4 @@ def _producer(
             assert factor is not None  # a variant that rescales its weight gives the factor
             return factor
 
-    return streaming.folded_weight(model, weight, branches, source, channel_scale=scale)
+    return folded_weight(model, weight, branches, source, channel_scale=scale)

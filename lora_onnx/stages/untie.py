@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from lora_onnx.kinds import kind_for_node
 from lora_onnx.model.graph import GraphIndex, retain, splice_nodes
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import make_deferred, shape_of
@@ -53,7 +54,8 @@ def untie_refusal(index: GraphIndex, weight: str, users: Iterable[str]) -> str |
     pass-through chains (a quantized weight's DequantizeLinear is refused by the quantized fold)."""
     for user in users:
         node = index.nodes[user]
-        if node.op_type == "MatMulNBits":
+        kind = kind_for_node(node)
+        if kind is not None and kind.packed_weight:
             return f"node {user!r} reads {weight!r} as packed quantized blocks, which cannot be untied"
         if _weight_position(index, node, weight) is None:
             return f"node {user!r} reads weight {weight!r} in a way lora-onnx cannot copy"

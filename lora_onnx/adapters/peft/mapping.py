@@ -25,6 +25,7 @@ from types import MappingProxyType
 
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import all_kinds
 from lora_onnx.sites.find import Site, SiteScan, Skipped
 from lora_onnx.sites.targets import name_matches
 
@@ -46,8 +47,17 @@ _ROLES = {
 }
 LINEAR_ROLES = frozenset({"lora_A", "lora_B", "lora_B.bias"})
 EMBEDDING_ROLES = frozenset({"lora_embedding_A", "lora_embedding_B"})
-#: Op types each kind of adapter module can sit on.
-KIND_OPS = {"lora": ("MatMul", "Gemm", "Conv"), "embedding": ("Gather",)}
+
+
+def kind_ops() -> dict[str, tuple[str, ...]]:
+    """Op types each kind of adapter module (``lora``, ``embedding``) can sit on, as the op kinds say."""
+    found: dict[str, tuple[str, ...]] = {"lora": (), "embedding": ()}
+    for kind in all_kinds():
+        if kind.peft_role:
+            found[kind.peft_role] = (*found.get(kind.peft_role, ()), kind.op_type)
+    return found
+
+
 #: Buffers some LoRA variants save that do not take part in inference.
 _IGNORED_SUFFIXES = (".lora_velora_embed",)
 
@@ -171,9 +181,10 @@ def _check_roles(source: str, module: AdapterModule) -> None:
 
 def match_modules(modules: Sequence[AdapterModule], scan: SiteScan, *, source: str = "") -> list[ModuleMatch]:
     """The sites of every adapter module (see the module doc for the rule and the errors)."""
-    by_kind: dict[str, dict[str, list[Site]]] = {kind: defaultdict(list) for kind in KIND_OPS}
+    roles = kind_ops()
+    by_kind: dict[str, dict[str, list[Site]]] = {kind: defaultdict(list) for kind in roles}
     for site in scan.sites:
-        for kind, ops in KIND_OPS.items():
+        for kind, ops in roles.items():
             if site.op in ops:
                 by_kind[kind][site.module_path].append(site)
     matches: list[ModuleMatch] = []
@@ -214,13 +225,13 @@ def _no_site(module: AdapterModule, scan: SiteScan, paths: Mapping[str, list[Sit
     path = module.path
     what = "an embedding (lora_embedding_A/B)" if module.kind == "embedding" else "a Linear / Conv (lora_A/B)"
     for other in scan.sites:
-        if other.op not in KIND_OPS[module.kind] and _same_module(path, other.module_path):
+        if other.op not in kind_ops()[module.kind] and _same_module(path, other.module_path):
             return (
                 f"{source}: key {key!r} adapts {what}, but module {other.module_path!r} is exported as "
                 f"{other.op} node {other.node!r}"
             )
     for skipped in scan.skipped:
-        if skipped.op in KIND_OPS[module.kind] and _same_module(path, skipped.module_path):
+        if skipped.op in kind_ops()[module.kind] and _same_module(path, skipped.module_path):
             return _skipped_message(source, key, skipped)
     return f"{source}: key {key!r} matches no module of the graph{_nearest(path, list(paths))}"
 

@@ -36,6 +36,7 @@ from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.common import json_input
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.graph import GraphIndex, rename_output, retain, splice_nodes
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import ADAPTER_METADATA_PREFIXES
@@ -179,7 +180,7 @@ def _plan_module(
     targets: dict[str, list[tuple[str, int, WeightRef, bool]]] = {}
     if graph_path is not None:
         for site in site_paths[graph_path]:
-            if site.op == "MatMulNBits" or site.weight.dequantize is not None:
+            if kind_of(site.op).packed_weight or site.weight.dequantize is not None:
                 raise AdapterError(
                     f"{source}: key {first_key!r} is a modules_to_save copy of module {module!r}, whose "
                     f"{site.op} node {site.node!r} has a quantized weight; apply the adapter before "
@@ -199,7 +200,7 @@ def _plan_module(
                         f"{site.node!r} has no constant {param}; the adapter was trained on another base"
                     )
                 holder, position, ref = found
-                dense = param == "weight" and site.op in ("MatMul", "Gemm")
+                dense = param == "weight" and kind_of(site.op).linear
                 transposed = dense and _transposed(ref, weights.tensors[key].shape)
                 targets.setdefault(param, []).append((holder, position, ref, transposed))
     else:
@@ -275,14 +276,15 @@ def _site_input(index: GraphIndex, site: Site, param: str) -> tuple[str, int, We
     None when the bias is there but not a constant.
     """
     node = index.nodes[site.node]
+    kind = kind_of(site.op)
     missing = WeightRef("", (site.out_features,), site.dtype, (site.out_features,), site.dtype)
     if param == "weight":
-        holder, position = node, 0 if site.op == "Gather" else 1
-    elif site.op in ("Gemm", "Conv"):
+        holder, position = node, kind.weight_input
+    elif kind.bias_input:
         holder, position = node, 2
         if len(node.input) <= position or not node.input[position]:
             return node.name, position, missing
-    elif site.op == "MatMul":
+    elif kind.bias_after:
         found = _matmul_bias(index, node, site.out_features)
         if found is None:
             return node.name, ADD_AFTER, missing
