@@ -18,12 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import cli
 
 from lora_onnx import LoraConfig
-from lora_onnx.commands.inject import scan_sites
 from lora_onnx.commands.inject_mixed import inject_mixed, proof_rows, prove_rows
 from lora_onnx.commands.swap import AdapterSource, fresh_source
 from lora_onnx.model.load import LoadedModel, load_model
 from lora_onnx.proofs.batch_rows import batch_axes, probe_sites
-from lora_onnx.sites.find import DEFAULT_OPS
+from lora_onnx.sites.find import DEFAULT_OPS, scan_sites
 from lora_onnx.stages.stacked import INDEX_INPUT, mixed_records
 
 F = TensorProto.FLOAT
@@ -128,7 +127,7 @@ def _reference(base: onnx.ModelProto, adapter: AdapterSource) -> LoadedModel:
     """``base`` with ``adapter`` as ordinary constant branches."""
     from lora_onnx.stages.insert import insert_branches
 
-    return insert_branches(load_model(base), list(adapter.plans), dict(adapter.values))[0]
+    return insert_branches(load_model(base), list(adapter.plans), dict(adapter.values)).model
 
 
 def test_the_fixed_batch_probe_skips_a_site_whose_rows_mix() -> None:

@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         info(f"Removed {len(result.slots_removed)} LoRA slot(s) the adapter file leaves off.")
     for kept in result.kept:
         warn(f"kept the branch at node {kept.branch.site!r} ({kept.branch.module_path}): {kept.reason}")
+    for note in result.notes:
+        info(f"note: {note}")
     info(f"Folded {len(result.folded)} branch(es); {len(result.kept)} kept.")
     title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
     if args.adapter_index is not None:

@@ -68,6 +68,7 @@ def run_peft(args: argparse.Namespace) -> int:
             f"--peft takes ranks, alphas and targets from the adapter's adapter_config.json; drop {given[0]}"
         )
     from lora_onnx import apply_peft
+    from lora_onnx.kinds import kind_of
 
     result = apply_peft(
         args.model, args.peft, output=args.output, merge=args.merge, validate=args.validate,
@@ -83,13 +84,18 @@ def run_peft(args: argparse.Namespace) -> int:
     kinds = {
         "DoRA": sum(1 for b in branches if b.magnitude),
         "lora_bias": sum(1 for b in branches if b.lora_bias),
-        "embedding": sum(1 for b in branches if b.op == "Gather"),
+        "embedding": sum(1 for b in branches if kind_of(b.op).peft_role == "embedding"),
     }
     detail = ", ".join(f"{name} {count}" for name, count in kinds.items() if count)
     info(
         f"Applied PEFT adapter {args.peft}: {modules} module(s) on {len(branches)} node(s)"
         f"{f' ({detail})' if detail else ''}, {result.plan.lora_params:,} LoRA parameters."
     )
+    if result.peft.saved:
+        saved = ", ".join(dict.fromkeys(tensor.module for tensor in result.peft.saved))
+        info(f"modules_to_save: {len(result.peft.saved)} tensor(s) of {saved} replace the base's.")
+    for note in result.fold_notes:
+        info(f"note: {note}")
     if args.merge:
         info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
     title = "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"

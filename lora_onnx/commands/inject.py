@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_onnx.errors import LoraOnnxError
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, TensorProducer, load_model
 from lora_onnx.model.manifest import BranchRecord, adapter_names, read_branches
@@ -20,7 +19,9 @@ from lora_onnx.proofs.validation import InputsLike, ValidationReport, validate
 from lora_onnx.recipes.config import LoraConfig
 from lora_onnx.recipes.init import initial_value
 from lora_onnx.recipes.plan import Plan, plan_branches
-from lora_onnx.sites.find import SiteScan, find_sites
+
+# existing_branches, refuse_existing_adapter and scan_sites live with the sites (lower layers use them)
+from lora_onnx.sites.find import SiteScan, existing_branches, refuse_existing_adapter, scan_sites
 from lora_onnx.stages.fold import fold_branches, fold_tolerance
 from lora_onnx.stages.insert import insert_branches
 
@@ -48,24 +49,6 @@ class InjectResult:
     @property
     def warnings(self) -> tuple[str, ...]:
         return self.plan.warnings
-
-
-def existing_branches(model: LoadedModel) -> tuple[BranchRecord, ...]:
-    return read_branches(model.proto)
-
-
-def refuse_existing_adapter(model: LoadedModel, adapter: str) -> None:
-    if adapter in adapter_names(existing_branches(model)):
-        raise LoraOnnxError(
-            f"{model.name} already carries an adapter named {adapter!r}; choose another name (--name) "
-            "or merge / remove it first"
-        )
-
-
-def scan_sites(model: LoadedModel, ops: Sequence[str] | frozenset[str]) -> SiteScan:
-    """Sites of the base graph, leaving out the nodes of branches the model already carries."""
-    ignore = {name for branch in existing_branches(model) for name in branch.nodes}
-    return find_sites(model, ops, ignore_nodes=ignore)
 
 
 def prove(
@@ -138,7 +121,8 @@ def inject(
                 make = functools.partial(initial_value, branch, tensor, config.init, config.seed)
                 values[name] = make if defer else make()
     zero_init = config.init != "random"
-    rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    inserted = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    rewritten, records = inserted.model, inserted.records
     report = (
         prove(
             source,

@@ -13,9 +13,9 @@ same kind and features). A file must fit those slots as ``check-adapter --partia
 slots out (that adapter then has no branch there) and must address the slots of one adapter name. The
 scale is already in B; a strength tensor in the file (else the model's default, 1.0) multiplies B.
 
-Every site any adapter adapts gets one mixed branch (:mod:`lora_onnx.stages.stacked`), after the batch-row probe
-(:mod:`lora_onnx.proofs.batch_rows`) has shown its input keeps batch rows apart; sites that fail are skipped
-with the reason and a warning per adapter that loses a branch there.
+Every site any adapter adapts gets one mixed branch (:mod:`lora_onnx.stages.stacked`), after the batch-row
+probe (:mod:`lora_onnx.proofs.batch_rows`) has shown its input keeps batch rows apart; sites that fail are
+skipped with the reason and a warning per adapter that loses a branch there.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ import numpy as np
 
 from lora_onnx.adapters.check import check_tensors, fitting_adapter
 from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
-from lora_onnx.commands.inject import scan_sites
 from lora_onnx.commands.swap import AdapterSource, peft_source
 from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import form_of, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.save import planned_writes, save_model
 from lora_onnx.model.tensors import scale_into_b
-from lora_onnx.proofs.batch_rows import BatchAxes, batch_axes, feeds_for, probe_sites, take_rows
+from lora_onnx.proofs.batch_rows import batch_axes, feeds_for, probe_sites, take_rows
 from lora_onnx.proofs.validation import (
     InputsLike,
     OutputComparison,
@@ -54,11 +54,12 @@ from lora_onnx.proofs.validation import (
     run_model,
     session_source,
 )
-from lora_onnx.sites.find import DEFAULT_OPS, Site, Skipped
+from lora_onnx.sites.find import DEFAULT_OPS, Site, Skipped, scan_sites
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.stages.slots import adapter_strength, bake, slot_records
 from lora_onnx.stages.stacked import (
     INDEX_INPUT,
+    BatchAxes,
     MixedSite,
     SiteForm,
     SitePair,
@@ -149,7 +150,7 @@ def from_source(
             b_name = index.unique_name(f"{plan.stem}.lora_ref_B")
             values[a_name], values[b_name] = source.values[plan.a_name], source.values[plan.b_name]
             chosen.append(dataclasses.replace(plan, a_name=a_name, b_name=b_name))
-        return insert_branches(host, chosen, values)[0] if chosen else host
+        return insert_branches(host, chosen, values).model if chosen else host
 
     return MixedAdapter(label, pairs, reference)
 
@@ -178,7 +179,7 @@ def from_tensors(
         if a is None or b is None or np.asarray(a).size == 0:
             continue  # left out or empty: this adapter has no branch at that slot
         site = sites.get(record.site)
-        if site is None or (site.op == "Conv") != (record.kind == "conv"):
+        if site is None or kind_of(site.op).form.name != record.kind:
             raise AdapterError(
                 f"{label}: slot {record.a!r} of {slots.name} is at node {record.site!r}, which is not a "
                 f"{record.op} site of {host.name}; --slots must be a slotted model of the same base"
@@ -308,12 +309,13 @@ def inject_mixed(
     items = []
     for site in kept:
         pairs = [adapter.pairs.get(site.node) for adapter in resolved]
-        form = site_form("conv" if site.op == "Conv" else "dense", pairs)
+        form = site_form(kind_of(site.op).form.name, pairs)
         a_stack, b_stack = stack_pairs(site, pairs, form, labels)
         stem, a_name, b_name = stack_names(index, site.module_path)
         batched = site.node in probe.batched
         items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form, batched))
-    mixed, records = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
+    inserted = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
+    mixed, records = inserted.model, inserted.records
     rows = proof_rows(len(resolved), axes.size)
     report = None
     if validate:
@@ -573,11 +575,8 @@ def stack_adapters(
         site = sites[record.site]
         pairs = [adapter.pairs.get(record.site) for adapter in resolved]
         blocks = max(record.a_group, record.b_group)
-        widest = (
-            site_form(record.kind, pairs).rank
-            if record.kind == "dense"
-            else max([blocks, *(p.rank(record.kind) for p in pairs if p is not None)])
-        )
+        rank_of = form_of(record.kind).rank_of
+        widest = max([blocks, *(rank_of(p.a, p.a_group) for p in pairs if p is not None)])
         form = SiteForm(-(-widest // blocks) * blocks, record.a_group, record.b_group)
         tensors[record.a], tensors[record.b] = stack_pairs(site, pairs, form, labels)
     if output is not None:

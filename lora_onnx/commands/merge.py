@@ -28,6 +28,8 @@ class MergeResult:
     validation: ValidationReport | None = None
     #: With an adapter file: the slots dropped because they stay off (not in the file, or other adapters).
     slots_removed: tuple[BranchRecord, ...] = ()
+    #: What the user should know about the fold: shared weights it untied (:mod:`lora_onnx.stages.untie`).
+    notes: tuple[str, ...] = ()
 
 
 def merge(
@@ -109,4 +111,4 @@ def merge(
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(result.model, output, protect=protect)
-    return MergeResult(result.model, result.folded, result.kept, written, report, removed)
+    return MergeResult(result.model, result.folded, result.kept, written, report, removed, result.notes)

@@ -30,6 +30,7 @@ import onnx
 from onnx import helper
 
 from lora_onnx.errors import LoraOnnxError, TargetError
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.proofs.inputs import make_inputs
 from lora_onnx.proofs.validation import (
@@ -42,6 +43,7 @@ from lora_onnx.proofs.validation import (
     session_source,
 )
 from lora_onnx.sites.find import Site, Skipped
+from lora_onnx.stages.stacked import BatchAxes  # the record the stacked form is built for
 
 #: Batch sizes of the probe runs (3 rows, and its first 2).
 PROBE_ROWS = 3
@@ -58,23 +60,6 @@ class Probe:
     kept: tuple[Site, ...]
     skipped: tuple[Skipped, ...]
     batched: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class BatchAxes:
-    """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
-    (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
-    and ``anchor``, an input whose batch dim sizes the batch at run time. ``size`` is the batch size when
-    it is fixed (``name`` is then empty), None when it is symbolic."""
-
-    name: str
-    inputs: Mapping[str, int]
-    outputs: Mapping[str, int | None]
-    size: int | None = None
-
-    @property
-    def anchor(self) -> str:
-        return next(iter(self.inputs))
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -200,14 +185,7 @@ def _blocks(site: Site, value: np.ndarray, rows: int) -> np.ndarray | str:
     """``value`` (the site's data input) as one block per batch row, or why it cannot be split so."""
     if site.gemm is not None and site.gemm.trans_a:
         value = value.T
-    if site.op == "Conv":
-        if value.ndim < 3 or value.shape[0] != rows:
-            return f"its first dim is {value.shape[0] if value.ndim else None}, not the batch ({rows} rows)"
-        return value
-    width = site.in_features
-    if value.ndim == 0 or value.size % (rows * width):
-        return f"its {value.size} values do not split into {rows} rows of {width}-wide vectors"
-    return value.reshape(rows, -1, width)
+    return kind_of(site.op).batch_rows(site, value, rows)
 
 
 def probe_sites(
@@ -267,7 +245,7 @@ def probe_sites(
             kept.append(site)
             # A tensor's rank is fixed by the graph, and the probe saw dim 0 follow the batch.
             shapes = [run[site.data_input].shape for run in runs[:2]]
-            three_d = site.op == "MatMul" and all(len(s) == 3 for s in shapes)
+            three_d = kind_of(site.op).batched_input(shapes)
             expected = (PROBE_ROWS, 2) if axes.size is None else (axes.size, axes.size)
             if three_d and (shapes[0][0], shapes[1][0]) == expected:
                 batched.add(site.node)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.kinds import kind_for_node
 
 if TYPE_CHECKING:  # annotations only: inputs.py imports this module, and onnx loads on first use
     import onnx
@@ -143,10 +144,9 @@ class _Graph:
         for _ in range(4):
             if node is None:
                 return None
-            if node.op_type == "MatMulNBits":
-                return _attribute(node, "N") or None
-            if node.op_type == "MatMul" and node.input[1] in self.tables:
-                return int(self.tables[node.input[1]][-1])
+            kind = kind_for_node(node)  # a MatMul on an initializer, a MatMulNBits (its N)
+            if kind is not None and kind.output_width(node, self.tables) is not None:
+                return kind.output_width(node, self.tables)
             if node.op_type not in ("Add", "Cast"):
                 return None
             node = next(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lora_onnx.common.constants import ADAPTER_INDEX
+from lora_onnx.common.finite import MAX_SEED, check_seed  # noqa: F401  (re-exported for callers)
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.proofs.decoder_inputs import decoder_layout, decoder_sizes, decoder_value
 
@@ -39,15 +40,6 @@ _ORT_TYPES = {
 _BATCH = re.compile(r"batch|^n$|^b$|^N$", re.IGNORECASE)
 _MAX_TOKEN = 16
 DEFAULT_BATCH, DEFAULT_OTHER = 2, 8
-#: Seeds are numpy SeedSequence entropy: whole numbers 0 .. 2**32 - 1 (one 32-bit word, as in torch/numpy).
-MAX_SEED = 2**32 - 1
-
-
-def check_seed(seed: object, what: str = "--seed") -> int:
-    """``seed`` when it is a whole number in 0 .. :data:`MAX_SEED`, else a one-line :class:`LoraOnnxError`."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise LoraOnnxError(f"{what} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return int(seed)
 
 
 @dataclass(frozen=True)
