@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import config_from_args, dims_from_args
+from lora_onnx.cli.options import config_from_args, dims_from_args, inputs_from_args
 from lora_onnx.cli.render import final, info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH, AdapterError
 
@@ -50,6 +50,7 @@ def run_slots(args: argparse.Namespace) -> int:
         output=args.output, adapter_output=args.adapter_out, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), allow_nonfinite=args.allow_nonfinite,
         base_weights=getattr(args, "base_weights", None), link_data=args.link_data,
+        inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.source.warnings:
         warn(message)

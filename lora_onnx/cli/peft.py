@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, add_recipe_arguments, dims_from_args
+from lora_onnx.cli.options import (
+    AdapterSourceAction,
+    adapter_sources,
+    add_recipe_arguments,
+    dims_from_args,
+    inputs_from_args,
+)
 from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.common.constants import DEFAULT_ADAPTER
 from lora_onnx.errors import AdapterError, LoraOnnxError
@@ -84,6 +90,7 @@ def run_peft(args: argparse.Namespace) -> int:
         )
     from lora_onnx import apply_peft
     from lora_onnx.commands.apply_peft import default_adapter_names
+    from lora_onnx.kinds import kind_of
 
     values = [value for _, value in adapter_sources(args, "peft")] or [args.peft]
     refs = [peft_ref(value) for value in values]
@@ -99,7 +106,7 @@ def run_peft(args: argparse.Namespace) -> int:
         validate=args.validate, adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite,
         base_weights=args.base_weights,
-        link_data=args.link_data,
+        link_data=args.link_data, inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)
@@ -110,7 +117,7 @@ def run_peft(args: argparse.Namespace) -> int:
         kinds = {
             "DoRA": sum(1 for b in mine if b.magnitude),
             "lora_bias": sum(1 for b in mine if b.lora_bias),
-            "embedding": sum(1 for b in mine if b.op == "Gather"),
+            "embedding": sum(1 for b in mine if kind_of(b.op).peft_role == "embedding"),
         }
         detail = ", ".join(f"{kind} {count}" for kind, count in kinds.items() if count)
         named = f" as {name!r}" if len(specs) > 1 else ""
@@ -119,6 +126,11 @@ def run_peft(args: argparse.Namespace) -> int:
             f"Applied PEFT adapter {path}{named}{at}: {modules} module(s) on {len(mine)} node(s)"
             f"{f' ({detail})' if detail else ''}, {plan.plan.lora_params:,} LoRA parameters."
         )
+        if plan.saved:
+            saved = ", ".join(dict.fromkeys(tensor.module for tensor in plan.saved))
+            info(f"modules_to_save: {len(plan.saved)} tensor(s) of {saved} replace the base's.")
+    for note in result.fold_notes:
+        info(f"note: {note}")
     if args.merge:
         info(f"Merged: folded {len(result.folded)} branch(es) into the weights.")
     title = "Merged vs unmerged in onnxruntime" if args.merge else "Proof in onnxruntime (vs its own fold)"

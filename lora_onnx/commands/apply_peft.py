@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_onnx.adapters.peft.fused_attention import fold_fused, fused_note, fused_reference
+from lora_onnx.adapters.peft.modules_to_save import replace_saved
 from lora_onnx.adapters.peft.planning import PeftPlan, plan_peft_adapter
 from lora_onnx.adapters.peft.rewrite import insert_peft_branches
-from lora_onnx.commands.inject import refuse_existing_adapter
 from lora_onnx.errors import AdapterError, FoldError
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
@@ -19,6 +20,7 @@ from lora_onnx.proofs import validation
 from lora_onnx.proofs.validation import ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
 from lora_onnx.recipes.plan import Plan
+from lora_onnx.sites.find import refuse_existing_adapter
 from lora_onnx.stages.fold import fold_branches
 
 #: One adapter to apply: a path (PEFT folder or single-file LoRA), or (path, strength).
@@ -41,6 +43,8 @@ class PeftResult:
     output: Path | None = None
     validation: ValidationReport | None = None
     notes: tuple[str, ...] = ()
+    #: Shared weights the merge untied (:mod:`lora_onnx.stages.untie`): information, not warnings.
+    fold_notes: tuple[str, ...] = ()
     plans: tuple[PeftPlan, ...] = ()
     adapters: tuple[str, ...] = ()
 
@@ -111,6 +115,7 @@ def apply_peft(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    inputs: validation.InputsLike = None,
     component: str | None = None,
     strength: float = 1.0,
     adapter_names: Sequence[str] | None = None,
@@ -125,13 +130,15 @@ def apply_peft(
     its file (:func:`default_adapter_names`), and ``merge`` folds them all.
 
     Every adapter key must map to a site (by module path, tolerating a wrapper prefix on either side);
-    anything that does not fit raises :class:`~lora_onnx.errors.AdapterError` before anything is written.
+    ``modules_to_save`` copies replace the base's tensors of their modules
+    (:mod:`lora_onnx.adapters.peft.modules_to_save`); anything that does not fit raises
+    :class:`~lora_onnx.errors.AdapterError` before anything is written.
     With ``validate`` the unmerged model is compared in onnxruntime with its own fold (the merged model
     when ``merge``); a branch that cannot be folded (a grouped conv, as in PEFT) stays unproven, with a note.
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
     ``base_weights``: the base model's original parameters (safetensors), needed where the exporter
     folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.sites.folded_weights`).
-    ``link_data`` as for :func:`~lora_onnx.commands.inject.inject`.
+    ``link_data`` and ``inputs`` (the proof's .npz / arrays) as for :func:`~lora_onnx.commands.inject.inject`.
     """
     source = load_model(model)
     specs = _specs(adapter_dir, strength)
@@ -151,21 +158,27 @@ def apply_peft(
     rewritten = source
     plans: list[PeftPlan] = []
     all_records: list[BranchRecord] = []
+    notes: list[str] = []
     for (path, weight), name in zip(specs, names, strict=True):
         peft = plan_peft_adapter(
-            rewritten,
-            path,
-            adapter_name=name,
-            base_weights=base_weights,
-            component=component,
-            strength=weight,
-        )
-        rewritten, records = insert_peft_branches(rewritten, peft)
+            rewritten, path, adapter_name=name, base_weights=base_weights, component=component,
+            strength=weight, fused_merge=merge, modules_to_save=True,
+        )  # fmt: skip
+        # Modules inside fused Attention nodes go straight into the packed weights (merge only; see
+        # lora_onnx.adapters.peft.fused_attention).
+        rewritten = fold_fused(rewritten, peft.fused)
+        if peft.branches:
+            inserted = insert_peft_branches(rewritten, peft)
+            rewritten = inserted.model
+            all_records.extend(inserted.records)
+        if peft.saved and peft.saved_weights is not None:
+            rewritten = replace_saved(rewritten, peft.saved, peft.saved_weights, name)
+        if peft.fused:
+            notes.append(fused_note(peft.fused))
         plans.append(peft)
-        all_records.extend(records)
     peft, records = plans[0], tuple(all_records)
-    fold = fold_branches(rewritten, adapters=names, partial=True) if merge or validate else None
-    notes: list[str] = []
+    folding = (merge or validate) and bool(records)
+    fold = fold_branches(rewritten, adapters=names, partial=True) if folding else None
     if fold is not None and fold.kept:
         first = fold.kept[0]
         where = f"the branch at node {first.branch.site!r} ({first.branch.module_path})"
@@ -177,14 +190,27 @@ def apply_peft(
         )
     result = fold.model if merge and fold is not None else rewritten
     report = None
-    if validate and fold is not None and fold.folded:
+    if validate and any(p.fused for p in plans):
+        # The reference computes the fused modules' packed weights in the graph, the rest as branches.
+        reference = source
+        for plan in plans:
+            reference = fused_reference(reference, plan.fused)
+            reference = insert_peft_branches(reference, plan).model if plan.branches else reference
         report = validation.validate(
-            rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite
-        )
+            reference, result, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
+        )  # fmt: skip
+    elif validate and fold is not None and fold.folded:
+        report = validation.validate(
+            rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
+        )  # fmt: skip
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(result, output, protect=protect, link_data=link_data)
     folded = fold.folded if merge and fold is not None else ()
+    untied = fold.notes if merge and fold is not None else ()  # shared weights the merge untied
     return PeftResult(
-        result, records, peft, folded, written, report, tuple(notes), tuple(plans), tuple(names)
-    )
+        result, records, peft, folded, written, report, tuple(notes), fold_notes=untied, plans=tuple(plans),
+        adapters=tuple(names),
+    )  # fmt: skip

@@ -88,6 +88,8 @@ class BatchOptions:
     allow_nonfinite: bool = False
     #: hard-link unchanged data into the output folder instead of cloning / copying it (see save_model)
     link_data: bool = False
+    #: An .npz of the validations' inputs (``--inputs``), for every model, instead of generated ones.
+    inputs: str | None = None
 
     def __post_init__(self) -> None:
         providers = self.providers
@@ -247,6 +249,7 @@ def apply_config(source: LoadedModel, config: LoraConfig, options: BatchOptions)
         providers=options.providers,
         dims=options.dims,
         allow_nonfinite=options.allow_nonfinite,
+        inputs=options.inputs,
     )
     skipped = tuple(
         SkippedNode(s.node, s.op, s.module_path, s.reason)
@@ -271,6 +274,7 @@ def apply_adapter(source: LoadedModel, adapter: AdapterSource, options: BatchOpt
         providers=options.providers,
         dims=options.dims,
         allow_nonfinite=options.allow_nonfinite,
+        inputs=options.inputs,
     )
     return Applied(
         result.model,
@@ -316,7 +320,7 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
             merged = merge(
                 model, validate=options.validate, providers=options.providers, dims=options.dims,
                 remedy=BATCH_MERGE_REMEDY,
-                allow_nonfinite=options.allow_nonfinite,
+                allow_nonfinite=options.allow_nonfinite, inputs=options.inputs,
             )  # fmt: skip
             model, validation = merged.model, merged.validation
         status = "ok"
@@ -523,6 +527,8 @@ def options_record(options: BatchOptions) -> dict[str, Any]:
     )
     if options.allow_nonfinite:  # only when set, so earlier reports keep their recipe digest
         record["allow_nonfinite"] = True
+    if options.inputs is not None:  # likewise
+        record["inputs"] = options.inputs
     return record
 
 

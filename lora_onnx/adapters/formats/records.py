@@ -1,4 +1,4 @@
-"""The one internal form every single-file LoRA format is read into (see :mod:`lora_onnx.adapters.formats`)."""
+"""The one internal form every single-file LoRA format is read into (:mod:`lora_onnx.adapters.formats`)."""
 
 from __future__ import annotations
 

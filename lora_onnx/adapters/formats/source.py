@@ -45,7 +45,8 @@ class FileAdapterConfig(PeftAdapterConfig):
 
 
 class RemappedWeights:
-    """A :class:`~lora_onnx.adapters.peft.tensors.SafetensorsFile` seen under other keys (normalised -> file key)."""
+    """A :class:`~lora_onnx.adapters.peft.tensors.SafetensorsFile` seen under other keys (normalised ->
+    file key)."""
 
     def __init__(self, weights: SafetensorsFile, keys: Mapping[str, str]) -> None:
         self.path = weights.path
