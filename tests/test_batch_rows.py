@@ -10,11 +10,10 @@ from onnx import TensorProto, helper
 from swap_builders import mixed_model
 
 from lora_onnx import LoraConfig, load_model
-from lora_onnx.commands.inject import scan_sites
 from lora_onnx.commands.inject_mixed import inject_mixed
 from lora_onnx.commands.swap import fresh_source
 from lora_onnx.proofs.batch_rows import batch_axes, probe_sites, take_rows
-from lora_onnx.sites.find import DEFAULT_OPS
+from lora_onnx.sites.find import DEFAULT_OPS, scan_sites
 
 F = TensorProto.FLOAT
 

@@ -225,14 +225,19 @@ def test_slots_take_any_rank_but_an_adapter_out_file_is_bounded(
 def test_unfoldable_shared_weight_names_each_commands_own_way_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # One initializer feeds two nodes; only one takes a branch, so no fold of it fits the other node.
+    # One quantized initializer feeds two nodes through one DequantizeLinear; only one takes a branch.
+    # A float weight would be untied (tests/test_tied_weights.py); a quantized one cannot be, so no fold
+    # of it fits the other node.
     nodes = [
+        helper.make_node("DequantizeLinear", ["W_q", "scale"], ["W"], name="dq"),
         helper.make_node("MatMul", ["x", "W"], ["h"], name="/a/MatMul"),
         helper.make_node("MatMul", ["h", "W"], ["y"], name="/b/MatMul"),
     ]
+    codes = np.random.default_rng(0).integers(-63, 64, size=(8, 8)).astype(np.int8)
+    inits = {"W_q": codes, "scale": np.array(0.1, np.float32)}
     shared = tmp_path / "in" / "shared.onnx"
     shared.parent.mkdir()
-    onnx.save(make_model(nodes, {"x": (F, ["batch", 8])}, ["y"], {"W": rng_array((8, 8))}), shared)
+    onnx.save(make_model(nodes, {"x": (F, ["batch", 8])}, ["y"], inits), shared)
     recipe = ["--target", "a", "--init", "random", "--rank", "2"]
     code, _, err = run_main(
         ["inject", str(shared), "-o", str(tmp_path / "v.onnx"), *recipe, "--validate"], capsys

@@ -105,6 +105,9 @@ def test_peft_and_adapter_file_options_keep_their_order() -> None:
     assert adapter_sources(build_parser().parse_args(["inject", "m.onnx", "-o", "o.onnx"])) == []
 
 
-def test_several_peft_adapters_without_mixed_are_refused(tmp_path) -> None:
-    result = cli("inject", "m.onnx", "-o", tmp_path / "o.onnx", "--peft", "d1", "--peft", "d2")
-    assert_one_line_error(result, 2, "--peft is given more than once")
+def test_several_peft_adapters_without_mixed_are_each_checked(tmp_path) -> None:
+    # Several --peft adapters without --mixed are applied side by side (issue 12; tests/test_sd_lora_*):
+    # each one must exist, and the first missing one is named.
+    (tmp_path / "d1").mkdir()
+    result = cli("inject", "m.onnx", "-o", tmp_path / "o.onnx", "--peft", tmp_path / "d1", "--peft", "d2")
+    assert_one_line_error(result, 2, "--peft d2: no such adapter folder")

@@ -108,23 +108,37 @@ def test_module_run_twice_shares_one_adapter_and_folds_once(tmp_path) -> None:
     assert rel_err(run(merged, feeds)[0], run(injected.model.proto, feeds)[0]) <= 1e-4
 
 
-def test_weight_shared_by_different_modules_is_refused_or_kept_when_partial(tmp_path) -> None:
+def test_weight_shared_by_different_modules_is_untied_into_one_copy_each(tmp_path) -> None:
+    # Was a refusal ("shared by nodes whose branches differ"); the fold now unties (lora_onnx.stages.untie).
     injected = lora_onnx.inject(_shared_weight_model("other"), LoraConfig(rank=2, init="random"))
     assert len({b.a for b in injected.branches}) == 2
-    with pytest.raises(FoldError, match="shared by nodes whose branches differ"):
-        lora_onnx.merge(injected.model)
-    partial = lora_onnx.merge(injected.model, partial=True)
-    assert not partial.folded and len(partial.kept) == 2
-    kept = _materialize(partial.model, tmp_path, "p.onnx")
-    feeds = {"x": FEEDS["x"][:2]}
-    assert rel_err(run(kept, feeds)[0], run(injected.model.proto, feeds)[0]) <= 1e-6
+    for partial in (False, True):
+        merged = lora_onnx.merge(injected.model, partial=partial)
+        assert len(merged.folded) == 2 and not merged.kept and len(merged.notes) == 2
+        proto = _materialize(merged.model, tmp_path, f"m{partial}.onnx")
+        weights = [node.input[1] for node in proto.graph.node]
+        assert len(set(weights)) == 2 and "W" not in weights  # one copy per node, the base tensor dropped
+        assert "W" not in {t.name for t in proto.graph.initializer}
+        feeds = {"x": FEEDS["x"][:2]}
+        assert rel_err(run(proto, feeds)[0], run(injected.model.proto, feeds)[0]) <= 1e-5
 
 
-def test_weight_shared_with_a_node_without_branch_is_refused() -> None:
+def test_weight_shared_with_a_node_without_branch_is_untied(tmp_path) -> None:
+    # Was a refusal ("shared with node '/other/MatMul', which has no branch"): the adapted node now gets
+    # its own folded copy, the other keeps the base tensor (what the unmerged model computes).
     config = LoraConfig(rank=2, init="random", targets=TargetSelector(names=("fc",)))
-    injected = lora_onnx.inject(_shared_weight_model("other"), config)
-    with pytest.raises(FoldError, match="shared with node '/other/MatMul', which has no branch"):
-        lora_onnx.merge(injected.model)
+    base = _shared_weight_model("other")
+    injected = lora_onnx.inject(base, config)
+    merged = lora_onnx.merge(injected.model)
+    assert len(merged.folded) == 1 and "'/other/MatMul' keeps the base" in merged.notes[0]
+    proto = _materialize(merged.model, tmp_path, "m.onnx")
+    nodes = {node.name: node for node in proto.graph.node}
+    assert nodes["/other/MatMul"].input[1] == "W" and nodes["/fc/MatMul"].input[1] != "W"
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert np.array_equal(stored["W"], rng_array((8, 8), 1))  # the base tensor is untouched
+    feeds = {"x": FEEDS["x"][:2]}
+    assert rel_err(run(proto, feeds)[0], run(injected.model.proto, feeds)[0]) <= 1e-5
+    assert rel_err(run(proto, feeds)[0], run(base, feeds)[0]) > 1e-3  # the fold did change /fc
 
 
 def test_a_weight_also_read_by_shape_folds(tmp_path) -> None:
@@ -153,7 +167,7 @@ def test_dense_a_on_a_grouped_conv_is_applied_but_not_folded() -> None:
     # PEFT's conv LoRA: A is a dense conv (group 1) even when the base conv is grouped
     plan = BranchPlan(site, "default", 2, 2.0, 1.0, "conv", "conv.lora_A.weight", "conv.lora_B.weight", 1, 2)
     values = {plan.a_name: rng_array(plan.a_shape, 1), plan.b_name: rng_array(plan.b_shape, 2)}
-    injected, _ = insert_branches(model, [plan], values)
+    injected = insert_branches(model, [plan], values).model
     x = rng_array((1, 4, 5, 5), 3)
     expected = conv_reference(x, model.array("W"), group=2) + conv_reference(
         conv_reference(x, values[plan.a_name]), values[plan.b_name], group=2

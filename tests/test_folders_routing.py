@@ -21,9 +21,9 @@ import torch
 from builders import rel_err, run, write_adapter
 from torch import nn
 
+from lora_onnx.adapters.folders import find_models
 from lora_onnx.commands.folders import apply_peft_folder, merge_folder
 from lora_onnx.errors import AdapterError, OutputError
-from lora_onnx.model.folders import find_models
 
 
 class Block(nn.Module):

@@ -245,14 +245,16 @@ def test_opset_too_old_and_models_without_a_batch_dim_are_refused() -> None:
     old.opset_import[0].version = 10
     with pytest.raises(lora_onnx.LoraOnnxError, match="opset 11"):
         inject_mixed(old, [fresh_source(load_model(mixed_model()), LoraConfig(rank=2, init="random"))])
-    fixed = make_model(
+    # A fixed batch is a batch (tests/test_static_batch.py); an input without a declared shape has none.
+    shapeless = make_model(
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")],
         {"x": (F, [2, 4])},
         ["y"],
         {"W": rng_array((4, 3), 1)},
     )
-    with pytest.raises(lora_onnx.LoraOnnxError, match="symbolic batch dim"):
-        inject_mixed(fixed, [fresh_source(load_model(fixed), LoraConfig(rank=2, init="random"))])
+    shapeless.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(lora_onnx.LoraOnnxError, match="symbolic batch dim or a fixed one"):
+        inject_mixed(shapeless, [fresh_source(load_model(shapeless), LoraConfig(rank=2, init="random"))])
 
 
 def test_float16_sites_stack_float16_tensors() -> None:

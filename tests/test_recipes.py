@@ -71,7 +71,10 @@ def test_json_recipe_equals_toml_recipe(tmp_path: Path) -> None:
         ("rank = true\n", "key 'rank' must be a whole number, got True"),
         ('target = "q_proj"\n', "key 'target' must be a list of module names"),
         ("target = [1]\n", "key 'target' must list module names, got 1"),
-        ('ops = ["gemm", "lstm"]\n', "key 'ops' takes gemm, matmul, conv, matmulnbits; got 'lstm'"),
+        (
+            'ops = ["gemm", "lstm"]\n',
+            "key 'ops' takes gemm, matmul, conv, convtranspose, matmulnbits; got 'lstm'",
+        ),
         ('rank_pattern = { "q" = "big" }\n', "rank_pattern['q'] must be a number"),
         ("dims = { batch = 0 }\n", "dims['batch'] must be a positive whole number"),
         ("rank = [\n", "not valid TOML"),

@@ -19,6 +19,7 @@ from synthetic import DecoderSpec, build_decoder
 
 import lora_onnx
 from lora_onnx import LoraConfig
+from lora_onnx.kinds import deltas
 from lora_onnx.model import streaming
 from lora_onnx.model.load import load_model
 from lora_onnx.model.manifest import read_branches
@@ -223,7 +224,7 @@ def test_a_per_channel_factor_scales_rows_or_columns_of_the_sum(monkeypatch: pyt
     # W1 (in, out): columns are output channels; W2 (out, in) and the conv: rows are
     for weight, factor_shape in (("W1", (1, 40)), ("W2", (36, 1)), ("Wc", (6, 1, 1, 1))):
         factor = rng.uniform(0.5, 2.0, size=factor_shape).astype(np.float32)
-        produced = streaming.folded_weight(
+        produced = deltas.folded_weight(
             injected, weight, [branches[weight]], channel_scale=lambda ndim, f=factor: f
         )()
         original = injected.array(weight).astype(np.float32)

@@ -18,6 +18,7 @@ import numpy as np
 from lora_onnx.adapters.files import read_adapter_file
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import form_of
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.stages.slots import SlotSpec, choose_adapter, slot_adapters, slot_records, slot_specs
@@ -163,11 +164,6 @@ def _compare(spec: SlotSpec, value: np.ndarray) -> TensorCheck:
     return TensorCheck(spec.name, status, **common, detail=detail)  # type: ignore[arg-type]
 
 
-def _rank_axis(record: BranchRecord) -> tuple[int, int]:
-    """Axes holding the rank in A and B: dense A (in, r), B (r, out); conv A (r, ...), B (out, r/g, ...)."""
-    return (1, 0) if record.kind == "dense" else (0, 1)
-
-
 def _check_pair(
     record: BranchRecord,
     tensors: Mapping[str, np.ndarray],
@@ -190,14 +186,13 @@ def _check_pair(
     if not (rows[record.a].ok and rows[record.b].ok):
         return
     a, b = np.asarray(tensors[record.a]), np.asarray(tensors[record.b])
-    axis_a, axis_b = _rank_axis(record)
-    rank_a, rank_b = a.shape[axis_a], b.shape[axis_b] * record.b_group
+    form = form_of(record.kind)
+    rank_a, rank_b = form.ranks(a, b, record.a_group, record.b_group)
     problem = ""
     if rank_a != rank_b:
         problem = f"A has rank {rank_a} but B has rank {rank_b} ({record.module_path})"
-    elif record.kind == "conv" and rank_a % max(record.a_group, record.b_group):
-        group = max(record.a_group, record.b_group)
-        problem = f"rank {rank_a} is not a multiple of the conv branch's group {group}"
+    else:
+        problem = form.rank_group_refusal(rank_a, record.a_group, record.b_group) or ""
     if problem:
         rows[record.b] = _replace_status(rows[record.b], RANK, problem)
 

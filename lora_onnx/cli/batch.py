@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_onnx.cli import render
-from lora_onnx.cli.options import _pairs, add_data_arguments, add_recipe_arguments, add_run_arguments
+from lora_onnx.cli.options import (
+    INPUTS_DEST,
+    _pairs,
+    add_data_arguments,
+    add_inputs_argument,
+    add_recipe_arguments,
+    add_run_arguments,
+)
 from lora_onnx.cli.render import info, warn
 from lora_onnx.common import progress
 from lora_onnx.errors import LoraOnnxError
@@ -72,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "equal to its fold; --merge: merged equals unmerged)",
     )  # fmt: skip
     add_run_arguments(parser)
+    add_inputs_argument(parser)
     parser.add_argument(
         "--jobs", "-j", type=int, default=1, metavar="N",
         help="models converted in parallel, each in its own process (0: one per CPU; default 1)",
@@ -129,6 +137,11 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         recipe = build_config(options)
     if options.get("dims") and not options.get("validate"):
         raise LoraOnnxError("--dim sets the symbolic dims of the --validate run's inputs; add --validate")
+    inputs = getattr(args, INPUTS_DEST)
+    if inputs is not None and not options.get("validate"):
+        raise LoraOnnxError("--inputs feeds the --validate run; add --validate")
+    if inputs is not None and options.get("dims"):
+        raise LoraOnnxError("--dim shapes generated inputs; with --inputs FILE.npz the arrays' shapes apply")
     batch_options = BatchOptions(
         recipe=recipe,
         merge=bool(options.get("merge", False)),
@@ -138,6 +151,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         skip_existing=args.skip_existing,
         allow_nonfinite=args.allow_nonfinite,
         link_data=args.link_data,
+        inputs=inputs,
     )
     return batch_options, notes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.peft import add_base_weights_argument
+from lora_onnx.cli.peft import add_base_weights_argument, peft_ref
 from lora_onnx.cli.render import final, warn
 from lora_onnx.common.constants import ADAPTER_FORMATS as FORMATS
 from lora_onnx.errors import LoraOnnxError
@@ -21,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", nargs="?", help="a model carrying the adapter as constant branches")
     parser.add_argument("-o", "--output", required=True, help="output file (a folder for --format peft)")
-    parser.add_argument("--peft", metavar="DIR", help="a PEFT adapter folder (needs --for)")
+    parser.add_argument(
+        "--peft", metavar="ADAPTER[:STRENGTH]",
+        help="a PEFT adapter folder or single-file LoRA (.safetensors), ':STRENGTH' scales it (needs --for)",
+    )  # fmt: skip
+    parser.add_argument("--component", metavar="NAME", help="with a LoRA file: its part for the model")
     add_base_weights_argument(parser)
     parser.add_argument(
         "--skip-unmatched", action="store_true",
@@ -46,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
             raise LoraOnnxError(f"{flag} must be a whole number from 0 to {2**31 - 1}, got {version}")
     from lora_onnx.commands.swap import export_adapter
 
+    peft = peft_ref(args.peft, args.component) if args.peft else None
     result = export_adapter(
-        args.model, args.output, peft=args.peft, for_model=args.for_model, adapter=args.name,
+        args.model, args.output, peft=peft, for_model=args.for_model, adapter=args.name,
         format=args.format, adapter_version=args.adapter_version, model_version=args.model_version,
         base_weights=args.base_weights, skip_unmatched=args.skip_unmatched,
     )  # fmt: skip

@@ -9,10 +9,12 @@ from lora_onnx.cli.inject_mixed import add_mixed_arguments, run_mixed, wants_mix
 from lora_onnx.cli.inject_slots import add_slot_arguments, run_slots
 from lora_onnx.cli.options import (
     add_data_arguments,
+    add_inputs_argument,
     add_recipe_arguments,
     add_run_arguments,
     config_from_args,
     dims_from_args,
+    inputs_from_args,
 )
 from lora_onnx.cli.peft import add_peft_arguments, run_peft
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
@@ -50,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_mixed_arguments(parser)
     add_data_arguments(parser)
     add_run_arguments(parser)
+    add_inputs_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     result = inject(
         args.model, config_from_args(args), output=args.output, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
-        allow_nonfinite=args.allow_nonfinite,
+        allow_nonfinite=args.allow_nonfinite, inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

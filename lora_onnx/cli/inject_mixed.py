@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args
+from lora_onnx.cli.options import AdapterSourceAction, adapter_sources, dims_from_args, inputs_from_args
+from lora_onnx.cli.peft import peft_ref
 from lora_onnx.cli.render import info, print_skipped, report_written, warn
 from lora_onnx.common.constants import ADAPTER_INDEX as INDEX_INPUT
 from lora_onnx.errors import AdapterError, LoraOnnxError
+
+if TYPE_CHECKING:
+    from lora_onnx.adapters.formats.source import PeftRef
 
 
 def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +79,9 @@ def run_mixed(args: argparse.Namespace) -> int:
         warn("recipe options (--target, --rank...) do not apply to --mixed: the adapters define the sites")
     adapters = []
     for kind, value in sources:
-        path = Path(value)
+        path: Path | PeftRef = Path(value)
         if kind == "peft":
-            if not path.is_dir():
-                raise AdapterError(f"--peft {value}: no such PEFT adapter folder")
+            path = peft_ref(value, getattr(args, "component", None))  # a folder or a LoRA file
         elif not path.is_file():
             raise AdapterError(f"--adapter-file {value}: no such file")
         adapters.append(path)
@@ -89,6 +93,7 @@ def run_mixed(args: argparse.Namespace) -> int:
         args.model, adapters, slots=args.slots, stacks_as_inputs=args.stacks_as_inputs, output=args.output,
         validate=args.validate, providers=args.providers, dims=dims_from_args(args), link_data=args.link_data,
         allow_nonfinite=args.allow_nonfinite, base_weights=getattr(args, "base_weights", None),
+        inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.warnings:
         warn(message)
@@ -98,6 +103,11 @@ def run_mixed(args: argparse.Namespace) -> int:
         f"Added {len(result.branches)} mixed-batch branch(es) holding {len(result.adapters)} adapter(s) "
         f"({listing}); input {result.index_name!r}: int64, one entry per batch row, -1 = base model."
     )
-    rows = ", ".join(map(str, result.rows))
-    title = f"Mixed batch [{rows}] vs each row alone with its adapter"
+    size = result.batch_size or len(result.rows) or 1
+    batches = [result.rows[i : i + size] for i in range(0, len(result.rows), size)]
+    listed = " ".join(f"[{', '.join(map(str, batch))}]" for batch in batches)
+    if result.batch_size is None:
+        title = f"Mixed batch {listed} vs each row alone with its adapter"
+    else:  # a fixed batch: rows cannot run alone
+        title = f"Mixed batches {listed} (fixed size {size}) vs each row's adapter on the same batch"
     return report_written(result.validation, title, result.output)

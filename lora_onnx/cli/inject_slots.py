@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_onnx.cli.options import config_from_args, dims_from_args
+from lora_onnx.cli.options import config_from_args, dims_from_args, inputs_from_args
 from lora_onnx.cli.render import final, info, print_skipped, print_validation, warn
 from lora_onnx.errors import EXIT_MISMATCH, AdapterError, LoraOnnxError
 
@@ -40,16 +40,20 @@ def run_slots(args: argparse.Namespace) -> int:
             raise AdapterError(f"{flag} needs --as-inputs")
     if args.init != "default" and args.adapter_out is None and getattr(args, "peft", None) is None:
         warn(f"--init {args.init} only shapes an --adapter-out file; the slots themselves stay empty")
+    from lora_onnx.cli.peft import peft_ref
     from lora_onnx.commands.swap import inject_slots
     from lora_onnx.stages.slots import strength_name
 
     config = config_from_args(args)
+    peft = getattr(args, "peft", None)
+    ref = peft_ref(peft, getattr(args, "component", None)) if peft else None
     result = inject_slots(
-        args.model, config, peft=getattr(args, "peft", None), strength_input=args.strength_input,
+        args.model, config, peft=ref, strength_input=args.strength_input,
         output=args.output, adapter_output=args.adapter_out, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), allow_nonfinite=args.allow_nonfinite,
         base_weights=getattr(args, "base_weights", None), link_data=args.link_data,
         skip_unmatched=getattr(args, "skip_unmatched", False),
+        inputs=inputs_from_args(args),
     )  # fmt: skip
     for message in result.source.warnings:
         warn(message)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from lora_onnx.cli.folders import folder_input, run_merge_folder
-from lora_onnx.cli.options import ListAction, add_run_arguments, dims_from_args
+from lora_onnx.cli.options import (
+    ListAction,
+    add_inputs_argument,
+    add_run_arguments,
+    dims_from_args,
+    inputs_from_args,
+)
 from lora_onnx.cli.render import info, report_written, warn
 from lora_onnx.errors import LoraOnnxError
 
@@ -64,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --adapter-file: fold at this strength (default: the model's, 1.0)",
     )
     add_run_arguments(parser)
+    add_inputs_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -79,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
         args.model, output=args.output, adapters=args.adapter, partial=args.partial, validate=args.validate,
         providers=args.providers, dims=dims_from_args(args), adapter_file=args.adapter_file,
         strength=args.strength, adapter_index=args.adapter_index,
-        dequantize=args.dequantize, allow_nonfinite=args.allow_nonfinite,
+        dequantize=args.dequantize, allow_nonfinite=args.allow_nonfinite, inputs=inputs_from_args(args),
     )  # fmt: skip
     if result.slots_removed:
         info(f"Removed {len(result.slots_removed)} LoRA slot(s) the adapter file leaves off.")
     for kept in result.kept:
         warn(f"kept the branch at node {kept.branch.site!r} ({kept.branch.module_path}): {kept.reason}")
+    for note in result.notes:
+        info(f"note: {note}")
     info(f"Folded {len(result.folded)} branch(es); {len(result.kept)} kept.")
     title = "Merged vs input with the adapter file active" if args.adapter_file else "Merged vs input"
     if args.adapter_index is not None:

@@ -279,6 +279,30 @@ def dims_from_args(args: argparse.Namespace) -> dict[str, int]:
     return parse_dims(args.dim)
 
 
+#: Where ``--inputs`` lands (batch's positional INPUT... is ``args.inputs``).
+INPUTS_DEST = "validation_inputs"
+
+
+def add_inputs_argument(parser: argparse.ArgumentParser) -> None:
+    """--inputs FILE.npz: the validation's input arrays instead of generated ones."""
+    parser.add_argument(
+        "--inputs", metavar="FILE.npz", dest=INPUTS_DEST,
+        help="input arrays named after the graph inputs for the --validate run, instead of generated ones",
+    )  # fmt: skip
+
+
+def inputs_from_args(args: argparse.Namespace) -> str | None:
+    """``--inputs``; refused where no validation runs, and beside ``--dim`` (the arrays' shapes apply)."""
+    inputs = getattr(args, INPUTS_DEST, None)
+    if inputs is None:
+        return None
+    if not getattr(args, "validate", True):
+        raise LoraOnnxError("--inputs feeds the --validate run; add --validate")
+    if getattr(args, "dim", None):
+        raise LoraOnnxError("--dim shapes generated inputs; with --inputs FILE.npz the arrays' shapes apply")
+    return inputs
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--link-data: how an output in another folder gets the base's unchanged external data."""
     parser.add_argument(

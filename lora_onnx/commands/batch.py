@@ -39,6 +39,7 @@ from typing import Any
 import onnxruntime as ort
 
 from lora_onnx import __version__
+from lora_onnx.adapters.formats.detect import is_lora_file, read_lora_file
 from lora_onnx.adapters.peft.config import read_adapter_config
 from lora_onnx.adapters.peft.planning import adapter_folder
 from lora_onnx.commands.apply_peft import apply_peft
@@ -87,6 +88,8 @@ class BatchOptions:
     allow_nonfinite: bool = False
     #: hard-link unchanged data into the output folder instead of cloning / copying it (see save_model)
     link_data: bool = False
+    #: An .npz of the validations' inputs (``--inputs``), for every model, instead of generated ones.
+    inputs: str | None = None
 
     def __post_init__(self) -> None:
         providers = self.providers
@@ -246,6 +249,7 @@ def apply_config(source: LoadedModel, config: LoraConfig, options: BatchOptions)
         providers=options.providers,
         dims=options.dims,
         allow_nonfinite=options.allow_nonfinite,
+        inputs=options.inputs,
     )
     skipped = tuple(
         SkippedNode(s.node, s.op, s.module_path, s.reason)
@@ -270,6 +274,7 @@ def apply_adapter(source: LoadedModel, adapter: AdapterSource, options: BatchOpt
         providers=options.providers,
         dims=options.dims,
         allow_nonfinite=options.allow_nonfinite,
+        inputs=options.inputs,
     )
     return Applied(
         result.model,
@@ -315,7 +320,7 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
             merged = merge(
                 model, validate=options.validate, providers=options.providers, dims=options.dims,
                 remedy=BATCH_MERGE_REMEDY,
-                allow_nonfinite=options.allow_nonfinite,
+                allow_nonfinite=options.allow_nonfinite, inputs=options.inputs,
             )  # fmt: skip
             model, validation = merged.model, merged.validation
         status = "ok"
@@ -522,6 +527,8 @@ def options_record(options: BatchOptions) -> dict[str, Any]:
     )
     if options.allow_nonfinite:  # only when set, so earlier reports keep their recipe digest
         record["allow_nonfinite"] = True
+    if options.inputs is not None:  # likewise
+        record["inputs"] = options.inputs
     return record
 
 
@@ -537,7 +544,10 @@ def check_options(options: BatchOptions) -> None:
                 )
     if isinstance(options.recipe, AdapterSource):
         # A bad adapter folder is everyone's problem: say so once, not once per model.
-        read_adapter_config(adapter_folder(options.recipe.path))
+        if is_lora_file(options.recipe.path):
+            read_lora_file(options.recipe.path)  # a single-file LoRA (its component fits per model)
+        else:
+            read_adapter_config(adapter_folder(options.recipe.path))
 
 
 def run_batch(

@@ -3,8 +3,9 @@ merged, or LoRA slots), merge every rewritten model of a folder; side files carr
 
 :func:`apply_peft_folder` is ``inject FOLDER --peft ADAPTER -o OUT`` (with ``--merge`` or ``--as-inputs``),
 :func:`merge_folder` is ``merge FOLDER -o OUT``. Model files are found and adapter modules routed by
-:mod:`lora_onnx.model.folders`; each file is then the single-model command (:func:`~lora_onnx.adapters.peft.apply_peft`,
-:func:`~lora_onnx.commands.swap.inject_slots`, :func:`~lora_onnx.commands.merge.merge`) on the modules it takes.
+:mod:`lora_onnx.adapters.folders`; each file is then the single-model command (:func:`~lora_onnx.apply_peft`,
+:func:`~lora_onnx.commands.swap.inject_slots`, :func:`~lora_onnx.commands.merge.merge`) on the modules it
+takes.
 Everything is planned and proven before the first file is written: a refusal or a failed proof in any
 file writes nothing. Files that take nothing are written unchanged (with their data, as ``save_model``
 writes any model), so the output folder is complete.
@@ -19,17 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_onnx.adapters.files import write_adapter_file
-from lora_onnx.adapters.peft.config import read_adapter_config
-from lora_onnx.adapters.peft.mapping import AdapterModule, parse_keys
-from lora_onnx.adapters.peft.planning import PEFT_OPS, adapter_folder
-from lora_onnx.adapters.peft.tensors import open_adapter_weights
-from lora_onnx.commands.apply_peft import PeftResult, apply_peft
-from lora_onnx.commands.inject import scan_sites
-from lora_onnx.commands.merge import MergeResult, merge
-from lora_onnx.commands.swap import SlotInjectResult, inject_slots
-from lora_onnx.common.atomic import check_outputs
-from lora_onnx.errors import FoldError, LoraOnnxError
-from lora_onnx.model.folders import (
+from lora_onnx.adapters.folders import (
     ModelFolder,
     check_output_folder,
     copy_side_files,
@@ -38,11 +29,21 @@ from lora_onnx.model.folders import (
     route_modules,
     without_data_files,
 )
+from lora_onnx.adapters.peft.config import read_adapter_config
+from lora_onnx.adapters.peft.mapping import AdapterModule, parse_keys
+from lora_onnx.adapters.peft.planning import PEFT_OPS, adapter_folder
+from lora_onnx.adapters.peft.tensors import open_adapter_weights
+from lora_onnx.commands.apply_peft import PeftResult, apply_peft
+from lora_onnx.commands.merge import MergeResult, merge
+from lora_onnx.commands.swap import SlotInjectResult, inject_slots
+from lora_onnx.common.atomic import check_outputs
+from lora_onnx.errors import FoldError, LoraOnnxError
 from lora_onnx.model.load import LoadedModel, load_model
 from lora_onnx.model.manifest import read_branches
 from lora_onnx.model.save import model_inputs, planned_writes, save_model
 from lora_onnx.proofs.validation import ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER, LoraConfig
+from lora_onnx.sites.find import scan_sites
 
 FolderSource = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -183,10 +184,10 @@ def apply_peft_folder(
     """Apply the PEFT adapter in ``adapter_dir`` to the model files of ``folder`` (a folder, or several
     model files) and write them, with the folder's side files, to the folder ``output``.
 
-    Each model file takes the adapter modules it carries (routing: :mod:`lora_onnx.model.folders`); every module
-    must land in at least one file, else :class:`~lora_onnx.errors.AdapterError` listing the files tried,
-    unless ``skip_unmatched`` (those keys are skipped and listed in ``skipped_keys``). Per file the
-    adapter becomes constant branches (:func:`~lora_onnx.adapters.peft.apply_peft`; ``merge``: folded) or, with
+    Each model file takes the adapter modules it carries (routing: :mod:`lora_onnx.adapters.folders`); every
+    module must land in at least one file, else :class:`~lora_onnx.errors.AdapterError` listing the files
+    tried, unless ``skip_unmatched`` (those keys are skipped and listed in ``skipped_keys``). Per file the
+    adapter becomes constant branches (:func:`~lora_onnx.apply_peft`; ``merge``: folded) or, with
     ``as_inputs``, LoRA slots (:func:`~lora_onnx.commands.swap.inject_slots`; ``strength_input`` as there),
     each file's adapter file written to the folder ``adapter_output`` as ``<model>.onnx_adapter``.
     ``validate`` proves every changed file before anything is written; the other options are those of
@@ -278,8 +279,9 @@ def merge_folder(
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
 ) -> FolderResult:
-    """Fold the branches of every model file of ``folder`` that has some (:func:`~lora_onnx.commands.merge.merge`
-    with these options) and write all model files, with the side files, to the folder ``output``.
+    """Fold the branches of every model file of ``folder`` that has some
+    (:func:`~lora_onnx.commands.merge.merge` with these options) and write all model files, with the side
+    files, to the folder ``output``.
 
     A folder none of whose models has LoRA branches is refused. Models with LoRA slots or mixed-batch
     branches need an adapter file / index per model: merge those files one by one.

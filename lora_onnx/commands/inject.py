@@ -10,17 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_onnx.errors import LoraOnnxError
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, TensorProducer, load_model
 from lora_onnx.model.manifest import BranchRecord, adapter_names, read_branches
 from lora_onnx.model.save import check_output_paths, save_model
 from lora_onnx.proofs.quantized import dequantized_rtol
-from lora_onnx.proofs.validation import ValidationReport, validate
+from lora_onnx.proofs.validation import InputsLike, ValidationReport, validate
 from lora_onnx.recipes.config import LoraConfig
 from lora_onnx.recipes.init import initial_value
 from lora_onnx.recipes.plan import Plan, plan_branches
-from lora_onnx.sites.find import SiteScan, find_sites
+
+# existing_branches, refuse_existing_adapter and scan_sites live with the sites (lower layers use them)
+from lora_onnx.sites.find import SiteScan, existing_branches, refuse_existing_adapter, scan_sites
 from lora_onnx.stages.fold import fold_branches, fold_tolerance
 from lora_onnx.stages.insert import insert_branches
 
@@ -50,24 +51,6 @@ class InjectResult:
         return self.plan.warnings
 
 
-def existing_branches(model: LoadedModel) -> tuple[BranchRecord, ...]:
-    return read_branches(model.proto)
-
-
-def refuse_existing_adapter(model: LoadedModel, adapter: str) -> None:
-    if adapter in adapter_names(existing_branches(model)):
-        raise LoraOnnxError(
-            f"{model.name} already carries an adapter named {adapter!r}; choose another name (--name) "
-            "or merge / remove it first"
-        )
-
-
-def scan_sites(model: LoadedModel, ops: Sequence[str] | frozenset[str]) -> SiteScan:
-    """Sites of the base graph, leaving out the nodes of branches the model already carries."""
-    ignore = {name for branch in existing_branches(model) for name in branch.nodes}
-    return find_sites(model, ops, ignore_nodes=ignore)
-
-
 def prove(
     source: LoadedModel,
     rewritten: LoadedModel,
@@ -76,12 +59,14 @@ def prove(
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
     allow_nonfinite: bool = False,
+    inputs: InputsLike = None,
 ) -> ValidationReport:
-    """A rewrite's proof: zero-B branches leave outputs unchanged; others equal their own fold."""
+    """A rewrite's proof: zero-B branches leave outputs unchanged; others equal their own fold.
+    ``inputs`` (an .npz path or arrays) replaces the generated inputs."""
     if zero_init:
         return validate(
             source, rewritten, providers=providers, rtol=UNCHANGED_RTOL, atol=UNCHANGED_ATOL, dims=dims,
-            allow_nonfinite=allow_nonfinite,
+            allow_nonfinite=allow_nonfinite, inputs=inputs,
         )  # fmt: skip
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.stages.slots), which
     # cannot fold.
@@ -89,10 +74,10 @@ def prove(
     # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
     folded = fold_branches(rewritten, adapters=added, dequantize=True, remedy=FOLD_PROOF_REMEDY)
     rtol, atol = fold_tolerance(folded)
-    quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims)
+    quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims, inputs=inputs)
     return validate(
         rewritten, folded.model, providers=providers, rtol=quantized_rtol or rtol, atol=atol, dims=dims,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, inputs=inputs,
     )  # fmt: skip
 
 
@@ -106,6 +91,7 @@ def inject(
     dims: Mapping[str, int] | None = None,
     link_data: bool = False,
     allow_nonfinite: bool = False,
+    inputs: InputsLike = None,
 ) -> InjectResult:
     """Add one fresh LoRA branch per targeted site of ``model`` and optionally save and prove it.
 
@@ -114,7 +100,8 @@ def inject(
     rewrite's own fold. An output beside the input refers to the input's data files; elsewhere they are
     cloned (reflink) or copied, or hard-linked with ``link_data`` (then onnx >= 1.21's ``onnx.load`` and
     checker refuse both the output and the input while both exist; onnxruntime does not).
-    ``allow_nonfinite`` lets the proof compare NaN / Inf outputs position by position. Raises
+    ``allow_nonfinite`` lets the proof compare NaN / Inf outputs position by position; ``inputs`` (an
+    .npz path or arrays by input name) replaces its generated inputs. Raises
     :class:`~lora_onnx.errors.LoraOnnxError` subclasses for user errors.
     """
     config = config or LoraConfig()
@@ -134,9 +121,18 @@ def inject(
                 make = functools.partial(initial_value, branch, tensor, config.init, config.seed)
                 values[name] = make if defer else make()
     zero_init = config.init != "random"
-    rewritten, records = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    inserted = insert_branches(source, plan.branches, values, zero_init=zero_init)
+    rewritten, records = inserted.model, inserted.records
     report = (
-        prove(source, rewritten, zero_init, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite)
+        prove(
+            source,
+            rewritten,
+            zero_init,
+            providers=providers,
+            dims=dims,
+            allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
+        )
         if validate
         else None
     )

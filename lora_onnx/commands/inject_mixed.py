@@ -13,9 +13,9 @@ same kind and features). A file must fit those slots as ``check-adapter --partia
 slots out (that adapter then has no branch there) and must address the slots of one adapter name. The
 scale is already in B; a strength tensor in the file (else the model's default, 1.0) multiplies B.
 
-Every site any adapter adapts gets one mixed branch (:mod:`lora_onnx.stages.stacked`), after the batch-row probe
-(:mod:`lora_onnx.proofs.batch_rows`) has shown its input keeps batch rows apart; sites that fail are skipped
-with the reason and a warning per adapter that loses a branch there.
+Every site any adapter adapts gets one mixed branch (:mod:`lora_onnx.stages.stacked`), after the batch-row
+probe (:mod:`lora_onnx.proofs.batch_rows`) has shown its input keeps batch rows apart; sites that fail are
+skipped with the reason and a warning per adapter that loses a branch there.
 """
 
 from __future__ import annotations
@@ -31,32 +31,36 @@ import numpy as np
 
 from lora_onnx.adapters.check import check_tensors, fitting_adapter
 from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
-from lora_onnx.commands.inject import scan_sites
+from lora_onnx.adapters.formats.source import PeftRef
 from lora_onnx.commands.swap import AdapterSource, peft_source
 from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import form_of, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.save import planned_writes, save_model
 from lora_onnx.model.tensors import scale_into_b
-from lora_onnx.proofs.batch_rows import BatchAxes, batch_axes, feeds_for, probe_sites, take_rows
+from lora_onnx.proofs.batch_rows import batch_axes, feeds_for, probe_sites, take_rows
 from lora_onnx.proofs.validation import (
+    InputsLike,
     OutputComparison,
     ValidationReport,
     compare,
     create_session,
+    given_inputs,
     input_specs,
     parse_providers,
     run_model,
     session_source,
 )
-from lora_onnx.sites.find import DEFAULT_OPS, Site, Skipped
+from lora_onnx.sites.find import DEFAULT_OPS, Site, Skipped, scan_sites
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.stages.slots import adapter_strength, bake, slot_records
 from lora_onnx.stages.stacked import (
     INDEX_INPUT,
+    BatchAxes,
     MixedSite,
     SiteForm,
     SitePair,
@@ -101,6 +105,8 @@ class MixedInjectResult:
     validation: ValidationReport | None = None
     rows: tuple[int, ...] = ()
     index_name: str = INDEX_INPUT
+    #: The model's fixed batch size (``rows`` then holds consecutive batches of it), None when symbolic.
+    batch_size: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,7 +151,7 @@ def from_source(
             b_name = index.unique_name(f"{plan.stem}.lora_ref_B")
             values[a_name], values[b_name] = source.values[plan.a_name], source.values[plan.b_name]
             chosen.append(dataclasses.replace(plan, a_name=a_name, b_name=b_name))
-        return insert_branches(host, chosen, values)[0] if chosen else host
+        return insert_branches(host, chosen, values).model if chosen else host
 
     return MixedAdapter(label, pairs, reference)
 
@@ -174,7 +180,7 @@ def from_tensors(
         if a is None or b is None or np.asarray(a).size == 0:
             continue  # left out or empty: this adapter has no branch at that slot
         site = sites.get(record.site)
-        if site is None or (site.op == "Conv") != (record.kind == "conv"):
+        if site is None or kind_of(site.op).form.name != record.kind:
             raise AdapterError(
                 f"{label}: slot {record.a!r} of {slots.name} is at node {record.site!r}, which is not a "
                 f"{record.op} site of {host.name}; --slots must be a slotted model of the same base"
@@ -211,8 +217,9 @@ def resolve_adapters(
             resolved.append(from_tensors(item, slots, sites, f"adapter {i} (tensors)", host))
         else:
             path = Path(item)
-            if path.is_dir():
-                source = peft_source(host, path, f"mixed_{i}", purpose=purpose, base_weights=base_weights)
+            if path.is_dir() or isinstance(item, PeftRef):  # a PeftRef: --peft, a folder or LoRA file
+                peft = item if isinstance(item, PeftRef) else path
+                source = peft_source(host, peft, f"mixed_{i}", purpose=purpose, base_weights=base_weights)
                 resolved.append(from_source(source, host, sites, f"PEFT {path}"))
             elif path.is_file():
                 file = read_adapter_file(path)
@@ -258,6 +265,7 @@ def inject_mixed(
     allow_nonfinite: bool = False,
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
+    inputs: InputsLike = None,
 ) -> MixedInjectResult:
     """Add mixed-batch branches holding ``adapters`` (stack index = position) and the index input
     ``lora_adapter_index`` (int64, one entry per batch row, negative = the base model for that row).
@@ -270,7 +278,9 @@ def inject_mixed(
     adapter and base rows must equal each row run alone with its adapter active (rel <= 1e-4; NaN / Inf
     fail unless ``allow_nonfinite``, see :func:`lora_onnx.proofs.validation.compare`).
     ``base_weights``: the base's original parameters, for PEFT folders on sites the exporter folded a
-    BatchNorm into (see :mod:`lora_onnx.sites.folded_weights`).
+    BatchNorm into (see :mod:`lora_onnx.sites.folded_weights`). ``inputs`` (an .npz path or arrays by input
+    name) gives the probe's and the proof's batch rows instead of generated ones (cycled to the size of
+    each run; see :func:`lora_onnx.proofs.batch_rows.feeds_for`).
     """
     if not adapters:
         raise AdapterError("a mixed batch needs at least one adapter (a PEFT folder or an adapter file)")
@@ -286,7 +296,7 @@ def inject_mixed(
     covered = {node for adapter in resolved for node in adapter.pairs}
     sites = [site for site in scan_sites(host, DEFAULT_OPS).sites if site.node in covered]
     axes = batch_axes(host)
-    probe = probe_sites(host, sites, axes, dims=dims, providers=providers)
+    probe = probe_sites(host, sites, axes, dims=dims, providers=providers, inputs=inputs)
     kept, skipped = probe.kept, probe.skipped
     warnings = tuple(
         f"{adapter.label}: its branch at {skip.module_path} is left out: {skip.reason}"
@@ -301,13 +311,14 @@ def inject_mixed(
     items = []
     for site in kept:
         pairs = [adapter.pairs.get(site.node) for adapter in resolved]
-        form = site_form("conv" if site.op == "Conv" else "dense", pairs)
+        form = site_form(kind_of(site.op).form.name, pairs)
         a_stack, b_stack = stack_pairs(site, pairs, form, labels)
         stem, a_name, b_name = stack_names(index, site.module_path)
         batched = site.node in probe.batched
         items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form, batched))
-    mixed, records = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
-    rows = proof_rows(len(resolved))
+    inserted = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)
+    mixed, records = inserted.model, inserted.records
+    rows = proof_rows(len(resolved), axes.size)
     report = None
     if validate:
         kept_nodes = {site.node for site in kept}
@@ -321,20 +332,29 @@ def inject_mixed(
             providers=providers,
             dims=dims,
             allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
         )
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(mixed, output, protect=protect, link_data=link_data)
-    return MixedInjectResult(mixed, records, labels, skipped, warnings, written, report, rows)
+    return MixedInjectResult(
+        mixed, records, labels, skipped, warnings, written, report, rows, batch_size=axes.size
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Proof: a mixed batch equals each row run alone
 
 
-def proof_rows(count: int) -> tuple[int, ...]:
-    """The index of each row of a proof batch: every adapter, base rows, an adapter on two rows."""
-    return (0, -1, *range(1, count), 0)
+def proof_rows(count: int, batch: int | None = None) -> tuple[int, ...]:
+    """The index of each row of a proof batch: every adapter, base rows, an adapter on two rows. With a
+    fixed ``batch`` size, the rows of consecutive batches of that size (the last one filled up from
+    the start of the pattern)."""
+    pattern = (0, -1, *range(1, count), 0)
+    if batch is None:
+        return pattern
+    cycled = pattern * (-(-batch // len(pattern)) + 1)
+    return pattern + cycled[: -len(pattern) % batch]
 
 
 def prove_rows(
@@ -349,10 +369,20 @@ def prove_rows(
     index_name: str = INDEX_INPUT,
     seed: int = 0,
     allow_nonfinite: bool = False,
+    inputs: InputsLike = None,
 ) -> ValidationReport:
     """Run ``mixed`` on one batch whose row i takes adapter ``rows[i]``, and every row alone through its
-    reference (``references[rows[i]]``, or ``host`` for a negative index); compare every output."""
+    reference (``references[rows[i]]``, or ``host`` for a negative index); compare every output.
+
+    With a fixed batch size (``axes.size``), ``rows`` holds consecutive batches of that size; a row
+    cannot run alone, so row i of each batch is compared with row i of its reference run on that batch
+    (the probe showed rows do not mix)."""
     chosen = parse_providers(providers)
+    if axes.size is not None:
+        return _prove_fixed_rows(
+            mixed, host, references, rows, axes, providers=chosen, dims=dims, index_name=index_name,
+            seed=seed, allow_nonfinite=allow_nonfinite, inputs=inputs,
+        )  # fmt: skip
     comparisons: list[OutputComparison] = []
     shapes: dict[str, tuple[int, ...]] = {}
     with ExitStack() as stack:
@@ -366,7 +396,9 @@ def prove_rows(
             sessions = {
                 key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()
             }
-            feeds = feeds_for(input_specs(sessions["base"]), axes, len(rows), dims, seed)
+            specs = input_specs(sessions["base"])
+            given = given_inputs(inputs, specs)
+            feeds = feeds_for(specs, axes, len(rows), dims, seed, host.proto.graph, given)
             shapes = {name: tuple(value.shape) for name, value in feeds.items()}
             got = run_model(sessions["mixed"], {**feeds, index_name: np.array(rows, np.int64)}, mixed.name)
             per_row = [
@@ -378,6 +410,87 @@ def prove_rows(
                 axis = axes.outputs.get(name)
                 comparisons.append(_compare_rows(name, value, parts, axis, provider, allow_nonfinite))
     return ValidationReport(tuple(comparisons), chosen, shapes)
+
+
+def _prove_fixed_rows(
+    mixed: LoadedModel,
+    host: LoadedModel,
+    references: Sequence[LoadedModel],
+    rows: Sequence[int],
+    axes: BatchAxes,
+    *,
+    providers: Sequence[str],
+    dims: Mapping[str, int] | None,
+    index_name: str,
+    seed: int,
+    allow_nonfinite: bool,
+    inputs: InputsLike,
+) -> ValidationReport:
+    """:func:`prove_rows` for a fixed batch size: each batch of ``rows`` against its references' rows."""
+    size = axes.size
+    assert size is not None
+    if not rows or len(rows) % size:
+        raise LoraOnnxError(
+            f"the model's batch size is fixed at {size}; the proof rows {list(rows)} do not fill it"
+        )
+    batches = [tuple(rows[i : i + size]) for i in range(0, len(rows), size)]
+    comparisons: list[OutputComparison] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    with ExitStack() as stack:
+        paths = {
+            "mixed": session_source(mixed, stack, "mixed.onnx"),
+            -1: session_source(host, stack, "base.onnx"),
+        }
+        for i in sorted({r for r in rows if r >= 0}):
+            paths[i] = session_source(references[i], stack, f"adapter_{i}.onnx")
+        for provider in providers:
+            sessions = {
+                key: create_session(path, provider, f"{mixed.name} ({key})") for key, path in paths.items()
+            }
+            for number, batch in enumerate(batches):
+                specs = input_specs(sessions[-1])
+                given = given_inputs(inputs, specs)
+                start = seed + number * size if given is not None else seed + number  # the next rows
+                feeds = feeds_for(specs, axes, size, dims, start, host.proto.graph, given)
+                shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+                index = np.array(batch, np.int64)
+                got = run_model(sessions["mixed"], {**feeds, index_name: index}, mixed.name)
+                alone = {
+                    r: run_model(sessions[max(r, -1)], feeds, f"{mixed.name} (adapter {r})")
+                    for r in sorted(set(batch))
+                }
+                for name, value in got.items():
+                    comparisons.append(
+                        _compare_fixed(
+                            name, value, alone, batch, axes.outputs.get(name), provider, allow_nonfinite
+                        )
+                    )
+    return ValidationReport(tuple(comparisons), tuple(providers), shapes)
+
+
+def _compare_fixed(
+    name: str,
+    value: np.ndarray,
+    alone: Mapping[int, Mapping[str, np.ndarray]],
+    batch: Sequence[int],
+    axis: int | None,
+    provider: str,
+    allow_nonfinite: bool,
+) -> OutputComparison:
+    """The mixed output against, block by block along the batch axis (axis 0 when the output declares
+    none and splits into one block per row), block i of row i's reference run on the same batch."""
+    axis = 0 if axis is None else axis
+    runs = [alone[max(r, -1)][name] for r in batch]
+    if value.ndim <= axis or value.shape[axis] % len(batch) or any(run.shape != value.shape for run in runs):
+        note = f"shape {list(value.shape)} has no batch axis of {len(batch)} rows to compare rows by"
+        return OutputComparison(
+            provider, name, tuple(value.shape), float("inf"), float("inf"), 0, 0, False, note
+        )
+    parts = [np.split(run, len(batch), axis=axis)[b] for b, run in enumerate(runs)]
+    reference = np.concatenate(parts, axis=axis)
+    return compare(
+        reference, value, name=name, provider=provider, rtol=None, atol=None, allow_nonfinite=allow_nonfinite
+    )
 
 
 def _compare_rows(
@@ -464,11 +577,8 @@ def stack_adapters(
         site = sites[record.site]
         pairs = [adapter.pairs.get(record.site) for adapter in resolved]
         blocks = max(record.a_group, record.b_group)
-        widest = (
-            site_form(record.kind, pairs).rank
-            if record.kind == "dense"
-            else max([blocks, *(p.rank(record.kind) for p in pairs if p is not None)])
-        )
+        rank_of = form_of(record.kind).rank_of
+        widest = max([blocks, *(rank_of(p.a, p.a_group) for p in pairs if p is not None)])
         form = SiteForm(-(-widest // blocks) * blocks, record.a_group, record.b_group)
         tensors[record.a], tensors[record.b] = stack_pairs(site, pairs, form, labels)
     if output is not None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lora_onnx.commands.inject import existing_branches, scan_sites
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import numel, shape_of, type_name
 from lora_onnx.recipes.config import LoraConfig
 from lora_onnx.recipes.plan import plan_branches
-from lora_onnx.sites.find import Skipped
+from lora_onnx.sites.find import Skipped, existing_branches, scan_sites
 from lora_onnx.sites.folded_weights import FoldedWeight, find_folded
 
 

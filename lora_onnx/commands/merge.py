@@ -28,6 +28,8 @@ class MergeResult:
     validation: ValidationReport | None = None
     #: With an adapter file: the slots dropped because they stay off (not in the file, or other adapters).
     slots_removed: tuple[BranchRecord, ...] = ()
+    #: What the user should know about the fold: shared weights it untied (:mod:`lora_onnx.stages.untie`).
+    notes: tuple[str, ...] = ()
 
 
 def merge(
@@ -45,6 +47,7 @@ def merge(
     adapter_index: int | None = None,
     remedy: str | None = None,
     allow_nonfinite: bool = False,
+    inputs: validation.InputsLike = None,
 ) -> MergeResult:
     """Fold the branches of ``adapters`` (all by default) into their base weights and optionally save.
 
@@ -64,7 +67,8 @@ def merge(
     removed; ``validate`` compares with the input running that index on every row.
 
     ``strength`` must be a finite number >= 0; NaN / Inf outputs fail the validation unless
-    ``allow_nonfinite`` (see :func:`lora_onnx.proofs.validation.compare`).
+    ``allow_nonfinite`` (see :func:`lora_onnx.proofs.validation.compare`). ``inputs`` (an .npz path or arrays)
+    replaces the validation's generated inputs.
     """
     if strength is not None:
         strength = finite_number(strength, "--strength")
@@ -89,7 +93,7 @@ def merge(
     )
     rtol, atol = fold_tolerance(result)
     if validate and dequantize:
-        rtol = dequantized_rtol(source, adapters, partial, providers, dims) or rtol
+        rtol = dequantized_rtol(source, adapters, partial, providers, dims, inputs) or rtol
     report = (
         validation.validate(
             reference,
@@ -99,6 +103,7 @@ def merge(
             atol=atol,
             dims=dims,
             allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
         )
         if validate
         else None
@@ -106,4 +111,4 @@ def merge(
     written = None
     if output is not None and (report is None or report.ok):
         written = save_model(result.model, output, protect=protect)
-    return MergeResult(result.model, result.folded, result.kept, written, report, removed)
+    return MergeResult(result.model, result.folded, result.kept, written, report, removed, result.notes)

@@ -21,11 +21,12 @@ from lora_onnx.adapters.check import check_tensors, fitting_adapter
 from lora_onnx.adapters.files import FORMATS, format_for, read_adapter_file, write_adapter_file
 from lora_onnx.adapters.peft.export import export_peft_adapter
 from lora_onnx.adapters.peft.mapping import AdapterModule
+from lora_onnx.adapters.peft.modules_to_save import refuse_saved_modules
 from lora_onnx.adapters.peft.planning import PeftPlan, plan_peft_adapter
-from lora_onnx.commands.inject import refuse_existing_adapter, scan_sites
 from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import finite_number, require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import form_of, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord, read_branches
@@ -36,7 +37,7 @@ from lora_onnx.proofs.validation import ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.recipes.init import initial_values
 from lora_onnx.recipes.plan import BranchPlan, plan_branches, tensor_stem, unique_stem
-from lora_onnx.sites.find import DEFAULT_OPS, Skipped
+from lora_onnx.sites.find import DEFAULT_OPS, Skipped, refuse_existing_adapter, scan_sites
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.stages.slots import (
     Bound,
@@ -52,8 +53,6 @@ from lora_onnx.stages.slots import (
     strength_name,
 )
 from lora_onnx.variants import variant_for
-
-_SLOT_OPS = ("Gemm", "MatMul", "Conv")
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike, purpose: st
         if part:
             raise AdapterError(f"{adapter_dir}: the adapter has {part} on {extras.adapter_path}, {reason}")
     for plan in peft.plan.branches:
-        if plan.site.op not in _SLOT_OPS:
+        if not kind_of(plan.site.op).slottable:
             raise AdapterError(
                 f"{adapter_dir}: the adapter adapts {plan.site.module_path} ({plan.site.op}), {reason}"
             )
@@ -166,6 +165,7 @@ def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSourc
         adapter = names[0]
     elif adapter not in names:
         raise AdapterError(f"{model.name} carries no adapter {adapter!r}; it carries {names}")
+    refuse_saved_modules(model, adapter)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
     plans: list[BranchPlan] = []
     values: dict[str, np.ndarray] = {}
@@ -231,6 +231,7 @@ def inject_slots(
     link_data: bool = False,
     skip_unmatched: bool = False,
     modules: Sequence[AdapterModule] | None = None,
+    inputs: validation.InputsLike = None,
 ) -> SlotInjectResult:
     """Add LoRA slots (graph inputs with empty defaults) for adapter ``config.adapter_name``.
 
@@ -241,8 +242,8 @@ def inject_slots(
     ``validate``, before anything is written: outputs with no adapter active must equal the base's
     exactly, and (when an adapter file is asked for or ``peft`` given) outputs with it active must equal
     the same tensors inserted as constant branches (NaN / Inf outputs fail unless ``allow_nonfinite``).
-    ``base_weights``, ``skip_unmatched`` and ``modules`` go with ``peft`` (see
-    :func:`~lora_onnx.adapters.peft.apply_peft`).
+    ``base_weights``, ``skip_unmatched`` and ``modules`` go with ``peft`` (see :func:`~lora_onnx.apply_peft`);
+    ``inputs`` (an .npz path or arrays) replaces the validation's generated inputs.
     """
     config = config or LoraConfig()
     source = load_model(model)
@@ -261,7 +262,8 @@ def inject_slots(
         if peft is not None
         else fresh_source(source, config, check_ranks=adapter_output is not None)
     )
-    slotted, records = insert_slots(source, produced.plans, strength_input=strength_input)
+    inserted = insert_slots(source, produced.plans, strength_input=strength_input)
+    slotted, records = inserted.model, inserted.records
     tensors = retarget(produced.plans, produced.values, slotted, adapter)
     report = adapter_report = None
     if validate:
@@ -273,15 +275,17 @@ def inject_slots(
             atol=0.0,
             dims=dims,
             allow_nonfinite=allow_nonfinite,
+            inputs=inputs,
         )
         if report.ok and (adapter_output is not None or peft is not None):
-            constant, _ = insert_branches(source, produced.plans, produced.values)
+            constant = insert_branches(source, produced.plans, produced.values).model
             adapter_report = validation.validate(
                 constant,
                 bake(slotted, tensors),
                 providers=providers,
                 dims=dims,
                 allow_nonfinite=allow_nonfinite,
+                inputs=inputs,
             )
     written = adapter_written = None
     if all(r is None or r.ok for r in (report, adapter_report)):
@@ -364,7 +368,7 @@ def export_adapter(
     written empty; without it they keep ``model``'s names. The LoRA scale is folded into B.
     ``format="peft"`` writes ``model``'s adapter as a PEFT folder (issue 3's exporter). ``skip_unmatched``
     goes with ``peft``: keys of modules the graph does not have are left out (as ``inject --peft``).
-    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.adapters.peft.apply_peft`).
+    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.apply_peft`).
     """
     if base_weights is not None and peft is None:
         raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
@@ -443,12 +447,9 @@ def fresh_adapter(
         seen.add(record.a)
         site = sites[record.site]
         rank, alpha = config.rank_for(site.module_path), config.alpha_for(site.module_path)
-        group = max(record.a_group, record.b_group)
-        if record.kind == "conv" and rank % group:
-            raise AdapterError(
-                f"rank {rank} for {site.module_path} is not a multiple of its conv branch's group {group}; "
-                "use a rank_pattern for it"
-            )
+        refusal = form_of(record.kind).rank_group_refusal(rank, record.a_group, record.b_group)
+        if refusal:
+            raise AdapterError(f"{site.module_path}: {refusal}; use a rank_pattern for it")
         plans.append(_record_plan(record, site, rank, alpha, config.scale(rank, alpha)))
     values: dict[str, np.ndarray] = {}
     for plan in plans:

@@ -1,1 +1,1 @@
-"""Helpers every layer may use: parser constants, nearest names, finite checks, JSON, progress, atomic writes."""
+"""Helpers every layer may use: parser constants, nearest names, finite checks, JSON, atomic writes."""

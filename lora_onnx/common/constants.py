@@ -8,7 +8,13 @@ that own these values (:mod:`~lora_onnx.sites.find`, :mod:`~lora_onnx.recipes.co
 from __future__ import annotations
 
 #: op keys used by --ops, mapped to ONNX op types.
-OP_KEYS = {"gemm": "Gemm", "matmul": "MatMul", "conv": "Conv", "matmulnbits": "MatMulNBits"}
+OP_KEYS = {
+    "gemm": "Gemm",
+    "matmul": "MatMul",
+    "conv": "Conv",
+    "convtranspose": "ConvTranspose",
+    "matmulnbits": "MatMulNBits",
+}
 #: How fresh A/B matrices are initialised (--init).
 INIT_KINDS = ("default", "gaussian", "random")
 #: The adapter name when none is given (PEFT's).

@@ -64,3 +64,14 @@ def finite_number(value: object, what: str, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not math.isfinite(number) or number < 0 or (positive and number == 0):
         raise LoraOnnxError(f"{what} must be a finite number {bound}, got {value!r}")
     return number
+
+
+#: Seeds are numpy SeedSequence entropy: whole numbers 0 .. 2**32 - 1 (one 32-bit word, as in torch/numpy).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: object, what: str = "--seed") -> int:
+    """``seed`` when it is a whole number in 0 .. :data:`MAX_SEED`, else a one-line :class:`LoraOnnxError`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise LoraOnnxError(f"{what} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)

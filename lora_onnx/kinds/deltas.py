@@ -9,10 +9,14 @@ forms scale A once in float32 (``(s * A) @ B``), so a streamed fold and an in-me
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord
+from lora_onnx.model.streaming import FloatSource, RowFill, StreamedTensor, tensor_rows
+from lora_onnx.model.tensors import np_dtype, shape_of
 
 
 class DeltaRows:
@@ -77,12 +81,11 @@ class ConvRows(DeltaRows):
             flat[lo - r0 : hi - r0] += product
 
 
-def delta_rows(model: LoadedModel, branch: BranchRecord) -> DenseRows | ConvRows:
-    """The row form of ``branch``'s delta in its source weight's layout."""
-    a, b = model.array(branch.a), model.array(branch.b)
-    if branch.kind == "conv":
-        return ConvRows(a, b, branch.scale, branch.b_group)
-    return DenseRows(a, b, branch.scale, branch.source_layout)
+def delta_rows(model: LoadedModel, branch: BranchRecord) -> DeltaRows:
+    """The row form of ``branch``'s delta in its source weight's layout (its branch form's)."""
+    from lora_onnx.kinds.base import form_of  # the forms build on this module's row classes
+
+    return form_of(branch.kind).delta_rows(model.array(branch.a), model.array(branch.b), branch.scale, branch)
 
 
 def dense_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
@@ -98,3 +101,40 @@ def conv_delta(a: np.ndarray, b: np.ndarray, scale: float, group: int) -> np.nda
 def branch_delta(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
     """The branch's delta in the layout of its source weight initializer (float32), whole."""
     return delta_rows(model, branch).array()
+
+
+def folded_weight(
+    model: LoadedModel,
+    weight: str,
+    branches: Sequence[BranchRecord],
+    source: FloatSource | None = None,
+    *,
+    channel_scale: Callable[[int], np.ndarray] | None = None,
+) -> StreamedTensor:
+    """``weight + sum(s * delta)`` of ``branches``, computed in float32 and cast to the weight's type
+    (or ``source``'s, which then provides the weight's float value), block by block.
+
+    ``channel_scale(ndim)``, if given, returns a factor broadcastable against the whole weight (first
+    axis 1, or the weight's first dimension) that multiplies the sum, e.g. DoRA's per-channel
+    ``magnitude / norm``.
+    """
+    if source is None:
+        tensor = model.initializer(weight)
+        source = FloatSource(shape_of(tensor), np_dtype(tensor.data_type), lambda: tensor_rows(model, weight))
+    opener, shape = source.open, source.shape
+
+    def prepare() -> RowFill:
+        rows = opener()
+        deltas = [delta_rows(model, branch) for branch in branches]
+        factor = None if channel_scale is None else np.asarray(channel_scale(len(shape)), np.float32)
+
+        def fill(r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
+            rows.read_rows(r0, r1, out, scratch)
+            for delta in deltas:
+                delta.add_rows(r0, r1, out, scratch)
+            if factor is not None:
+                out *= factor if factor.shape[0] == 1 else factor[r0:r1]
+
+        return fill
+
+    return StreamedTensor(shape, source.dtype, prepare)

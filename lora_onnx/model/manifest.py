@@ -22,6 +22,10 @@ MANIFEST_KEY = "lora_onnx.model.manifest"
 MANIFEST_VERSION = 1
 #: Prefix of the metadata keys holding an imported PEFT adapter's adapter_config.json, one per adapter.
 PEFT_CONFIG_PREFIX = "lora_onnx.peft_config."
+#: Per-adapter metadata that goes with the adapter's last branch: its PEFT config and the record of the base
+#: tensors its modules_to_save replaced (:mod:`lora_onnx.adapters.peft.modules_to_save`; a merge keeps the
+#: tensors).
+ADAPTER_METADATA_PREFIXES = (PEFT_CONFIG_PREFIX, "lora_onnx.modules_to_save.")
 
 
 @dataclass(frozen=True)
@@ -205,14 +209,15 @@ def check_branches(model: onnx.ModelProto) -> None:
 def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -> None:
     """Replace the model's manifest with ``branches`` (removing it when there are none).
 
-    The PEFT config of an adapter that no longer has a branch goes too, so a later adapter of the same
-    name never inherits it.
+    The PEFT config (and modules_to_save record) of an adapter that no longer has a branch goes too, so a
+    later adapter of the same name never inherits it.
     """
-    live = {PEFT_CONFIG_PREFIX + branch.adapter for branch in branches}
+    live = {prefix + branch.adapter for branch in branches for prefix in ADAPTER_METADATA_PREFIXES}
     retain(
         model.metadata_props,
         lambda entry: (
-            entry.key != MANIFEST_KEY and (not entry.key.startswith(PEFT_CONFIG_PREFIX) or entry.key in live)
+            entry.key != MANIFEST_KEY
+            and (not entry.key.startswith(ADAPTER_METADATA_PREFIXES) or entry.key in live)
         ),
     )
     if branches:

@@ -12,8 +12,9 @@ dropped when it ends. Called without arguments, a :class:`StreamedTensor` return
 is a ``TensorProducer``).
 
 Rows are read from disk with ``readinto`` into the reused buffer (no page-cache mapping that would count
-against the process). :func:`folded_weight` builds the ``W + sum(s * delta)`` of a fold this way for
-dense and conv branches in any source layout, the deltas' rows coming from :mod:`lora_onnx.kinds.deltas`;
+against the process). :func:`lora_onnx.kinds.deltas.folded_weight` builds the ``W + sum(s * delta)`` of a
+fold this way for dense and conv branches in any source layout, the deltas' rows coming from
+:mod:`lora_onnx.kinds.deltas`;
 quantized sources plug in their own row readers
 (:mod:`lora_onnx.sites.quantized`).
 """
@@ -26,16 +27,14 @@ import functools
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from lora_onnx.kinds.deltas import delta_rows
 from lora_onnx.model.load import LoadedModel
-from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import external_ref, np_dtype, shape_of
 
 #: Size of one working buffer; a fold holds about three (rows, delta, cast). 1 MiB measured fastest on
@@ -247,40 +246,3 @@ class FloatSource:
     shape: tuple[int, ...]
     dtype: np.dtype
     open: Callable[[], RowSource]
-
-
-def folded_weight(
-    model: LoadedModel,
-    weight: str,
-    branches: Sequence[BranchRecord],
-    source: FloatSource | None = None,
-    *,
-    channel_scale: Callable[[int], np.ndarray] | None = None,
-) -> StreamedTensor:
-    """``weight + sum(s * delta)`` of ``branches``, computed in float32 and cast to the weight's type
-    (or ``source``'s, which then provides the weight's float value), block by block.
-
-    ``channel_scale(ndim)``, if given, returns a factor broadcastable against the whole weight (first
-    axis 1, or the weight's first dimension) that multiplies the sum, e.g. DoRA's per-channel
-    ``magnitude / norm``.
-    """
-    if source is None:
-        tensor = model.initializer(weight)
-        source = FloatSource(shape_of(tensor), np_dtype(tensor.data_type), lambda: tensor_rows(model, weight))
-    opener, shape = source.open, source.shape
-
-    def prepare() -> RowFill:
-        rows = opener()
-        deltas = [delta_rows(model, branch) for branch in branches]
-        factor = None if channel_scale is None else np.asarray(channel_scale(len(shape)), np.float32)
-
-        def fill(r0: int, r1: int, out: np.ndarray, scratch: np.ndarray) -> None:
-            rows.read_rows(r0, r1, out, scratch)
-            for delta in deltas:
-                delta.add_rows(r0, r1, out, scratch)
-            if factor is not None:
-                out *= factor if factor.shape[0] == 1 else factor[r0:r1]
-
-        return fill
-
-    return StreamedTensor(shape, source.dtype, prepare)

@@ -11,6 +11,11 @@ the base model runs on a 3-row batch, on its first 2 rows, and on the 3 rows wit
 a site passes when its input has the same number of rows per batch row at batch 3 and 2, blocks 0 and 1
 agree between the 3- and 2-row runs (they do not see row 2), and block 1 is unchanged when rows 0 and 2
 change. Sites that fail are skipped with the reason.
+
+A fixed batch size B (a dynamo export without ``dynamic_shapes``) cannot be run at 3 and 2 rows: the
+probe then runs B rows, the same B rows with every row but row 0 replaced, and with row 0 replaced; a site
+passes when its input splits into B blocks, block 0 is unchanged in the second run and every other
+block in the third, and block 0 does change in the third (else its rows cannot be told apart).
 """
 
 from __future__ import annotations
@@ -25,16 +30,20 @@ import onnx
 from onnx import helper
 
 from lora_onnx.errors import LoraOnnxError, TargetError
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.proofs.inputs import make_inputs
 from lora_onnx.proofs.validation import (
+    InputsLike,
     create_session,
+    given_inputs,
     input_specs,
     parse_providers,
     run_model,
     session_source,
 )
 from lora_onnx.sites.find import Site, Skipped
+from lora_onnx.stages.stacked import BatchAxes  # the record the stacked form is built for
 
 #: Batch sizes of the probe runs (3 rows, and its first 2).
 PROBE_ROWS = 3
@@ -53,21 +62,6 @@ class Probe:
     batched: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class BatchAxes:
-    """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
-    (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
-    and ``anchor``, an input whose batch dim sizes the batch at run time."""
-
-    name: str
-    inputs: Mapping[str, int]
-    outputs: Mapping[str, int | None]
-
-    @property
-    def anchor(self) -> str:
-        return next(iter(self.inputs))
-
-
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
     if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
         return []
@@ -79,16 +73,23 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
 
 def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxes:
     """The model's batch dim: the symbolic dim most graph inputs have first (inputs backed by
-    initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim."""
+    initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim.
+    Without one, the fixed size most inputs have first: their axis 0 (outputs: where they start with it)."""
     graph = model.proto.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers and v.name not in exclude]
     firsts = Counter(dims[0] for v in inputs if (dims := _dims(v)) and isinstance(dims[0], str) and dims[0])
     if not firsts:
+        fixed = Counter(d[0] for v in inputs if (d := _dims(v)) and isinstance(d[0], int) and d[0] >= 1)
+        if fixed:
+            size = fixed.most_common(1)[0][0]
+            in_fixed = {v.name: 0 for v in inputs if (d := _dims(v)) and d[0] == size}
+            out_fixed = {v.name: 0 if (d := _dims(v)) and d[0] == size else None for v in graph.output}
+            return BatchAxes("", in_fixed, out_fixed, size)
         shapes = ", ".join(f"{v.name} {_dims(v)}" for v in inputs[:3]) or "no inputs"
         raise TargetError(
-            f"{model.name}: mixed batches need a symbolic batch dim as the first dim of the graph inputs "
-            f"(the index input has one entry per batch row), but the inputs are {shapes}"
+            f"{model.name}: mixed batches need a symbolic batch dim or a fixed one as the first dim of the "
+            f"graph inputs (the index input has one entry per batch row), but the inputs are {shapes}"
         )
     name = firsts.most_common(1)[0][0]
     in_axes = {v.name: _dims(v).index(name) for v in inputs if name in _dims(v)}
@@ -128,11 +129,45 @@ def _replace_rows(
 
 
 def feeds_for(
-    session_specs: Sequence[object], axes: BatchAxes, rows: int, dims: Mapping[str, int] | None, seed: int = 0
+    session_specs: Sequence[object],
+    axes: BatchAxes,
+    rows: int,
+    dims: Mapping[str, int] | None,
+    seed: int = 0,
+    graph: onnx.GraphProto | None = None,
+    given: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Generated inputs (:func:`lora_onnx.proofs.inputs.make_inputs`) with ``rows`` batch rows."""
-    sizes = {**(dims or {}), axes.name: rows}
-    return make_inputs(session_specs, sizes, seed, strict=True)  # type: ignore[arg-type]
+    """Generated inputs (:func:`lora_onnx.proofs.inputs.make_inputs`, reading ``graph`` for decoder inputs)
+    with ``rows`` batch rows; with ``given`` (the user's ``--inputs``), its rows instead, cycled from row
+    ``seed`` on (see :func:`given_rows`)."""
+    if axes.size is not None and rows != axes.size:
+        raise LoraOnnxError(f"the model's batch size is fixed at {axes.size}; a run cannot have {rows} rows")
+    if given is not None:
+        return given_rows(given, axes, rows, seed)
+    sizes = {**(dims or {}), **({axes.name: rows} if axes.size is None else {})}
+    return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)  # type: ignore[arg-type]
+
+
+def given_rows(
+    given: Mapping[str, np.ndarray], axes: BatchAxes, rows: int, start: int = 0, negate: bool = False
+) -> dict[str, np.ndarray]:
+    """``rows`` batch rows of the user's inputs, cycled from row ``start``; ``negate`` flips the sign of
+    the float inputs with a batch axis (the probe's replacement rows must differ from its first rows even
+    when the file holds one row)."""
+    anchor = given.get(axes.anchor)
+    if (
+        anchor is None
+        or anchor.ndim <= axes.inputs[axes.anchor]
+        or anchor.shape[axes.inputs[axes.anchor]] < 1
+    ):
+        raise LoraOnnxError(f"--inputs has no batch rows in {axes.anchor!r} to build a mixed batch from")
+    count = anchor.shape[axes.inputs[axes.anchor]]
+    feeds = take_rows(given, axes, [(start + i) % count for i in range(rows)])
+    if negate:
+        for name, value in feeds.items():
+            if name in axes.inputs and np.issubdtype(value.dtype, np.floating):
+                feeds[name] = -value
+    return feeds
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -150,14 +185,7 @@ def _blocks(site: Site, value: np.ndarray, rows: int) -> np.ndarray | str:
     """``value`` (the site's data input) as one block per batch row, or why it cannot be split so."""
     if site.gemm is not None and site.gemm.trans_a:
         value = value.T
-    if site.op == "Conv":
-        if value.ndim < 3 or value.shape[0] != rows:
-            return f"its first dim is {value.shape[0] if value.ndim else None}, not the batch ({rows} rows)"
-        return value
-    width = site.in_features
-    if value.ndim == 0 or value.size % (rows * width):
-        return f"its {value.size} values do not split into {rows} rows of {width}-wide vectors"
-    return value.reshape(rows, -1, width)
+    return kind_of(site.op).batch_rows(site, value, rows)
 
 
 def probe_sites(
@@ -167,9 +195,11 @@ def probe_sites(
     *,
     dims: Mapping[str, int] | None = None,
     providers: str | Sequence[str] = ("cpu",),
+    inputs: InputsLike = None,
 ) -> Probe:
     """Split ``sites`` into those whose data input is batch-major and those that are not (see the module
-    doc); runs ``model`` three times in onnxruntime on its first provider."""
+    doc); runs ``model`` three times in onnxruntime on its first provider, on generated inputs or the
+    rows of ``inputs`` (an .npz path or arrays; see :func:`feeds_for`)."""
     if not sites:
         return Probe((), ())
     provider = parse_providers(providers)[0]
@@ -186,10 +216,21 @@ def probe_sites(
         source = session_source(model.with_proto(proto), stack, "probe.onnx")
         session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
-        full = feeds_for(specs, axes, PROBE_ROWS, dims, seed=0)
-        other = feeds_for(specs, axes, PROBE_ROWS, dims, seed=1)
+        given = given_inputs(inputs, specs)
+        rows = PROBE_ROWS if axes.size is None else axes.size
+        full = feeds_for(specs, axes, rows, dims, seed=0, graph=model.proto.graph, given=given)
+        other = (
+            feeds_for(specs, axes, rows, dims, seed=1, graph=model.proto.graph)
+            if given is None
+            else given_rows(given, axes, rows, 1, negate=True)
+        )
+        if axes.size is None:
+            variants = (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2)))
+        else:  # fixed batch: row 0 kept while the others change, then row 0 alone changed
+            others = _replace_rows(full, other, axes, range(1, rows))
+            variants = (full, others, _replace_rows(full, other, axes, (0,)))
         runs = []
-        for feeds in (full, take_rows(full, axes, slice(0, 2)), _replace_rows(full, other, axes, (0, 2))):
+        for feeds in variants:
             try:
                 outputs = run_model(session, feeds, model.name)
             except LoraOnnxError as exc:
@@ -199,13 +240,14 @@ def probe_sites(
     skipped: list[Skipped] = []
     batched: set[str] = set()
     for site in sites:
-        reason = _site_reason(site, runs)
+        reason = _site_reason(site, runs) if axes.size is None else _fixed_reason(site, runs, axes.size)
         if reason is None:
             kept.append(site)
             # A tensor's rank is fixed by the graph, and the probe saw dim 0 follow the batch.
             shapes = [run[site.data_input].shape for run in runs[:2]]
-            three_d = site.op == "MatMul" and all(len(s) == 3 for s in shapes)
-            if three_d and (shapes[0][0], shapes[1][0]) == (PROBE_ROWS, 2):
+            three_d = kind_of(site.op).batched_input(shapes)
+            expected = (PROBE_ROWS, 2) if axes.size is None else (axes.size, axes.size)
+            if three_d and (shapes[0][0], shapes[1][0]) == expected:
                 batched.add(site.node)
         else:
             skipped.append(
@@ -232,4 +274,23 @@ def _site_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]]) -> str | 
             "its rows mix batch rows (a row's block changes when another row changes): the batch is not "
             "its leading dim"
         )
+    return None
+
+
+def _fixed_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]], rows: int) -> str | None:
+    """:func:`_site_reason` for a fixed batch of ``rows`` (see the module doc)."""
+    values = [run[site.data_input] for run in runs]
+    blocks = [_blocks(site, value, rows) for value in values]
+    for item in blocks:
+        if isinstance(item, str):
+            return f"{item}, so rows cannot be told apart"
+    full, others, first = blocks
+    assert not isinstance(full, str) and not isinstance(others, str) and not isinstance(first, str)
+    if not _close(full[0], others[0]) or not all(_close(full[i], first[i]) for i in range(1, rows)):
+        return (
+            "its rows mix batch rows (a row's block changes when another row changes): the batch is not "
+            "its leading dim"
+        )
+    if _close(full[0], first[0]):
+        return "it does not change when its batch row does, so it has no batch rows to tell apart"
     return None

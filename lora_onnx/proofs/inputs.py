@@ -3,7 +3,9 @@
 Symbolic dimensions take ``--dim NAME=V`` values, else a default by name (batch-like 2, anything else
 8). Integer inputs are small non-negative values so token ids and indices stay in range; masks are ones,
 token types zeros and position ids ``0..n-1``, which is what every exporter's sample input looks like; a
-mixed-batch model's ``lora_adapter_index`` is 0 (its first adapter) on every row.
+mixed-batch model's ``lora_adapter_index`` is 0 (its first adapter) on every row. Given the model's
+graph, decoder inputs (a KV cache, its masks and positions, ids below the embedding table's rows) get
+consistent values: see :mod:`lora_onnx.proofs.decoder_inputs`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lora_onnx.common.constants import ADAPTER_INDEX
+from lora_onnx.common.finite import MAX_SEED, check_seed  # noqa: F401  (re-exported for callers)
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.proofs.decoder_inputs import decoder_layout, decoder_sizes, decoder_value
+
+if TYPE_CHECKING:
+    import onnx
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -32,15 +40,6 @@ _ORT_TYPES = {
 _BATCH = re.compile(r"batch|^n$|^b$|^N$", re.IGNORECASE)
 _MAX_TOKEN = 16
 DEFAULT_BATCH, DEFAULT_OTHER = 2, 8
-#: Seeds are numpy SeedSequence entropy: whole numbers 0 .. 2**32 - 1 (one 32-bit word, as in torch/numpy).
-MAX_SEED = 2**32 - 1
-
-
-def check_seed(seed: object, what: str = "--seed") -> int:
-    """``seed`` when it is a whole number in 0 .. :data:`MAX_SEED`, else a one-line :class:`LoraOnnxError`."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise LoraOnnxError(f"{what} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,22 @@ def concrete_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
 
 
 def make_inputs(
-    specs: Sequence[InputSpec], dims: Mapping[str, int] | None = None, seed: int = 0, *, strict: bool = False
+    specs: Sequence[InputSpec],
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+    *,
+    strict: bool = False,
+    graph: onnx.GraphProto | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic inputs for ``specs`` (see the module doc).
 
     With ``strict`` (the user's ``--dim``), every name in ``dims`` must be a symbolic dim of ``specs``.
+    ``graph`` (the model's) lets decoder inputs and token ids follow the model (embedding rows, heads).
     """
     if strict:
         check_dims(specs, dims or {})
+    layout = decoder_layout(specs, graph)
+    dims = decoder_sizes(layout, dims or {})
     rng = np.random.default_rng(check_seed(seed))
     feeds = {}
     for spec in specs:
@@ -112,12 +119,14 @@ def make_inputs(
                 f"input {spec.name!r} has type {spec.type}; pass its values with --inputs FILE.npz"
             )
         dtype = np.dtype(_ORT_TYPES[spec.type])
-        shape = concrete_shape(spec, dims or {})
+        shape = concrete_shape(spec, dims)
         name = spec.name.lower()
         if spec.name == ADAPTER_INDEX:
             feeds[spec.name] = np.zeros(shape, dtype)  # adapter 0 on every row: valid whatever the count
         elif dtype == np.bool_ or "mask" in name:
             feeds[spec.name] = np.ones(shape, dtype)
+        elif (value := decoder_value(spec, shape, dtype, layout, dims, rng, _MAX_TOKEN)) is not None:
+            feeds[spec.name] = value
         elif np.issubdtype(dtype, np.integer):
             if "type" in name:
                 feeds[spec.name] = np.zeros(shape, dtype)

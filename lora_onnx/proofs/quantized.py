@@ -24,6 +24,7 @@ def dequantized_rtol(
     partial: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     dims: Mapping[str, int] | None = None,
+    inputs: validation.InputsLike = None,
 ) -> dict[str, float] | None:
     """Per-output rtol for comparing ``model`` with its dequantized fold, or None without quantized bases.
 
@@ -36,7 +37,9 @@ def dequantized_rtol(
         return None
     base = quantized.without_deltas(model)
     float_base = fold_branches(base, adapters=adapters, partial=partial, dequantize=True).model
-    baseline = validation.validate(base, float_base, providers=providers, dims=dims, allow_nonfinite=True)
+    baseline = validation.validate(
+        base, float_base, providers=providers, dims=dims, allow_nonfinite=True, inputs=inputs
+    )
     # NaN / Inf are the main proof's to judge; a baseline that measured nothing (NaN where the base is
     # finite, a shape) gives no slack rather than an infinite rtol that would pass any output.
     return {

@@ -41,6 +41,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 THREADS_ENV = "LORA_ONNX_THREADS"
 
 Tolerances = float | Mapping[str, float] | None
+#: Validation inputs the user gives: an .npz path or arrays by input name (None: generated).
+InputsLike = str | os.PathLike | Mapping[str, np.ndarray] | None
 #: onnxruntime log severity for our sessions (4 = FATAL): its errors reach the user in our own message.
 ORT_QUIET = 4
 
@@ -190,6 +192,15 @@ def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
     return [InputSpec(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
 
 
+def given_inputs(inputs: InputsLike, specs: Sequence[InputSpec]) -> dict[str, np.ndarray] | None:
+    """The user's inputs as arrays (an .npz is read and checked against ``specs``), None when not given."""
+    if inputs is None:
+        return None
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    return load_inputs(inputs, specs)
+
+
 def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
     if dtype in (np.float16,) or dtype.name == "bfloat16":
         return 1e-2, 1e-3
@@ -289,14 +300,17 @@ def session_source(model: LoadedModel, stack: ExitStack, name: str = "model.onnx
     return save_model(model, folder / name, link_data=True)
 
 
-def _as_path(model: str | os.PathLike | LoadedModel, stack: ExitStack) -> tuple[SessionSource, str]:
-    """What onnxruntime loads, and the name to show for it (never a temporary path)."""
+def _as_path(
+    model: str | os.PathLike | LoadedModel, stack: ExitStack
+) -> tuple[SessionSource, str, LoadedModel]:
+    """What onnxruntime loads, the name to show for it (never a temporary path), and the model (whose
+    graph generated inputs read: embedding rows, attention heads)."""
     if not isinstance(model, LoadedModel):
         # our own checks first (one line naming the tensor and file, stricter than onnxruntime's)
-        load_model(model, check_manifest=False)
-        return Path(model), str(model)
+        loaded = load_model(model, check_manifest=False)
+        return Path(model), str(model), loaded
     label = str(model.path) if model.path is not None else model.name
-    return session_source(model, stack), label
+    return session_source(model, stack), label, model
 
 
 def run_model(
@@ -317,7 +331,7 @@ def validate(
     providers: str | Sequence[str] = ("cpu",),
     rtol: Tolerances = None,
     atol: Tolerances = None,
-    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    inputs: InputsLike = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
     allow_nonfinite: bool = False,
@@ -333,7 +347,7 @@ def validate(
     comparisons: list[OutputComparison] = []
     feeds: dict[str, np.ndarray] = {}
     with ExitStack() as stack:
-        (ref_path, ref_label), (cand_path, cand_label) = (
+        (ref_path, ref_label, ref_model), (cand_path, cand_label, _) = (
             _as_path(reference, stack),
             _as_path(candidate, stack),
         )
@@ -346,12 +360,11 @@ def validate(
             advance()
             if not feeds:
                 specs = input_specs(ref_session)
-                if isinstance(inputs, Mapping):
-                    feeds = dict(inputs)
-                elif inputs is not None:
-                    feeds = load_inputs(inputs, specs)
+                given = given_inputs(inputs, specs)
+                if given is not None:
+                    feeds = given
                 else:
-                    feeds = make_inputs(specs, dims, seed, strict=True)
+                    feeds = make_inputs(specs, dims, seed, strict=True, graph=ref_model.proto.graph)
             ref_out = run_model(ref_session, feeds, ref_label)
             advance()
             cand_out = run_model(cand_session, feeds, cand_label)

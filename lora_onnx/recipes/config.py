@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lora_onnx.common.constants import DEFAULT_ADAPTER, INIT_KINDS
-from lora_onnx.common.finite import finite_number
+from lora_onnx.common.finite import check_seed, finite_number
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.proofs.inputs import check_seed
 from lora_onnx.sites.find import DEFAULT_OPS, OP_KEYS
 from lora_onnx.sites.targets import TargetSelector, compile_regex, pattern_value
 

@@ -35,13 +35,12 @@ def initial_value(plan: BranchPlan, tensor: str, init: str, seed: int) -> np.nda
         rng = _generator(seed, plan.a_name)
         if init == "gaussian":
             value = rng.standard_normal(plan.a_shape) / rank
-        elif plan.kind == "dense":
-            # PEFT draws A in its own (r, in) layout; the dense store is (in, r), so draw then transpose.
-            value = _kaiming_uniform(rng, (rank, plan.site.in_features), plan.site.in_features).T
-        else:
-            value = _kaiming_uniform(rng, plan.a_shape, math.prod(plan.a_shape[1:]))
+        else:  # each form draws in PEFT's layout with its fan-in (lora_onnx.kinds)
+            value = plan.form.a_init(
+                plan.site, rank, plan.a_shape, lambda s, fan: _kaiming_uniform(rng, s, fan)
+            )
     elif init == "random":
-        fan_in = rank if plan.kind == "dense" else rank // plan.b_group
+        fan_in = plan.form.b_fan_in(rank, plan.b_group)
         value = _kaiming_uniform(_generator(seed, plan.b_name), plan.b_shape, fan_in)
     else:
         value = np.zeros(plan.b_shape, np.float32)

@@ -7,12 +7,12 @@ that runs more than once) share one pair of LoRA tensors, as PEFT shares one ada
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import TargetError
+from lora_onnx.kinds import BranchForm, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.recipes.config import DEFAULT_ADAPTER, DEFAULT_RANK, LoraConfig
 from lora_onnx.sites.find import Site, SiteScan, Skipped
@@ -21,10 +21,10 @@ from lora_onnx.sites.targets import module_matches, name_matches
 
 @dataclass(frozen=True)
 class BranchPlan:
-    """One site's branch. Dense tensors are stored in MatMul layout, A (in, r) and B (r, out), as
-    onnxruntime's and Olive's adapters expect; conv tensors in Conv layout, A (r, in/a_group, k...) and
-    B (out, r/b_group, 1...). ``a_group`` equals the base group for a fresh adapter (so it folds back)
-    and 1 for PEFT's dense conv A."""
+    """One site's branch, its tensors in the layouts of the site's branch form (:mod:`lora_onnx.kinds`):
+    dense A (in, r) and B (r, out), as onnxruntime's and Olive's adapters expect; conv A (r, in/a_group,
+    k...) and B (out, r/b_group, 1...); ConvTranspose A (in, r/a_group, k...) and B (out, r/b_group, 1...).
+    ``a_group`` equals the base group for a fresh adapter (so it folds back) and 1 for PEFT's dense conv A."""
 
     site: Site
     adapter: str
@@ -38,22 +38,21 @@ class BranchPlan:
     b_group: int = 1
 
     @property
+    def form(self) -> BranchForm:
+        return kind_of(self.site.op).form
+
+    @property
     def kind(self) -> str:
-        return "conv" if self.site.op == "Conv" else "dense"
+        """The branch form's name (``BranchRecord.kind``)."""
+        return self.form.name
 
     @property
     def a_shape(self) -> tuple[int, ...]:
-        site = self.site
-        if self.kind == "dense":
-            return (site.in_features, self.rank)
-        return (self.rank, site.in_features // self.a_group, *site.kernel)
+        return self.form.a_shape(self.site, self.rank, self.a_group)
 
     @property
     def b_shape(self) -> tuple[int, ...]:
-        site = self.site
-        if self.kind == "dense":
-            return (self.rank, site.out_features)
-        return (site.out_features, self.rank // self.b_group, *(1 for _ in site.kernel))
+        return self.form.b_shape(self.site, self.rank, self.b_group)
 
     @property
     def params(self) -> int:
@@ -112,7 +111,7 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, chec
     ``check_ranks`` weighs each rank against its site's min / max (in, out) (a warning, or a refusal when
     it is no low-rank adapter at all); LoRA slots, whose rank is free, plan without it.
     """
-    selected = [site for site in scan.sites if site.op.lower() in config.ops]
+    selected = [site for site in scan.sites if kind_of(site.op).key in config.ops]
     chosen = [site for site in selected if config.targets.selects(site.module_path)]
     warnings = tuple(_unmatched_target_warnings(config, selected))
     if not chosen:
@@ -123,8 +122,8 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, chec
     for site in chosen:
         rank = config.rank_for(site.module_path)
         alpha = config.alpha_for(site.module_path)
-        group = site.group
-        if rank % group:
+        a_group, b_group = kind_of(site.op).form.fresh_groups(site)
+        if rank % max(a_group, b_group):
             skipped.append(_rank_group_skip(site, rank))
             continue
         key = (site.module_path, site.weight.initializer, rank)
@@ -141,8 +140,8 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, chec
                 stem=stem,
                 a_name=f"{stem}.lora_A.weight",
                 b_name=f"{stem}.lora_B.weight",
-                a_group=group,
-                b_group=group,
+                a_group=a_group,
+                b_group=b_group,
             )
         )
     if check_ranks:
@@ -153,16 +152,9 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, chec
 
 
 def rank_bounds(site: Site) -> tuple[int, int]:
-    """(min, max) of the sides of ``site``'s weight as a matrix, the ranks that add capacity end at min.
-
-    A conv's weight is (out/group, in/group * kernel size) per group, so a grouped conv's bounds are the
-    groups times each group's min and max.
-    """
-    if site.op == "Conv":
-        group = site.group
-        sides = (site.in_features // group * math.prod(site.kernel), site.out_features // group)
-        return group * min(sides), group * max(sides)
-    return min(site.in_features, site.out_features), max(site.in_features, site.out_features)
+    """(min, max) of the sides of ``site``'s weight as a matrix, the ranks that add capacity end at min
+    (a grouped conv's are the groups times each group's; see each kind's ``rank_bounds``)."""
+    return kind_of(site.op).rank_bounds(site)
 
 
 def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
@@ -205,9 +197,9 @@ def _rank_bound_warnings(branches: Sequence[BranchPlan]) -> tuple[str, ...]:
 
 
 def _rank_group_skip(site: Site, rank: int) -> Skipped:
-    group = site.group
+    group, noun = site.group, kind_of(site.op).noun or site.op
     reason = (
-        f"rank {rank} is not a multiple of the conv's group {group} (a foldable grouped branch needs one); "
+        f"rank {rank} is not a multiple of the {noun}'s group {group} (a foldable grouped branch needs one); "
         f"use a rank that is a multiple of {group}, a rank_pattern for this module, or exclude it"
     )
     return Skipped(site.node, site.op, site.module_path, reason)

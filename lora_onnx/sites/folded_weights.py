@@ -32,12 +32,12 @@ import onnx
 from safetensors import SafetensorError, safe_open
 
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.graph import GraphIndex, retain
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.module_paths import REWRITE_RULE_KEY
 from lora_onnx.model.tensors import np_dtype
 from lora_onnx.sites.find import SITE_OPS, Site
-from lora_onnx.stages.insert import source_layout
 
 #: onnxscript rewrite rules that fold an op into the node's weight: rule -> (what, per-output-channel).
 #: The default optimizer applies the BatchNorm rules; the affine ones are opt-in. A per-output factor
@@ -50,8 +50,6 @@ FOLD_RULES: dict[str, tuple[str, bool]] = {
     "ConvAffineFusion": ("a following Mul and Add by constants", True),
     "AffineConvFusion": ("a preceding Mul and Add by constants", False),
 }
-#: TorchScript's constant folding names a computed weight ``onnx::<consumer op>_<n>``.
-_TORCHSCRIPT_PREFIXES = ("onnx::Conv_", "onnx::Gemm_")
 #: How to export without the fold, per exporter.
 REEXPORT = {
     "dynamo": "torch.onnx.export(..., dynamo=True, optimize=False)",
@@ -113,8 +111,8 @@ def folded_weight(index: GraphIndex, site: Site) -> FoldedWeight | None:
         return FoldedWeight(
             site.node, site.op, site.module_path, weight, what, evidence, "dynamo", output_side
         )
-    if site.op in ("Conv", "Gemm") and weight.startswith(_TORCHSCRIPT_PREFIXES):
-        what = "BatchNorm" if site.op == "Conv" else "an op computed at export"
+    what = kind_of(site.op).torchscript_fold
+    if what and weight.startswith(f"onnx::{site.op}_"):
         evidence = (
             f"TorchScript constant folding computed it at export (an anonymous {weight!r}, where a plain "
             f"{site.op} keeps its parameter's name)"
@@ -280,11 +278,11 @@ def compare_site(model: LoadedModel, site: Site, base: BaseWeights, paths: Seque
         if isinstance(found, str):
             why = why or found
             continue
-        if found is not None and site.op == "Gather":
+        if found is not None and kind_of(site.op).exact_parameter:
             why = "an embedding table must equal its parameter"
             continue
         layout = np.asarray(wide, np.float32)
-        if site.op in ("MatMul", "Gemm") and source_layout(site) == "in,out":
+        if kind_of(site.op).torch_transposed(site):
             layout = layout.T
         return SiteScaling(site.node, key, np.ascontiguousarray(layout), found)
     raise FoldedWeightError(f"{where} is not --base-weights {key!r} as exported: {why}")
@@ -324,7 +322,7 @@ def refuse_peft_export(model: LoadedModel, adapter: str, nodes: Iterable[str]) -
     In PyTorch the module runs before the folded BatchNorm, so a branch after the fused node (made here,
     or applied with ``--base-weights``, whose B carries the factor) is not that module's PEFT adapter.
     """
-    from lora_onnx.commands.inject import scan_sites  # injection -> plan -> ...: import at call time
+    from lora_onnx.sites.find import scan_sites
 
     wanted = set(nodes)
     scaled = scaled_nodes(model.proto, adapter) & wanted

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_onnx.kinds import kind_for_node
 from lora_onnx.model.dequantize import (
     PACKED_TYPES,
     DequantizeStep,
@@ -39,14 +40,10 @@ from lora_onnx.model.dequantize import (
 from lora_onnx.model.graph import GraphIndex, retain
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches
-from lora_onnx.model.module_paths import module_path
 from lora_onnx.model.streaming import FloatSource
 from lora_onnx.model.tensors import np_dtype, shape_of, type_name
-from lora_onnx.model.weights import WeightRef, resolve_weight
-from lora_onnx.sites.find import Site, _join_after_bias
+from lora_onnx.model.weights import resolve_weight
 
-#: Suffixes onnxruntime's quantizers add to a weight's name (``fc.weight_Q4``, ``fc.weight_quantized``).
-_QUANT_SUFFIXES = ("_DQ_Q4", "_DQ_Q8", "_Q2", "_Q4", "_Q8", "_quantized")
 _T = onnx.TensorProto
 #: Types DequantizeLinear inputs may have that a dequantized fold can read.
 _READABLE = {_T.INT8, _T.UINT8, _T.INT16, _T.UINT16, _T.INT32, *PACKED_TYPES} | {
@@ -54,38 +51,6 @@ _READABLE = {_T.INT8, _T.UINT8, _T.INT16, _T.UINT16, _T.INT32, *PACKED_TYPES} | 
     for name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
     if hasattr(_T, name)
 }
-
-
-def parameter_name(weight: str) -> str:
-    """``fc.weight`` from ``fc.weight_Q4``: the float parameter a quantizer named the tensor after."""
-    for suffix in _QUANT_SUFFIXES:
-        if weight.endswith(suffix):
-            return weight[: -len(suffix)]
-    return weight
-
-
-def matmulnbits_site(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-    """A MatMulNBits node as a dense site (in = K, out = N), or the reason it cannot take a branch."""
-    info = nbits_node(index, node)
-    if isinstance(info, str):
-        return info
-    data = node.input[0]
-    if index.is_constant(data):
-        return "the data input is a constant"
-    b = index.initializers[info.b]
-    dtype = index.initializers[info.scales].data_type
-    weight = WeightRef(
-        initializer=info.b,
-        source_shape=shape_of(b),
-        source_dtype=b.data_type,
-        node_shape=(info.k, info.n),
-        node_dtype=dtype,
-    )
-    path = module_path(index, node, parameter_name(info.b))
-    output, bias_add = (node.output[0], None) if info.bias else _join_after_bias(index, node, info.n)
-    return Site(
-        node.name, "MatMulNBits", path, data, output, weight, "in,out", info.k, info.n, bias_add=bias_add
-    )
 
 
 # ---- folding -----------------------------------------------------------------------------------------
@@ -115,7 +80,8 @@ def quantized_weight(index: GraphIndex, branch: BranchRecord) -> QuantizedWeight
     node = index.nodes.get(branch.site)
     if node is None:
         return None
-    if node.op_type == "MatMulNBits":
+    kind = kind_for_node(node)
+    if kind is not None and kind.packed_weight:  # the node reads its packed blocks itself, no chain
         info = nbits_node(index, node)
         return QuantizedWeight(branch.weight, nbits=info) if not isinstance(info, str) else None
     if len(node.input) < 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import form_of
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import shape_of
@@ -22,19 +23,7 @@ def expected_shapes(
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The (A, B) shapes a branch needs for a source weight of shape ``weight``; None for layouts
     this check does not know (they are left to the code that made them)."""
-    rank = branch.rank
-    if branch.kind == "dense" and len(weight) == 2 and branch.source_layout in ("in,out", "out,in"):
-        in_f, out_f = weight if branch.source_layout == "in,out" else weight[::-1]
-        return (in_f, rank), (rank, out_f)
-    if branch.kind == "conv" and len(weight) >= 3 and branch.source_layout == "conv":
-        in_f = weight[1] * branch.base_group
-        kernel = weight[2:]
-        if in_f % branch.a_group or rank % branch.b_group:
-            return None
-        a = (rank, in_f // branch.a_group, *kernel)
-        b = (weight[0], rank // branch.b_group, *(1 for _ in kernel))
-        return a, b
-    return None
+    return form_of(branch.kind).expected_shapes(branch, weight)
 
 
 def check_branch_shapes(model: LoadedModel, branches: Iterable[BranchRecord]) -> None:

@@ -30,6 +30,7 @@ from lora_onnx.errors import FoldError
 from lora_onnx.kinds.deltas import branch_delta as branch_delta
 from lora_onnx.kinds.deltas import conv_delta as conv_delta
 from lora_onnx.kinds.deltas import dense_delta as dense_delta
+from lora_onnx.kinds.deltas import folded_weight
 from lora_onnx.model import streaming
 from lora_onnx.model.dequantize import DEQUANTIZE_OPS
 from lora_onnx.model.graph import GraphIndex, rename_output, retain
@@ -38,6 +39,8 @@ from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.weights import PASS_THROUGH_OPS
 from lora_onnx.sites import quantized
 from lora_onnx.stages.branch_checks import check_branch_shapes
+from lora_onnx.stages.contract import Stage, StageResult
+from lora_onnx.stages.untie import Untied, retarget, untie, untie_refusal
 from lora_onnx.variants import by_variant, variant_for
 
 
@@ -50,10 +53,21 @@ class Kept:
 
 
 @dataclass(frozen=True)
-class FoldResult:
-    model: LoadedModel
-    folded: tuple[BranchRecord, ...]
-    kept: tuple[Kept, ...]
+class FoldResult(StageResult):
+    """A fold's result: ``records`` are the branches folded (also ``folded``), ``kept`` those a partial
+    fold left in place and why, ``untied`` the shared weights the fold untied
+    (:mod:`lora_onnx.stages.untie`; :attr:`notes` says which, for the user)."""
+
+    kept: tuple[Kept, ...] = ()
+    untied: tuple[Untied, ...] = ()
+
+    @property
+    def folded(self) -> tuple[BranchRecord, ...]:
+        return self.records
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(untied.note for untied in self.untied)
 
 
 #: Tolerances for comparing a fold with its unfolded model when folded weights are stored in half precision:
@@ -64,8 +78,9 @@ _HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
     """(rtol, atol) for proving ``result`` against its input: None picks the output type's defaults."""
-    weights = {branch.weight for branch in result.folded}
-    stored = {result.model.initializer(name).data_type for name in weights}
+    present = {tensor.name for tensor in result.model.proto.graph.initializer}
+    weights = {branch.weight for branch in result.folded} | {untied.name for untied in result.untied}
+    stored = {result.model.initializer(name).data_type for name in weights & present}
     return HALF_PRECISION_TOLERANCE if stored & set(_HALF_TYPES) else (None, None)
 
 
@@ -101,42 +116,80 @@ def fold_branches(
     ``dequantize`` folds branches on quantized weights too, writing those weights in float. ``remedy``
     ends the refusal of a branch that cannot be folded: what the caller's user can do about it.
     """
-    branches = read_branches(model.proto)
-    if not branches:
-        raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
-    chosen = [b for b in branches if adapters is None or b.adapter in adapters]
-    if not chosen:
-        names = sorted({b.adapter for b in branches})
-        raise FoldError(f"no branch of adapter(s) {sorted(adapters or [])}; the model has {names}")
-    # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
-    check_branch_shapes(model, chosen)
-    index = GraphIndex(model.proto.graph)
-    reasons = {**_refusals(index, chosen, branches), **quantized.fold_refusals(index, chosen, dequantize)}
-    if reasons and not partial:
-        first = next(iter(reasons.items()))
-        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
-        raise FoldError(
-            f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}{more}; "
-            f"{remedy}"
-        )
-    folding = [b for b in chosen if b not in reasons]
-    kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
-    remaining = tuple(b for b in branches if b not in folding)
+    result = FoldBranches(adapters=adapters, partial=partial, dequantize=dequantize, remedy=remedy)(model)
+    assert isinstance(result, FoldResult)
+    return result
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    remove_branches(proto, folding, remaining)
-    sources = quantized.dequantize_folded(proto, index, model, folding)
-    write_branches(proto, remaining)
-    producers = _weight_producers(model, folding, sources)
-    for variant, group in by_variant(folding).items():
-        producers.update(variant.fold_beside_weight(model, proto, group))
-    return FoldResult(model.with_proto(proto, producers), tuple(folding), kept)
+
+class FoldBranches(Stage):
+    """Fold branches into their weights, ``W' = W + s * delta`` (streamed when saved); a weight shared
+    by nodes with different branches (or none) is untied first (:mod:`lora_onnx.stages.untie`)."""
+
+    name = "fold branches"
+
+    def __init__(
+        self, *, adapters: Collection[str] | None, partial: bool, dequantize: bool, remedy: str
+    ) -> None:
+        self.adapters, self.partial, self.dequantize, self.remedy = adapters, partial, dequantize, remedy
+
+    def _chosen(self, model: LoadedModel) -> tuple[tuple[BranchRecord, ...], list[BranchRecord]]:
+        branches = read_branches(model.proto)
+        return branches, [b for b in branches if self.adapters is None or b.adapter in self.adapters]
+
+    def requires(self, model: LoadedModel) -> None:
+        branches, chosen = self._chosen(model)
+        if not branches:
+            raise FoldError(f"{model.name} carries no lora-onnx branches to fold")
+        if not chosen:
+            names = sorted({b.adapter for b in branches})
+            raise FoldError(f"no branch of adapter(s) {sorted(self.adapters or [])}; the model has {names}")
+        # Shapes first, from metadata: a misfit tensor would otherwise fail inside numpy at save time.
+        check_branch_shapes(model, chosen)
+
+    def call(self, model: LoadedModel) -> FoldResult:
+        branches, chosen = self._chosen(model)
+        index = GraphIndex(model.proto.graph)
+        groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
+        reasons = {
+            **_refusals(index, chosen, branches, groups),
+            **quantized.fold_refusals(index, chosen, self.dequantize),
+        }
+        if reasons and not self.partial:
+            first = next(iter(reasons.items()))
+            more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            raise FoldError(
+                f"cannot fold the branch at node {first[0].site!r} ({first[0].module_path}): {first[1]}"
+                f"{more}; {self.remedy}"
+            )
+        folding = [b for b in chosen if b not in reasons]
+        kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
+        remaining = tuple(b for b in branches if b not in folding)
+
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        remove_branches(proto, folding, remaining)
+        refused = {branch.weight for branch in reasons}
+        adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
+        untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
+        remaining = retarget(remaining, untied)
+        sources = quantized.dequantize_folded(proto, index, model, folding)
+        write_branches(proto, remaining)
+        producers = _weight_producers(model, folding, sources, untied)
+        for variant, group in by_variant(folding).items():
+            producers.update(variant.fold_beside_weight(model, proto, group))
+        folded = model.with_proto(proto, producers)
+        return FoldResult(folded, tuple(folding), kept=kept, untied=tuple(untied), modified=bool(folding))
 
 
 def _refusals(
-    index: GraphIndex, chosen: Sequence[BranchRecord], branches: Sequence[BranchRecord] = ()
+    index: GraphIndex,
+    chosen: Sequence[BranchRecord],
+    branches: Sequence[BranchRecord] = (),
+    groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] | None = None,
 ) -> dict[BranchRecord, str]:
+    """Why each branch of ``chosen`` cannot be folded. A weight shared by nodes whose branches differ
+    (or with nodes that have none) is untied (:mod:`lora_onnx.stages.untie`) when ``groups`` is given: it is
+    filled with each such weight's groups of nodes (one new copy each) and the nodes that keep the base."""
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
         reason = variant_for(branch).fold_refusal(branch)
@@ -154,13 +207,27 @@ def _refusals(
         users = _terminal_users(index, weight) if weight in index.initializers else []
         bare = [user for user in users if user not in per_node]
         distinct = {frozenset(deltas) for deltas in per_node.values()}
-        reason = None
-        if bare:
-            reason = f"its weight {weight!r} is shared with node {bare[0]!r}, which has no branch to fold"
-        elif len(distinct) > 1:
-            reason = (
-                f"its weight {weight!r} is shared by nodes whose branches differ, so no single fold fits all"
+        shared = weight in index.initializers and (bool(bare) or len(distinct) > 1)
+        reason = untie_refusal(index, weight, users) if shared and groups is not None else None
+        if shared and (groups is None or reason):
+            what = (
+                f"shared with node {bare[0]!r}, which has no branch to fold"
+                if bare
+                else "shared by nodes whose branches differ, so no single fold fits all"
             )
+            reason = f"its weight {weight!r} is {what}" + (f" ({reason})" if reason else "")
+        elif shared and groups is not None:
+            # Untied: one copy per set of branches; each copy's branches answer to their variants alone.
+            by_deltas: dict[frozenset[tuple[str, str, float]], set[str]] = defaultdict(set)
+            for node, deltas in per_node.items():
+                by_deltas[frozenset(deltas)].add(node)
+            groups[weight] = [(frozenset(nodes), tuple(bare)) for nodes in by_deltas.values()]
+            on_weight = [b for b in (branches or group) if b.weight == weight]
+            found = (
+                _weight_refusal(weight, [b for b in on_weight if b.site in nodes])
+                for nodes in by_deltas.values()
+            )
+            reason = next((r for r in found if r), None)
         else:
             reason = _weight_refusal(weight, branches or group)
         if reason:
@@ -222,16 +289,19 @@ def _weight_producers(
     model: LoadedModel,
     folding: Sequence[BranchRecord],
     sources: Mapping[str, streaming.FloatSource] | None = None,
+    untied: Sequence[Untied] = (),
 ) -> dict[str, TensorProducer]:
     # One delta per distinct (A, B, scale) on a weight: a module run twice shares its branch tensors,
-    # and its delta must be added once, not once per node.
-    deltas: dict[str, dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
+    # and its delta must be added once, not once per node. An untied node's delta goes to its own copy.
+    copies = {(u.weight, node): u.name for u in untied for node in u.nodes}
+    deltas: dict[tuple[str, str], dict[tuple[str, str, float], BranchRecord]] = defaultdict(dict)
     for branch in folding:
-        deltas[branch.weight].setdefault((branch.a, branch.b, branch.scale), branch)
+        target = copies.get((branch.weight, branch.site), branch.weight)
+        deltas[(target, branch.weight)].setdefault((branch.a, branch.b, branch.scale), branch)
     sources = sources or {}
     return {
-        weight: _producer(model, weight, list(group.values()), sources.get(weight))
-        for weight, group in deltas.items()
+        target: _producer(model, weight, list(group.values()), sources.get(weight))
+        for (target, weight), group in deltas.items()
     }
 
 
@@ -250,4 +320,4 @@ def _producer(
             assert factor is not None  # a variant that rescales its weight gives the factor
             return factor
 
-    return streaming.folded_weight(model, weight, branches, source, channel_scale=scale)
+    return folded_weight(model, weight, branches, source, channel_scale=scale)

@@ -20,13 +20,18 @@ import onnx
 from onnx import helper
 
 from lora_onnx.errors import LoraOnnxError
+from lora_onnx.kinds import kind_of
+from lora_onnx.kinds.base import BranchNames, NodeMaker
 from lora_onnx.model.graph import GraphIndex, rename_output, splice_nodes
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype
 from lora_onnx.recipes.plan import BranchPlan
-from lora_onnx.sites.find import Site
+from lora_onnx.sites.find import (
+    source_layout,
+)
 from lora_onnx.stages.branch_metadata import stamp_branches
+from lora_onnx.stages.contract import Stage, StageResult, require_free, require_opset
 
 
 @dataclass(frozen=True)
@@ -36,71 +41,85 @@ class _Built:
     producer: str
 
 
-def source_layout(site: Site) -> str:
-    """The source initializer's layout relative to a dense delta in (in, out) orientation."""
-    if site.op == "Conv":
-        return "conv"
-    node_is_out_in = site.layout == "out,in"
-    return "out,in" if node_is_out_in != site.weight.transposed else "in,out"
-
-
 def insert_branches(
     model: LoadedModel,
     plans: Sequence[BranchPlan],
     values: Mapping[str, np.ndarray | TensorProducer],
     *,
     zero_init: bool = False,
-) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
-    """A copy of ``model`` with one branch per plan; ``values`` maps every A/B tensor name to its array,
-    or to a producer of it: such a tensor is *deferred* (metadata only until the model is saved)."""
-    _require_opset(model)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
-    index = GraphIndex(graph)
-    for plan in plans:
-        index.reserve(plan.a_name)
-        index.reserve(plan.b_name)
-    built = [_build(index, plan, zero_init) for plan in plans]
-
-    after: dict[str, list[onnx.NodeProto]] = {}
-    for item in built:
-        rename_output(index.nodes[item.producer], item.record.join, item.record.base_join)
-        after.setdefault(item.producer, []).extend(item.nodes)
-    splice_nodes(graph, after=after)
-
-    added: set[str] = set()
-    deferred: dict[str, TensorProducer] = {}
-    for plan, item in zip(plans, built, strict=True):
-        for name, shape in ((plan.a_name, plan.a_shape), (plan.b_name, plan.b_shape)):
-            if name in added:
-                continue
-            value = values[name]
-            if callable(value):
-                graph.initializer.append(make_deferred(name, shape, plan.site.dtype))
-                deferred[name] = value
-            else:
-                graph.initializer.append(make_tensor(name, value, plan.site.dtype))
-            added.add(name)
-        scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
-        graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
-    records = tuple(item.record for item in built)
-    stamp_branches(graph, records)
-    write_branches(proto, read_branches(proto) + records)
-    return model.with_proto(proto, deferred), records
+) -> StageResult:
+    """A copy of ``model`` with one branch per plan (the result's ``records``); ``values`` maps every A/B
+    tensor name to its array, or to a producer of it: such a tensor is *deferred* (metadata only until
+    the model is saved)."""
+    return InsertBranches(plans, values, zero_init=zero_init)(model)
 
 
-#: Branches rely on numpy-style broadcasting in Mul / Add, which ONNX has from opset 7 on.
-MIN_OPSET = 7
+class InsertBranches(Stage):
+    """The core rewrite: one branch beside each planned site (see the module doc)."""
 
+    name = "insert branches"
 
-def _require_opset(model: LoadedModel) -> None:
-    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if version is not None and version < MIN_OPSET:
-        raise LoraOnnxError(
-            f"{model.name} uses opset {version}; branches need opset {MIN_OPSET} or newer "
-            "(convert it with onnx.version_converter.convert_version)"
-        )
+    def __init__(
+        self,
+        plans: Sequence[BranchPlan],
+        values: Mapping[str, np.ndarray | TensorProducer],
+        *,
+        zero_init: bool = False,
+    ) -> None:
+        self.plans, self.values, self.zero_init = tuple(plans), values, zero_init
+
+    def requires(self, model: LoadedModel) -> None:
+        require_opset(model, "branches")
+        nodes = {node.name for node in model.proto.graph.node}
+        for plan in self.plans:
+            if plan.site.node not in nodes:
+                raise LoraOnnxError(
+                    f"{model.name} has no node {plan.site.node!r} ({plan.site.module_path}); the plan was "
+                    "made for another model"
+                )
+            for name in (plan.a_name, plan.b_name):
+                if name not in self.values:
+                    raise LoraOnnxError(
+                        f"no value for tensor {name!r} of the branch at {plan.site.module_path}"
+                    )
+        require_free(model, {name for plan in self.plans for name in (plan.a_name, plan.b_name)}, self.name)
+
+    def call(self, model: LoadedModel) -> StageResult:
+        plans, values = self.plans, self.values
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        graph = proto.graph
+        index = GraphIndex(graph)
+        for plan in plans:
+            index.reserve(plan.a_name)
+            index.reserve(plan.b_name)
+        built = [_build(index, plan, self.zero_init) for plan in plans]
+
+        after: dict[str, list[onnx.NodeProto]] = {}
+        for item in built:
+            rename_output(index.nodes[item.producer], item.record.join, item.record.base_join)
+            after.setdefault(item.producer, []).extend(item.nodes)
+        splice_nodes(graph, after=after)
+
+        added: set[str] = set()
+        deferred: dict[str, TensorProducer] = {}
+        for plan, item in zip(plans, built, strict=True):
+            for name, shape in ((plan.a_name, plan.a_shape), (plan.b_name, plan.b_shape)):
+                if name in added:
+                    continue
+                value = values[name]
+                if callable(value):
+                    graph.initializer.append(make_deferred(name, shape, plan.site.dtype))
+                    deferred[name] = value
+                else:
+                    graph.initializer.append(make_tensor(name, value, plan.site.dtype))
+                added.add(name)
+            scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
+            graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
+        records = tuple(item.record for item in built)
+        stamp_branches(graph, records)
+        write_branches(proto, read_branches(proto) + records)
+        return StageResult(model.with_proto(proto, deferred), records, modified=bool(records))
 
 
 def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
@@ -126,51 +145,17 @@ def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
             )
         )
         data = data_t
-    if plan.kind == "conv":
-        assert site.conv is not None
-        pad_attrs: dict[str, object] = (
-            {"pads": list(site.conv.pads)}
-            if site.conv.auto_pad == "NOTSET"
-            else {"auto_pad": site.conv.auto_pad}
-        )
-        nodes.append(
-            helper.make_node(
-                "Conv",
-                [data, plan.a_name],
-                [a_out],
-                index.unique_name(f"{stem}.lora_A"),
-                kernel_shape=list(site.conv.kernel_shape),
-                strides=list(site.conv.strides),
-                dilations=list(site.conv.dilations),
-                group=plan.a_group,
-                **pad_attrs,
-            )
-        )
-        ones = [1] * len(site.conv.kernel_shape)
-        b_node = helper.make_node(
-            "Conv",
-            [scaled, plan.b_name],
-            [b_out],
-            index.unique_name(f"{stem}.lora_B"),
-            kernel_shape=ones,
-            strides=ones,
-            group=plan.b_group,
-        )
-    elif site.op == "Gather":
-        # An embedding's A is a (vocab, r) table looked up by the same ids: A(x) = A[ids].
-        nodes.append(
-            helper.make_node("Gather", [plan.a_name, data], [a_out], index.unique_name(f"{stem}.lora_A"))
-        )
-        b_node = helper.make_node(
-            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
-        )
-    else:
-        nodes.append(
-            helper.make_node("MatMul", [data, plan.a_name], [a_out], index.unique_name(f"{stem}.lora_A"))
-        )
-        b_node = helper.make_node(
-            "MatMul", [scaled, plan.b_name], [b_out], index.unique_name(f"{stem}.lora_B")
-        )
+    kind = kind_of(site.op)
+    names = BranchNames(
+        stem, a_out, scaled, b_out, index.unique_name(f"{stem}.lora_A"), index.unique_name(f"{stem}.lora_B")
+    )
+    built: list[onnx.NodeProto] = []
+    kind.form.build(
+        NodeMaker(index, built), site, data, plan.a_name, plan.b_name, names, kind.a_op, plan.a_group,
+        plan.b_group,
+    )  # fmt: skip
+    a_node, b_node = built
+    nodes.append(a_node)
     nodes.append(
         helper.make_node("Mul", [a_out, scale_name], [scaled], index.unique_name(f"{stem}.lora_scale_mul"))
     )

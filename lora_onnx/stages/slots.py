@@ -5,6 +5,7 @@ backed by a same-named initializer holding an *empty* default (rank 0)::
 
     dense:  y = y.lora_base + MatMul(MatMul(x', A), B)     A (in, R), B (R, out)
     conv:   y = y.lora_base + ConvB(ConvA(x))              A (R, in/ga, k...), B (out, R/gb, 1...)
+    ConvTranspose: ConvB(ConvTransposeA(x))                A (in, R/ga, k...), B (out, R/gb, 1...)
 
 ``R`` is a symbolic per-site dim ``"<stem>.rank"``, so one session accepts adapters of any rank per site.
 With no adapter active the branch adds exact zeros (a rank-0 product), so outputs equal the base's.
@@ -28,16 +29,18 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lora_onnx.commands.inject import scan_sites
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import form_of
 from lora_onnx.model.graph import GraphIndex, retain, splice_nodes
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_tensor, np_dtype, scale_into_b
 from lora_onnx.recipes.plan import BranchPlan
-from lora_onnx.sites.find import DEFAULT_OPS
+from lora_onnx.sites.find import DEFAULT_OPS, scan_sites
 from lora_onnx.stages.branch_metadata import stamp_branches
+from lora_onnx.stages.contract import Stage, StageResult, require_free
 from lora_onnx.stages.fold import remove_branches
+from lora_onnx.stages.foreign_slots import foreign_slot_records
 from lora_onnx.stages.insert import insert_branches
 from lora_onnx.variants import SlotBranch, records_of
 
@@ -75,8 +78,15 @@ class SlotSpec:
 
 
 def slot_records(model: LoadedModel, adapter: str | None = None) -> tuple[BranchRecord, ...]:
-    """The slot branches of ``model`` (of one adapter when given)."""
+    """The slot branches of ``model`` (of one adapter when given).
+
+    A model whose manifest records no slot may still have slots made by another tool (Olive,
+    onnxruntime's LoRA test model): those are recognised from the graph
+    (:mod:`lora_onnx.stages.foreign_slots`).
+    """
     slots = records_of(read_branches(model.proto), SlotBranch)
+    if not slots:
+        slots = foreign_slot_records(model)
     return tuple(b for b in slots if adapter is None or b.adapter == adapter)
 
 
@@ -139,15 +149,35 @@ def _spec(
 
 def insert_slots(
     model: LoadedModel, plans: Sequence[BranchPlan], *, strength_input: bool = False
-) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+) -> StageResult:
     """A copy of ``model`` with one slot per plan (only sites, groups and names of the plans are used).
 
     The core rewrite builds each branch from empty tensors; the branch is then turned into a slot:
     A and B become graph inputs with a symbolic rank dim, and the scale Mul is dropped (adapter files
     carry the scale) or multiplies by the strength input / the Gemm's alpha.
     """
-    if not plans:
-        raise AdapterError("no site to put a LoRA slot on")
+    return InsertSlots(plans, strength_input=strength_input)(model)
+
+
+class InsertSlots(Stage):
+    """LoRA slots beside the planned sites (see the module doc)."""
+
+    name = "insert LoRA slots"
+
+    def __init__(self, plans: Sequence[BranchPlan], *, strength_input: bool = False) -> None:
+        self.plans, self.strength_input = tuple(plans), strength_input
+
+    def requires(self, model: LoadedModel) -> None:
+        if not self.plans:
+            raise AdapterError("no site to put a LoRA slot on")
+        if self.strength_input:
+            require_free(model, {strength_name(self.plans[0].adapter)}, self.name)
+
+    def call(self, model: LoadedModel) -> StageResult:
+        return _insert_slots(model, self.plans, self.strength_input)
+
+
+def _insert_slots(model: LoadedModel, plans: Sequence[BranchPlan], strength_input: bool) -> StageResult:
     # The graph applies no LoRA scale (1.0); the rank is symbolic (recorded as 0: any rank fits).
     plans = [dataclasses.replace(p, rank=0, alpha=0.0, scale=1.0) for p in plans]
     empties = {}
@@ -155,7 +185,8 @@ def insert_slots(
         dtype = np_dtype(plan.site.dtype)
         empties[plan.a_name] = np.zeros(plan.a_shape, dtype)
         empties[plan.b_name] = np.zeros(plan.b_shape, dtype)
-    rewritten, records = insert_branches(model, plans, empties, zero_init=True)
+    inserted = insert_branches(model, plans, empties, zero_init=True)
+    rewritten, records = inserted.model, inserted.records
     proto = rewritten.proto  # a fresh copy owned by ``rewritten``: safe to edit in place
     earlier = read_branches(proto)[: -len(records)]
     editor = _SlotEditor(proto, plans[0].adapter, strength_input)
@@ -163,7 +194,7 @@ def insert_slots(
     editor.finish()
     stamp_branches(proto.graph, slots)
     write_branches(proto, earlier + slots)
-    return rewritten.with_proto(proto), slots
+    return StageResult(rewritten.with_proto(proto), slots)
 
 
 class _SlotEditor:
@@ -241,8 +272,9 @@ class _SlotEditor:
         self.inputs_added.add(name)
         shape = plan.a_shape if name == plan.a_name else plan.b_shape
         rank = rank_dim(plan.stem)
-        # The rank is the only zero dim of an empty default; a grouped conv B holds rank / group.
-        symbol = rank if name == plan.a_name or plan.b_group == 1 else f"{rank}_per_group"
+        # The rank is the only zero dim of an empty default; a grouped conv's B holds rank / group.
+        split = plan.form.rank_split(name == plan.a_name, plan.a_group, plan.b_group)
+        symbol = rank if split == 1 else f"{rank}_per_group"
         dims = [symbol if d == 0 else d for d in shape]
         self.graph.input.append(helper.make_tensor_value_info(name, plan.site.dtype, dims))
 
@@ -319,9 +351,10 @@ def _check_compatible(plan: BranchPlan, record: BranchRecord, model: LoadedModel
     where = f"{plan.site.module_path} (node {plan.site.node!r})"
     if plan.kind != record.kind:
         raise AdapterError(f"the adapter's branch at {where} is {plan.kind} but the slot is {record.kind}")
-    if plan.kind == "conv" and (plan.a_group, plan.b_group) != (record.a_group, record.b_group):
+    if plan.form.groups_refusal((plan.a_group, plan.b_group), (record.a_group, record.b_group)):
         raise AdapterError(
-            f"the adapter's conv branch at {where} has A group {plan.a_group} and B group {plan.b_group}, "
+            f"the adapter's {plan.kind} branch at {where} has A group {plan.a_group} and B group "
+            f"{plan.b_group}, "
             f"but {model.name}'s slot has {record.a_group} and {record.b_group} (PEFT's conv A is dense, "
             "group 1); make slots from this adapter with inject --as-inputs --peft DIR"
         )
@@ -419,15 +452,20 @@ def bind(
         if site is None:
             raise AdapterError(f"{model.name}: the slot's node {record.site!r} is no longer a LoRA site")
         rank = _rank_of(tensors, record)
+        # The slot's module path (another tool's slot names it by its tensors, the graph may not).
+        site = dataclasses.replace(site, module_path=record.module_path)
         stem = record.a.removesuffix(".lora_A.weight")
+        # A lora-onnx slot's scale is 1 (files carry it in B); another tool's chain may multiply by its own.
+        scale = strength * record.scale
         plans.append(
             BranchPlan(
-                site=site, adapter=adapter, rank=rank, alpha=strength * rank, scale=strength, stem=stem,
+                site=site, adapter=adapter, rank=rank, alpha=scale * rank, scale=scale, stem=stem,
                 a_name=record.a, b_name=record.b, a_group=record.a_group, b_group=record.b_group,
             )
         )  # fmt: skip
         values[record.a], values[record.b] = tensors[record.a], tensors[record.b]
-    bound_model, bound = insert_branches(stripped, plans, values) if plans else (stripped, ())
+    inserted = insert_branches(stripped, plans, values) if plans else StageResult(stripped, modified=False)
+    bound_model, bound = inserted.model, inserted.records
     removed = tuple(r for r in records if r not in covered)
     return Bound(bound_model, adapter, tuple(bound), removed, strength)
 
@@ -436,7 +474,7 @@ def _rank_of(tensors: Mapping[str, np.ndarray], record: BranchRecord) -> int:
     a = tensors.get(record.a)
     if a is None or tensors.get(record.b) is None or a.size == 0:
         return 0
-    return int(a.shape[1] if record.kind == "dense" else a.shape[0])
+    return form_of(record.kind).rank_of(a, record.a_group)
 
 
 def adapter_strength(model: LoadedModel, tensors: Mapping[str, np.ndarray], adapter: str) -> float:

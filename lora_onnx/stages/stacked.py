@@ -35,27 +35,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lora_onnx.commands.inject import scan_sites
 from lora_onnx.common import json_input
+from lora_onnx.common.constants import ADAPTER_INDEX
 from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import BranchForm, SiteForm, SitePair, form_of, kind_of
 from lora_onnx.model.graph import GraphIndex, rename_output, retain, splice_nodes
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_tensor, np_dtype
-from lora_onnx.proofs.batch_rows import BatchAxes
-from lora_onnx.proofs.inputs import ADAPTER_INDEX
 from lora_onnx.recipes.plan import BranchPlan, tensor_stem, unique_stem
-from lora_onnx.sites.find import DEFAULT_OPS, Site
+from lora_onnx.sites.find import DEFAULT_OPS, Site, scan_sites, source_layout
 from lora_onnx.stages.branch_metadata import stamp_branches, stamp_shared
+from lora_onnx.stages.contract import Stage, StageResult
+from lora_onnx.stages.contract import require_opset as require_model_opset
 from lora_onnx.stages.fold import remove_branches
-from lora_onnx.stages.insert import insert_branches, source_layout
+from lora_onnx.stages.insert import insert_branches
 from lora_onnx.variants import StackedBranch, records_of
 
 #: ``BranchRecord.variant`` and adapter name of a mixed-batch branch (its plug-in:
@@ -72,17 +73,20 @@ MIN_OPSET = 11
 
 
 @dataclass(frozen=True)
-class SitePair:
-    """One adapter at one site: A and B in storage layouts (dense A (in, r), B (r, out); conv
-    A (r, in/a_group, k...), B (out, r/b_group, 1...)) with the LoRA scale folded into B."""
+class BatchAxes:
+    """The batch dim of a model: its symbolic ``name``, the batch axis of every graph input that has one
+    (inputs without it are shared by all rows) and of every output that declares it (None otherwise),
+    and ``anchor``, an input whose batch dim sizes the batch at run time. ``size`` is the batch size when
+    it is fixed (``name`` is then empty), None when it is symbolic."""
 
-    a: np.ndarray
-    b: np.ndarray
-    a_group: int = 1
-    b_group: int = 1
+    name: str
+    inputs: Mapping[str, int]
+    outputs: Mapping[str, int | None]
+    size: int | None = None
 
-    def rank(self, kind: str) -> int:
-        return int(self.a.shape[1] if kind == "dense" else self.a.shape[0])
+    @property
+    def anchor(self) -> str:
+        return next(iter(self.inputs))
 
 
 @dataclass(frozen=True)
@@ -133,125 +137,21 @@ def _write_info(proto: onnx.ModelProto, info: MixedInfo | None) -> None:
 # Stacks
 
 
-@dataclass(frozen=True)
-class SiteForm:
-    """A site's stacked layout: the padded rank R and the groups of ConvA / ConvB (1 for dense)."""
-
-    rank: int
-    a_group: int = 1
-    b_group: int = 1
-
-    @property
-    def blocks(self) -> int:
-        """Rank blocks that stay together (a grouped conv splits the rank into groups)."""
-        return max(self.a_group, self.b_group)
-
-
 def site_form(kind: str, pairs: Sequence[SitePair | None], rank: int | None = None) -> SiteForm:
-    """The layout holding every pair: groups kept when all pairs agree, else dense (1); R = the largest
-    rank (or ``rank`` when given), padded per group block."""
-    present = [p for p in pairs if p is not None]
-    if kind == "dense":
-        return SiteForm(max(rank or 0, *(p.rank(kind) for p in present), 1))
-    a_groups = {p.a_group for p in present} or {1}
-    b_groups = {p.b_group for p in present} or {1}
-    a_group = a_groups.pop() if len(a_groups) == 1 else 1
-    b_group = b_groups.pop() if len(b_groups) == 1 else 1
-    if a_group > 1 and b_group > 1 and a_group != b_group:
-        a_group = b_group = 1
-    blocks = max(a_group, b_group)
-    per_block = max([(rank or 0) // blocks, *(p.rank(kind) // blocks for p in present), 1])
-    return SiteForm(per_block * blocks, a_group, b_group)
-
-
-def _dense_a(a: np.ndarray, group: int, in_channels: int) -> np.ndarray:
-    """A grouped ConvA weight (r, in/g, k...) as the dense (r, in, k...) weight computing the same."""
-    if group == 1:
-        return a
-    rank, width = a.shape[0], in_channels // group
-    out = np.zeros((rank, in_channels, *a.shape[2:]), a.dtype)
-    step = rank // group
-    for j in range(group):
-        out[j * step : (j + 1) * step, j * width : (j + 1) * width] = a[j * step : (j + 1) * step]
-    return out
-
-
-def _dense_b(b: np.ndarray, group: int) -> np.ndarray:
-    """A grouped 1x1 ConvB weight (out, r/g, 1...) as the dense (out, r, 1...) weight computing the same."""
-    if group == 1:
-        return b
-    out_channels, step = b.shape[0], b.shape[1]
-    rows = out_channels // group
-    out = np.zeros((out_channels, step * group, *b.shape[2:]), b.dtype)
-    for j in range(group):
-        out[j * rows : (j + 1) * rows, j * step : (j + 1) * step] = b[j * rows : (j + 1) * rows]
-    return out
-
-
-def _pad_blocks(value: np.ndarray, axis: int, blocks: int, size: int) -> np.ndarray:
-    """Zero-pad each of ``blocks`` equal blocks along ``axis`` to ``size`` (a group's rank channels
-    must stay in their group)."""
-    shape = value.shape
-    split = (*shape[:axis], blocks, shape[axis] // blocks, *shape[axis + 1 :])
-    pad = [(0, 0)] * len(split)
-    pad[axis + 1] = (0, size - shape[axis] // blocks)
-    padded = np.pad(value.reshape(split), pad)
-    return padded.reshape(*shape[:axis], blocks * size, *shape[axis + 1 :])
+    """The stacked layout holding every pair, in branch form ``kind`` (see each form's ``site_form``)."""
+    return form_of(kind).site_form(pairs, rank)
 
 
 def fit_pair(site: Site, pair: SitePair, form: SiteForm, where: str) -> tuple[np.ndarray, np.ndarray]:
     """``pair`` in ``form``: groups expanded where the form is dense, rank zero-padded to ``form.rank``."""
-    kind = "conv" if site.op == "Conv" else "dense"
-    dtype = np_dtype(site.dtype)
-    a, b = np.asarray(pair.a), np.asarray(pair.b)
-    if kind == "dense":
-        rank = a.shape[1]
-        a = np.pad(a, [(0, 0), (0, form.rank - rank)])
-        b = np.pad(b, [(0, form.rank - rank), (0, 0)])
-        return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
-    if (pair.a_group != form.a_group and form.a_group != 1) or (
-        pair.b_group != form.b_group and form.b_group != 1
-    ):
-        raise AdapterError(
-            f"{where}: the adapter's conv branch has A group {pair.a_group} and B group {pair.b_group}, "
-            f"but the mixed branch holds A group {form.a_group} and B group {form.b_group}; build the mixed "
-            "model with this adapter among its adapters"
-        )
-    if pair.a_group != form.a_group:
-        a = _dense_a(a, pair.a_group, site.in_features)
-    if pair.b_group != form.b_group:
-        b = _dense_b(b, pair.b_group)
-    blocks = form.blocks
-    a = _pad_blocks(a, 0, blocks, form.rank // blocks)
-    if form.b_group == blocks:
-        b = np.pad(b, [(0, 0), (0, form.rank // blocks - b.shape[1]), *[(0, 0)] * (b.ndim - 2)])
-    else:  # B dense over a grouped A: B's rank axis holds the A groups' blocks
-        b = _pad_blocks(b, 1, blocks, form.rank // blocks)
-    return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    return kind_of(site.op).form.fit_pair(site, pair, form, where)
 
 
 def check_pair(site: Site, pair: SitePair, where: str) -> None:
     """Raise :class:`AdapterError` when ``pair`` does not fit ``site`` (shapes, groups, ranks)."""
     a, b = np.asarray(pair.a), np.asarray(pair.b)
-    if site.op != "Conv":
-        ok = (
-            a.ndim == 2 and b.ndim == 2 and a.shape[0] == site.in_features and b.shape[1] == site.out_features
-        )
-        ok = ok and a.shape[1] == b.shape[0]
-        want = f"A ({site.in_features}, r) and B (r, {site.out_features})"
-    else:
-        ga, gb = pair.a_group, pair.b_group
-        spatial = len(site.kernel)
-        ok = a.ndim == b.ndim == 2 + spatial and ga >= 1 and gb >= 1 and site.in_features % ga == 0
-        ok = ok and tuple(a.shape[1:]) == (site.in_features // ga, *site.kernel)
-        ok = ok and b.shape[0] == site.out_features and tuple(b.shape[2:]) == (1,) * spatial
-        ok = ok and a.shape[0] == b.shape[1] * gb and a.shape[0] % max(ga, gb) == 0
-        ok = ok and site.out_features % gb == 0
-        want = (
-            f"A (r, {site.in_features // max(ga, 1)}, {', '.join(map(str, site.kernel))}) and "
-            f"B ({site.out_features}, r/{gb}, {', '.join('1' * spatial)})"
-        )
-    if not ok:
+    want = kind_of(site.op).form.pair_refusal(site, a, b, pair.a_group, pair.b_group)
+    if want is not None:
         raise AdapterError(
             f"{where}: the adapter's A {list(a.shape)} and B {list(b.shape)} do not fit {site.op} node "
             f"{site.node!r} ({site.module_path}), which takes {want}"
@@ -262,14 +162,8 @@ def stack_pairs(
     site: Site, pairs: Sequence[SitePair | None], form: SiteForm, labels: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The site's A and B stacks (adapter i at index i; zeros where an adapter has no branch)."""
-    kind = "conv" if site.op == "Conv" else "dense"
     dtype = np_dtype(site.dtype)
-    if kind == "dense":
-        a_shape: tuple[int, ...] = (site.in_features, form.rank)
-        b_shape: tuple[int, ...] = (form.rank, site.out_features)
-    else:
-        a_shape = (form.rank, site.in_features // form.a_group, *site.kernel)
-        b_shape = (site.out_features, form.rank // form.b_group, *(1 for _ in site.kernel))
+    a_shape, b_shape = kind_of(site.op).form.stack_shapes(site, form)
     a_stack = np.zeros((len(pairs), *a_shape), dtype)
     b_stack = np.zeros((len(pairs), *b_shape), dtype)
     for i, pair in enumerate(pairs):
@@ -298,8 +192,12 @@ class MixedSite:
     batched: bool = False
 
     @property
+    def form_kind(self) -> BranchForm:
+        return kind_of(self.site.op).form
+
+    @property
     def kind(self) -> str:
-        return "conv" if self.site.op == "Conv" else "dense"
+        return self.form_kind.name
 
 
 def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
@@ -315,12 +213,7 @@ def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
 
 
 def require_opset(model: LoadedModel) -> None:
-    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if version is not None and version < MIN_OPSET:
-        raise LoraOnnxError(
-            f"{model.name} uses opset {version}; mixed-batch branches need opset {MIN_OPSET} or newer "
-            "(convert it with onnx.version_converter.convert_version)"
-        )
+    require_model_opset(model, "mixed-batch branches", MIN_OPSET)
 
 
 class _Builder:
@@ -442,91 +335,6 @@ class _Builder:
 
         return self.shared_value(("onehot", dtype), make)
 
-    # -- branches
-    def dense(self, item: MixedSite, data: str, base: str, join: str, nodes: list[onnx.NodeProto]) -> None:
-        site, stem = item.site, item.stem
-        _, _, safe = self.checked()
-        a = self.node(nodes, "Gather", [item.a_name, safe], f"{stem}.lora_A.rows", axis=0)
-        b = self.node(nodes, "Gather", [item.b_name, safe], f"{stem}.lora_B.rows", axis=0)
-
-        def make_shape() -> str:
-            width = self.const("rows_width", np.array([-1, site.in_features], np.int64))
-            return self.node(
-                self.shared, "Concat", [self.batch_shape(), width], f"{self.index_name}.rows_shape", axis=0
-            )
-
-        x = data
-        if not item.batched:
-            rows_shape = self.shared_value(("rows", site.in_features), make_shape)
-            x = self.node(nodes, "Reshape", [data, rows_shape], f"{stem}.lora_input_rows")
-        h = self.node(nodes, "MatMul", [x, a], f"{stem}.lora_A.output")
-        alpha = site.gemm.alpha if site.gemm else 1.0
-        kept = self.node(nodes, "Mul", [h, self.keep(site.dtype, alpha)], f"{stem}.lora_kept")
-        delta = self.node(nodes, "MatMul", [kept, b], f"{stem}.lora_B.output")
-        if not item.batched:
-            shape = self.node(nodes, "Shape", [base], f"{stem}.lora_output_shape")
-            delta = self.node(nodes, "Reshape", [delta, shape], f"{stem}.lora_delta")
-        nodes.append(helper.make_node("Add", [base, delta], [join], self.name(f"{stem}.lora_add")))
-
-    def conv(self, item: MixedSite, data: str, base: str, join: str, nodes: list[onnx.NodeProto]) -> None:
-        site, stem, form = item.site, item.stem, item.form
-        assert site.conv is not None
-        spatial = len(site.kernel)
-        ones = [1] * spatial
-        blocks = form.blocks
-        # A [n, R, C/ga, k...] -> [blocks, n, R/blocks, C/ga, k...] -> [n*R, C/ga, k...] (group-major)
-        # (Reshape's 0 copies the dim at the same position, so the trailing dims are spelled out.)
-        tail = [site.in_features // form.a_group, *site.kernel]
-        split = self.const("a_split", np.array([0, blocks, -1, *tail], np.int64))
-        a5 = self.node(nodes, "Reshape", [item.a_name, split], f"{stem}.lora_A.split")
-        a_arr = self.node(
-            nodes, "Transpose", [a5], f"{stem}.lora_A.grouped", perm=[1, 0, 2, *range(3, 4 + spatial)]
-        )
-        flat = self.const("a_flat", np.array([-1, *tail], np.int64))
-        a_cat = self.node(nodes, "Reshape", [a_arr, flat], f"{stem}.lora_A.concat")
-        pads: dict[str, object] = (
-            {"pads": list(site.conv.pads)}
-            if site.conv.auto_pad == "NOTSET"
-            else {"auto_pad": site.conv.auto_pad}
-        )
-        h = self.node(
-            nodes, "Conv", [data, a_cat], f"{stem}.lora_A.output", kernel_shape=list(site.kernel),
-            strides=list(site.conv.strides), dilations=list(site.conv.dilations), group=form.a_group, **pads,
-        )  # fmt: skip
-        # mask [B, 1, n, 1] expanded to the arranged A's [blocks, n, R/blocks] -> [B, n*R, 1...]
-        a_shape = self.node(nodes, "Shape", [a_arr], f"{stem}.lora_A.grouped_shape")
-        starts, ends = (
-            self.const("start0", np.array([0], np.int64)),
-            self.const("end3", np.array([3], np.int64)),
-        )
-        lead = self.node(nodes, "Slice", [a_shape, starts, ends], f"{stem}.lora_mask_dims")
-        mask4 = self.node(nodes, "Expand", [self.onehot(site.dtype), lead], f"{stem}.lora_mask_grouped")
-        mask_shape = self.const("mask_shape", np.array([0, -1, *ones], np.int64))
-        mask = self.node(nodes, "Reshape", [mask4, mask_shape], f"{stem}.lora_mask")
-        kept = self.node(nodes, "Mul", [h, mask], f"{stem}.lora_kept")
-        # B [n, out, R/gb, 1...] -> [out, (R/gb-blocks,) n, R/blocks, 1...] -> [out, n*R/gb, 1...]
-        if form.b_group == blocks:
-            b_arr = self.node(
-                nodes,
-                "Transpose",
-                [item.b_name],
-                f"{stem}.lora_B.grouped",
-                perm=[1, 0, *range(2, 3 + spatial)],
-            )
-        else:
-            split_b = self.const("b_split", np.array([0, 0, blocks, -1, *ones], np.int64))
-            b5 = self.node(nodes, "Reshape", [item.b_name, split_b], f"{stem}.lora_B.split")
-            b_arr = self.node(
-                nodes, "Transpose", [b5], f"{stem}.lora_B.grouped", perm=[1, 2, 0, *range(3, 4 + spatial)]
-            )
-        b_flat = self.const("b_flat", np.array([site.out_features, -1, *ones], np.int64))
-        b_cat = self.node(nodes, "Reshape", [b_arr, b_flat], f"{stem}.lora_B.concat")
-        d = self.node(
-            nodes, "Conv", [kept, b_cat], f"{stem}.lora_B.output", kernel_shape=ones, strides=ones,
-            group=form.b_group,
-        )  # fmt: skip
-        nodes.append(helper.make_node("Add", [base, d], [join], self.name(f"{stem}.lora_add")))
-
 
 def insert_mixed(
     model: LoadedModel,
@@ -536,15 +344,52 @@ def insert_mixed(
     *,
     stacks_as_inputs: bool = False,
     index_name: str = INDEX_INPUT,
-) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+) -> StageResult:
     """A copy of ``model`` with one mixed branch per item and the index input (see the module doc)."""
-    require_opset(model)
-    if not items:
-        raise AdapterError("no site to put a mixed-batch branch on")
-    if mixed_records(model) or mixed_info(model) is not None:
-        raise LoraOnnxError(
-            f"{model.name} already has mixed-batch branches; start from the model without them"
+    stage = InsertMixed(items, axes, labels, stacks_as_inputs=stacks_as_inputs, index_name=index_name)
+    return stage(model)
+
+
+class InsertMixed(Stage):
+    """Mixed-batch branches: the stacks, the shared index nodes and the index input."""
+
+    name = "insert mixed-batch branches"
+
+    def __init__(
+        self,
+        items: Sequence[MixedSite],
+        axes: BatchAxes,
+        labels: Sequence[str],
+        *,
+        stacks_as_inputs: bool = False,
+        index_name: str = INDEX_INPUT,
+    ) -> None:
+        self.items, self.axes, self.labels = tuple(items), axes, tuple(labels)
+        self.stacks_as_inputs, self.index_name = stacks_as_inputs, index_name
+
+    def requires(self, model: LoadedModel) -> None:
+        require_opset(model)
+        if not self.items:
+            raise AdapterError("no site to put a mixed-batch branch on")
+        if mixed_records(model) or mixed_info(model) is not None:
+            raise LoraOnnxError(
+                f"{model.name} already has mixed-batch branches; start from the model without them"
+            )
+
+    def call(self, model: LoadedModel) -> StageResult:
+        return _insert_mixed(
+            model, self.items, self.axes, self.labels, self.stacks_as_inputs, self.index_name
         )
+
+
+def _insert_mixed(
+    model: LoadedModel,
+    items: Sequence[MixedSite],
+    axes: BatchAxes,
+    labels: Sequence[str],
+    stacks_as_inputs: bool,
+    index_name: str,
+) -> StageResult:
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     builder = _Builder(proto, axes, index_name)
@@ -567,7 +412,7 @@ def insert_mixed(
         nodes: list[onnx.NodeProto] = []
         if site.gemm is not None and site.gemm.trans_a:
             data = builder.node(nodes, "Transpose", [data], f"{item.stem}.lora_input_t", perm=[1, 0])
-        (builder.conv if item.kind == "conv" else builder.dense)(item, data, base, join, nodes)
+        item.form_kind.build_mixed(builder, item, data, base, join, nodes)
         rename_output(producer, join, base)
         after.setdefault(producer.name, []).extend(nodes)
         records.append(
@@ -590,7 +435,8 @@ def insert_mixed(
                 graph.input.append(
                     helper.make_tensor_value_info(name, item.site.dtype, _stack_dims(item, name, shape))
                 )
-    graph.input.append(helper.make_tensor_value_info(index_name, TensorProto.INT64, [axes.name]))
+    index_dim = axes.name if axes.size is None else axes.size  # a fixed batch: a fixed-length index
+    graph.input.append(helper.make_tensor_value_info(index_name, TensorProto.INT64, [index_dim]))
     info = MixedInfo(
         index=index_name, count=len(labels), adapters=tuple(labels), batch_dim=axes.name,
         batch_input=axes.anchor, batch_axis=axes.inputs[axes.anchor],
@@ -600,21 +446,14 @@ def insert_mixed(
     stamp_branches(graph, records)
     stamp_shared(graph, info.nodes, records)
     write_branches(proto, read_branches(proto) + tuple(records))
-    return model.with_proto(proto), tuple(records)
+    return StageResult(model.with_proto(proto), tuple(records))
 
 
 def _stack_dims(item: MixedSite, name: str, shape: tuple[int, ...]) -> list[int | str]:
     """Declared dims of a stack input: the adapter count and the rank are symbolic, so run-time stacks
     may hold other adapters of other ranks."""
     rank = f"{item.stem}.rank"
-    dims: list[int | str] = [ADAPTERS_DIM, *shape[1:]]
-    if item.kind == "dense":
-        dims[2 if name == item.a_name else 1] = rank
-    elif name == item.a_name:
-        dims[1] = rank
-    else:
-        dims[2] = rank if item.form.b_group == 1 else f"{rank}_per_group"
-    return dims
+    return [ADAPTERS_DIM, *item.form_kind.stack_dims(name == item.a_name, shape[1:], rank, item.form)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -712,5 +551,6 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
         )  # fmt: skip
         plans.append(plan)
         values[plan.a_name], values[plan.b_name] = a, b
-    bound, added = insert_branches(stripped, plans, values) if plans else (stripped, ())
+    inserted = insert_branches(stripped, plans, values) if plans else StageResult(stripped, modified=False)
+    bound, added = inserted.model, inserted.records
     return bound, added, pin_index(model, index)

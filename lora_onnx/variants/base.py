@@ -76,14 +76,10 @@ class BranchVariant:
         return record.variant == self.recorded_as
 
     def fold_refusal(self, record: BranchRecord) -> str | None:
-        """Why ``record`` cannot be folded into its weight, None when it can."""
-        if record.kind == "conv" and record.a_group != record.base_group:
-            return (
-                f"its conv A is dense (group {record.a_group}) but the base conv has group "
-                f"{record.base_group}: the delta mixes input groups and has no grouped-weight form (PEFT "
-                "cannot merge it either)"
-            )
-        return None
+        """Why ``record`` cannot be folded into its weight, None when it can (its branch form says)."""
+        from lora_onnx.kinds import form_of  # the manifest reads this registry; the kinds read the manifest
+
+        return form_of(record.kind).fold_refusal(record)
 
     def weight_refusal(self, weight: str, on_weight: Sequence[BranchRecord]) -> str | None:
         """Why the branches ``on_weight`` (every branch on ``weight``, folded or not, this variant's among

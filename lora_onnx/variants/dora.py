@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lora_onnx.kinds import form_of
 from lora_onnx.variants.base import register
 from lora_onnx.variants.constant import ConstantBranch
 
@@ -46,7 +47,4 @@ class DoraBranch(ConstantBranch):
         factor = np.asarray(model.array(record.magnitude), np.float32) / np.asarray(
             model.array(record.weight_norm), np.float32
         )
-        factor = factor.reshape(-1)
-        if record.kind == "conv":
-            return factor.reshape(-1, *(1,) * (ndim - 1))
-        return factor[:, None] if record.source_layout == "out,in" else factor[None, :]
+        return factor.reshape(form_of(record.kind).channel_factor_shape(record.source_layout, ndim))

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from lora_onnx.errors import FoldError
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord
@@ -50,7 +51,7 @@ class LoraBiasBranch(ConstantBranch):
 
 def lora_bias_refusal(branch: BranchRecord) -> str | None:
     """Why ``branch``'s ``lora_B.bias`` cannot be folded, None when it can (or the branch has none)."""
-    if branch.lora_bias and branch.op not in ("Gemm", "Conv") and not branch.base_bias:
+    if branch.lora_bias and not kind_of(branch.op).bias_input and not branch.base_bias:
         return (
             f"its lora_B.bias has no bias to fold into: {branch.op} node {branch.site!r} has no bias Add, "
             "and folding would have to add one (PEFT refuses this merge too: the base layer has no bias)"
@@ -61,7 +62,7 @@ def lora_bias_refusal(branch: BranchRecord) -> str | None:
 def _bias_slot(index: GraphIndex, branch: BranchRecord) -> tuple[onnx.NodeProto, int | None]:
     """The node that adds ``branch``'s base bias and the input position of that bias (None: it has none)."""
     node = index.nodes.get(branch.site)
-    if node is not None and branch.op in ("Gemm", "Conv"):
+    if node is not None and kind_of(branch.op).bias_input:
         return node, 2 if len(node.input) > 2 and node.input[2] else None
     if node is not None:
         for consumer in index.consumers.get(node.output[0], []):

@@ -11,10 +11,38 @@
 Nothing here imports torch or peft.
 """
 
-from lora_onnx.adapters.peft.config import PeftAdapterConfig, read_adapter_config
-from lora_onnx.adapters.peft.export import export_peft_adapter
-from lora_onnx.adapters.peft.planning import PEFT_OPS, PeftBranchExtras, PeftPlan, plan_peft_adapter
-from lora_onnx.adapters.peft.rewrite import insert_peft_branches
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lora_onnx.adapters.peft.config import PeftAdapterConfig, read_adapter_config
+    from lora_onnx.adapters.peft.export import export_peft_adapter
+    from lora_onnx.adapters.peft.planning import PEFT_OPS, PeftBranchExtras, PeftPlan, plan_peft_adapter
+    from lora_onnx.adapters.peft.rewrite import insert_peft_branches
+
+#: Name -> module. Loaded on first use: the single-file LoRA formats (lora_onnx.adapters.formats) read
+#: this package's config and tensors modules, and planning reads the formats.
+_LAZY = {
+    "PEFT_OPS": "planning",
+    "PeftAdapterConfig": "config",
+    "PeftBranchExtras": "planning",
+    "PeftPlan": "planning",
+    "export_peft_adapter": "export",
+    "insert_peft_branches": "rewrite",
+    "plan_peft_adapter": "planning",
+    "read_adapter_config": "config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lora_onnx.adapters.peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lora_onnx.adapters.peft.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PEFT_OPS",

@@ -123,6 +123,11 @@ def read_adapter_config(folder: Path) -> PeftAdapterConfig:
         raise AdapterError(f"{file}: not a readable JSON adapter config (nested too deeply)") from exc
     if not isinstance(data, dict):
         raise AdapterError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return config_from_dict(file, data)
+
+
+def config_from_dict(file: Path, data: Mapping[str, Any]) -> PeftAdapterConfig:
+    """An adapter config from its JSON object (``file`` names it in errors), vetted as a file would be."""
     _refuse_unsupported(file, data)
     saved = data.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):

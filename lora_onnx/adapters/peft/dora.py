@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_onnx.kinds.deltas import dense_delta
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.sites.find import Site
-from lora_onnx.stages.insert import source_layout
 
 
 def weight_norm(
@@ -38,13 +37,5 @@ def weight_norm(
     """
     weight = np.asarray(model.array(site.weight.initializer) if weight is None else weight, np.float32)
     a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    if site.op == "Conv":
-        rank = a32.shape[0]
-        delta = (b32.reshape(-1, rank) @ a32.reshape(rank, -1)).reshape(weight.shape)
-        combined = weight + np.float32(scale) * delta
-        norm = np.sqrt(np.sum(np.square(combined), axis=tuple(range(1, combined.ndim))))
-    else:
-        in_out = weight.T if source_layout(site) == "out,in" else weight
-        combined = in_out + dense_delta(a32, b32, scale)
-        norm = np.sqrt(np.sum(np.square(combined), axis=0))
+    norm = kind_of(site.op).peft_dora_norm(weight, a32, b32, scale, site)
     return norm.astype(np.float32).reshape(shape)

@@ -22,9 +22,11 @@ import numpy as np
 
 from lora_onnx.adapters.peft.config import CONFIG_NAME
 from lora_onnx.adapters.peft.mapping import PEFT_PREFIX
+from lora_onnx.adapters.peft.modules_to_save import read_saved
 from lora_onnx.adapters.peft.tensors import WEIGHTS_NAME, encode_safetensors
 from lora_onnx.common.atomic import check_outputs, write_file
 from lora_onnx.errors import AdapterError, OutputError
+from lora_onnx.kinds import kind_of
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord, adapter_names, read_branches, read_peft_config
 from lora_onnx.model.save import model_inputs
@@ -57,6 +59,9 @@ def export_peft_adapter(
         raise AdapterError(f"{loaded.name} has no adapter {adapter!r}; it has {', '.join(names)}")
     refuse_peft_export(loaded, adapter, (branch.site for branch in chosen))
     tensors = peft_tensors(loaded, chosen)
+    # modules_to_save go back under the keys they were imported with (the replacing tensors' values).
+    for saved in read_saved(loaded.proto, adapter):
+        tensors[saved.key] = saved.to_peft(loaded.array(saved.name))
     config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -94,30 +99,18 @@ def peft_tensors(model: LoadedModel, branches: Sequence[BranchRecord]) -> dict[s
             )
         prefix = PEFT_PREFIX + path
         a, b = _array(model, branch, branch.a), _array(model, branch, branch.b)
-        if branch.op == "Gather":
-            tensors[prefix + ".lora_embedding_A"], tensors[prefix + ".lora_embedding_B"] = a.T, b.T
-        elif branch.kind == "conv":
-            tensors[prefix + ".lora_A.weight"] = _dense_conv_a(a, branch.a_group, branch.base_group)
-            tensors[prefix + ".lora_B.weight"] = b
-        else:
-            tensors[prefix + ".lora_A.weight"], tensors[prefix + ".lora_B.weight"] = a.T, b.T
+        kind = kind_of(branch.op)
+        names = (
+            (".lora_embedding_A", ".lora_embedding_B")
+            if kind.peft_role == "embedding"
+            else (".lora_A.weight", ".lora_B.weight")
+        )
+        tensors[prefix + names[0]], tensors[prefix + names[1]] = kind.to_peft(a, b, branch)
         if branch.magnitude:
             tensors[prefix + ".lora_magnitude_vector"] = _array(model, branch, branch.magnitude)
         if branch.lora_bias:
             tensors[prefix + ".lora_B.bias"] = _array(model, branch, branch.lora_bias)
     return {key: np.ascontiguousarray(value) for key, value in tensors.items()}
-
-
-def _dense_conv_a(a: np.ndarray, a_group: int, base_group: int) -> np.ndarray:
-    """PEFT's conv A is dense over all input channels: expand a grouped (r, in/g, k...) A block-diagonally."""
-    if a_group == 1:
-        return a
-    rank, in_g = a.shape[0], a.shape[1]
-    dense = np.zeros((rank, in_g * a_group, *a.shape[2:]), a.dtype)
-    rank_g = rank // a_group
-    for j in range(a_group):
-        dense[j * rank_g : (j + 1) * rank_g, j * in_g : (j + 1) * in_g] = a[j * rank_g : (j + 1) * rank_g]
-    return dense
 
 
 def _number(value: float) -> float | int:

@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import all_kinds
 from lora_onnx.sites.find import Site, SiteScan, Skipped
 from lora_onnx.sites.targets import name_matches
 
@@ -47,8 +48,17 @@ _ROLES = {
 }
 LINEAR_ROLES = frozenset({"lora_A", "lora_B", "lora_B.bias"})
 EMBEDDING_ROLES = frozenset({"lora_embedding_A", "lora_embedding_B"})
-#: Op types each kind of adapter module can sit on.
-KIND_OPS = {"lora": ("MatMul", "Gemm", "Conv"), "embedding": ("Gather",)}
+
+
+def kind_ops() -> dict[str, tuple[str, ...]]:
+    """Op types each kind of adapter module (``lora``, ``embedding``) can sit on, as the op kinds say."""
+    found: dict[str, tuple[str, ...]] = {"lora": (), "embedding": ()}
+    for kind in all_kinds():
+        if kind.peft_role:
+            found[kind.peft_role] = (*found.get(kind.peft_role, ()), kind.op_type)
+    return found
+
+
 #: Buffers some LoRA variants save that do not take part in inference.
 _IGNORED_SUFFIXES = (".lora_velora_embed",)
 
@@ -97,14 +107,27 @@ def strip_prefix(key: str) -> str:
 
 
 def parse_keys(
-    keys: Iterable[str], *, modules_to_save: Sequence[str] = (), source: str = ""
+    keys: Iterable[str],
+    *,
+    modules_to_save: Sequence[str] = (),
+    source: str = "",
+    saved: list[str] | None = None,
 ) -> list[AdapterModule]:
-    """Group adapter keys into modules; a key that is not a LoRA tensor is an error naming it."""
+    """Group adapter keys into modules; a key that is not a LoRA tensor is an error naming it.
+
+    ``saved``, when given, collects the keys of ``modules_to_save`` copies instead of refusing them
+    (:mod:`lora_onnx.adapters.peft.modules_to_save` applies them).
+    """
+    from lora_onnx.adapters.peft.modules_to_save import is_saved_key
+
     roles: dict[str, dict[str, str]] = defaultdict(dict)
     base_weights: dict[str, str] = {}
     for key in keys:
         name = strip_prefix(key)
         if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if saved is not None and is_saved_key(name, modules_to_save):
+            saved.append(key)
             continue
         if name.endswith(".base_layer.weight"):
             base_weights[name.removesuffix(".base_layer.weight")] = key
@@ -137,8 +160,9 @@ def _unknown_key(source: str, key: str, name: str, modules_to_save: Sequence[str
     if ".modules_to_save." in name or (modules_to_save and name_matches(module, modules_to_save)):
         return (
             f"{source}: key {key!r} is a modules_to_save copy of module {module!r} (a whole retrained "
-            "module, not a LoRA branch); merge the adapter into the base in PyTorch (merge_and_unload) "
-            "and export that, or train without modules_to_save"
+            "module, not a LoRA branch), which has no run-time slot or mixed-batch form; apply the adapter "
+            "as constant branches (inject --peft, with or without --merge), or merge it in PyTorch "
+            "(merge_and_unload) and export that"
         )
     if ".trainable_tokens_" in name:
         return f"{source}: key {key!r} holds trainable tokens (rows replacing embedding rows), not LoRA"
@@ -165,9 +189,10 @@ def _check_roles(source: str, module: AdapterModule) -> None:
 
 def site_paths(scan: SiteScan) -> dict[str, dict[str, list[Site]]]:
     """kind ("lora", "embedding") -> graph module path -> its sites."""
-    by_kind: dict[str, dict[str, list[Site]]] = {kind: defaultdict(list) for kind in KIND_OPS}
+    roles = kind_ops()
+    by_kind: dict[str, dict[str, list[Site]]] = {kind: defaultdict(list) for kind in roles}
     for site in scan.sites:
-        for kind, ops in KIND_OPS.items():
+        for kind, ops in roles.items():
             if site.op in ops:
                 by_kind[kind][site.module_path].append(site)
     return by_kind
@@ -257,6 +282,12 @@ def match_path(module: AdapterModule, paths: Sequence[str], source: str = "") ->
     return graph_path, path[: -len(graph_path) - 1]
 
 
+def graph_path_of(module: AdapterModule, paths: Sequence[str], source: str = "") -> str | None:
+    """The graph path ``module`` matches (:func:`match_path` without the dropped prefix), or None."""
+    found = match_path(module, paths, source)
+    return found[0] if found is not None else None
+
+
 def unadaptable(module: AdapterModule, scan: SiteScan, source: str = "") -> str | None:
     """Why ``module`` cannot take its branch although the graph has it (exported as another op, or a node
     that cannot take a branch); None when the graph has no such module at all."""
@@ -264,13 +295,13 @@ def unadaptable(module: AdapterModule, scan: SiteScan, source: str = "") -> str 
     path = module.path
     what = "an embedding (lora_embedding_A/B)" if module.kind == "embedding" else "a Linear / Conv (lora_A/B)"
     for other in scan.sites:
-        if other.op not in KIND_OPS[module.kind] and _same_module(path, other.module_path):
+        if other.op not in kind_ops()[module.kind] and _same_module(path, other.module_path):
             return (
                 f"{source}: key {key!r} adapts {what}, but module {other.module_path!r} is exported as "
                 f"{other.op} node {other.node!r}"
             )
     for skipped in scan.skipped:
-        if skipped.op in KIND_OPS[module.kind] and _same_module(path, skipped.module_path):
+        if skipped.op in kind_ops()[module.kind] and _same_module(path, skipped.module_path):
             return _skipped_message(source, key, skipped)
     return None
 

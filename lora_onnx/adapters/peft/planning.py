@@ -32,8 +32,16 @@ from types import MappingProxyType
 
 import numpy as np
 
-from lora_onnx.adapters.peft.config import PeftAdapterConfig, read_adapter_config
+from lora_onnx.adapters.formats.source import (
+    FileAdapterConfig,
+    PeftRef,
+    RemappedWeights,
+    file_keys_in_errors,
+    open_adapter,
+)
+from lora_onnx.adapters.peft.config import PeftAdapterConfig
 from lora_onnx.adapters.peft.dora import weight_norm
+from lora_onnx.adapters.peft.fused_attention import FusedDelta, split_fused
 from lora_onnx.adapters.peft.mapping import (
     AdapterModule,
     ModuleMatch,
@@ -41,19 +49,20 @@ from lora_onnx.adapters.peft.mapping import (
     parse_keys,
     unmatched_modules,
 )
-from lora_onnx.adapters.peft.tensors import SafetensorsFile, open_adapter_weights
-from lora_onnx.commands.inject import scan_sites
+from lora_onnx.adapters.peft.modules_to_save import SavedTensor, plan_saved_modules
+from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.errors import AdapterError
+from lora_onnx.kinds import all_kinds, kind_of
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.tensors import np_dtype
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
 from lora_onnx.recipes.plan import BranchPlan, Plan, tensor_stem
-from lora_onnx.sites.find import Site
+from lora_onnx.sites.find import Site, SiteScan, scan_sites
 from lora_onnx.sites.folded_weights import BaseWeights, SiteScaling, compare_site, find_folded, refuse_folded
 
-#: Site kinds a PEFT adapter can sit on: --ops plus embedding lookups.
-PEFT_OPS = frozenset({"gemm", "matmul", "conv", "gather"})
+#: Op keys of the kinds a PEFT adapter can sit on (each kind's ``peft_role``): --ops plus embedding lookups.
+PEFT_OPS = frozenset(kind.key for kind in all_kinds() if kind.peft_role)
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class PeftPlan:
     folder: Path | None = None
     #: Nodes whose B (and lora_B bias) carry a folded BatchNorm's per-channel factor (``base_weights``).
     scaled: tuple[str, ...] = ()
+    #: Modules folded into fused Attention nodes' packed weights (only with ``fused_merge``).
+    fused: tuple[FusedDelta, ...] = ()
+    #: Base tensors the adapter's ``modules_to_save`` replace
+    #: (:mod:`lora_onnx.adapters.peft.modules_to_save`), and the file their values are read from.
+    saved: tuple[SavedTensor, ...] = ()
+    saved_weights: SafetensorsFile | None = None
     #: Adapter keys left out because their module matches no graph module (``skip_unmatched``).
     skipped_keys: tuple[str, ...] = ()
 
@@ -110,52 +125,81 @@ def plan_peft_adapter(
     *,
     adapter_name: str = DEFAULT_ADAPTER,
     base_weights: str | os.PathLike | None = None,
+    component: str | None = None,
+    strength: float = 1.0,
+    fused_merge: bool = False,
+    modules_to_save: bool = False,
     skip_unmatched: bool = False,
     modules: Sequence[AdapterModule] | None = None,
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
 
+    ``adapter_dir`` may also be a single-file LoRA (``.safetensors``: diffusers or kohya, see
+    :mod:`lora_onnx.adapters.formats`); ``component`` picks its part for this model (``unet``,
+    ``text_encoder``...; by default the one whose modules match the graph). ``strength`` multiplies
+    every module's scale. ``modules_to_save``: plan the adapter's saved whole modules as replacements of
+    the base's tensors (:attr:`PeftPlan.saved`); without it such keys are refused (run-time slots and
+    mixed batches have no form for them). ``fused_merge``: modules inside fused Attention nodes fold into
+    their packed weights (:mod:`lora_onnx.adapters.peft.fused_attention`); else they are refused.
     ``skip_unmatched``: keys of modules the graph does not have at all (pruned by the export) are left
     out, listed in :attr:`PeftPlan.skipped_keys` and a warning, instead of refused. ``modules``: plan only
-    these adapter modules (parsed from the adapter by :func:`~lora_onnx.adapters.peft.mapping.parse_keys`; a
-    folder run gives each model file the modules it carries) instead of every key of the adapter.
+    these adapter modules (parsed from the adapter by :func:`~lora_onnx.adapters.peft.mapping.parse_keys`;
+    a folder run gives each model file the modules it carries) instead of every key of the adapter.
 
     Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
     with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
     Raises :class:`~lora_onnx.errors.AdapterError` naming the key, module or node for anything that
     does not fit, including a site whose weight the exporter folded a BatchNorm into (without
-    ``base_weights``).
+    ``base_weights``). Modules onnxruntime's optimizer fused into an Attention node are refused, or,
+    with ``fused_merge``, returned as :attr:`PeftPlan.fused` (:mod:`lora_onnx.adapters.peft.fused_attention`).
     """
-    folder = adapter_folder(adapter_dir)
-    config = read_adapter_config(folder)
-    weights = open_adapter_weights(folder)
-    source = str(weights.path)
-    modules_to_save = config.raw.get("modules_to_save") or ()
-    if modules is None:
-        modules = parse_keys(weights, modules_to_save=list(modules_to_save), source=source)
-    _check_flags(config, modules, source)
-    loaded = load_model(model)
-    scan = scan_sites(loaded, PEFT_OPS)
-    matches = match_modules(modules, scan, source=source, skip_unmatched=skip_unmatched)
-    left_out = unmatched_modules(modules, matches)
-    skipped_keys = tuple(key for module in left_out for key in module.keys.values())
-    scalings = _scalings(loaded, matches, base_weights, source)
-    index = GraphIndex(loaded.proto.graph)
-    planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
-    for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
-        planner.add(match)
-    branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
-    warnings = list(planner.warnings)
-    if left_out:
-        paths = [module.full_path for module in left_out]
-        listed = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
-        warnings.append(
-            f"skipped {len(skipped_keys)} adapter key(s) of {len(paths)} module(s) the graph does not have "
-            f"(--skip-unmatched): {listed}"
-        )
-    plan = Plan(branches, (), tuple(warnings))
-    scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
-    return PeftPlan(plan, planner.values, planner.extras, config, folder, scaled, skipped_keys)
+    if isinstance(adapter_dir, PeftRef):
+        component = adapter_dir.component if component is None else component
+        strength = strength * adapter_dir.strength
+    scans: list[tuple[LoadedModel, SiteScan]] = []
+
+    def module_paths() -> list[str]:  # a folder is read before the model, a file (kohya names) after
+        loaded = load_model(model)
+        scans.append((loaded, scan_sites(loaded, PEFT_OPS)))
+        return [site.module_path for site in scans[0][1].sites]
+
+    opened = open_adapter(adapter_dir, module_paths, component=component, strength=strength)
+    config, weights, folder = opened.config, opened.weights, opened.origin
+    with file_keys_in_errors(weights):  # a LoRA file's errors name its own keys
+        source = str(weights.path)
+        saved_names = list(config.raw.get("modules_to_save") or ())
+        saved_keys: list[str] | None = [] if modules_to_save else None
+        parsed = parse_keys(weights, modules_to_save=saved_names, source=source, saved=saved_keys)
+        modules = parsed if modules is None else modules
+        _check_flags(config, modules, source)
+        if not scans:
+            module_paths()
+        loaded, scan = scans[0]
+        modules, fused = split_fused(loaded, scan, modules, config, weights, merge=fused_merge, source=source)
+        matches = match_modules(modules, scan, source=source, skip_unmatched=skip_unmatched)
+        left_out = unmatched_modules(modules, matches)
+        skipped_keys = tuple(key for module in left_out for key in module.keys.values())
+        scalings = _scalings(loaded, matches, base_weights, source)
+        index = GraphIndex(loaded.proto.graph)
+        planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
+        for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
+            planner.add(match)
+        branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
+        warnings = list(planner.warnings)
+        if left_out:
+            paths = [module.full_path for module in left_out]
+            listed = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+            warnings.append(
+                f"skipped {len(skipped_keys)} adapter key(s) of {len(paths)} module(s) the graph does not "
+                f"have (--skip-unmatched): {listed}"
+            )
+        plan = Plan(branches, (), tuple(warnings))
+        scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
+        saved = plan_saved_modules(scan, saved_keys or (), weights, adapter_name, index)
+    return PeftPlan(
+        plan, planner.values, planner.extras, config, folder, scaled, fused, saved,
+        weights if saved else None, skipped_keys,
+    )  # fmt: skip
 
 
 def _scalings(
@@ -218,7 +262,7 @@ class _Planner:
         model: LoadedModel,
         index: GraphIndex,
         config: PeftAdapterConfig,
-        weights: SafetensorsFile,
+        weights: SafetensorsFile | RemappedWeights,
         adapter: str,
         scalings: Mapping[str, SiteScaling],
     ) -> None:
@@ -269,18 +313,16 @@ class _Planner:
         for site in match.sites:
             self._check_site(module, site, rank, a_key, b_key)
         first = match.sites[0]
+        kind = kind_of(first.op)
         factor = self._factor(match)
-        a_peft, b_peft = self._read(a_key), self._read(b_key)
-        if first.op == "Conv":
-            a, b = a_peft, b_peft  # PEFT's conv layouts are lora-onnx's (A with group 1)
-        else:
-            a, b = a_peft.T, b_peft.T  # (r, in) -> (in, r), (out, r) -> (r, out); embeddings alike
+        # PEFT's layouts -> the kind's storage layouts (dense (r, in) -> (in, r); conv's are the same)
+        a, b = kind.from_peft(self._read(a_key), self._read(b_key))
         dtype = np_dtype(first.dtype)
         a, b = np.ascontiguousarray(a, dtype), np.ascontiguousarray(b, dtype)
         b_unscaled = b
         if factor is not None:
             # A BatchNorm folded into the weight scales each output channel by f, PEFT's branch with it.
-            axis_shape = (-1, *([1] * (b.ndim - 1))) if first.op == "Conv" else (1, -1)
+            axis_shape = kind.form.channel_axis(b.ndim)
             b = np.ascontiguousarray(np.asarray(b, np.float64) * factor.reshape(axis_shape), dtype)
 
         names = (
@@ -320,7 +362,7 @@ class _Planner:
                         self.model, site, a, b_unscaled, scale, shape, weight=original
                     ).astype(dtype)
                     norms[site.weight.initializer] = norm
-            conv = site.op == "Conv"
+            a_group, b_group = kind.peft_groups(site)
             self.branches.append(
                 BranchPlan(
                     site=site,
@@ -331,8 +373,8 @@ class _Planner:
                     stem=stem,
                     a_name=a_name,
                     b_name=b_name,
-                    a_group=1,
-                    b_group=site.group if conv else 1,
+                    a_group=a_group,
+                    b_group=b_group,
                 )
             )
             self.extras[site.node] = PeftBranchExtras(
@@ -342,12 +384,7 @@ class _Planner:
                 lora_bias=lora_bias,
                 base_bias=_base_bias(self.index, site),
             )
-            if conv and site.conv is not None and any(d != 1 for d in site.conv.dilations):
-                self.warnings.append(
-                    f"{site.module_path}: dilated conv (dilations {list(site.conv.dilations)}): the "
-                    "branch's conv A uses the base's dilation, which PEFT's forward does not (peft issue "
-                    "3697); outputs equal PEFT's merged model"
-                )
+            self.warnings.extend(kind.peft_notes(site))
 
     def _factor(self, match: ModuleMatch) -> np.ndarray | None:
         """The per-output-channel factor of the module's sites (None: plain), the same for all of them."""
@@ -373,34 +410,24 @@ class _Planner:
                 f"alpha={site.gemm.alpha}, beta={site.gemm.beta}: its stored weight is not the PyTorch "
                 "module's, so PEFT's tensors do not apply to it"
             )
-        in_f, out_f = site.in_features, site.out_features
-        rank_note = f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
-        if site.op == "Gather":
-            self._check(a_key, site, (rank, in_f), rank_note)
-            self._check(b_key, site, (out_f, rank), rank_note)
-            magnitude_shape: tuple[int, ...] = (out_f,)
-            base_shape: tuple[int, ...] = (in_f, out_f)
-        elif site.op == "Conv":
-            group = site.group
-            if rank % group:
-                raise AdapterError(
-                    f"{self.source}: module {module.path!r}: rank {rank} is not a multiple of the groups "
-                    f"({group}) of conv node {site.node!r}; PEFT requires it"
-                )
-            ones = tuple(1 for _ in site.kernel)
-            self._check(a_key, site, (rank, in_f, *site.kernel), rank_note)
-            self._check(b_key, site, (out_f, rank // group, *ones), rank_note)
-            magnitude_shape = (1, out_f, *ones)
-            base_shape = site.weight.node_shape
-        else:
-            self._check(a_key, site, (rank, in_f), rank_note)
-            self._check(b_key, site, (out_f, rank), rank_note)
-            magnitude_shape = (out_f,)
-            base_shape = (out_f, in_f)
+        kind = kind_of(site.op)
+        rank_note = (
+            f"rank {rank} (lora_A's rows for {module.path!r})"
+            if isinstance(self.config, FileAdapterConfig)
+            else f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
+        )
+        refusal = kind.peft_rank_refusal(site, rank)
+        if refusal:
+            raise AdapterError(f"{self.source}: module {module.path!r}: {refusal}; PEFT requires it")
+        a_shape, b_shape = kind.peft_shapes(site, rank)
+        self._check(a_key, site, a_shape, rank_note)
+        self._check(b_key, site, b_shape, rank_note)
+        magnitude_shape = kind.peft_magnitude_shape(site)
+        base_shape = kind.peft_base_shape(site)
         if "lora_magnitude_vector" in module.keys:
             self._check(module.key("lora_magnitude_vector"), site, magnitude_shape, "its DoRA magnitude")
         if "lora_B.bias" in module.keys:
-            self._check(module.key("lora_B.bias"), site, (out_f,), "its lora_B bias")
+            self._check(module.key("lora_B.bias"), site, (site.out_features,), "its lora_B bias")
         if module.base_weight is not None:
             # PEFT saves targeted embedding / lm_head weights whole; a different shape means a resized vocab.
             self._check(module.base_weight, site, base_shape, "the saved base weight (a resized vocabulary?)")
@@ -408,11 +435,4 @@ class _Planner:
 
 def _base_bias(index: GraphIndex, site: Site) -> str:
     """The value the base node adds as its bias, "" when it adds none."""
-    if site.op in ("Gemm", "Conv"):
-        node = index.nodes[site.node]
-        return node.input[2] if len(node.input) > 2 else ""
-    if site.bias_add is not None:
-        add = index.nodes[site.bias_add]
-        mm_out = index.nodes[site.node].output[0]
-        return add.input[1] if add.input[0] == mm_out else add.input[0]
-    return ""
+    return kind_of(site.op).base_bias(index, site)

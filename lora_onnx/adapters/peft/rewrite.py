@@ -22,19 +22,38 @@ import onnx
 from onnx import helper
 
 from lora_onnx.adapters.peft.planning import PeftBranchExtras, PeftPlan
+from lora_onnx.kinds import form_of
 from lora_onnx.model.graph import GraphIndex, splice_nodes
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches, write_peft_config
 from lora_onnx.model.tensors import make_tensor, np_dtype
 from lora_onnx.sites.folded_weights import mark_scaled
 from lora_onnx.stages.branch_metadata import stamp_branches
+from lora_onnx.stages.contract import Stage, StageResult
 from lora_onnx.stages.insert import insert_branches
 
 
-def insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> tuple[LoadedModel, tuple[BranchRecord, ...]]:
+def insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> StageResult:
     """A copy of ``model`` with ``peft``'s branches; records carry the PEFT fields (see BranchRecord)."""
+    return InsertPeftBranches(peft)(model)
+
+
+class InsertPeftBranches(Stage):
+    """The core's branches for a PEFT adapter, extended by DoRA's rescaling and ``lora_B.bias``."""
+
+    name = "insert PEFT branches"
+
+    def __init__(self, peft: PeftPlan) -> None:
+        self.peft = peft
+
+    def call(self, model: LoadedModel) -> StageResult:
+        return _insert_peft_branches(model, self.peft)
+
+
+def _insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> StageResult:
     plans = peft.plan.branches
-    rewritten, records = insert_branches(model, plans, peft.values)
+    inserted = insert_branches(model, plans, peft.values)
+    rewritten, records = inserted.model, inserted.records
     proto = onnx.ModelProto()
     proto.CopyFrom(rewritten.proto)
     graph = proto.graph
@@ -84,7 +103,7 @@ def insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> tuple[LoadedMode
         write_peft_config(proto, plans[0].adapter, dict(peft.config.raw))
     if peft.scaled:
         mark_scaled(proto, plans[0].adapter, peft.scaled)
-    return rewritten.with_proto(proto), tuple(updated)
+    return StageResult(rewritten.with_proto(proto), tuple(updated), warnings=peft.plan.warnings)
 
 
 def _add_lora_bias(
@@ -103,7 +122,7 @@ def _add_lora_bias(
         "Mul", [extras.lora_bias, record.scale_tensor], [scaled], index.unique_name(f"{stem}.lora_bias_mul")
     )
     before.setdefault(b_node.name, []).append(mul)
-    if b_node.op_type == "Conv":
+    if form_of(record.kind).b_takes_bias:  # a conv B's own bias input
         b_node.input.append(scaled)
         return (mul.name,)
     biased = index.unique_name(f"{stem}.lora_B.output_biased")

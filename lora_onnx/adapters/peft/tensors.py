@@ -22,6 +22,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 #: LoRA tensors are floats; anything else in an adapter file is a mistake worth naming.
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+INT_DTYPES = ("I64", "I32", "I16", "I8", "U8")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class TensorInfo:
 class SafetensorsFile:
     """A safetensors file opened for lazy reads: :attr:`tensors` from the header, :meth:`read` per tensor."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, scalar_suffixes: tuple[str, ...] = ()) -> None:
+        # kohya's per-module ``.alpha`` scalars may be saved as integers (diffusers' kohya converter does)
+        self.scalar_suffixes = scalar_suffixes
         self.path = path
         try:
             with safe_open(str(path), framework="numpy") as handle:
@@ -50,7 +53,7 @@ class SafetensorsFile:
 
     def _info(self, key: str, view: object) -> TensorInfo:
         dtype = str(view.get_dtype())  # type: ignore[attr-defined]
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and not (key.endswith(self.scalar_suffixes) and dtype in INT_DTYPES):
             raise AdapterError(
                 f"{self.path}: tensor {key!r} has dtype {dtype}; LoRA tensors must be F32, F16, BF16 or F64"
             )

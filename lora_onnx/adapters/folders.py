@@ -13,8 +13,8 @@ Routing a PEFT adapter's modules (:func:`route_modules`):
   ``text_encoder.``, ``text_encoder_2.``; dotted for deeper folders) goes only to that component's models,
   with the prefix removed;
 - any other module goes to every model file that has it, matched as for one model
-  (:mod:`lora_onnx.adapters.peft.mapping`); where some files have the module under its own path and others only
-  with a wrapper prefix of the adapter's path dropped, only the first take it (a seq2seq decoder's
+  (:mod:`lora_onnx.adapters.peft.mapping`); where some files have the module under its own path and others
+  only with a wrapper prefix of the adapter's path dropped, only the first take it (a seq2seq decoder's
   ``decoder.block.0...q`` lands in both decoder files, not in the encoder whose paths are
   ``block.0...q``), and one file may drop only one such prefix;
 - in a pipeline folder (models in sub-folders) the dropped prefix is never a component's name, so

@@ -1,0 +1,494 @@
+"""PEFT ``modules_to_save``: whole retrained modules (a classifier / score head, an embedding, a norm).
+
+A sequence-classification fine-tune saves its head's full parameters beside the LoRA tensors, as
+``base_model.model.<module path>.weight`` / ``.bias`` (peft 0.21; some versions write
+``<module path>.modules_to_save.default.weight``). PEFT's model computes with those tensors instead of the
+base's, so applying the adapter means replacing the base's tensors for that module:
+
+- Linear exported as MatMul or Gemm (any storage: ``(out, in)`` with transB=1, pre-transposed ``(in, out)``
+  MatMul weights, Transpose / Cast chains) and its bias (Gemm C, the MatMul's bias Add); Conv weight and
+  bias; Embedding (Gather) table: found through the graph's sites by module path;
+- norms (``LayerNormalization``, ``SimplifiedLayerNormalization``, ``RMSNormalization``,
+  ``GroupNormalization``, ``InstanceNormalization`` scale / bias, or a decomposed norm's ``Mul`` / ``Add``
+  on a constant): found through the module path of their nodes.
+
+Each replaced tensor becomes a *new* initializer in the layout and type the node computes with (the
+adapter's tensor transposed or reshaped as needed, shape-checked with an error naming key, node and
+shapes), and only that module's nodes are rewired to it: the input model's tensors are never changed, a
+tensor the exporter shared with another module keeps serving it, and a base tensor no node uses any more is
+dropped. The new values are deferred (read from the adapter file when the model is saved). Which tensors
+were replaced is recorded in the model's metadata (:data:`SAVED_KEY_PREFIX` + adapter), so
+:func:`~lora_onnx.adapters.peft.export_peft_adapter` writes them back under their original keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from lora_onnx.adapters.peft.mapping import AdapterModule, graph_path_of, strip_prefix
+from lora_onnx.adapters.peft.tensors import SafetensorsFile
+from lora_onnx.common import json_input
+from lora_onnx.common.names import nearest
+from lora_onnx.errors import AdapterError, LoraOnnxError
+from lora_onnx.kinds import kind_of
+from lora_onnx.model.graph import GraphIndex, rename_output, retain, splice_nodes
+from lora_onnx.model.load import LoadedModel
+from lora_onnx.model.manifest import ADAPTER_METADATA_PREFIXES
+from lora_onnx.model.module_paths import module_path
+from lora_onnx.model.tensors import make_deferred, np_dtype
+from lora_onnx.model.weights import WeightRef, resolve_weight
+from lora_onnx.sites.find import Site, SiteScan
+
+#: Metadata key prefix of the replaced-tensor records, one entry per adapter.
+SAVED_KEY_PREFIX = ADAPTER_METADATA_PREFIXES[1]
+_INFIX = ".modules_to_save."
+#: Norm ops and the input each saved parameter replaces.
+NORM_INPUTS = {
+    "LayerNormalization": {"weight": 1, "bias": 2},
+    "SimplifiedLayerNormalization": {"weight": 1},
+    "SkipSimplifiedLayerNormalization": {"weight": 2},
+    "SkipLayerNormalization": {"weight": 2, "bias": 3},
+    "RMSNormalization": {"weight": 1},
+    "GroupNormalization": {"weight": 1, "bias": 2},
+    "InstanceNormalization": {"weight": 1, "bias": 2},
+}
+#: A decomposed norm (TorchScript's RMSNorm, old LayerNorm exports) multiplies by its weight, adds its bias.
+_DECOMPOSED = {"weight": "Mul", "bias": "Add"}
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One base tensor replaced by a saved module's tensor.
+
+    ``key`` is the adapter key, ``module`` the module path as the adapter names it, ``param`` ``weight`` or
+    ``bias``. ``name`` is the new initializer (``shape``, ONNX ``dtype``), ``replaces`` the base value the
+    rewired ``inputs`` (node name, input position) read before. The stored value is the adapter's tensor
+    (``peft_shape``) transposed when ``transposed``, then reshaped to ``shape``.
+    """
+
+    key: str
+    module: str
+    param: str
+    graph_path: str
+    name: str
+    replaces: str
+    inputs: tuple[tuple[str, int], ...]
+    shape: tuple[int, ...]
+    dtype: int
+    peft_shape: tuple[int, ...]
+    transposed: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object) -> SavedTensor:
+        if not isinstance(data, dict):
+            raise ValueError("a modules_to_save record must be an object")
+        try:
+            return cls(
+                key=str(data["key"]),
+                module=str(data["module"]),
+                param=str(data["param"]),
+                graph_path=str(data["graph_path"]),
+                name=str(data["name"]),
+                replaces=str(data["replaces"]),
+                inputs=tuple((str(node), int(position)) for node, position in data["inputs"]),
+                shape=tuple(int(d) for d in data["shape"]),
+                dtype=int(data["dtype"]),
+                peft_shape=tuple(int(d) for d in data["peft_shape"]),
+                transposed=bool(data.get("transposed", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"a modules_to_save record is malformed ({exc})") from exc
+
+    def to_peft(self, stored: np.ndarray) -> np.ndarray:
+        """The adapter's tensor back from the stored value."""
+        value = np.asarray(stored)
+        if self.transposed:
+            value = value.T
+        return np.ascontiguousarray(value.reshape(self.peft_shape))
+
+
+def is_saved_key(name: str, modules_to_save: Sequence[str]) -> bool:
+    """Whether adapter key ``name`` (prefix stripped) is a saved module's parameter."""
+    from lora_onnx.sites.targets import name_matches
+
+    if _INFIX in name:
+        return True
+    module = name.rpartition(".")[0]
+    return bool(modules_to_save) and name_matches(module, modules_to_save)
+
+
+def _split(key: str) -> tuple[str, str]:
+    name = strip_prefix(key)
+    if _INFIX in name:
+        module, rest = name.split(_INFIX, 1)
+        return module, rest.rpartition(".")[2]
+    module, _, param = name.rpartition(".")
+    return module, param
+
+
+def plan_saved_modules(
+    scan: SiteScan,
+    keys: Iterable[str],
+    weights: SafetensorsFile,
+    adapter: str,
+    index: GraphIndex,
+) -> tuple[SavedTensor, ...]:
+    """Where each saved key's tensor goes (see the module doc); raises :class:`AdapterError` for a key whose
+    module the graph does not have, a parameter the node has no input for, or a shape that disagrees."""
+    source = str(weights.path)
+    by_module: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
+        module, param = _split(key)
+        if param not in ("weight", "bias"):
+            raise AdapterError(
+                f"{source}: key {key!r} is a modules_to_save buffer ({param}), which lora-onnx does not "
+                "replace (only weight and bias); merge the adapter in PyTorch (merge_and_unload), export that"
+            )
+        if param in by_module[module]:
+            raise AdapterError(f"{source}: keys {by_module[module][param]!r} and {key!r} are the same tensor")
+        by_module[module][param] = key
+    planned: list[SavedTensor] = []
+    for module, params in by_module.items():
+        planned.extend(_plan_module(scan, index, weights, adapter, module, params))
+    return tuple(planned)
+
+
+def _plan_module(
+    scan: SiteScan,
+    index: GraphIndex,
+    weights: SafetensorsFile,
+    adapter: str,
+    module: str,
+    params: Mapping[str, str],
+) -> list[SavedTensor]:
+    source = str(weights.path)
+    first_key = params.get("weight") or next(iter(params.values()))
+    probe = AdapterModule(module, {"weight": first_key})
+    site_paths: dict[str, list[Site]] = defaultdict(list)
+    for site in scan.sites:
+        site_paths[site.module_path].append(site)
+    graph_path = graph_path_of(probe, list(site_paths), source)
+    targets: dict[str, list[tuple[str, int, WeightRef, bool]]] = {}
+    if graph_path is not None:
+        for site in site_paths[graph_path]:
+            if kind_of(site.op).packed_weight or site.weight.dequantize is not None:
+                raise AdapterError(
+                    f"{source}: key {first_key!r} is a modules_to_save copy of module {module!r}, whose "
+                    f"{site.op} node {site.node!r} has a quantized weight; apply the adapter before "
+                    "quantizing"
+                )
+            if site.gemm is not None and (site.gemm.alpha != 1.0 or site.gemm.beta != 1.0):
+                raise AdapterError(
+                    f"{source}: key {first_key!r} is a modules_to_save copy of module {module!r}, whose Gemm "
+                    f"node {site.node!r} has alpha={site.gemm.alpha}, beta={site.gemm.beta}: its stored "
+                    "tensors are not the PyTorch module's, so the saved ones cannot replace them"
+                )
+            for param, key in params.items():
+                found = _site_input(index, site, param)
+                if found is None:
+                    raise AdapterError(
+                        f"{source}: key {key!r} is the {param} of module {module!r}, but its {site.op} node "
+                        f"{site.node!r} has no constant {param}; the adapter was trained on another base"
+                    )
+                holder, position, ref = found
+                dense = param == "weight" and kind_of(site.op).linear
+                transposed = dense and _transposed(ref, weights.tensors[key].shape)
+                targets.setdefault(param, []).append((holder, position, ref, transposed))
+    else:
+        graph_path = _norm_targets(index, module, params, targets, weights, scan)
+    planned = []
+    for param, key in params.items():
+        uses = targets[param]
+        refs = {
+            (ref.initializer, ref.node_shape, ref.node_dtype, transposed) for _, _, ref, transposed in uses
+        }
+        if len(refs) > 1:
+            raise AdapterError(
+                f"{source}: module {module!r} runs at nodes whose {param}s differ in layout or type "
+                f"({uses[0][0]!r}, {uses[-1][0]!r}); one saved tensor cannot replace both"
+            )
+        _, _, ref, transposed = uses[0]
+        peft_shape = weights.tensors[key].shape
+        wanted = ref.node_shape[::-1] if transposed else ref.node_shape
+        same = (
+            tuple(peft_shape) == tuple(wanted) if param == "weight" else _numel(peft_shape) == _numel(wanted)
+        )
+        if not same:
+            raise AdapterError(
+                f"{source}: key {key!r} has shape {list(peft_shape)}, but node {uses[0][0]!r} "
+                f"({graph_path}) uses {param} {ref.initializer!r} of shape {list(wanted)}; the adapter was "
+                "trained on another base (a different number of labels, or a resized vocabulary?)"
+            )
+        name = index.unique_name(f"{graph_path}.{adapter}.modules_to_save.{param}")
+        planned.append(
+            SavedTensor(
+                key=key,
+                module=module,
+                param=param,
+                graph_path=graph_path,
+                name=name,
+                replaces=ref.initializer,
+                inputs=tuple((node, position) for node, position, _, _ in uses),
+                shape=tuple(ref.node_shape),
+                dtype=ref.node_dtype,
+                peft_shape=tuple(peft_shape),
+                transposed=transposed,
+            )
+        )
+    return planned
+
+
+def _transposed(ref: WeightRef, saved: Sequence[int]) -> bool:
+    """Whether a dense node sees the saved weight transposed. PEFT saves the parameter as PyTorch stores
+    it: ``(out, in)`` for Linear, ``(in, out)`` for GPT-2's Conv1D. Shapes decide, unless the weight is
+    square: then a parameter-named initializer (``c_proj.weight``) is the parameter as stored, so the node
+    sees it through its chain's transposes; an anonymous one (``onnx::MatMul_7``, ``val_12``) is a Linear
+    weight the exporter pre-transposed."""
+    node = tuple(ref.node_shape)
+    if tuple(saved) != node or node != node[::-1]:
+        return tuple(saved) == node[::-1] and tuple(saved) != node
+    return ref.transposed if ref.initializer.endswith(".weight") else not ref.transposed
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+#: Input position meaning "the node has no bias: add an Add after it" (a MatMul whose zero bias the
+#: exporter dropped; a Gemm or Conv without one takes it as a new input instead).
+ADD_AFTER = -1
+
+
+def _site_input(index: GraphIndex, site: Site, param: str) -> tuple[str, int, WeightRef] | None:
+    """(node, input position, traced tensor) of ``param`` at a site; a MatMul's bias is its Add's input.
+
+    A bias the graph lacks (exporters drop zero biases; PEFT still saves them) gets a place: Gemm C or
+    Conv B as a new input, an Add after a MatMul (:data:`ADD_AFTER`); its tensor is then ``(out,)``.
+    None when the bias is there but not a constant.
+    """
+    node = index.nodes[site.node]
+    kind = kind_of(site.op)
+    missing = WeightRef("", (site.out_features,), site.dtype, (site.out_features,), site.dtype)
+    if param == "weight":
+        holder, position = node, kind.weight_input
+    elif kind.bias_input:
+        holder, position = node, 2
+        if len(node.input) <= position or not node.input[position]:
+            return node.name, position, missing
+    elif kind.bias_after:
+        found = _matmul_bias(index, node, site.out_features)
+        if found is None:
+            return node.name, ADD_AFTER, missing
+        holder, position = found
+    else:
+        return None
+    if len(holder.input) <= position or not holder.input[position]:
+        return None
+    ref = resolve_weight(index, holder.input[position])
+    return (holder.name, position, ref) if isinstance(ref, WeightRef) else None
+
+
+def _matmul_bias(index: GraphIndex, node: onnx.NodeProto, out: int) -> tuple[onnx.NodeProto, int] | None:
+    """The Add after a MatMul that adds a constant ``(out,)`` bias (where Linear's bias went), if any."""
+    readers = index.consumers.get(node.output[0], [])
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    add = readers[0]
+    position = 1 if add.input[0] == node.output[0] else 0
+    ref = resolve_weight(index, add.input[position])
+    if isinstance(ref, WeightRef) and ref.node_shape in ((out,), (1, out)):
+        return add, position
+    return None
+
+
+def _norm_targets(
+    index: GraphIndex,
+    module: str,
+    params: Mapping[str, str],
+    targets: dict[str, list[tuple[str, int, WeightRef, bool]]],
+    weights: SafetensorsFile,
+    scan: SiteScan,
+) -> str:
+    """Fill ``targets`` from the norm nodes of ``module``; returns the graph module path."""
+    source = str(weights.path)
+    first_key = params.get("weight") or next(iter(params.values()))
+    paths: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in index.graph.node:
+        paths[module_path(index, node, None)].append(node)
+    graph_path = graph_path_of(AdapterModule(module, {"weight": first_key}), list(paths), source)
+    if graph_path is None:
+        known = sorted({site.module_path for site in scan.sites} | set(paths))
+        raise AdapterError(
+            f"{source}: key {first_key!r} is a modules_to_save copy of module {module!r}, which matches no "
+            f"module of the graph; nearest module paths: {', '.join(nearest(module, known, dotted=True))}"
+        )
+    nodes = paths[graph_path]
+    fused = [node for node in nodes if node.op_type in NORM_INPUTS]
+    for param, key in params.items():
+        found: list[tuple[str, int, WeightRef, bool]] = []
+        for node in fused:
+            position = NORM_INPUTS[node.op_type].get(param)
+            if position is not None and len(node.input) > position and node.input[position]:
+                ref = resolve_weight(index, node.input[position])
+                if isinstance(ref, WeightRef):
+                    found.append((node.name, position, ref, False))
+        if not found and not fused:
+            for node in nodes:
+                if node.op_type != _DECOMPOSED[param]:
+                    continue
+                for position, value in enumerate(node.input):
+                    ref = resolve_weight(index, value) if index.is_constant(value) else None
+                    if isinstance(ref, WeightRef) and _numel(ref.node_shape) == _numel(
+                        weights.tensors[key].shape
+                    ):
+                        found.append((node.name, position, ref, False))
+        if len(found) != 1 and not (found and fused):
+            ops = sorted({node.op_type for node in nodes})
+            raise AdapterError(
+                f"{source}: key {key!r} is the {param} of modules_to_save module {module!r}, but graph "
+                f"module {graph_path!r} ({', '.join(ops)} nodes) has {'no' if not found else 'several'} "
+                f"constant {param} input{'s' if found else ''} lora-onnx can replace; supported are Linear, "
+                "Conv, Embedding and norm modules"
+            )
+        targets[param] = found
+    return graph_path
+
+
+def replace_saved(
+    model: LoadedModel, saved: Sequence[SavedTensor], weights: SafetensorsFile, adapter: str
+) -> LoadedModel:
+    """A copy of ``model`` whose saved modules' nodes read new initializers holding the adapter's tensors."""
+    if not saved:
+        return model
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    nodes = {node.name: node for node in graph.node}
+    producers = {}
+    index = GraphIndex(graph)
+    after: dict[str, list[onnx.NodeProto]] = {}
+    released: set[str] = set()
+    earlier = {
+        t.name: entry.key.removeprefix(SAVED_KEY_PREFIX)
+        for entry in proto.metadata_props
+        if entry.key.startswith(SAVED_KEY_PREFIX)
+        for t in read_saved(proto, entry.key.removeprefix(SAVED_KEY_PREFIX))
+    }
+    for tensor in saved:
+        graph.initializer.append(make_deferred(tensor.name, tensor.shape, tensor.dtype))
+        producers[tensor.name] = _producer(weights, tensor)
+        for node_name, position in tensor.inputs:
+            node = nodes.get(node_name)
+            if node is None:
+                raise LoraOnnxError(f"node {node_name!r} changed while modules_to_save was applied")
+            if position == ADD_AFTER:
+                after.setdefault(node_name, []).append(_bias_add(index, node, tensor))
+                continue
+            if len(node.input) <= position:
+                node.input.extend([""] * (position + 1 - len(node.input)))
+                node.input[position] = tensor.name
+                continue
+            if node.input[position] in earlier:
+                raise AdapterError(
+                    f"module {tensor.module!r} was already replaced by adapter "
+                    f"{earlier[node.input[position]]!r}'s modules_to_save; apply this adapter to the base "
+                    "model"
+                )
+            released.add(node.input[position])
+            node.input[position] = tensor.name
+    splice_nodes(graph, after=after)
+    _drop_unused(graph, released)
+    write_saved(proto, adapter, saved)
+    return model.with_proto(proto, producers)
+
+
+def _bias_add(index: GraphIndex, node: onnx.NodeProto, tensor: SavedTensor) -> onnx.NodeProto:
+    """``y = MatMul(...) + bias`` for a MatMul whose bias the exporter dropped: the MatMul now produces a
+    new value, the Add the old one (every reader keeps its input)."""
+    joined = node.output[0]
+    raw = index.unique_name(f"{joined}.{tensor.name}.input")
+    rename_output(node, joined, raw)
+    name = index.unique_name(f"{tensor.graph_path}.modules_to_save.bias_add")
+    return onnx.helper.make_node("Add", [raw, tensor.name], [joined], name)
+
+
+def _producer(weights: SafetensorsFile, tensor: SavedTensor):  # type: ignore[no-untyped-def]
+    def produce() -> np.ndarray:
+        value = np.asarray(weights.read(tensor.key))
+        if tensor.transposed:
+            value = value.T
+        return np.ascontiguousarray(value.reshape(tensor.shape), np_dtype(tensor.dtype))
+
+    return produce
+
+
+def _drop_unused(graph: onnx.GraphProto, released: set[str]) -> None:
+    """Remove what reading ``released`` values kept alive and nothing reads any more: the replaced base
+    tensors and their Transpose / Cast / Identity chains (a tensor another module shares stays)."""
+    outputs = {value.name for value in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {tensor.name for tensor in graph.initializer}
+    drop_nodes: set[str] = set()
+    drop_values: set[str] = set()
+    pending = list(released)
+    while pending:
+        value = pending.pop()
+        if value in outputs or value in drop_values:
+            continue
+        if any(n.name not in drop_nodes and value in n.input for n in graph.node):
+            continue
+        producer = producers.get(value)
+        if producer is not None and producer.op_type in ("Transpose", "Cast", "Identity"):
+            drop_nodes.add(producer.name)
+            drop_values.add(value)
+            pending.extend(producer.input)
+        elif producer is None and value in initializers:
+            drop_values.add(value)
+    retain(graph.node, lambda node: node.name not in drop_nodes)
+    retain(graph.initializer, lambda tensor: tensor.name not in drop_values)
+    retain(graph.input, lambda value: value.name not in drop_values)
+    retain(graph.value_info, lambda value: value.name not in drop_values)
+
+
+def write_saved(proto: onnx.ModelProto, adapter: str, saved: Sequence[SavedTensor]) -> None:
+    """Record ``saved`` for ``adapter`` in ``proto``'s metadata (replacing an earlier record)."""
+    key = SAVED_KEY_PREFIX + adapter
+    retain(proto.metadata_props, lambda entry: entry.key != key)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, json.dumps([tensor.to_json() for tensor in saved], separators=(",", ":"))
+
+
+def read_saved(proto: onnx.ModelProto, adapter: str) -> tuple[SavedTensor, ...]:
+    """The tensors ``adapter``'s modules_to_save replaced in ``proto`` (empty when none)."""
+    for entry in proto.metadata_props:
+        if entry.key == SAVED_KEY_PREFIX + adapter:
+            try:
+                data = json_input.loads(entry.value)
+                if not isinstance(data, list):
+                    raise ValueError("expected a list")
+                return tuple(SavedTensor.from_json(item) for item in data)
+            except ValueError as exc:
+                raise LoraOnnxError(f"the model's {entry.key} metadata is unreadable: {exc}") from exc
+    return ()
+
+
+def refuse_saved_modules(model: LoadedModel, adapter: str) -> None:
+    """Refuse to export ``adapter`` as slot tensors when its modules_to_save replaced base tensors: an
+    adapter file holds LoRA tensors only, so the head would silently stay the base's."""
+    saved = read_saved(model.proto, adapter)
+    if saved:
+        modules = ", ".join(dict.fromkeys(tensor.module for tensor in saved))
+        raise AdapterError(
+            f"{model.name}: adapter {adapter!r} replaced the base's tensors of modules_to_save module(s) "
+            f"{modules}, which an adapter file for LoRA slots cannot carry; export it as a PEFT folder "
+            "(--format peft), or apply it as constant branches"
+        )

@@ -1,0 +1,78 @@
+"""onnxruntime's ``com.microsoft.MatMulNBits`` (4-bit and other block-quantized weights; op key
+``matmulnbits``): a dense site with in = K, out = N from the node's attributes and the type of its scales.
+
+The branch is the dense MatMul branch, joined after the node (its bias is inside it) or after a following
+bias Add; folding into the packed weight lives with the quantized bases (:mod:`lora_onnx.sites.quantized`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import onnx
+
+from lora_onnx.kinds.base import register
+from lora_onnx.kinds.dense import DenseKind
+from lora_onnx.kinds.matmul import join_after_bias
+from lora_onnx.kinds.site import Site
+from lora_onnx.model.dequantize import nbits_node
+from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.module_paths import module_path
+from lora_onnx.model.tensors import shape_of
+from lora_onnx.model.weights import WeightRef
+
+#: Suffixes onnxruntime's quantizers add to a weight's name (``fc.weight_Q4``, ``fc.weight_quantized``).
+_QUANT_SUFFIXES = ("_DQ_Q4", "_DQ_Q8", "_Q2", "_Q4", "_Q8", "_quantized")
+
+
+def parameter_name(weight: str) -> str:
+    """``fc.weight`` from ``fc.weight_Q4``: the float parameter a quantizer named the tensor after."""
+    for suffix in _QUANT_SUFFIXES:
+        if weight.endswith(suffix):
+            return weight[: -len(suffix)]
+    return weight
+
+
+def _nbits_site(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+    """A MatMulNBits node as a dense site (in = K, out = N), or the reason it cannot take a branch."""
+    info = nbits_node(index, node)
+    if isinstance(info, str):
+        return info
+    data = node.input[0]
+    if index.is_constant(data):
+        return "the data input is a constant"
+    b = index.initializers[info.b]
+    dtype = index.initializers[info.scales].data_type
+    weight = WeightRef(
+        initializer=info.b,
+        source_shape=shape_of(b),
+        source_dtype=b.data_type,
+        node_shape=(info.k, info.n),
+        node_dtype=dtype,
+    )
+    path = module_path(index, node, parameter_name(info.b))
+    output, bias_add = (node.output[0], None) if info.bias else join_after_bias(index, node, info.n)
+    return Site(
+        node.name, "MatMulNBits", path, data, output, weight, "in,out", info.k, info.n, bias_add=bias_add
+    )
+
+
+class MatMulNBitsKind(DenseKind):
+    op_type = "MatMulNBits"
+    key = "matmulnbits"
+    domains = ("com.microsoft",)
+    wants_data_rank = True
+    bias_after = True
+    packed_weight = True
+    #: PEFT adapters do not reach packed 4-bit weights yet (a DoRA norm would read the packed bytes).
+    peft_role = ""
+
+    def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+        return _nbits_site(index, node)
+
+    def output_width(self, node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> int | None:
+        n = next((a.i for a in node.attribute if a.name == "N"), 0)
+        return int(n) or None
+
+
+MATMULNBITS = register(MatMulNBitsKind())
