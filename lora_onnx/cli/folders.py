@@ -55,12 +55,19 @@ def run_inject_folder(args: argparse.Namespace, source: str | list[str]) -> int:
         raise LoraOnnxError("--peft is given more than once: a folder run applies one adapter")
     if args.base_weights:
         raise LoraOnnxError("--base-weights takes one model's parameters: apply such models one by one")
+    if getattr(args, "component", None):
+        raise LoraOnnxError(
+            "--component picks one model's part of a LoRA file; a folder run gives each sub-folder "
+            "(unet/, text_encoder/, ...) the part of its name"
+        )
     refuse_recipe_flags(args)
+    from lora_onnx.cli.peft import peft_ref
     from lora_onnx.commands.folders import apply_peft_folder
 
-    _check_json(args, [*([source] if isinstance(source, str) else source), args.peft])
+    adapter = peft_ref(args.peft)  # ADAPTER[:STRENGTH]
+    _check_json(args, [*([source] if isinstance(source, str) else source), adapter.path])
     result = apply_peft_folder(
-        source, args.peft, args.output, merge=args.merge, as_inputs=args.as_inputs,
+        source, adapter, args.output, merge=args.merge, as_inputs=args.as_inputs,
         strength_input=args.strength_input, adapter_output=args.adapter_out, validate=args.validate,
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite, skip_unmatched=args.skip_unmatched, link_data=args.link_data,

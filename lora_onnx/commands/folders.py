@@ -22,6 +22,7 @@ from typing import Any
 from lora_onnx.adapters.files import write_adapter_file
 from lora_onnx.adapters.folders import (
     ModelFolder,
+    Routing,
     check_output_folder,
     copy_side_files,
     find_models,
@@ -29,6 +30,8 @@ from lora_onnx.adapters.folders import (
     route_modules,
     without_data_files,
 )
+from lora_onnx.adapters.formats.detect import is_lora_file, read_lora_file
+from lora_onnx.adapters.formats.source import PeftRef
 from lora_onnx.adapters.peft.config import read_adapter_config
 from lora_onnx.adapters.peft.mapping import AdapterModule, parse_keys
 from lora_onnx.adapters.peft.planning import PEFT_OPS, adapter_folder
@@ -37,7 +40,7 @@ from lora_onnx.commands.apply_peft import PeftResult, apply_peft
 from lora_onnx.commands.merge import MergeResult, merge
 from lora_onnx.commands.swap import SlotInjectResult, inject_slots
 from lora_onnx.common.atomic import check_outputs
-from lora_onnx.errors import FoldError, LoraOnnxError
+from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError
 from lora_onnx.model.load import LoadedModel, load_model
 from lora_onnx.model.manifest import read_branches
 from lora_onnx.model.save import model_inputs, planned_writes, save_model
@@ -134,6 +137,45 @@ def _adapter_modules(adapter_dir: str | os.PathLike) -> tuple[list[AdapterModule
     return parse_keys(weights, modules_to_save=modules_to_save, source=source), source
 
 
+def _route_lora_file(
+    folder: ModelFolder, adapter: str | os.PathLike, skip_unmatched: bool
+) -> tuple[Routing, dict[str, str]]:
+    """A single-file LoRA over a pipeline folder: each component the file adapts (``unet``,
+    ``text_encoder``, ...) goes to the model files of the sub-folder of that name; a file without
+    components goes to every model file. Every component must have a model file, unless
+    ``skip_unmatched`` (its modules are then left out and listed)."""
+    lora = read_lora_file(adapter)
+    wanted = sorted(lora.components)
+    by_component: dict[str, list[AdapterModule]] = {}
+    for module in lora.modules:
+        keys = {role: key for role, key in module.keys.items()}
+        by_component.setdefault(module.component, []).append(AdapterModule(module.path, keys))
+    files: dict[str, tuple[AdapterModule, ...]] = {}
+    parts: dict[str, str] = {}
+    for model in folder.models:
+        component = folder.component(model)
+        part = component if component in lora.components else ("" if "" in lora.components else None)
+        files[model] = tuple(by_component[part]) if part is not None else ()
+        if part is not None:
+            parts[model] = part
+    landed = set(parts.values())
+    missing = [c for c in wanted if c not in landed]
+    if missing and not skip_unmatched:
+        have = ", ".join(folder.components) or "none (model files at the top level)"
+        raise AdapterError(
+            f"{Path(adapter).name} adapts {', '.join(missing)}, but {folder.root} has no such sub-folder "
+            f"(its components: {have}); add the model, or --skip-unmatched to leave those modules out"
+        )
+    unmatched = tuple(m for c in missing for m in by_component[c])
+    return Routing(files, unmatched), parts
+
+
+def _part(adapter: str | os.PathLike, component: str) -> os.PathLike[str]:
+    """``adapter`` (a path or ``PeftRef``) restricted to ``component``, its strength kept."""
+    strength = adapter.strength if isinstance(adapter, PeftRef) else 1.0
+    return PeftRef(Path(os.fspath(adapter)), strength, component or None)
+
+
 def _load(folder: ModelFolder) -> dict[str, LoadedModel]:
     models = {}
     for model in folder.models:
@@ -211,27 +253,37 @@ def apply_peft_folder(
     reads: list[Path] = []
     if out is not None:
         reads = _check_writes(found, models, out, [Path(adapter_dir)], adapter_files)
-    modules, source = _adapter_modules(adapter_dir)
-    scans = {name: scan_sites(model, PEFT_OPS) for name, model in models.items()}
-    routing = route_modules(found, modules, scans, source=source, skip_unmatched=skip_unmatched)
+    lora_file = is_lora_file(adapter_dir)
+    if lora_file:
+        routing, parts = _route_lora_file(found, adapter_dir, skip_unmatched)
+    else:
+        modules, source = _adapter_modules(adapter_dir)
+        scans = {name: scan_sites(model, PEFT_OPS) for name, model in models.items()}
+        routing = route_modules(found, modules, scans, source=source, skip_unmatched=skip_unmatched)
     results: dict[str, PeftResult | SlotInjectResult] = {}
     warnings: list[str] = []
     for name, model in models.items():
         taken = routing.files[name]
         if not taken:
             continue
+        # A single-file LoRA (diffusers / kohya) goes to each model as its component's part; a PEFT folder
+        # as the modules routed to the file.
+        adapter: str | os.PathLike = adapter_dir
+        chosen: Sequence[AdapterModule] | None = taken
+        if lora_file:
+            adapter, chosen = _part(adapter_dir, parts[name]), None
         try:
             if as_inputs:
                 results[name] = inject_slots(
-                    model, LoraConfig(adapter_name=adapter_name), peft=adapter_dir, modules=taken,
+                    model, LoraConfig(adapter_name=adapter_name), peft=adapter, modules=chosen,
                     strength_input=strength_input, validate=validate, providers=providers, dims=dims,
                     allow_nonfinite=allow_nonfinite,
                 )  # fmt: skip
                 warnings.extend(f"{name}: {message}" for message in results[name].source.warnings)
             else:
                 results[name] = apply_peft(
-                    model, adapter_dir, merge=merge, validate=validate, adapter_name=adapter_name,
-                    providers=providers, dims=dims, allow_nonfinite=allow_nonfinite, modules=taken,
+                    model, adapter, merge=merge, validate=validate, adapter_name=adapter_name,
+                    providers=providers, dims=dims, allow_nonfinite=allow_nonfinite, modules=chosen,
                 )  # fmt: skip
                 warnings.extend(f"{name}: {message}" for message in results[name].warnings)
         except LoraOnnxError as exc:
