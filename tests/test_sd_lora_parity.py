@@ -157,3 +157,54 @@ def test_cli_two_loras_with_strengths_merged_equals_fuse_lora(tmp_path, unet, un
         sb.diffusers_unet(model, [(style, 0.8), (lcm, 0.5)], fuse=True), sb.unet_inputs()
     )
     _check(sb.run(out, sb.unet_inputs()), fused, unet_base)
+
+
+def _fp16(source: Path, target: Path) -> Path:
+    """``source`` in float16 (onnxruntime's converter; inputs and outputs stay float32), as fp16 SD
+    exports ship."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    half = convert_float_to_float16(onnx.load(source), keep_io_types=True)
+    # the converter appends its input Casts at the end: sort the nodes (Kahn) so the graph is valid ONNX
+    graph = half.graph
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in defined for i in n.input)]
+        assert ready, "cycle in the converted graph"
+        for node in ready:
+            ordered.append(node)
+            defined.update(node.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    onnx.save(half, target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["unet", "clip"])
+def test_fp16_exports_take_the_file_within_fp16_tolerance(tmp_path, unet, clip, kind) -> None:
+    """On float16 exports the branches compute in float16: within rel 1e-2 of diffusers' fp32 forward,
+    unmerged and merged (the LoRA still changes the output by far more)."""
+    model, export = unet if kind == "unet" else clip
+    targets = sb.UNET_TARGETS + sb.UNET_CONV_TARGETS if kind == "unet" else sb.CLIP_TARGETS
+    state, config = sb.peft_lora(model, targets, rank=4, alpha=4, seed=41)
+    if kind == "unet":
+        path = sb.save_diffusers(tmp_path / "lora", unet=state, unet_config=config)
+        inputs, reference = sb.unet_inputs(), sb.diffusers_unet(model, [(path, 0.9)])
+        forward, base = sb.torch_unet_output, sb.torch_unet_output(model, sb.unet_inputs())
+    else:
+        path = sb.save_diffusers(tmp_path / "lora", text_encoder=state, text_encoder_config=config)
+        inputs, reference = sb.clip_inputs(), sb.diffusers_clip(model, path, 0.9)
+        forward, base = sb.torch_clip_output, sb.torch_clip_output(model, sb.clip_inputs())
+    want = forward(reference, inputs)
+    half = _fp16(export.path, tmp_path / "fp16" / "model.onnx")
+    for merge in (False, True):
+        out = tmp_path / ("merged" if merge else "branches") / "model.onnx"
+        result = apply_peft(half, (path, 0.9), merge=merge, output=out)
+        assert result.branches and all(b.site.dtype == 10 for b in result.plan.branches)  # FLOAT16 sites
+        ours = sb.run(out, inputs)
+        assert sb.rel_err(ours, want) <= 1e-2
+        assert sb.rel_err(base, want) > 5e-2
