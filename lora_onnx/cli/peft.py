@@ -50,6 +50,11 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_base_weights_argument(group)
     group.add_argument(
+        "--module-map", metavar="REGEX=REPL", nargs="+", action="extend", default=[],
+        help="with --peft: rename adapter module paths the graph does not have (re.sub, in order; "
+        "onnxruntime-genai's self_attn -> attn is built in)",
+    )  # fmt: skip
+    group.add_argument(
         "--skip-unmatched", action="store_true",
         help="with --peft: skip adapter keys whose module the graph does not have (the export left it "
         "out: a pooler, a head not exported) instead of refusing; they are listed in a warning and --json",
@@ -112,6 +117,7 @@ def run_peft(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         base_weights=args.base_weights,
         link_data=args.link_data, inputs=inputs_from_args(args), skip_unmatched=args.skip_unmatched,
+        module_map=args.module_map,
     )  # fmt: skip
     for message in result.warnings:
         warn(message)

@@ -122,6 +122,7 @@ def apply_peft(
     adapter_names: Sequence[str] | None = None,
     skip_unmatched: bool = False,
     modules: Sequence[AdapterModule] | None = None,
+    module_map: Sequence[str] = (),
 ) -> PeftResult:
     """Apply the PEFT LoRA adapter in ``adapter_dir`` to ``model`` with PEFT's numerics; optionally fold it
     (``merge``: PEFT's ``merge_and_unload``), prove it and save it.
@@ -143,7 +144,9 @@ def apply_peft(
     folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.sites.folded_weights`).
     ``link_data`` and ``inputs`` (the proof's .npz / arrays) as for :func:`~lora_onnx.commands.inject.inject`.
     ``skip_unmatched`` and ``modules`` as for :func:`~lora_onnx.adapters.peft.planning.plan_peft_adapter`
-    (skipped keys: ``result.peft.skipped_keys``; ``modules`` with one adapter only).
+    (skipped keys: ``result.peft.skipped_keys``; ``modules`` with one adapter only). ``module_map``
+    (``REGEX=REPL``) renames adapter modules the graph does not have, before the builder's renames and
+    packed projections (q / k / v on genai's ``qkv_proj``; :mod:`lora_onnx.adapters.peft.packed`).
     """
     source = load_model(model)
     specs = _specs(adapter_dir, strength)
@@ -170,7 +173,7 @@ def apply_peft(
         peft = plan_peft_adapter(
             rewritten, path, adapter_name=name, base_weights=base_weights, component=component,
             strength=weight, fused_merge=merge, modules_to_save=True, skip_unmatched=skip_unmatched,
-            modules=modules,
+            modules=modules, module_map=module_map,
         )  # fmt: skip
         # Modules inside fused Attention nodes go straight into the packed weights (merge only; see
         # lora_onnx.adapters.peft.fused_attention).

@@ -64,8 +64,16 @@ class MatMulNBitsKind(DenseKind):
     wants_data_rank = True
     bias_after = True
     packed_weight = True
-    #: PEFT adapters do not reach packed 4-bit weights yet (a DoRA norm would read the packed bytes).
-    peft_role = ""
+    # PEFT adapters apply as float branches beside the packed weight; DoRA is refused (its norm needs the
+    # float weight: peft_dora_norm), merging needs --dequantize (lora_onnx.sites.quantized).
+
+    def peft_dora_norm(self, weight, a, b, scale, site):  # type: ignore[no-untyped-def]
+        from lora_onnx.errors import AdapterError
+
+        raise AdapterError(
+            f"DoRA on MatMulNBits node {site.node!r} ({site.module_path}) needs the float weight's norm: "
+            "apply the adapter to the float export, then quantize"
+        )
 
     def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
         return _nbits_site(index, node)

@@ -23,6 +23,7 @@ import numpy as np
 from lora_onnx.adapters.peft.config import CONFIG_NAME
 from lora_onnx.adapters.peft.mapping import PEFT_PREFIX
 from lora_onnx.adapters.peft.modules_to_save import read_saved
+from lora_onnx.adapters.peft.packed import PACKED_SEP
 from lora_onnx.adapters.peft.tensors import WEIGHTS_NAME, encode_safetensors
 from lora_onnx.common.atomic import check_outputs, write_file
 from lora_onnx.errors import AdapterError, OutputError
@@ -88,6 +89,12 @@ def peft_tensors(model: LoadedModel, branches: Sequence[BranchRecord]) -> dict[s
     owner: dict[str, str] = {}
     for branch in branches:
         path = branch.peft_path or branch.module_path
+        if PACKED_SEP in path:
+            raise AdapterError(
+                f"the branch at node {branch.site!r} ({branch.module_path}) is one block branch for the PEFT "
+                f"modules {', '.join(path.split(PACKED_SEP))} on a packed projection; PEFT has separate "
+                "modules: export the adapter you applied, or apply it to an unpacked export"
+            )
         if owner.setdefault(path, branch.a) != branch.a:
             raise AdapterError(
                 f"two branches of module {path!r} carry different tensors; PEFT has one per module"

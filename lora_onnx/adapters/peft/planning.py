@@ -50,6 +50,13 @@ from lora_onnx.adapters.peft.mapping import (
     unmatched_modules,
 )
 from lora_onnx.adapters.peft.modules_to_save import SavedTensor, plan_saved_modules
+from lora_onnx.adapters.peft.packed import (
+    PackedGroup,
+    block_branch,
+    parse_module_map,
+    refuse_extras,
+    split_packed,
+)
 from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import all_kinds, kind_of
@@ -131,6 +138,7 @@ def plan_peft_adapter(
     modules_to_save: bool = False,
     skip_unmatched: bool = False,
     modules: Sequence[AdapterModule] | None = None,
+    module_map: Sequence[str] = (),
 ) -> PeftPlan:
     """Map the PEFT adapter in ``adapter_dir`` onto ``model``'s sites (see the module doc).
 
@@ -145,6 +153,8 @@ def plan_peft_adapter(
     out, listed in :attr:`PeftPlan.skipped_keys` and a warning, instead of refused. ``modules``: plan only
     these adapter modules (parsed from the adapter by :func:`~lora_onnx.adapters.peft.mapping.parse_keys`;
     a folder run gives each model file the modules it carries) instead of every key of the adapter.
+    ``module_map`` (``REGEX=REPL`` items) renames adapter module paths the graph does not have, before the
+    builder's own renames and packed projections (:mod:`lora_onnx.adapters.peft.packed`).
 
     Reads adapter_config.json and adapter_model.safetensors, and weight bytes only for DoRA norms and,
     with ``base_weights`` (the base model's state dict as safetensors), the adapted sites' weights.
@@ -176,6 +186,8 @@ def plan_peft_adapter(
             module_paths()
         loaded, scan = scans[0]
         modules, fused = split_fused(loaded, scan, modules, config, weights, merge=fused_merge, source=source)
+        rules = parse_module_map(module_map)
+        modules, packed = split_packed(scan, modules, module_map=rules, source=source)
         matches = match_modules(modules, scan, source=source, skip_unmatched=skip_unmatched)
         left_out = unmatched_modules(modules, matches)
         skipped_keys = tuple(key for module in left_out for key in module.keys.values())
@@ -184,6 +196,8 @@ def plan_peft_adapter(
         planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
         for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
             planner.add(match)
+        for group in packed:
+            planner.add_packed(group)
         branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
         warnings = list(planner.warnings)
         if left_out:
@@ -301,6 +315,43 @@ class _Planner:
         for suffix in suffixes:
             self.index.reserve(stem + suffix)
         return stem
+
+    def add_packed(self, group: PackedGroup) -> None:
+        """One block branch for the modules on a packed projection (:mod:`lora_onnx.adapters.peft.packed`)."""
+        refuse_extras(group, self.source)
+        first = group.sites[0]
+        tensors: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        for name, module in group.members.items():
+            rank = self.config.rank_for(module.full_path)
+            scale = self.config.scale(rank, self.config.alpha_for(module.full_path))
+            a_key, b_key = module.key("lora_A"), module.key("lora_B")
+            note = f"rank {rank} (adapter_config.json r / rank_pattern for {module.path!r})"
+            self._check(a_key, first, (rank, first.in_features), note)
+            b_shape = self.weights.tensors[b_key].shape
+            if len(b_shape) != 2 or b_shape[1] != rank:
+                raise AdapterError(
+                    f"{self.source}: key {b_key!r} has shape {list(b_shape)}, but {note} needs (out, {rank})"
+                )
+            a, b = kind_of(first.op).from_peft(self._read(a_key), self._read(b_key))
+            tensors[name] = (a, b, scale)
+        a_packed, b_packed = block_branch(group, first.out_features, tensors, self.source)
+        dtype = np_dtype(first.dtype)
+        names = (".lora_A.weight", ".lora_B.weight")
+        stem = self._unique_stem(tensor_stem(group.graph_path, self.adapter), names)
+        a_name, b_name = stem + names[0], stem + names[1]
+        self.values[a_name] = np.ascontiguousarray(a_packed, dtype)
+        self.values[b_name] = np.ascontiguousarray(b_packed, dtype)
+        rank = a_packed.shape[1]
+        for site in group.sites:
+            self.branches.append(
+                BranchPlan(
+                    site=site, adapter=self.adapter, rank=rank, alpha=float(rank), scale=1.0, stem=stem,
+                    a_name=a_name, b_name=b_name,
+                )
+            )  # fmt: skip
+            self.extras[site.node] = PeftBranchExtras(
+                adapter_path=group.peft_path, base_bias=_base_bias(self.index, site)
+            )
 
     def add(self, match: ModuleMatch) -> None:
         module = match.module
