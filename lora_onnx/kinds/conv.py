@@ -95,6 +95,8 @@ def pad_blocks(value: np.ndarray, axis: int, blocks: int, size: int) -> np.ndarr
 
 class ConvForm(BranchForm):
     name = "conv"
+    #: What messages call a branch of this form.
+    label = "conv"
     rank_axes = (0, 1)
     chain_op = "Conv"
     grouped = True
@@ -188,7 +190,9 @@ class ConvForm(BranchForm):
 
     def rank_group_refusal(self, rank: int, a_group: int, b_group: int) -> str | None:
         group = max(a_group, b_group)
-        return f"rank {rank} is not a multiple of the conv branch's group {group}" if rank % group else None
+        if rank % group:
+            return f"rank {rank} is not a multiple of the {self.label} branch's group {group}"
+        return None
 
     def site_form(self, pairs: Sequence[SitePair | None], rank: int | None = None) -> SiteForm:
         """Groups kept when all pairs agree, else dense (1); R padded per group block."""
@@ -327,6 +331,13 @@ class ConvKind(OpKind):
     bias_input = True
     #: What TorchScript's constant folding computes into an anonymous ``onnx::Conv_N`` weight.
     torchscript_fold = "BatchNorm"
+    #: The weight's layout as the node reads it, for messages and ``Site.layout``.
+    weight_layout = "(out, in/group, k...)"
+    layout_prefix = "out,in/group,"
+
+    def features(self, shape: tuple[int, ...], group: int) -> tuple[int, int] | str:
+        """(in, out) features of a weight of ``shape`` at ``group``, or why they do not split."""
+        return shape[1] * group, shape[0]
 
     def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
         if len(node.input) < 2 or not node.input[1]:
@@ -337,7 +348,8 @@ class ConvKind(OpKind):
         shape = weight.node_shape
         if len(shape) < 3:
             return (
-                f"conv weight {weight.initializer!r} has shape {list(shape)}; expected (out, in/group, k...)"
+                f"{self.noun or self.op_type} weight {weight.initializer!r} has shape {list(shape)}; "
+                f"expected {self.weight_layout}"
             )
         if 0 in shape:
             return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
@@ -346,11 +358,14 @@ class ConvKind(OpKind):
         if kernel != tuple(shape[2:]):
             return f"kernel_shape {list(kernel)} disagrees with weight {weight.initializer!r} {list(shape)}"
         conv = conv_attrs(index, node, kernel)
-        layout = "out,in/group," + ",".join(f"k{i + 1}" for i in range(len(kernel)))
+        features = self.features(shape, conv.group)
+        if isinstance(features, str):
+            return features
+        layout = self.layout_prefix + ",".join(f"k{i + 1}" for i in range(len(kernel)))
         path = module_path(index, node, weight.initializer)
         return Site(
             node.name, self.op_type, path, node.input[0], node.output[0], weight, layout,
-            in_features=shape[1] * conv.group, out_features=shape[0], conv=conv,
+            in_features=features[0], out_features=features[1], conv=conv,
         )  # fmt: skip
 
     def source_layout(self, site: Site) -> str:
@@ -375,7 +390,8 @@ class ConvKind(OpKind):
 
     def peft_rank_refusal(self, site: Site, rank: int) -> str | None:
         if rank % site.group:
-            return f"rank {rank} is not a multiple of the groups ({site.group}) of conv node {site.node!r}"
+            group, noun = site.group, self.noun or self.op_type
+            return f"rank {rank} is not a multiple of the groups ({group}) of {noun} node {site.node!r}"
         return None
 
     def peft_magnitude_shape(self, site: Site) -> tuple[int, ...]:

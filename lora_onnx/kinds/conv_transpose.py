@@ -11,8 +11,7 @@ a PEFT folder made by lora-onnx applies back.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,20 +19,16 @@ import onnx
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds.base import (
-    BranchForm,
     BranchNames,
     NodeMaker,
     OpKind,
     SiteForm,
     SitePair,
-    float_weight,
     register,
 )
-from lora_onnx.kinds.conv import concat_b, conv_attrs, mask_rank_channels, pad_attrs
+from lora_onnx.kinds.conv import ConvForm, ConvKind, concat_b, mask_rank_channels, pad_attrs
 from lora_onnx.kinds.deltas import DeltaRows
 from lora_onnx.kinds.site import ConvAttrs, Site
-from lora_onnx.model.graph import GraphIndex
-from lora_onnx.model.module_paths import module_path
 from lora_onnx.model.tensors import np_dtype
 
 if TYPE_CHECKING:
@@ -78,11 +73,13 @@ class ConvTransposeRows(DeltaRows):
             flat[lo - r0 : hi - r0] += np.matmul(b_j[None], self.a3[lo:hi])
 
 
-class ConvTransposeForm(BranchForm):
+class ConvTransposeForm(ConvForm):
+    """The conv form with a ConvTranspose A; what it shares with Conv's (groups, init, bias) is inherited."""
+
     name = "conv_transpose"
+    label = "ConvTranspose"
     rank_axes = (1, 1)
-    grouped = True
-    b_takes_bias = True
+    chain_op = ""  # slots other tools make are dense or conv chains (lora_onnx.stages.foreign_slots)
 
     def a_shape(self, site: Site, rank: int, a_group: int = 1) -> tuple[int, ...]:
         return (site.in_features, rank // a_group, *site.kernel)
@@ -95,15 +92,6 @@ class ConvTransposeForm(BranchForm):
 
     def rank_of(self, a: np.ndarray, a_group: int = 1) -> int:
         return int(a.shape[1]) * a_group
-
-    def fresh_groups(self, site: Site) -> tuple[int, int]:
-        return site.group, site.group
-
-    def a_init(
-        self, site: Site, rank: int, shape: tuple[int, ...], draw: Callable[..., np.ndarray]
-    ) -> np.ndarray:
-        # torch's fan-in of a ConvTranspose weight (in, out/g, k...) is out/g * prod(k).
-        return draw(shape, math.prod(shape[1:]))
 
     def build(
         self, make: NodeMaker, site: Site, data: str, a: str, b: str, names: BranchNames, a_op: str,
@@ -147,9 +135,6 @@ class ConvTransposeForm(BranchForm):
         b = (out_f, record.rank // record.b_group, *(1 for _ in kernel))
         return a, b
 
-    def channel_axis(self, ndim: int) -> tuple[int, ...]:
-        return (-1, *([1] * (ndim - 1)))
-
     def channel_factor_shape(self, source_layout: str, ndim: int) -> tuple[int, ...]:
         # The output channel is the weight's axis 1 (within a group); only group 1 has a plain broadcast.
         return (1, -1, *(1,) * (ndim - 2))
@@ -169,17 +154,6 @@ class ConvTransposeForm(BranchForm):
         return (
             f"A ({site.in_features}, r/{ga}, {', '.join(map(str, site.kernel))}) and "
             f"B ({site.out_features}, r/{gb}, {', '.join('1' * spatial)})"
-        )
-
-    def groups_refusal(self, plan_groups: tuple[int, int], slot_groups: tuple[int, int]) -> bool:
-        return plan_groups != slot_groups
-
-    def rank_group_refusal(self, rank: int, a_group: int, b_group: int) -> str | None:
-        group = max(a_group, b_group)
-        return (
-            f"rank {rank} is not a multiple of the ConvTranspose branch's group {group}"
-            if rank % group
-            else None
         )
 
     def site_form(self, pairs: Sequence[SitePair | None], rank: int | None = None) -> SiteForm:
@@ -265,53 +239,26 @@ class ConvTransposeForm(BranchForm):
 CONV_TRANSPOSE_FORM = ConvTransposeForm()
 
 
-class ConvTransposeKind(OpKind):
+class ConvTransposeKind(ConvKind):
+    """Conv's kind with the weight's axes swapped: (in, out/group, k...); rank bounds, batch rows and the
+    PEFT checks it shares with Conv are inherited."""
+
     op_type = "ConvTranspose"
+    noun = ""
     key = "convtranspose"
     form = CONV_TRANSPOSE_FORM
-    bias_input = True
+    integer_twins = ()
+    torchscript_fold = ""
+    weight_layout = "(in, out/group, k...)"
+    layout_prefix = "in,out/group,"
 
-    def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-        if len(node.input) < 2 or not node.input[1]:
-            return "has no weight input"
-        weight = float_weight(index, node, "the data input is a constant")
-        if isinstance(weight, str):
-            return weight
-        shape = weight.node_shape
-        if len(shape) < 3:
-            return (
-                f"ConvTranspose weight {weight.initializer!r} has shape {list(shape)}; expected "
-                "(in, out/group, k...)"
-            )
-        if 0 in shape:
-            return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
-        attrs = index.attributes(node)
-        kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))  # type: ignore[union-attr]
-        if kernel != tuple(shape[2:]):
-            return f"kernel_shape {list(kernel)} disagrees with weight {weight.initializer!r} {list(shape)}"
-        conv = conv_attrs(index, node, kernel)
-        if shape[0] % conv.group:
-            return f"its {shape[0]} input channels do not split into group {conv.group}"
-        layout = "in,out/group," + ",".join(f"k{i + 1}" for i in range(len(kernel)))
-        path = module_path(index, node, weight.initializer)
-        return Site(
-            node.name, self.op_type, path, node.input[0], node.output[0], weight, layout,
-            in_features=shape[0], out_features=shape[1] * conv.group, conv=conv,
-        )  # fmt: skip
+    def features(self, shape: tuple[int, ...], group: int) -> tuple[int, int] | str:
+        if shape[0] % group:
+            return f"its {shape[0]} input channels do not split into group {group}"
+        return shape[0], shape[1] * group
 
     def source_layout(self, site: Site) -> str:
         return "conv_transpose"
-
-    def rank_bounds(self, site: Site) -> tuple[int, int]:
-        # Per group the delta is an (in/g * kernel size, out/g) matrix (see the module doc).
-        group = site.group
-        sides = (site.in_features // group * math.prod(site.kernel), site.out_features // group)
-        return group * min(sides), group * max(sides)
-
-    def batch_rows(self, site: Site, value: np.ndarray, rows: int) -> np.ndarray | str:
-        if value.ndim < 3 or value.shape[0] != rows:
-            return f"its first dim is {value.shape[0] if value.ndim else None}, not the batch ({rows} rows)"
-        return value
 
     # -- PEFT has no ConvTranspose LoRA: the tensors travel in lora-onnx's own layout (export-adapter)
     def peft_shapes(self, site: Site, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -319,23 +266,17 @@ class ConvTransposeKind(OpKind):
         group = site.group
         return (site.in_features, rank // group, *site.kernel), (site.out_features, rank // group, *ones)
 
-    def peft_rank_refusal(self, site: Site, rank: int) -> str | None:
-        if rank % site.group:
-            node, group = site.node, site.group
-            return f"rank {rank} is not a multiple of the groups ({group}) of ConvTranspose node {node!r}"
-        return None
-
-    def peft_base_shape(self, site: Site) -> tuple[int, ...]:
-        return site.weight.node_shape
-
-    def from_peft(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return a, b
+    peft_magnitude_shape = OpKind.peft_magnitude_shape
+    peft_dora_norm = OpKind.peft_dora_norm  # no DoRA: PEFT defines none for a ConvTranspose
 
     def peft_groups(self, site: Site) -> tuple[int, int]:
         return site.group, site.group
 
     def to_peft(self, a: np.ndarray, b: np.ndarray, record: BranchRecord) -> tuple[np.ndarray, np.ndarray]:
         return a, b
+
+    def peft_notes(self, site: Site) -> tuple[str, ...]:
+        return ()  # Conv's note is about PEFT's conv forward, which a ConvTranspose never meets
 
 
 CONV_TRANSPOSE = register(ConvTransposeKind())

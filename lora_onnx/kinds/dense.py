@@ -131,6 +131,10 @@ class DenseKind(OpKind):
 
     form = DENSE
 
+    def torch_transposed(self, site: Site) -> bool:
+        # A Linear's parameter is (out, in); a weight the node reads as (in, out) is it transposed.
+        return self.linear and self.source_layout(site) == "in,out"
+
     def peft_dora_norm(
         self, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, site: Site
     ) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import onnx
 
-from lora_onnx.kinds.base import float_weight, register
+from lora_onnx.kinds.base import register
 from lora_onnx.kinds.dense import DenseKind
-from lora_onnx.kinds.matmul import WEIGHT_FIRST
+from lora_onnx.kinds.matmul import dense_weight
 from lora_onnx.kinds.site import GemmAttrs, Site
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.module_paths import module_path
@@ -22,18 +22,10 @@ class GemmKind(DenseKind):
     torchscript_fold = "an op computed at export"
 
     def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-        if len(node.input) < 2 or not node.input[1]:
-            return "has no weight input"
-        weight = float_weight(index, node, WEIGHT_FIRST)
+        weight = dense_weight(index, node)
         if isinstance(weight, str):
             return weight
         shape = weight.node_shape
-        if len(shape) != 2:
-            return (
-                f"weight {weight.initializer!r} has shape {list(shape)}; only 2-D weights take a dense branch"
-            )
-        if 0 in shape:
-            return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
         attrs = index.attributes(node)
         gemm = GemmAttrs(
             alpha=float(attrs.get("alpha", 1.0)),  # type: ignore[arg-type]
@@ -56,9 +48,6 @@ class GemmKind(DenseKind):
             out_f,
             gemm=gemm,
         )
-
-    def torch_transposed(self, site: Site) -> bool:
-        return self.source_layout(site) == "in,out"
 
 
 GEMM = register(GemmKind())

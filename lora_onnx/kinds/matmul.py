@@ -11,7 +11,7 @@ from lora_onnx.kinds.dense import DenseKind
 from lora_onnx.kinds.site import Site
 from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.module_paths import module_path
-from lora_onnx.model.weights import resolve_weight
+from lora_onnx.model.weights import WeightRef, resolve_weight
 
 WEIGHT_FIRST = "the weight is the first input (W @ x); a LoRA branch needs x @ W with W as the second input"
 
@@ -38,6 +38,21 @@ def join_after_bias(index: GraphIndex, node: onnx.NodeProto, out_features: int) 
     return add.output[0], add.name
 
 
+def dense_weight(index: GraphIndex, node: onnx.NodeProto) -> WeightRef | str:
+    """The non-empty 2-D float weight a MatMul / Gemm node reads as its second input, or why it has none."""
+    if len(node.input) < 2 or not node.input[1]:
+        return "has no weight input"
+    weight = float_weight(index, node, WEIGHT_FIRST)
+    if isinstance(weight, str):
+        return weight
+    shape = weight.node_shape
+    if len(shape) != 2:
+        return f"weight {weight.initializer!r} has shape {list(shape)}; only 2-D weights take a dense branch"
+    if 0 in shape:
+        return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
+    return weight
+
+
 def data_rank(index: GraphIndex, value: str) -> int | None:
     info = index.value_info.get(value)
     if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
@@ -54,18 +69,10 @@ class MatMulKind(DenseKind):
     linear = True
 
     def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-        if len(node.input) < 2 or not node.input[1]:
-            return "has no weight input"
-        weight = float_weight(index, node, WEIGHT_FIRST)
+        weight = dense_weight(index, node)
         if isinstance(weight, str):
             return weight
         shape = weight.node_shape
-        if len(shape) != 2:
-            return (
-                f"weight {weight.initializer!r} has shape {list(shape)}; only 2-D weights take a dense branch"
-            )
-        if 0 in shape:
-            return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
         path = module_path(index, node, weight.initializer)
         output, bias_add = join_after_bias(index, node, out_features=shape[1])
         return Site(
@@ -79,9 +86,6 @@ class MatMulKind(DenseKind):
 
     def batched_input(self, shapes: Sequence[tuple[int, ...]]) -> bool:
         return all(len(s) == 3 for s in shapes)
-
-    def torch_transposed(self, site: Site) -> bool:
-        return self.source_layout(site) == "in,out"
 
 
 MATMUL = register(MatMulKind())

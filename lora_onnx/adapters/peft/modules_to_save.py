@@ -44,6 +44,7 @@ from lora_onnx.model.module_paths import module_path
 from lora_onnx.model.tensors import make_deferred, np_dtype
 from lora_onnx.model.weights import WeightRef, resolve_weight
 from lora_onnx.sites.find import Site, SiteScan
+from lora_onnx.stages.untie import drop_released
 
 #: Metadata key prefix of the replaced-tensor records, one entry per adapter.
 SAVED_KEY_PREFIX = ADAPTER_METADATA_PREFIXES[1]
@@ -406,7 +407,7 @@ def replace_saved(
             released.add(node.input[position])
             node.input[position] = tensor.name
     splice_nodes(graph, after=after)
-    _drop_unused(graph, released)
+    drop_released(graph, released)  # the replaced base tensors and their chains, unless shared
     write_saved(proto, adapter, saved)
     return model.with_proto(proto, producers)
 
@@ -429,34 +430,6 @@ def _producer(weights: SafetensorsFile, tensor: SavedTensor):  # type: ignore[no
         return np.ascontiguousarray(value.reshape(tensor.shape), np_dtype(tensor.dtype))
 
     return produce
-
-
-def _drop_unused(graph: onnx.GraphProto, released: set[str]) -> None:
-    """Remove what reading ``released`` values kept alive and nothing reads any more: the replaced base
-    tensors and their Transpose / Cast / Identity chains (a tensor another module shares stays)."""
-    outputs = {value.name for value in graph.output}
-    producers = {out: node for node in graph.node for out in node.output}
-    initializers = {tensor.name for tensor in graph.initializer}
-    drop_nodes: set[str] = set()
-    drop_values: set[str] = set()
-    pending = list(released)
-    while pending:
-        value = pending.pop()
-        if value in outputs or value in drop_values:
-            continue
-        if any(n.name not in drop_nodes and value in n.input for n in graph.node):
-            continue
-        producer = producers.get(value)
-        if producer is not None and producer.op_type in ("Transpose", "Cast", "Identity"):
-            drop_nodes.add(producer.name)
-            drop_values.add(value)
-            pending.extend(producer.input)
-        elif producer is None and value in initializers:
-            drop_values.add(value)
-    retain(graph.node, lambda node: node.name not in drop_nodes)
-    retain(graph.initializer, lambda tensor: tensor.name not in drop_values)
-    retain(graph.input, lambda value: value.name not in drop_values)
-    retain(graph.value_info, lambda value: value.name not in drop_values)
 
 
 def write_saved(proto: onnx.ModelProto, adapter: str, saved: Sequence[SavedTensor]) -> None:
