@@ -148,8 +148,7 @@ def _route_lora_file(
     wanted = sorted(lora.components)
     by_component: dict[str, list[AdapterModule]] = {}
     for module in lora.modules:
-        keys = {role: key for role, key in module.keys.items()}
-        by_component.setdefault(module.component, []).append(AdapterModule(module.path, keys))
+        by_component.setdefault(module.component, []).append(AdapterModule(module.path, module.keys))
     files: dict[str, tuple[AdapterModule, ...]] = {}
     parts: dict[str, str] = {}
     for model in folder.models:

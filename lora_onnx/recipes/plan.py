@@ -94,14 +94,16 @@ def tensor_stem(module: str, adapter: str) -> str:
     return module if adapter == DEFAULT_ADAPTER else f"{module}.{adapter}"
 
 
-def unique_stem(index: GraphIndex, wanted: str) -> str:
-    """``wanted`` (or ``wanted_1``...) such that its ``.lora_A/B.weight`` tensor names are free."""
-    stem, suffix = wanted, 0
-    while not (index.is_free(f"{stem}.lora_A.weight") and index.is_free(f"{stem}.lora_B.weight")):
-        suffix += 1
-        stem = f"{wanted}_{suffix}"
-    index.reserve(f"{stem}.lora_A.weight")
-    index.reserve(f"{stem}.lora_B.weight")
+def unique_stem(
+    index: GraphIndex, wanted: str, suffixes: Sequence[str] = (".lora_A.weight", ".lora_B.weight")
+) -> str:
+    """``wanted`` (or ``wanted_1``...) such that every ``stem + suffix`` name is free; they are reserved."""
+    stem, number = wanted, 0
+    while not all(index.is_free(stem + suffix) for suffix in suffixes):
+        number += 1
+        stem = f"{wanted}_{number}"
+    for suffix in suffixes:
+        index.reserve(stem + suffix)
     return stem
 
 

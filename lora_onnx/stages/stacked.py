@@ -202,14 +202,8 @@ class MixedSite:
 
 def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
     """A free stem and its ``<stem>.lora_A.stack`` / ``<stem>.lora_B.stack`` names (reserved)."""
-    stem, suffix = module_path, 0
-    while not (index.is_free(f"{stem}.lora_A.stack") and index.is_free(f"{stem}.lora_B.stack")):
-        suffix += 1
-        stem = f"{module_path}_{suffix}"
-    a, b = f"{stem}.lora_A.stack", f"{stem}.lora_B.stack"
-    index.reserve(a)
-    index.reserve(b)
-    return stem, a, b
+    stem = unique_stem(index, module_path, (".lora_A.stack", ".lora_B.stack"))
+    return stem, f"{stem}.lora_A.stack", f"{stem}.lora_B.stack"
 
 
 def require_opset(model: LoadedModel) -> None:

@@ -140,7 +140,7 @@ def _pack_of(candidates: Sequence[str], paths: Sequence[str], source: str) -> tu
     return None
 
 
-def refuse_extras(group: PackedGroup, source: str, saved: Sequence[str] = ()) -> None:
+def refuse_extras(group: PackedGroup, source: str) -> None:
     """DoRA, ``lora_B.bias`` and modules_to_save act on a whole module, which a pack shares: refused."""
     for module in group.members.values():
         for role, what in (("lora_magnitude_vector", "DoRA"), ("lora_B.bias", "a lora_B bias")):

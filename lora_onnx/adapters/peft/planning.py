@@ -64,7 +64,7 @@ from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.tensors import np_dtype
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
-from lora_onnx.recipes.plan import BranchPlan, Plan, tensor_stem
+from lora_onnx.recipes.plan import BranchPlan, Plan, tensor_stem, unique_stem
 from lora_onnx.sites.find import Site, SiteScan, scan_sites
 from lora_onnx.sites.folded_weights import BaseWeights, SiteScaling, compare_site, find_folded, refuse_folded
 
@@ -307,15 +307,6 @@ class _Planner:
                 f"{weight.initializer!r} {_shape(weight.node_shape)})"
             )
 
-    def _unique_stem(self, wanted: str, suffixes: tuple[str, ...]) -> str:
-        stem, number = wanted, 0
-        while not all(self.index.is_free(stem + suffix) for suffix in suffixes):
-            number += 1
-            stem = f"{wanted}_{number}"
-        for suffix in suffixes:
-            self.index.reserve(stem + suffix)
-        return stem
-
     def add_packed(self, group: PackedGroup) -> None:
         """One block branch for the modules on a packed projection (:mod:`lora_onnx.adapters.peft.packed`)."""
         refuse_extras(group, self.source)
@@ -337,7 +328,7 @@ class _Planner:
         a_packed, b_packed = block_branch(group, first.out_features, tensors, self.source)
         dtype = np_dtype(first.dtype)
         names = (".lora_A.weight", ".lora_B.weight")
-        stem = self._unique_stem(tensor_stem(group.graph_path, self.adapter), names)
+        stem = unique_stem(self.index, tensor_stem(group.graph_path, self.adapter), names)
         a_name, b_name = stem + names[0], stem + names[1]
         self.values[a_name] = np.ascontiguousarray(a_packed, dtype)
         self.values[b_name] = np.ascontiguousarray(b_packed, dtype)
@@ -387,7 +378,7 @@ class _Planner:
             )
             if role in module.keys
         )
-        stem = self._unique_stem(tensor_stem(match.graph_path, self.adapter), (*names, *optional))
+        stem = unique_stem(self.index, tensor_stem(match.graph_path, self.adapter), (*names, *optional))
         a_name, b_name = stem + names[0], stem + names[1]
         self.values[a_name], self.values[b_name] = a, b
         magnitude = lora_bias = ""
