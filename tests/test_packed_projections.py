@@ -220,3 +220,11 @@ def test_int4_matmulnbits_sites_take_peft_keys_and_fold_dequantized(genai, tmp_p
         output=tmp_path / "merged" / "model.onnx",
     )
     assert merged.validation is not None and merged.validation.ok
+
+
+def test_an_inferred_width_must_match_its_equal_partner(tmp_path: Path) -> None:
+    """k and v are equally wide in a qkv pack: a q too wide for the base shows in the k it leaves."""
+    model = _packed_model()  # 14 = q 6 + k 4 + v 4
+    wrong_q = _adapter(tmp_path / "a", {"layers.0.self_attn.q_proj": 8, "layers.0.self_attn.v_proj": 4})
+    with pytest.raises(AdapterError, match="k_proj would be 2 wide but v_proj 4"):
+        apply_peft(model, wrong_q)

@@ -36,6 +36,12 @@ PACKS: Mapping[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
+#: Members of a pack whose output widths are equal by construction (k and v: kv heads x head size; gate and
+#: up: the MLP width), which checks a width inferred from what the packed width leaves.
+EQUAL_WIDTHS: Mapping[str, tuple[str, str]] = {
+    "qkv_proj": ("k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 #: The builder's renames: (pattern, replacement) on module paths.
 BUILDER_RENAMES: tuple[tuple[str, str], ...] = ((r"(^|\.)self_attn\.", r"\1attn."),)
 #: Joins the member paths of a packed branch in its record's ``peft_path`` (export-adapter reads it).
@@ -166,6 +172,13 @@ def block_branch(
     unknown = [name for name, width in widths.items() if width is None]
     if len(unknown) == 1:  # the one member left out takes what the packed width leaves
         widths[unknown[0]] = out_features - sum(w for w in widths.values() if w is not None)
+    pair = EQUAL_WIDTHS.get(group.graph_path.rsplit(".", 1)[-1])
+    first, second = (widths[name] for name in pair) if pair is not None else (None, None)
+    if pair is not None and None not in (first, second) and first != second:
+        raise AdapterError(
+            f"{source}: packed projection {group.graph_path!r}: {pair[0]} would be {first} wide but "
+            f"{pair[1]} {second}, and they are equal in such a pack; the adapter was trained on another base"
+        )
     last = max(group.pack.index(name) for name in tensors)
     offsets: dict[str, int] = {}
     offset = 0
