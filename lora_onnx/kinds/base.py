@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames, GraphIndex
 from lora_onnx.model.weights import WeightRef, resolve_weight
 
 if TYPE_CHECKING:
@@ -78,16 +79,36 @@ class SiteForm:
 
 
 class NodeMaker:
-    """What a form needs to add nodes to a graph: fresh names and somewhere to put the nodes."""
+    """What a form needs to add nodes to an onnx-ir graph: fresh names, and nodes made from value names
+    (records name values), collected in :attr:`nodes` for the stage to insert where they belong."""
 
-    def __init__(self, index: GraphIndex, into: list[onnx.NodeProto]) -> None:
-        self.index, self.into = index, into
+    def __init__(self, names: FreshNames, values: dict[str, ir.Value]) -> None:
+        self.names, self.values = names, values
+        self.nodes: list[ir.Node] = []
 
     def name(self, wanted: str) -> str:
-        return self.index.unique_name(wanted)
+        return self.names(wanted)
 
-    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:
-        self.into.append(onnx.helper.make_node(op, list(inputs), list(outputs), name, **attrs))
+    def node(
+        self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, *, domain: str = "",
+        **attrs: Any,
+    ) -> ir.Node:  # fmt: skip
+        """A node reading and writing the named values; an input no node writes yet is a forward reference
+        that the node writing it later fills (a form builds A and B before the stage adds the Mul between)."""
+        node = ir.node(
+            op, [self._value(value) if value else None for value in inputs], attrs or None, domain=domain,
+            outputs=[self._value(value) for value in outputs], name=name,
+        )  # fmt: skip
+        return self._add(node)
+
+    def _value(self, name: str) -> ir.Value:
+        if name not in self.values:
+            self.values[name] = ir.Value(name=name)
+        return self.values[name]
+
+    def _add(self, node: ir.Node) -> ir.Node:
+        self.nodes.append(node)
+        return node
 
 
 class BranchForm:

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from lora_onnx.common import progress
 from lora_onnx.errors import FoldError, LoraOnnxError, ModelLoadError
+from lora_onnx.model.graph import to_ir, to_proto
 from lora_onnx.model.manifest import check_branches
 from lora_onnx.model.tensors import (
     ExternalRef,
@@ -93,6 +95,14 @@ class LoadedModel:
         present = {tensor.name for tensor in proto.graph.initializer}
         merged = {k: v for k, v in {**self.overrides, **(overrides or {})}.items() if k in present}
         return LoadedModel(proto=proto, path=self.path, base_dir=self.base_dir, overrides=merged)
+
+    def to_ir(self) -> ir.Model:
+        """The graph as an onnx-ir model a stage can rewrite: a copy, so this record never changes."""
+        return to_ir(self.proto)
+
+    def with_ir(self, model: ir.Model, overrides: Mapping[str, TensorProducer] | None = None) -> LoadedModel:
+        """:meth:`with_proto` for a graph a stage rewrote in onnx-ir."""
+        return self.with_proto(to_proto(model), overrides)
 
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import onnx
+import onnx_ir as ir
 
+from lora_onnx.model.graph import nodes_by_name
 from lora_onnx.model.manifest import BranchRecord
 
 #: Node metadata key: which branch a node belongs to (``adapter@site``), or :data:`SHARED`.
@@ -31,12 +34,17 @@ def branch_tag(branch: BranchRecord) -> str:
     return f"{branch.adapter}@{branch.site}"
 
 
-def scope_of(node: onnx.NodeProto) -> dict[str, str]:
+def scope_of(node: ir.Node | onnx.NodeProto) -> dict[str, str]:
     """The exporter scope metadata of ``node`` (empty for models from other exporters)."""
+    if isinstance(node, ir.Node):
+        return {key: value for key, value in node.metadata_props.items() if key in SCOPE_KEYS}
     return {entry.key: entry.value for entry in node.metadata_props if entry.key in SCOPE_KEYS}
 
 
-def _stamp(node: onnx.NodeProto, values: Mapping[str, str]) -> None:
+def _stamp(node: ir.Node | onnx.NodeProto, values: Mapping[str, str]) -> None:
+    if isinstance(node, ir.Node):
+        node.metadata_props.update(values)
+        return
     keep = [entry for entry in node.metadata_props if entry.key not in values]
     del node.metadata_props[:]
     node.metadata_props.extend(keep)
@@ -44,9 +52,15 @@ def _stamp(node: onnx.NodeProto, values: Mapping[str, str]) -> None:
         node.metadata_props.add(key=key, value=value)
 
 
-def stamp_branches(graph: onnx.GraphProto, branches: Iterable[BranchRecord]) -> None:
+def _nodes(graph: ir.Graph | onnx.GraphProto) -> dict[str, Any]:
+    if isinstance(graph, ir.Graph):
+        return nodes_by_name(graph)
+    return {node.name: node for node in graph.node}
+
+
+def stamp_branches(graph: ir.Graph | onnx.GraphProto, branches: Iterable[BranchRecord]) -> None:
     """Give every node of ``branches`` its base node's scope and its branch tag (in place)."""
-    nodes = {node.name: node for node in graph.node}
+    nodes = _nodes(graph)
     for branch in branches:
         base = nodes.get(branch.site)
         values = {**(scope_of(base) if base is not None else {}), BRANCH_KEY: branch_tag(branch)}
@@ -55,10 +69,12 @@ def stamp_branches(graph: onnx.GraphProto, branches: Iterable[BranchRecord]) -> 
                 _stamp(nodes[name], values)
 
 
-def stamp_shared(graph: onnx.GraphProto, names: Iterable[str], branches: Sequence[BranchRecord]) -> None:
+def stamp_shared(
+    graph: ir.Graph | onnx.GraphProto, names: Iterable[str], branches: Sequence[BranchRecord]
+) -> None:
     """Tag nodes shared by ``branches`` :data:`SHARED`, with the scope all their base nodes have in common
     (the innermost module holding every one of them)."""
-    nodes = {node.name: node for node in graph.node}
+    nodes = _nodes(graph)
     scopes = [scope_of(nodes[b.site]) for b in branches if b.site in nodes]
     values = {**_common_scope(scopes), BRANCH_KEY: SHARED}
     for name in names:

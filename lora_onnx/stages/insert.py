@@ -13,32 +13,21 @@ cheapest place for it. New nodes go right after the node producing ``y``, which 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.kinds import kind_of
 from lora_onnx.kinds.base import BranchNames, NodeMaker
-from lora_onnx.model.graph import GraphIndex, rename_output, splice_nodes
+from lora_onnx.model.graph import FreshNames, add_initializer, take_over, to_proto, values_by_name
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype
 from lora_onnx.recipes.plan import BranchPlan
-from lora_onnx.sites.find import (
-    source_layout,
-)
+from lora_onnx.sites.find import source_layout
 from lora_onnx.stages.branch_metadata import stamp_branches
 from lora_onnx.stages.contract import Stage, StageResult, require_free, require_opset
-
-
-@dataclass(frozen=True)
-class _Built:
-    nodes: list[onnx.NodeProto]
-    record: BranchRecord
-    producer: str
 
 
 def insert_branches(
@@ -86,83 +75,70 @@ class InsertBranches(Stage):
 
     def call(self, model: LoadedModel) -> StageResult:
         plans, values = self.plans, self.values
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model.proto)
-        graph = proto.graph
-        index = GraphIndex(graph)
+        rewritten = model.to_ir()
+        graph = rewritten.graph
+        names = FreshNames(graph)
         for plan in plans:
-            index.reserve(plan.a_name)
-            index.reserve(plan.b_name)
-        built = [_build(index, plan, self.zero_init) for plan in plans]
-
-        after: dict[str, list[onnx.NodeProto]] = {}
-        for item in built:
-            rename_output(index.nodes[item.producer], item.record.join, item.record.base_join)
-            after.setdefault(item.producer, []).extend(item.nodes)
-        splice_nodes(graph, after=after)
-
-        added: set[str] = set()
+            names.reserve(plan.a_name)
+            names.reserve(plan.b_name)
+        known = values_by_name(graph)
         deferred: dict[str, TensorProducer] = {}
-        for plan, item in zip(plans, built, strict=True):
+        for plan in plans:
             for name, shape in ((plan.a_name, plan.a_shape), (plan.b_name, plan.b_shape)):
-                if name in added:
-                    continue
+                if name in known:
+                    continue  # a pair shared by several sites is added once
                 value = values[name]
                 if callable(value):
-                    graph.initializer.append(make_deferred(name, shape, plan.site.dtype))
+                    known[name] = add_initializer(graph, make_deferred(name, shape, plan.site.dtype))
                     deferred[name] = value
                 else:
-                    graph.initializer.append(make_tensor(name, value, plan.site.dtype))
-                added.add(name)
-            scale = np.array(plan.scale * item.record.gemm_alpha, dtype=np_dtype(plan.site.dtype))
-            graph.initializer.append(make_tensor(item.record.scale_tensor, scale))
-        records = tuple(item.record for item in built)
+                    known[name] = add_initializer(graph, make_tensor(name, value, plan.site.dtype))
+        records = tuple(_insert(graph, names, known, plan, self.zero_init) for plan in plans)
         stamp_branches(graph, records)
+        proto = to_proto(rewritten)
         write_branches(proto, read_branches(proto) + records)
         return StageResult(model.with_proto(proto, deferred), records, modified=bool(records))
 
 
-def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
+def _insert(
+    graph: ir.Graph, names: FreshNames, values: dict[str, ir.Value], plan: BranchPlan, zero_init: bool
+) -> BranchRecord:
+    """Add ``plan``'s branch right after the node producing the site's output, which then feeds it."""
     site = plan.site
     stem = plan.stem
     join = site.output
-    base_join = index.unique_name(f"{join}.lora_base")
-    scale_name = index.unique_name(f"{stem}.lora_scale")
-    a_out = index.unique_name(f"{stem}.lora_A.output")
-    scaled = index.unique_name(f"{stem}.lora_scaled")
-    b_out = index.unique_name(f"{stem}.lora_B.output")
-    nodes: list[onnx.NodeProto] = []
+    base = values[join]
+    producer = base.producer()
+    assert producer is not None, f"{join!r} is no node output"
+    base_join = names(f"{join}.lora_base")
+    scale_name = names(f"{stem}.lora_scale")
+    a_out = names(f"{stem}.lora_A.output")
+    scaled = names(f"{stem}.lora_scaled")
+    b_out = names(f"{stem}.lora_B.output")
+    scale = np.array(plan.scale * (site.gemm.alpha if site.gemm else 1.0), dtype=np_dtype(plan.site.dtype))
+    values[scale_name] = add_initializer(graph, make_tensor(scale_name, scale))
+    make = NodeMaker(names, values)
     data = site.data_input
     if site.gemm is not None and site.gemm.trans_a:
-        data_t = index.unique_name(f"{stem}.lora_input_t")
-        nodes.append(
-            helper.make_node(
-                "Transpose",
-                [site.data_input],
-                [data_t],
-                index.unique_name(f"{stem}.lora_input_T"),
-                perm=[1, 0],
-            )
-        )
+        data_t = names(f"{stem}.lora_input_t")
+        make.node("Transpose", [site.data_input], [data_t], names(f"{stem}.lora_input_T"), perm=[1, 0])
         data = data_t
     kind = kind_of(site.op)
-    names = BranchNames(
-        stem, a_out, scaled, b_out, index.unique_name(f"{stem}.lora_A"), index.unique_name(f"{stem}.lora_B")
-    )
-    built: list[onnx.NodeProto] = []
-    kind.form.build(
-        NodeMaker(index, built), site, data, plan.a_name, plan.b_name, names, kind.a_op, plan.a_group,
-        plan.b_group,
-    )  # fmt: skip
-    a_node, b_node = built
-    nodes.append(a_node)
-    nodes.append(
-        helper.make_node("Mul", [a_out, scale_name], [scaled], index.unique_name(f"{stem}.lora_scale_mul"))
-    )
-    nodes.append(b_node)
-    nodes.append(helper.make_node("Add", [base_join, b_out], [join], index.unique_name(f"{stem}.lora_add")))
-    producer = index.producer[join].name
-    record = BranchRecord(
+    a_node, b_node = names(f"{stem}.lora_A"), names(f"{stem}.lora_B")
+    branch = BranchNames(stem, a_out, scaled, b_out, a_node, b_node)
+    form = NodeMaker(names, values)
+    kind.form.build(form, site, data, plan.a_name, plan.b_name, branch, kind.a_op, plan.a_group, plan.b_group)
+    first, second = form.nodes
+    make.nodes.append(first)
+    make.node("Mul", [a_out, scale_name], [scaled], names(f"{stem}.lora_scale_mul"))
+    make.nodes.append(second)
+    # The base output is renamed and the branch's Add takes its name, so every reader keeps its input.
+    base.name = base_join
+    values[base_join] = values.pop(join)
+    add = make.node("Add", [base_join, b_out], [join], names(f"{stem}.lora_add"))
+    take_over(base, add.outputs[0], keep=[add])
+    graph.insert_after(producer, make.nodes)
+    return BranchRecord(
         adapter=plan.adapter,
         site=site.node,
         op=site.op,
@@ -178,11 +154,10 @@ def _build(index: GraphIndex, plan: BranchPlan, zero_init: bool) -> _Built:
         scale_tensor=scale_name,
         join=join,
         base_join=base_join,
-        nodes=tuple(node.name for node in nodes),
+        nodes=tuple(node.name for node in make.nodes),
         a_group=plan.a_group,
         b_group=plan.b_group,
         base_group=site.group,
         gemm_alpha=site.gemm.alpha if site.gemm else 1.0,
         zero_init=zero_init,
     )
-    return _Built(nodes, record, producer)
