@@ -21,23 +21,31 @@ import onnx
 import onnx_ir as ir
 from onnx_ir import serde
 
+#: ``ir.Value.meta`` key marking an initializer the source listed in its value_info (see :func:`to_proto`).
+_LISTED = "lora_onnx.listed_in_value_info"
+
 
 def to_ir(proto: onnx.ModelProto) -> ir.Model:
     """``proto`` as an onnx-ir model that can be edited without changing ``proto`` (no tensor is read)."""
-    return serde.deserialize_model(proto)
+    model = serde.deserialize_model(proto)
+    listed = {info.name for info in proto.graph.value_info}
+    for name, value in model.graph.initializers.items():
+        if name in listed:
+            value.meta[_LISTED] = True
+    return model
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """``model`` as a ``ModelProto``.
 
-    onnx-ir writes a value_info for every typed initializer; only those that carry metadata (an optimizer's
-    ``folded_from``) are kept, so a round trip adds nothing to the graph's value_info.
+    onnx-ir writes a value_info for every typed initializer; only those the source listed (dynamo lists
+    its parameters, an optimizer's ``folded_from`` lives there) are kept, so a round trip adds nothing.
     """
     proto = serde.serialize_model(model)
     graph = proto.graph
-    initializers = {tensor.name for tensor in graph.initializer}
-    if initializers:
-        kept = [info for info in graph.value_info if info.name not in initializers or info.metadata_props]
+    unlisted = {name for name, value in model.graph.initializers.items() if not value.meta.get(_LISTED)}
+    if unlisted:
+        kept = [info for info in graph.value_info if info.name not in unlisted]
         if len(kept) != len(graph.value_info):
             del graph.value_info[:]
             graph.value_info.extend(kept)
