@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +43,41 @@ TensorProducer = Callable[[], np.ndarray]
 class LoadedModel:
     """A graph-only model and the folder its external data locations are relative to.
 
-    ``proto`` is owned by this record: stages copy it before they change it, so a caller's model is
-    never modified. ``path`` is the file it came from (None for a model built in memory). ``overrides``
-    maps initializer names to producers of their new values, computed only when the model is saved.
+    ``ir_model`` is the graph as onnx-ir holds it (:mod:`lora_onnx.model.graph`), owned by this record:
+    stages rewrite a copy (:meth:`to_ir`) and return a new record (:meth:`with_ir`), so a caller's model
+    is never modified. :attr:`proto` is its ``ModelProto`` (made on first use) for lora-onnx's save,
+    onnxruntime and the manifest; treat it as read-only. ``path`` is the file it came from (None for a
+    model built in memory). ``overrides`` maps initializer names to producers of their new values,
+    computed only when the model is saved.
     """
 
-    proto: onnx.ModelProto
+    ir_model: ir.Model
     path: Path | None = None
     base_dir: Path | None = None
     overrides: Mapping[str, TensorProducer] = field(default_factory=dict)
 
+    @classmethod
+    def from_proto(
+        cls,
+        proto: onnx.ModelProto,
+        path: Path | None = None,
+        base_dir: Path | None = None,
+        overrides: Mapping[str, TensorProducer] | None = None,
+    ) -> LoadedModel:
+        """A record of ``proto``, which it then owns (the caller must not change it)."""
+        loaded = cls(to_ir(proto), path, base_dir, dict(overrides or {}))
+        loaded.__dict__["proto"] = proto  # the proto it was made from is its serialised form
+        return loaded
+
+    @cached_property
+    def proto(self) -> onnx.ModelProto:
+        """The model as a ``ModelProto``, serialised by onnx-ir (no tensor bytes are read)."""
+        return to_proto(self.ir_model)
+
     @property
     def name(self) -> str:
         """A short label for messages: the file name, or the graph name for in-memory models."""
-        return self.path.name if self.path else (self.proto.graph.name or "<in-memory model>")
+        return self.path.name if self.path else (self.ir_model.graph.name or "<in-memory model>")
 
     def external_files(self) -> list[Path]:
         """Every data file the model's initializers refer to, resolved against ``base_dir``."""
@@ -93,16 +115,21 @@ class LoadedModel:
         Overrides carry over, plus ``overrides``, except those of tensors ``proto`` no longer has.
         """
         present = {tensor.name for tensor in proto.graph.initializer}
-        merged = {k: v for k, v in {**self.overrides, **(overrides or {})}.items() if k in present}
-        return LoadedModel(proto=proto, path=self.path, base_dir=self.base_dir, overrides=merged)
+        return LoadedModel.from_proto(proto, self.path, self.base_dir, self._overrides(present, overrides))
 
     def to_ir(self) -> ir.Model:
-        """The graph as an onnx-ir model a stage can rewrite: a copy, so this record never changes."""
-        return to_ir(self.proto)
+        """The graph as an onnx-ir model a stage can rewrite: a copy (tensors shared, never edited)."""
+        return self.ir_model.clone()
 
     def with_ir(self, model: ir.Model, overrides: Mapping[str, TensorProducer] | None = None) -> LoadedModel:
-        """:meth:`with_proto` for a graph a stage rewrote in onnx-ir."""
-        return self.with_proto(to_proto(model), overrides)
+        """:meth:`with_proto` for a graph a stage rewrote in onnx-ir (which the new record then owns)."""
+        present = set(model.graph.initializers)
+        return LoadedModel(model, self.path, self.base_dir, self._overrides(present, overrides))
+
+    def _overrides(
+        self, present: set[str], overrides: Mapping[str, TensorProducer] | None
+    ) -> dict[str, TensorProducer]:
+        return {k: v for k, v in {**self.overrides, **(overrides or {})}.items() if k in present}
 
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -137,13 +164,16 @@ def load_model(
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
-        loaded = LoadedModel(proto, None, Path(base_dir) if base_dir is not None else None)
+        path, folder = None, Path(base_dir) if base_dir is not None else None
     else:
         path = Path(model)
-        loaded = LoadedModel(_read_graph(path), path, path.parent)
-    _name_unnamed_nodes(loaded.proto.graph)
-    _check_graph(loaded)
-    _check_external_data(loaded)
+        proto, folder = _read_graph(path), path.parent
+    _name_unnamed_nodes(proto.graph)
+    # The proto is checked before onnx-ir reads it (its own errors on hostile entries are not one line).
+    unchecked = _Unchecked(proto, path, folder)
+    _check_graph(unchecked)
+    _check_external_data(unchecked)
+    loaded = LoadedModel.from_proto(proto, path, folder)
     if check_manifest:
         try:
             check_branches(loaded.proto)
@@ -152,6 +182,19 @@ def load_model(
         except LoraOnnxError as exc:  # the manifest itself is malformed
             raise ModelLoadError(f"{loaded.name}: {exc}") from exc
     return loaded
+
+
+@dataclass(frozen=True)
+class _Unchecked:
+    """What the load checks read of a model before its record is made."""
+
+    proto: onnx.ModelProto
+    path: Path | None
+    base_dir: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else (self.proto.graph.name or "<in-memory model>")
 
 
 def _read_graph(path: Path) -> onnx.ModelProto:
@@ -227,7 +270,7 @@ def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
-def _check_graph(model: LoadedModel) -> None:
+def _check_graph(model: _Unchecked) -> None:
     """Every node input must be defined before use: catches truncation and unsorted graphs early."""
     graph = model.proto.graph
     defined = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
@@ -246,7 +289,7 @@ def _check_graph(model: LoadedModel) -> None:
             raise ModelLoadError(f"{model.name}: graph output {output.name!r} is never computed")
 
 
-def _check_external_data(model: LoadedModel) -> None:
+def _check_external_data(model: _Unchecked) -> None:
     """Every external tensor's entries, file and byte range, as onnxruntime will need them.
 
     One line names the tensor and the file: a location that is not a regular file inside the model's
@@ -296,7 +339,7 @@ def _check_external_data(model: LoadedModel) -> None:
             )
 
 
-def _stored_size(model: LoadedModel, tensor: onnx.TensorProto, what: str) -> int:
+def _stored_size(model: _Unchecked, tensor: onnx.TensorProto, what: str) -> int:
     """The bytes an external tensor's values take; refuses types without a fixed size, negative dims."""
     if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or (
         tensor.data_type not in onnx.TensorProto.DataType.values()
@@ -315,7 +358,7 @@ def _type_label(data_type: int) -> str:
     return type_name(data_type) if data_type in onnx.TensorProto.DataType.values() else "unknown"
 
 
-def _refuse_unsupported_external(model: LoadedModel) -> None:
+def _refuse_unsupported_external(model: _Unchecked) -> None:
     """External data lora-onnx would neither check nor carry along: sparse tensors, function constants."""
     graph = model.proto.graph
     places: list[tuple[str, onnx.TensorProto]] = []

@@ -10,13 +10,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
+import onnx_ir as ir
 
 from lora_onnx.common import json_input
 from lora_onnx.errors import FoldError, LoraOnnxError
-from lora_onnx.model.graph import retain
+
+#: A model whose metadata the manifest lives in: onnx-ir's (a stage's) or a ``ModelProto`` (a saved file's).
+ModelMetadata = ir.Model | onnx.ModelProto
+
+
+def metadata_entries(model: ModelMetadata) -> list[tuple[str, str]]:
+    if isinstance(model, ir.Model):
+        return list(model.metadata_props.items())
+    return [(entry.key, entry.value) for entry in model.metadata_props]
+
+
+def replace_metadata(
+    model: ModelMetadata, keep: Callable[[str], bool], key: str | None, value: str = ""
+) -> None:
+    """Keep the entries whose key ``keep`` accepts, then add ``key`` = ``value`` last (if given)."""
+    if isinstance(model, ir.Model):
+        props = model.metadata_props
+        for name in [name for name in props if not keep(name)]:
+            del props[name]
+        if key is not None:
+            props.pop(key, None)
+            props[key] = value
+        return
+    kept = [entry for entry in model.metadata_props if keep(entry.key)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if key is not None:
+        model.metadata_props.add(key=key, value=value)
+
 
 MANIFEST_KEY = "lora_onnx.model.manifest"
 MANIFEST_VERSION = 1
@@ -129,17 +159,17 @@ _KIND_NAMES = {
 }
 
 
-def read_branches(model: onnx.ModelProto) -> tuple[BranchRecord, ...]:
+def read_branches(model: ModelMetadata) -> tuple[BranchRecord, ...]:
     """The branches recorded in ``model``; empty for a model lora-onnx has not rewritten.
 
     Raises :class:`LoraOnnxError` (one line) when the manifest is not JSON, too deep, of a newer
     version, or has a record with a missing or mistyped field or a variant no plug-in claims
     (:mod:`lora_onnx.variants`).
     """
-    for entry in model.metadata_props:
-        if entry.key == MANIFEST_KEY:
+    for key, text in metadata_entries(model):
+        if key == MANIFEST_KEY:
             try:
-                data = json_input.loads(entry.value)
+                data = json_input.loads(text)
                 if not isinstance(data, dict) or not isinstance(data.get("branches"), list):
                     raise ValueError('expected an object with a "branches" list')
                 version = data.get("version", MANIFEST_VERSION)
@@ -206,47 +236,43 @@ def check_branches(model: onnx.ModelProto) -> None:
             )
 
 
-def write_branches(model: onnx.ModelProto, branches: tuple[BranchRecord, ...]) -> None:
+def write_branches(model: ModelMetadata, branches: tuple[BranchRecord, ...]) -> None:
     """Replace the model's manifest with ``branches`` (removing it when there are none).
 
     The PEFT config (and modules_to_save record) of an adapter that no longer has a branch goes too, so a
     later adapter of the same name never inherits it.
     """
     live = {prefix + branch.adapter for branch in branches for prefix in ADAPTER_METADATA_PREFIXES}
-    retain(
-        model.metadata_props,
-        lambda entry: (
-            entry.key != MANIFEST_KEY
-            and (not entry.key.startswith(ADAPTER_METADATA_PREFIXES) or entry.key in live)
-        ),
-    )
-    if branches:
-        payload = {"version": MANIFEST_VERSION, "branches": [branch.to_json() for branch in branches]}
-        entry = model.metadata_props.add()
-        entry.key, entry.value = MANIFEST_KEY, json.dumps(payload, separators=(",", ":"))
+
+    def keep(key: str) -> bool:
+        return key != MANIFEST_KEY and (not key.startswith(ADAPTER_METADATA_PREFIXES) or key in live)
+
+    if not branches:
+        replace_metadata(model, keep, None)
+        return
+    payload = {"version": MANIFEST_VERSION, "branches": [branch.to_json() for branch in branches]}
+    replace_metadata(model, keep, MANIFEST_KEY, json.dumps(payload, separators=(",", ":")))
 
 
 def adapter_names(branches: tuple[BranchRecord, ...]) -> list[str]:
     return list(dict.fromkeys(branch.adapter for branch in branches))
 
 
-def write_peft_config(model: onnx.ModelProto, adapter: str, config: dict[str, object]) -> None:
+def write_peft_config(model: ModelMetadata, adapter: str, config: dict[str, object]) -> None:
     """Keep an imported adapter's adapter_config.json (so ``export`` can give it back unchanged)."""
     key = PEFT_CONFIG_PREFIX + adapter
-    retain(model.metadata_props, lambda entry: entry.key != key)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = key, json.dumps(config, sort_keys=True)
+    replace_metadata(model, lambda name: name != key, key, json.dumps(config, sort_keys=True))
 
 
-def read_peft_config(model: onnx.ModelProto, adapter: str) -> dict[str, object] | None:
+def read_peft_config(model: ModelMetadata, adapter: str) -> dict[str, object] | None:
     """The adapter_config.json an adapter was imported with, None for adapters not imported from PEFT."""
-    for entry in model.metadata_props:
-        if entry.key == PEFT_CONFIG_PREFIX + adapter:
+    for key, text in metadata_entries(model):
+        if key == PEFT_CONFIG_PREFIX + adapter:
             try:
-                data = json_input.loads(entry.value)
+                data = json_input.loads(text)
                 if not isinstance(data, dict):
                     raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             except ValueError as exc:
-                raise LoraOnnxError(f"the model's {entry.key} metadata is unreadable: {exc}") from exc
+                raise LoraOnnxError(f"the model's {key} metadata is unreadable: {exc}") from exc
             return data
     return None
