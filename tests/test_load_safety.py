@@ -727,3 +727,21 @@ def test_well_formed_external_data_loads_exactly_when_the_file_holds_it(
         assert expected is not None and value.shape == tuple(shape)
         assert value.tobytes() == expected.tobytes()
         assert value.tobytes()[:size] == data[offset : offset + size] or data_type in SUB_BYTE_BITS
+
+
+def test_sparse_tensors_are_refused_not_dropped(tmp_path: Path) -> None:
+    """onnx-ir, the graph layer, holds no sparse tensors: a rewrite would lose a sparse initializer."""
+    model = save(dense_model(1), tmp_path / "m.onnx")
+    proto = onnx.load(model)
+    values = numpy_helper.from_array(np.ones(2, np.float32), "sv")
+    indices = numpy_helper.from_array(np.array([0, 1], np.int64), "si")
+    proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    with pytest.raises(ModelLoadError, match=r"sparse initializer 'sv'.*dense initializer"):
+        load_model(proto)
+    proto.graph.ClearField("sparse_initializer")
+    constant = helper.make_node(
+        "Constant", [], ["c"], name="const", sparse_value=helper.make_sparse_tensor(values, indices, [4])
+    )
+    proto.graph.node.insert(0, constant)
+    with pytest.raises(ModelLoadError, match=r"node 'const' \(Constant\) has the sparse tensor attribute"):
+        load_model(proto)

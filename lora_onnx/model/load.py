@@ -173,7 +173,11 @@ def load_model(
     unchecked = _Unchecked(proto, path, folder)
     _check_graph(unchecked)
     _check_external_data(unchecked)
-    loaded = LoadedModel.from_proto(proto, path, folder)
+    _refuse_sparse(unchecked)
+    try:
+        loaded = LoadedModel.from_proto(proto, path, folder)
+    except Exception as exc:  # onnx-ir's own refusal of a graph it cannot represent, made one line
+        raise ModelLoadError(f"{unchecked.name}: the graph cannot be read into onnx-ir ({exc})") from exc
     if check_manifest:
         try:
             check_branches(loaded.proto)
@@ -337,6 +341,26 @@ def _check_external_data(model: _Unchecked) -> None:
                 f"{model.name}: external data file {file} is truncated: {what} needs bytes "
                 f"{ref.offset}..{ref.offset + size} but the file has {sizes[target]}"
             )
+
+
+def _refuse_sparse(model: _Unchecked) -> None:
+    """Sparse tensors: onnx-ir, the graph layer, does not hold them (it would drop a sparse initializer)."""
+    graph = model.proto.graph
+    if graph.sparse_initializer:
+        name = graph.sparse_initializer[0].values.name
+        raise ModelLoadError(
+            f"{model.name}: sparse initializer {name!r}: lora-onnx's graph layer (onnx-ir) does not keep "
+            "sparse tensors; store it as a dense initializer first (its values scattered at its indices)"
+        )
+    functions = [node for function in model.proto.functions for node in function.node]
+    for node in (*_all_nodes(graph), *functions):
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                raise ModelLoadError(
+                    f"{model.name}: node {node.name!r} ({node.op_type}) has the sparse tensor attribute "
+                    f"{attr.name!r}, which lora-onnx's graph layer (onnx-ir) does not hold; use a dense "
+                    "Constant value instead"
+                )
 
 
 def _stored_size(model: _Unchecked, tensor: onnx.TensorProto, what: str) -> int:

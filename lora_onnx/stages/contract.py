@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.kinds.site import Skipped
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord
 
@@ -64,7 +65,8 @@ class Stage:
 
 def require_opset(model: LoadedModel, what: str, minimum: int = MIN_OPSET) -> None:
     """Refuse a model whose ONNX opset is older than ``minimum`` (``what`` needs it)."""
-    version = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    opsets = model.ir_model.opset_imports
+    version = opsets.get("", opsets.get("ai.onnx"))
     if version is not None and version < minimum:
         raise LoraOnnxError(
             f"{model.name} uses opset {version}; {what} need opset {minimum} or newer "
@@ -74,10 +76,8 @@ def require_opset(model: LoadedModel, what: str, minimum: int = MIN_OPSET) -> No
 
 def require_free(model: LoadedModel, names: Iterable[str], what: str) -> None:
     """Refuse names the model already uses for a value, an initializer or a node."""
-    graph = model.proto.graph
-    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    taken |= {name for node in graph.node for name in (node.name, *node.output)}
-    clash = sorted(set(names) & taken)
+    free = FreshNames(model.ir_model.graph)
+    clash = sorted(name for name in set(names) if not free.is_free(name))
     if clash:
         raise LoraOnnxError(
             f"{model.name} already has value(s) named {', '.join(map(repr, clash[:3]))}, which the {what} "
