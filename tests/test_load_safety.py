@@ -745,3 +745,10 @@ def test_sparse_tensors_are_refused_not_dropped(tmp_path: Path) -> None:
     proto.graph.node.insert(0, constant)
     with pytest.raises(ModelLoadError, match=r"node 'const' \(Constant\) has the sparse tensor attribute"):
         load_model(proto)
+
+
+def test_training_info_is_refused_not_dropped(tmp_path: Path) -> None:
+    proto = onnx.load(save(dense_model(1), tmp_path / "m.onnx"))
+    proto.training_info.add().algorithm.name = "step"
+    with pytest.raises(ModelLoadError, match="training_info"):
+        load_model(proto)

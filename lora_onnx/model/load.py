@@ -173,7 +173,7 @@ def load_model(
     unchecked = _Unchecked(proto, path, folder)
     _check_graph(unchecked)
     _check_external_data(unchecked)
-    _refuse_sparse(unchecked)
+    _refuse_unkept(unchecked)
     try:
         loaded = LoadedModel.from_proto(proto, path, folder)
     except Exception as exc:  # onnx-ir's own refusal of a graph it cannot represent, made one line
@@ -343,8 +343,14 @@ def _check_external_data(model: _Unchecked) -> None:
             )
 
 
-def _refuse_sparse(model: _Unchecked) -> None:
-    """Sparse tensors: onnx-ir, the graph layer, does not hold them (it would drop a sparse initializer)."""
+def _refuse_unkept(model: _Unchecked) -> None:
+    """What onnx-ir, the graph layer, does not hold: a rewrite would drop it (sparse initializers,
+    training_info) or fail (sparse attributes)."""
+    if model.proto.training_info:
+        raise ModelLoadError(
+            f"{model.name}: the model carries training_info (an ONNX training algorithm), which lora-onnx's "
+            "graph layer (onnx-ir) does not keep; rewrite the inference model before adding training"
+        )
     graph = model.proto.graph
     if graph.sparse_initializer:
         name = graph.sparse_initializer[0].values.name
