@@ -92,7 +92,7 @@ def peft_export(loaded: LoadedModel, adapter: str | None = None, *, prefix: str 
     # modules_to_save go back under the keys they were imported with (the replacing tensors' values).
     for saved in read_saved(loaded.proto, adapter):
         key = saved.key
-        if prefix:
+        if prefix and key.startswith(PEFT_PREFIX):
             key = PEFT_PREFIX + _prefixed(prefix, key.removeprefix(PEFT_PREFIX))
         tensors[key] = saved.to_peft(loaded.array(saved.name))
     return PeftExport(tensors, read_peft_config(loaded.proto, adapter), tuple(chosen))
