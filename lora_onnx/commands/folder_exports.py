@@ -264,7 +264,10 @@ def _export_branches(
 ) -> FolderExportResult:
     found = find_models(model)
     models = _load(found)
-    carrying = [name for name, loaded in models.items() if _constant_adapters(loaded)]
+    carried = {name: _constant_adapters(loaded) for name, loaded in models.items()}
+    if adapter is not None and any(adapter in names for names in carried.values()):
+        carried = {name: names & {adapter} for name, names in carried.items()}  # the files having it
+    carrying = [name for name, names in carried.items() if names]
     if not carrying:
         raise AdapterError(
             f"no model file of {found.root} carries constant LoRA branches ({', '.join(found.models)}); "
@@ -296,7 +299,8 @@ def _export_branches(
     warnings: list[str] = []
     for name in found.models:
         if name not in planned:
-            note = "carries no constant LoRA branches: no adapter file"
+            what = f" of adapter {adapter!r}" if adapter is not None else ""
+            note = f"carries no constant LoRA branches{what}: no adapter file"
             warnings.append(f"{name} {note}")
             files.append(ExportFile(name, note=note))
             continue
