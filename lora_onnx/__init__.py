@@ -10,7 +10,9 @@ The pipeline, one package per step: :mod:`~lora_onnx.model.load` (graph only) ->
 The functions below are what the ``lora-onnx`` command line calls. :mod:`lora_onnx.adapters.peft` applies
 trained PEFT adapters (``apply_peft``, ``inject --peft``) and exports adapters back to PEFT;
 :mod:`~lora_onnx.commands.folders` applies one across a folder's model files (``apply_peft_folder``,
-``merge_folder``: Optimum split exports, genai folders, pipelines). Run-time
+``merge_folder``: Optimum split exports, genai folders, pipelines), :mod:`~lora_onnx.commands.folder_exports`
+exports a folder's adapter (``export_adapter_folder``, ``export_peft_folder``) and
+:mod:`~lora_onnx.commands.folder_mixed` mixes adapters across one (``inject_mixed_folder``). Run-time
 adapters (LoRA slots that onnxruntime fills per run from adapter files) live in :mod:`~lora_onnx.stages.slots`
 (graph), :mod:`~lora_onnx.adapters.files` (file formats), :mod:`~lora_onnx.adapters.check` and
 :mod:`~lora_onnx.commands.swap` (``inject_slots``, ``export_adapter``, ``fresh_adapter``).
@@ -28,6 +30,12 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time they load
     from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
     from lora_onnx.adapters.peft import export_peft_adapter
     from lora_onnx.commands.apply_peft import PeftResult, apply_peft
+    from lora_onnx.commands.folder_exports import (
+        FolderExportResult,
+        export_adapter_folder,
+        export_peft_folder,
+    )
+    from lora_onnx.commands.folder_mixed import inject_mixed_folder
     from lora_onnx.commands.folders import FolderResult, apply_peft_folder, merge_folder
     from lora_onnx.commands.inject import InjectResult, inject
     from lora_onnx.commands.inject_mixed import MixedInjectResult, inject_mixed, stack_adapters
@@ -62,6 +70,10 @@ _LAZY = {
     "FolderResult": ("commands.folders", "FolderResult"),
     "apply_peft_folder": ("commands.folders", "apply_peft_folder"),
     "merge_folder": ("commands.folders", "merge_folder"),
+    "FolderExportResult": ("commands.folder_exports", "FolderExportResult"),
+    "export_adapter_folder": ("commands.folder_exports", "export_adapter_folder"),
+    "export_peft_folder": ("commands.folder_exports", "export_peft_folder"),
+    "inject_mixed_folder": ("commands.folder_mixed", "inject_mixed_folder"),
     "InjectResult": ("commands.inject", "InjectResult"),
     "inject": ("commands.inject", "inject"),
     "Inspection": ("commands.inspect", "Inspection"),
@@ -110,6 +122,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AdapterCheck",
     "ExportResult",
+    "FolderExportResult",
     "FolderResult",
     "InjectResult",
     "Inspection",
@@ -129,11 +142,14 @@ __all__ = [
     "apply_peft_folder",
     "check_adapter",
     "export_adapter",
+    "export_adapter_folder",
     "export_peft_adapter",
+    "export_peft_folder",
     "find_sites",
     "fresh_adapter",
     "inject",
     "inject_mixed",
+    "inject_mixed_folder",
     "inject_slots",
     "inspect",
     "inspect_model",

@@ -88,3 +88,78 @@ def test_og_loads_the_output_folder(genai: dict[str, Path], tmp_path: Path) -> N
     # and the adapter is live (the MLP adapters change the later layers' key / value caches)
     base = _ort(genai["folder"] / "model.onnx")
     assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(outputs[1:], base[1:], strict=True))
+
+
+def _og_run(folder: Path, adapter_file: Path | None = None) -> list[np.ndarray]:
+    """og's logits and layer 1's key cache (the positions IDS filled), with ``adapter_file`` active."""
+    model = og.Model(str(folder))
+    generator = og.Generator(model, og.GeneratorParams(model))
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "mine")
+        generator.set_active_adapter(adapters, "mine")
+    generator.append_tokens(IDS)
+    key = np.asarray(generator.get_output("present.1.key"))[:, :, : IDS.shape[1]]
+    return [np.asarray(generator.get_output("logits")), key]
+
+
+def test_og_adapters_take_the_per_file_adapter_of_a_slotted_folder(
+    genai: dict[str, Path], tmp_path: Path
+) -> None:
+    # inject DIR --as-inputs, then export-adapter --peft ADAPTER --for SLOTS_DIR: og.Adapters loads the file
+    # and og's outputs with it active equal the constant branches' (inject DIR --peft)
+    from lora_onnx.commands.folder_exports import export_adapter_folder
+
+    slots, constant = tmp_path / "slots", tmp_path / "constant"
+    apply_peft_folder(genai["folder"], genai["adapter"], slots, as_inputs=True)
+    apply_peft_folder(genai["folder"], genai["adapter"], constant)
+    result = export_adapter_folder(peft=genai["adapter"], for_folder=slots, output=tmp_path / "adapters")
+    assert [(f.model, len(f.modules)) for f in result.files] == [("model.onnx", 6)]
+    assert (slots / "genai_config.json").is_file()
+    active = _og_run(slots, tmp_path / "adapters" / "model.onnx_adapter")
+    for mine, theirs in zip(active, _og_run(constant), strict=True):
+        assert np.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(active[1], _og_run(slots)[1], atol=1e-4)  # the adapter is live in og
+    # in onnxruntime, every output of the slotted file with the file active equals the constant branches'
+    # (and the adapter is live: the MLP adapters change the later layers' key / value caches)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(slots / "model.onnx"), options)
+    lora = ort.LoraAdapter()
+    lora.Load(str(tmp_path / "adapters" / "model.onnx_adapter"))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(lora)
+    feeds = {"input_ids": IDS, "attention_mask": np.ones_like(IDS)}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values"):
+            feeds[spec.name] = np.zeros((1, 2, 0, 16), np.float32)
+    outputs = session.run(None, feeds, run_options)
+    for mine, theirs in zip(outputs, _ort(constant / "model.onnx"), strict=True):
+        assert np.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    base = _ort(genai["folder"] / "model.onnx")
+    assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(outputs[1:], base[1:], strict=True))
+
+
+def test_mixed_genai_folder(genai: dict[str, Path], tmp_path: Path) -> None:
+    # inject DIR --mixed: the genai folder keeps its side files; row 0 runs the adapter, row 1 the base
+    from lora_onnx.commands.folder_mixed import inject_mixed_folder
+
+    out = tmp_path / "mixed"
+    result = inject_mixed_folder(genai["folder"], [genai["adapter"]], out, validate=True)
+    assert result.ok and [(f.model, f.branches) for f in result.files] == [("model.onnx", 6)]
+    assert (out / "genai_config.json").is_file()
+    constant = tmp_path / "constant"
+    apply_peft_folder(genai["folder"], genai["adapter"], constant)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(out / "model.onnx"), options)
+    ids = np.concatenate([IDS, IDS])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "lora_adapter_index": np.array([0, -1])}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values"):
+            feeds[spec.name] = np.zeros((2, 2, 0, 16), np.float32)
+    outputs = session.run(None, feeds)
+    adapted, base = _ort(constant / "model.onnx"), _ort(genai["folder"] / "model.onnx")
+    for mine, one, other in zip(outputs, adapted, base, strict=True):
+        assert np.allclose(mine[:1], one, rtol=1e-4, atol=1e-5)
+        assert np.allclose(mine[1:], other, rtol=1e-4, atol=1e-5)

@@ -231,7 +231,7 @@ def test_cli_pipeline_folder(pipeline: dict, tmp_path: Path) -> None:
     outputs = _outputs(tmp_path / "out")
     for name, expected in pipeline["expected"].items():
         assert rel_err(outputs[name], expected) <= 1e-4, name
-    # recipe flags and --mixed make no sense on a folder: one line, exit 2
+    # recipe flags make no sense on a folder: one line, exit 2
     assert main(["inject", str(pipeline["folder"]), "-o", str(tmp_path / "x")]) == 2
     assert main(["inject", str(pipeline["folder"]), "--peft", str(pipeline["adapter"]), "-o",
                  str(tmp_path / "y"), "--target", "q_proj"]) == 2  # fmt: skip
@@ -259,7 +259,10 @@ def test_cli_folder_refusals(pipeline: dict, tmp_path: Path, capsys: pytest.Capt
 
     folder, adapter, out = str(pipeline["folder"]), str(pipeline["adapter"]), str(tmp_path / "out")
     cases = [
-        (["inject", folder, "--peft", adapter, "-o", out, "--mixed"], "--mixed takes one model file"),
+        (
+            ["inject", folder, "--mixed", "--adapter-file", "a.onnx_adapter", "-o", out],
+            "--mixed takes PEFT adapters",
+        ),
         (["inject", folder, "--peft", adapter, "-o", out, "--base-weights", "w.safetensors"], "one by one"),
         (["inject", folder, "--peft", adapter, "-o", out, "--merge", "--as-inputs"], "exclude each other"),
         (["inject", folder, "--peft", adapter, "-o", out + ".onnx"], "not to one .onnx file"),

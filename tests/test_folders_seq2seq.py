@@ -28,6 +28,8 @@ pytest.importorskip(
 import onnxruntime as ort
 import torch
 
+from lora_onnx.commands.folder_exports import export_adapter_folder, export_peft_folder
+from lora_onnx.commands.folder_mixed import inject_mixed_folder
 from lora_onnx.commands.folders import apply_peft_folder, merge_folder
 from lora_onnx.errors import AdapterError
 
@@ -73,8 +75,17 @@ def _feeds(session: ort.InferenceSession, values: dict[str, np.ndarray]) -> dict
     return {i.name: values[i.name] for i in session.get_inputs()}
 
 
-def _check_against_peft(folder: Path, peft_model: torch.nn.Module) -> None:
-    """Encoder output, decoder logits and the next step through decoder_with_past, each against PEFT."""
+def _check_against_peft(
+    folder: Path,
+    peft_model: torch.nn.Module,
+    *,
+    index: int | None = None,
+    adapters: dict[str, Path] | None = None,
+) -> None:
+    """Encoder output, decoder logits and the next step through decoder_with_past, each against PEFT.
+
+    ``index``: feed it as ``lora_adapter_index`` (a mixed folder); ``adapters``: activate each model
+    file's adapter file (``onnxruntime.LoraAdapter``) on its runs (a slotted folder)."""
     ids = np.array([[5, 9, 3, 17, 1]], np.int64)
     mask = np.ones_like(ids)
     decoder_ids = np.array([[0, 7, 4]], np.int64)
@@ -91,21 +102,30 @@ def _check_against_peft(folder: Path, peft_model: torch.nn.Module) -> None:
         name: ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
         for name in SPLIT
     }
-    encoder = sessions["encoder_model.onnx"]
-    (ort_hidden,) = encoder.run(None, _feeds(encoder, {"input_ids": ids, "attention_mask": mask}))
+    extra = {"lora_adapter_index": np.array([index], np.int64)} if index is not None else {}
+    active: dict[str, ort.LoraAdapter] = {}  # alive while the runs use them
+
+    def _run(name: str, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+        run_options = ort.RunOptions()
+        if adapters is not None and name in adapters:
+            active[name] = ort.LoraAdapter()
+            active[name].Load(str(adapters[name]))
+            run_options.add_active_adapter(active[name])
+        return sessions[name].run(None, _feeds(sessions[name], {**values, **extra}), run_options)
+
+    (ort_hidden,) = _run("encoder_model.onnx", {"input_ids": ids, "attention_mask": mask})
     assert _rel(ort_hidden, hidden) <= 1e-4
     decoder = sessions["decoder_model.onnx"]
     values = {
         "input_ids": decoder_ids, "encoder_attention_mask": mask, "encoder_hidden_states": ort_hidden,
     }  # fmt: skip
     outputs = dict(
-        zip([o.name for o in decoder.get_outputs()], decoder.run(None, _feeds(decoder, values)), strict=True)
+        zip([o.name for o in decoder.get_outputs()], _run("decoder_model.onnx", values), strict=True)
     )
     assert _rel(outputs["logits"], logits[:, :3]) <= 1e-4
-    with_past = sessions["decoder_with_past_model.onnx"]
     past = {name.replace("present", "past_key_values"): value for name, value in outputs.items()}
     values = {**past, "input_ids": steps[:, 3:], "encoder_attention_mask": mask}
-    (next_logits, *_) = with_past.run(None, _feeds(with_past, values))
+    (next_logits, *_) = _run("decoder_with_past_model.onnx", values)
     assert _rel(next_logits, logits[:, 3:]) <= 1e-4
 
 
@@ -132,6 +152,47 @@ def test_split_export_unmerged_and_merged_equal_peft(t5: dict, tmp_path: Path) -
     folded = merge_folder(tmp_path / "applied", tmp_path / "folded", validate=True)
     assert folded.ok and {file.model for file in folded.files if file.result is not None} == set(SPLIT)
     _check_against_peft(tmp_path / "folded", t5["peft"])
+
+
+def test_export_adapter_and_mixed_on_the_split_folder(t5: dict, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file
+    from transformers import T5ForConditionalGeneration
+
+    # one adapter file per slotted file: each, active on its file, gives PEFT's outputs
+    slots, adapters = tmp_path / "slots", tmp_path / "adapters"
+    apply_peft_folder(t5["split"], t5["adapter"], slots, as_inputs=True)
+    exported = export_adapter_folder(peft=t5["adapter"], for_folder=slots, output=adapters)
+    assert {f.model: len(f.modules) for f in exported.files} == {
+        "encoder_model.onnx": 4, "decoder_model.onnx": 8, "decoder_with_past_model.onnx": 6,
+    }  # fmt: skip
+    with pytest.raises(AssertionError):  # no adapter active: the base, far from PEFT
+        _check_against_peft(slots, t5["peft"])
+    files = {name: adapters / name.replace(".onnx", ".onnx_adapter") for name in SPLIT}
+    _check_against_peft(slots, t5["peft"], adapters=files)
+
+    # the constant branches of the folder, back to one PEFT adapter: the adapter's own keys and tensors
+    apply_peft_folder(t5["split"], t5["adapter"], tmp_path / "constant")
+    gathered = export_peft_folder(tmp_path / "constant", tmp_path / "peft")
+    assert "6 module(s) equal to decoder_model.onnx's" in gathered.files[1].note
+    mine = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    theirs = load_file(str(t5["adapter"] / "adapter_model.safetensors"))
+    assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+    # mixed: another adapter at index 0, this one at 1, in every file; index 1 rows equal PEFT
+    torch.manual_seed(3)
+    other = get_peft_model(
+        T5ForConditionalGeneration.from_pretrained(t5["root"] / "hf"),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["k", "o", "wi"], init_lora_weights=False),
+    )
+    other.save_pretrained(tmp_path / "other")
+    mixed = inject_mixed_folder(
+        t5["split"], [tmp_path / "other", t5["adapter"]], tmp_path / "mixed", validate=True
+    )
+    assert mixed.ok and all(f.branches for f in mixed.files)
+    _check_against_peft(tmp_path / "mixed", t5["peft"], index=1)
+    with pytest.raises(AssertionError):
+        _check_against_peft(tmp_path / "mixed", t5["peft"], index=0)
 
 
 def test_optimum_loads_the_output_folder(t5: dict, tmp_path: Path) -> None:

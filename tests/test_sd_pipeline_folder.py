@@ -132,3 +132,51 @@ def test_sdxl_pipeline_folder_routes_kohya_te1_and_te2_to_their_encoders(tmp_pat
         apply_peft_folder(lacking, lora, tmp_path / "out2")
     skipped = apply_peft_folder(lacking, lora, tmp_path / "out3", skip_unmatched=True)
     assert skipped.ok and skipped.skipped_keys
+
+
+def test_sd15_pipeline_lora_file_per_file_adapters_and_mixed(tmp_path, unet, clip) -> None:
+    # export-adapter --peft LORA:0.8 --for SLOTS_DIR and inject DIR --mixed --peft LORA:0.8: each component
+    # gets its part of the file, as inject DIR --peft gives it (diffusers' outputs)
+    import onnxruntime as ort
+
+    from lora_onnx.commands.folder_exports import export_adapter_folder
+    from lora_onnx.commands.folder_mixed import inject_mixed_folder
+
+    unet_model, unet_export = unet
+    clip_model, clip_export = clip
+    un, un_config = sb.peft_lora(unet_model, ("to_q", "to_v", "conv1"), rank=4, alpha=8, seed=41)
+    te, te_config = sb.peft_lora(clip_model, sb.CLIP_TARGETS, rank=2, alpha=4, seed=42)
+    lora = sb.save_diffusers(
+        tmp_path / "lora", unet=un, unet_config=un_config, text_encoder=te, text_encoder_config=te_config
+    )
+    pipe = _pipeline(tmp_path / "pipe", unet_export, clip_export)
+    want = {
+        "unet": sb.torch_unet_output(sb.diffusers_unet(unet_model, [(lora, 0.8)]), sb.unet_inputs()),
+        "text_encoder": sb.torch_clip_output(sb.diffusers_clip(clip_model, lora, 0.8), sb.clip_inputs()),
+    }
+    base = {
+        "unet": sb.torch_unet_output(unet_model, sb.unet_inputs()),
+        "text_encoder": sb.torch_clip_output(clip_model, sb.clip_inputs()),
+    }
+    inputs = {"unet": sb.unet_inputs(), "text_encoder": sb.clip_inputs()}
+    slots = tmp_path / "slots"
+    apply_peft_folder(pipe, PeftRef(lora, 0.8), slots, as_inputs=True)
+    export_adapter_folder(peft=PeftRef(lora, 0.8), for_folder=slots, output=tmp_path / "adapters")
+    for name in ("unet", "text_encoder"):
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(tmp_path / "adapters" / name / "model.onnx_adapter"))
+        run_options = ort.RunOptions()
+        run_options.add_active_adapter(adapter)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(slots / name / "model.onnx"), options)
+        feeds = {i.name: inputs[name][i.name] for i in session.get_inputs() if i.name in inputs[name]}
+        _close(session.run(None, feeds, run_options)[0], want[name], base[name])
+
+    mixed = inject_mixed_folder(pipe, [PeftRef(lora, 0.8)], tmp_path / "mixed", validate=True)
+    assert mixed.ok
+    rows = np.array([-1, 0], np.int64)  # row 0: the base, row 1: the LoRA at 0.8
+    for name in ("unet", "text_encoder"):
+        got = sb.run(tmp_path / "mixed" / name / "model.onnx", {**inputs[name], "lora_adapter_index": rows})
+        assert sb.rel_err(got[1:], want[name][1:]) <= TOL, name
+        assert sb.rel_err(got[:1], base[name][:1]) <= 1e-5, name

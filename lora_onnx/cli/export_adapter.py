@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lora_onnx.cli.folders import folder_input, run_export_folder
 from lora_onnx.cli.peft import add_base_weights_argument, peft_ref
 from lora_onnx.cli.render import final, warn
 from lora_onnx.common.constants import ADAPTER_FORMATS as FORMATS
@@ -19,8 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "folder (--peft DIR --for MODEL) or from MODEL's constant branches (renamed for --for's slots if "
         "given). --format peft writes MODEL's constant branches as a PEFT folder instead.",
     )
-    parser.add_argument("model", nargs="?", help="a model carrying the adapter as constant branches")
-    parser.add_argument("-o", "--output", required=True, help="output file (a folder for --format peft)")
+    parser.add_argument(
+        "model", nargs="?",
+        help="a model carrying the adapter as constant branches; or a folder of such models (one adapter "
+        "file per model file in the folder -o; --format peft: one PEFT folder gathered from every file)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", required=True,
+        help="output file (a folder for --format peft, and for folder inputs)",
+    )  # fmt: skip
     parser.add_argument(
         "--peft", metavar="ADAPTER[:STRENGTH]",
         help="a PEFT adapter folder or single-file LoRA (.safetensors), ':STRENGTH' scales it (needs --for)",
@@ -32,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --peft: skip keys of modules the graph does not have (pruned by the export); warns",
     )  # fmt: skip
     parser.add_argument(
-        "--for", dest="for_model", metavar="MODEL", help="the slotted model the file is for (its slot names)"
+        "--for", dest="for_model", metavar="MODEL",
+        help="the slotted model the file is for (its slot names); a folder of slotted models (inject "
+        "FOLDER --as-inputs) for one adapter file per model file, each with the modules that file carries",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", metavar="REPORT", help="for a folder input: write a machine-readable report"
     )
     parser.add_argument("--name", help="the adapter (default: the only one the model has)")
     parser.add_argument("--format", choices=(*FORMATS, "peft"), help="default: from the output suffix")
@@ -48,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         if not 0 <= version < 2**31:
             raise LoraOnnxError(f"{flag} must be a whole number from 0 to {2**31 - 1}, got {version}")
+    if any(folder_input([path]) is not None for path in (args.model, args.for_model) if path):
+        return run_export_folder(args)
+    if args.json:
+        raise LoraOnnxError("--json reports a folder export; a one-model export prints its result")
     from lora_onnx.commands.swap import export_adapter
 
     peft = peft_ref(args.peft, args.component) if args.peft else None

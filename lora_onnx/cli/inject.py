@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "model",
-        help="input .onnx model (never modified); with --peft also a folder of model files (an Optimum, "
-        "genai or pipeline export) or several model files, written to the folder -o",
+        help="input .onnx model (never modified); with --peft (also --as-inputs, --merge, --mixed) also a "
+        "folder of model files (an Optimum, genai or pipeline export) or several model files, written to "
+        "the folder -o",
     )  # fmt: skip
     parser.add_argument("more_models", nargs="*", metavar="MODEL", help="more model files (a folder run)")
     parser.add_argument(

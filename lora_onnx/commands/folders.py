@@ -37,6 +37,7 @@ from lora_onnx.adapters.peft.mapping import AdapterModule, parse_keys
 from lora_onnx.adapters.peft.planning import PEFT_OPS, adapter_folder
 from lora_onnx.adapters.peft.tensors import open_adapter_weights
 from lora_onnx.commands.apply_peft import PeftResult, apply_peft
+from lora_onnx.commands.inject_mixed import MixedInjectResult
 from lora_onnx.commands.merge import MergeResult, merge
 from lora_onnx.commands.swap import SlotInjectResult, inject_slots
 from lora_onnx.common.atomic import check_outputs
@@ -62,7 +63,7 @@ class FolderFile:
     model: str
     modules: tuple[str, ...] = ()
     branches: int = 0
-    result: PeftResult | SlotInjectResult | MergeResult | None = None
+    result: PeftResult | SlotInjectResult | MergeResult | MixedInjectResult | None = None
     output: Path | None = None
     adapter_output: Path | None = None
 

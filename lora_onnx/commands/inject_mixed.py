@@ -206,8 +206,11 @@ def resolve_adapters(
     *,
     purpose: str = "mixed-batch branches",
     base_weights: str | os.PathLike | None = None,
+    allow_empty: bool = False,
 ) -> list[MixedAdapter]:
-    """Every adapter as a :class:`MixedAdapter`, in order (the order is the stack index)."""
+    """Every adapter as a :class:`MixedAdapter`, in order (the order is the stack index). An adapter with
+    no branch at any site is refused unless ``allow_empty`` (a folder run keeps every adapter's index in
+    every model file, also where an adapter has no module)."""
     sites = {site.node: site for site in scan_sites(host, DEFAULT_OPS).sites}
     resolved: list[MixedAdapter] = []
     for i, item in enumerate(adapters):
@@ -226,7 +229,7 @@ def resolve_adapters(
                 resolved.append(from_tensors(file.tensors, slots, sites, str(path), host))
             else:
                 raise AdapterError(f"{path}: no such adapter file or PEFT adapter folder")
-        if not resolved[-1].pairs:
+        if not resolved[-1].pairs and not allow_empty:
             raise AdapterError(
                 f"{resolved[-1].label} has no branch at any site (every slot left out or empty)"
             )
@@ -266,6 +269,7 @@ def inject_mixed(
     base_weights: str | os.PathLike | None = None,
     link_data: bool = False,
     inputs: InputsLike = None,
+    allow_empty: bool = False,
 ) -> MixedInjectResult:
     """Add mixed-batch branches holding ``adapters`` (stack index = position) and the index input
     ``lora_adapter_index`` (int64, one entry per batch row, negative = the base model for that row).
@@ -280,7 +284,8 @@ def inject_mixed(
     ``base_weights``: the base's original parameters, for PEFT folders on sites the exporter folded a
     BatchNorm into (see :mod:`lora_onnx.sites.folded_weights`). ``inputs`` (an .npz path or arrays by input
     name) gives the probe's and the proof's batch rows instead of generated ones (cycled to the size of
-    each run; see :func:`lora_onnx.proofs.batch_rows.feeds_for`).
+    each run; see :func:`lora_onnx.proofs.batch_rows.feeds_for`). ``allow_empty``: an adapter may have no
+    branch here (its rows then run the base model), so that every file of a folder keeps one index.
     """
     if not adapters:
         raise AdapterError("a mixed batch needs at least one adapter (a PEFT folder or an adapter file)")
@@ -291,7 +296,9 @@ def inject_mixed(
     protect = _inputs(adapters, source, slots_model)
     if output is not None:
         check_outputs(planned_writes(host, output), protect)  # before any work
-    resolved = resolve_adapters(adapters, host, slots_model, base_weights=base_weights)
+    resolved = resolve_adapters(
+        adapters, host, slots_model, base_weights=base_weights, allow_empty=allow_empty
+    )
     labels = tuple(a.label for a in resolved)
     covered = {node for adapter in resolved for node in adapter.pairs}
     sites = [site for site in scan_sites(host, DEFAULT_OPS).sites if site.node in covered]

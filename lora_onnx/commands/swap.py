@@ -316,7 +316,7 @@ class ExportResult:
     skipped_keys: tuple[str, ...] = ()
 
 
-def _write(
+def write_export(
     tensors: Mapping[str, np.ndarray],
     output: str | os.PathLike,
     format: str | None,
@@ -359,6 +359,7 @@ def export_adapter(
     model_version: int = 1,
     base_weights: str | os.PathLike | None = None,
     skip_unmatched: bool = False,
+    modules: Sequence[AdapterModule] | None = None,
 ) -> ExportResult:
     """Write an adapter file for LoRA slots (``format``: onnx_adapter, safetensors, npz or peft).
 
@@ -368,7 +369,8 @@ def export_adapter(
     written empty; without it they keep ``model``'s names. The LoRA scale is folded into B.
     ``format="peft"`` writes ``model``'s adapter as a PEFT folder (issue 3's exporter). ``skip_unmatched``
     goes with ``peft``: keys of modules the graph does not have are left out (as ``inject --peft``).
-    ``base_weights`` goes with ``peft`` (see :func:`~lora_onnx.apply_peft`).
+    ``base_weights`` and ``modules`` (the adapter modules to take, as a folder run routes them) go with
+    ``peft`` (see :func:`~lora_onnx.apply_peft`).
     """
     if base_weights is not None and peft is None:
         raise LoraOnnxError("--base-weights applies with --peft (the base of a trained PEFT adapter)")
@@ -389,34 +391,65 @@ def export_adapter(
             raise LoraOnnxError("give either MODEL or --peft DIR, not both")
         if target is None:
             raise LoraOnnxError("--peft DIR needs --for MODEL (the model whose slots the file is for)")
-        chosen = choose_adapter(target, adapter)
-        source = peft_source(target, peft, chosen, base_weights=base_weights, skip_unmatched=skip_unmatched)
-        tensors = retarget(source.plans, source.values, target, chosen)
+        tensors, chosen, source = peft_slot_tensors(
+            target, peft, adapter, base_weights=base_weights, skip_unmatched=skip_unmatched, modules=modules
+        )
         protect = [*_inputs_of(target), Path(peft)]
-        written = _write(
+        written = write_export(
             tensors, output, format, chosen, source.origin, protect, adapter_version, model_version
         )
         return dataclasses.replace(written, skipped_keys=source.skipped_keys)
+    if modules is not None:
+        raise LoraOnnxError("modules go with peft (the adapter modules to take from the PEFT adapter)")
     if model is None:
         raise LoraOnnxError("give MODEL (a model with constant LoRA branches) or --peft DIR --for MODEL")
     loaded = load_model(model)
+    tensors, chosen, source = model_slot_tensors(loaded, target, adapter)
+    protect = _inputs_of(loaded, target)
+    return write_export(
+        tensors, output, format, chosen, source.origin, protect, adapter_version, model_version
+    )
+
+
+def model_slot_tensors(
+    loaded: LoadedModel, target: LoadedModel | None = None, adapter: str | None = None
+) -> tuple[dict[str, np.ndarray], str, AdapterSource]:
+    """The constant branches ``loaded`` carries for ``adapter`` in slot form: named for ``target``'s slots
+    when given (``adapter`` may then name the target's slot adapter), else keeping ``loaded``'s names.
+    Returns (tensors, the adapter's name, the source)."""
     carried = {b.adapter for b in read_branches(loaded.proto) if variant_for(b).constant_tensors}
-    # With --for, --name may name the target's slots only (the source then has one adapter).
+    # With a target, ``adapter`` may name the target's slots only (the source then has one adapter).
     source = model_source(loaded, adapter if target is None or adapter in carried else None)
     chosen = source.plans[0].adapter
-    if target is not None:
-        slot_names = slot_adapters(target)
-        wanted = adapter if adapter in slot_names else (chosen if chosen in slot_names else None)
-        if adapter is not None and wanted is None:
-            raise AdapterError(
-                f"neither {loaded.name} nor the slots of {target.name} have an adapter {adapter!r}"
-            )
-        chosen = choose_adapter(target, wanted)
-        tensors = retarget(source.plans, source.values, target, chosen)
-    else:
-        tensors = slot_tensors(source.plans, source.values)
-    protect = _inputs_of(loaded, target)
-    return _write(tensors, output, format, chosen, source.origin, protect, adapter_version, model_version)
+    if target is None:
+        return slot_tensors(source.plans, source.values), chosen, source
+    slot_names = slot_adapters(target)
+    wanted = adapter if adapter in slot_names else (chosen if chosen in slot_names else None)
+    if adapter is not None and wanted is None:
+        raise AdapterError(
+            f"neither {loaded.name} nor the slots of {target.name} have an adapter {adapter!r}"
+        )
+    chosen = choose_adapter(target, wanted)
+    return retarget(source.plans, source.values, target, chosen), chosen, source
+
+
+def peft_slot_tensors(
+    target: LoadedModel,
+    peft: str | os.PathLike,
+    adapter: str | None = None,
+    *,
+    base_weights: str | os.PathLike | None = None,
+    skip_unmatched: bool = False,
+    modules: Sequence[AdapterModule] | None = None,
+) -> tuple[dict[str, np.ndarray], str, AdapterSource]:
+    """The PEFT adapter ``peft`` in the form ``target``'s slots of ``adapter`` (its only slot adapter when
+    None) take: (tensors, the slot adapter's name, the source they came from). Options as for
+    :func:`peft_source`."""
+    chosen = choose_adapter(target, adapter)
+    source = peft_source(
+        target, peft, chosen, base_weights=base_weights, skip_unmatched=skip_unmatched, modules=modules
+    )
+    return retarget(source.plans, source.values, target, chosen), chosen, source
 
 
 def fresh_adapter(

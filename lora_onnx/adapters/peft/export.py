@@ -10,12 +10,14 @@ block-diagonal A is written as PEFT's dense A (zeros off the blocks), which comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +46,33 @@ def export_peft_adapter(
     """
     loaded = load_model(model)
     folder = Path(directory)
+    check_peft_folder(folder, model_inputs(loaded))  # before any work
+    export = peft_export(loaded, adapter)
+    write_peft_folder(folder, export.tensors, export.config or derived_config(export.branches))
+    return folder
+
+
+@dataclass(frozen=True)
+class PeftExport:
+    """One model's adapter in PEFT's form: the state dict, the adapter_config.json it was imported with
+    (None for an adapter made here: derive one with :func:`derived_config` from ``branches``), and its
+    branch records (``peft_path`` set to the exported module path)."""
+
+    tensors: dict[str, np.ndarray]
+    config: dict[str, object] | None
+    branches: tuple[BranchRecord, ...]
+
+
+def check_peft_folder(folder: Path, reads: Sequence[Path]) -> None:
+    """Refuse, before any work, a PEFT output folder that is a file or whose files would replace ``reads``."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file; the PEFT adapter needs a folder")
-    check_outputs([folder / WEIGHTS_NAME, folder / CONFIG_NAME], model_inputs(loaded))  # before any work
+    check_outputs([folder / WEIGHTS_NAME, folder / CONFIG_NAME], reads)
+
+
+def peft_export(loaded: LoadedModel, adapter: str | None = None, *, prefix: str = "") -> PeftExport:
+    """``adapter`` (the model's only one when None) of ``loaded`` as a :class:`PeftExport`. ``prefix`` goes
+    in front of every module path (a pipeline component's ``"unet."``; paths already under it are kept)."""
     branches = read_branches(loaded.proto)
     names = adapter_names(branches)
     if not branches:
@@ -59,18 +85,31 @@ def export_peft_adapter(
     if not chosen:
         raise AdapterError(f"{loaded.name} has no adapter {adapter!r}; it has {', '.join(names)}")
     refuse_peft_export(loaded, adapter, (branch.site for branch in chosen))
+    chosen = [
+        dataclasses.replace(b, peft_path=_prefixed(prefix, b.peft_path or b.module_path)) for b in chosen
+    ]
     tensors = peft_tensors(loaded, chosen)
     # modules_to_save go back under the keys they were imported with (the replacing tensors' values).
     for saved in read_saved(loaded.proto, adapter):
-        tensors[saved.key] = saved.to_peft(loaded.array(saved.name))
-    config = read_peft_config(loaded.proto, adapter) or derived_config(chosen)
+        key = saved.key
+        if prefix and key.startswith(PEFT_PREFIX):
+            key = PEFT_PREFIX + _prefixed(prefix, key.removeprefix(PEFT_PREFIX))
+        tensors[key] = saved.to_peft(loaded.array(saved.name))
+    return PeftExport(tensors, read_peft_config(loaded.proto, adapter), tuple(chosen))
+
+
+def _prefixed(prefix: str, path: str) -> str:
+    return path if path.startswith(prefix) else prefix + path
+
+
+def write_peft_folder(folder: Path, tensors: Mapping[str, np.ndarray], config: Mapping[str, object]) -> None:
+    """Write a PEFT adapter folder (each file atomic, the config last)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_file(folder / WEIGHTS_NAME, encode_safetensors(tensors, {"format": "pt"}))
         write_file(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     except OSError as exc:
         raise OutputError(f"cannot write the adapter to {folder}: {exc.strerror or exc}") from exc
-    return folder
 
 
 def _array(model: LoadedModel, branch: BranchRecord, name: str) -> np.ndarray:
