@@ -384,3 +384,9 @@ def test_batch_merge_reports_untied_weights(tmp_path: Path) -> None:
     (unmerged,) = run(tmp_path / "unmerged" / "tied.onnx", {"ids": ids})
     (merged,) = run(tmp_path / "out2" / "tied.onnx", {"ids": ids})
     assert rel_err(merged, unmerged) <= 1e-5 and rel_err(unmerged, run(_tied(), {"ids": ids})[0]) > 1e-3
+    # inject FOLDER --peft --merge (and its --json) say it too
+    done = cli("inject", tmp_path / "in", "--peft", adapter, "--merge", "-o", tmp_path / "out3",
+               "--json", tmp_path / "r3.json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"note: tied.onnx: {model.notes[0]}" in done.stdout
+    assert json.loads((tmp_path / "r3.json").read_text())["notes"] == [f"tied.onnx: {model.notes[0]}"]
