@@ -55,11 +55,12 @@ def peft_adapter(model_dir: Path, folder: Path, targets: Sequence[str], seed: in
     return folder
 
 
-def genai_export(model_dir: Path, output: Path) -> Path:
-    """onnxruntime-genai's model builder (fp32, CPU) on the local folder ``model_dir``."""
+def genai_export(model_dir: Path, output: Path, precision: str = "fp32") -> Path:
+    """onnxruntime-genai's model builder (fp32, or ``int4``: MatMulNBits; CPU) on the local folder
+    ``model_dir``."""
     done = subprocess.run(
         [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(output),
-         "-p", "fp32", "-e", "cpu", "-c", str(output.parent / "genai_cache")],
+         "-p", precision, "-e", "cpu", "-c", str(output.parent / "genai_cache")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

@@ -22,6 +22,8 @@ Routing a PEFT adapter's modules (:func:`route_modules`):
   (one of :data:`PIPELINE_COMPONENTS`) matches nothing;
 - a model file that has a module but cannot adapt it (a node inside an If body, as in Optimum's
   ``decoder_model_merged.onnx``) is an error naming the file: leaving it unadapted would be a wrong answer;
+- a module a file has only under onnxruntime-genai's builder names (``self_attn`` renamed ``attn``, q / k / v
+  packed into ``qkv_proj``, :mod:`lora_onnx.adapters.peft.packed`) lands there as under its own path;
 - every module must land in at least one file, else the usual unmatched-key error (listing the files
   tried), or, with ``skip_unmatched``, it is skipped and listed.
 """
@@ -44,6 +46,7 @@ from lora_onnx.adapters.peft.mapping import (
     unadaptable,
     unmatched_hint,
 )
+from lora_onnx.adapters.peft.packed import split_packed
 from lora_onnx.common.atomic import check_outputs, same_entry, write_file
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError, LoraOnnxError, ModelLoadError, OutputError
@@ -239,6 +242,9 @@ def route_modules(
             if match is not None:
                 found[model] = (1 if match[1] else 0, match[1])
                 continue
+            if _builder_carries(local, scans[model], where):
+                found[model] = (0, "")
+                continue
             reason = unadaptable(local, scans[model], where)
             if reason is not None:
                 raise AdapterError(
@@ -269,6 +275,14 @@ def route_modules(
         raise AdapterError(reasons[0] + unmatched_hint(unmatched))
     files = {model: tuple(mods) for model, mods in taken.items()}
     return Routing(files, tuple(unmatched), tuple(reasons), by_module)
+
+
+def _builder_carries(module: AdapterModule, scan: SiteScan, source: str) -> bool:
+    """Whether the file has ``module`` only under onnxruntime-genai's builder names: renamed
+    (``self_attn`` -> ``attn``) or as a member of a packed projection (q / k / v on ``qkv_proj``); the
+    single-model planning applies it there (:mod:`lora_onnx.adapters.peft.packed`)."""
+    kept, packed = split_packed(scan, [module], source=source)
+    return bool(packed) or (bool(kept) and kept[0].path != module.path)
 
 
 def _unmatched_reason(

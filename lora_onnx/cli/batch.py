@@ -6,6 +6,7 @@ import argparse
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert many models with one recipe; per-model report (JSON, JUnit) and exit code for CI",
         description="Apply one recipe to every model of INPUT... (files, folders searched for *.onnx, glob "
         "patterns), writing outputs under OUTDIR in the inputs' layout. A model's failure never stops the "
-        "others. Exit 0 when every model converted (and validated, with --validate), 1 when some validation "
-        "disagreed, 2 when some model could not be converted.",
+        "others. With --peft a folder is one export (split files, a genai folder, a pipeline): the "
+        "adapter is routed across its files as inject FOLDER --peft does, side files are copied, and the "
+        "folder converts whole or not at all. Exit 0 when every model converted (and validated, with "
+        "--validate), 1 when some validation disagreed, 2 when some model could not be converted.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="model files, folders or glob patterns")
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR", help="folder for the outputs")
@@ -89,6 +92,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert only part I of N (1-based): models sorted by relative path, the k-th to part k%%N+1",
     )  # fmt: skip
     parser.add_argument("--skip-existing", action="store_true", help="leave models whose output exists")
+    parser.add_argument(
+        "--skip-unmatched", action="store_true",
+        help="with --peft: skip adapter keys no module of the model (of a folder: no model file) has, "
+        "listing them in the report, instead of failing it",
+    )  # fmt: skip
     add_data_arguments(parser)
     parser.add_argument("--report", metavar="FILE.json", help="write the per-model report as JSON")
     parser.add_argument("--junit", metavar="FILE.xml", help="write the per-model report as JUnit XML")
@@ -135,6 +143,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         recipe: Any = AdapterSource(Path(options["peft"]))
     else:
         recipe = build_config(options)
+    if args.skip_unmatched and "peft" not in options:
+        raise LoraOnnxError("--skip-unmatched applies with --peft (keys of a trained adapter)")
     if options.get("dims") and not options.get("validate"):
         raise LoraOnnxError("--dim sets the symbolic dims of the --validate run's inputs; add --validate")
     inputs = getattr(args, INPUTS_DEST)
@@ -149,6 +159,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[BatchOptions, tuple[str
         providers=options.get("providers", "cpu"),
         dims=options.get("dims", {}),
         skip_existing=args.skip_existing,
+        skip_unmatched=args.skip_unmatched,
         allow_nonfinite=args.allow_nonfinite,
         link_data=args.link_data,
         inputs=inputs,
@@ -183,7 +194,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_onnx.commands.batch import plan_batch, run_batch
+    from lora_onnx.commands.batch import AdapterSource, plan_batch, run_batch
     from lora_onnx.commands.reports import parse_shard
     from lora_onnx.model.save import check_report_paths
 
@@ -191,22 +202,35 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         warn(note)
     shard = parse_shard(args.shard) if args.shard else None
-    plan = plan_batch(args.inputs, args.output_dir, shard)
-    reads = [*(job.source for job in plan.jobs), *(job.output for job in plan.jobs), args.config, args.peft]
-    check_report_paths([args.report, args.junit], reads, [job.source for job in plan.jobs])
-    total = len(plan.jobs)
+    plan = plan_batch(args.inputs, args.output_dir, shard, folders=isinstance(options.recipe, AdapterSource))
+    sources = [job.source / model for job in plan.jobs for model in job.models]
+    sources += [job.source for job in plan.jobs if not job.is_folder]
+    outputs = [job.output / model for job in plan.jobs for model in job.models]
+    outputs += [job.output for job in plan.jobs if not job.is_folder]
+    reads = [*sources, *outputs, args.config, args.peft]
+    check_report_paths([args.report, args.junit], reads, sources)
+    total = plan.models
     part = f" (shard {shard} of {plan.total} models)" if shard else ""
-    info(f"Converting {total} model(s) from {plan.root} into {plan.output_dir}{part}")
+    units = sum(job.is_folder for job in plan.jobs)
+    grouped = f", {units} folder(s) converted as one unit each" if units else ""
+    info(f"Converting {total} model(s) from {plan.root} into {plan.output_dir}{part}{grouped}")
     done = 0
 
     try:
         # A bar on a terminal (see render.StepReporter); each model's line is printed above it.
         with _sigterm_as_interrupt(), progress.step(f"converting {total} model(s)", total=total) as advance:
+            shown: dict[str, str | None] = {}  # folder -> its error, once printed in full
 
             def log(report: ModelReport) -> None:
                 nonlocal done
                 done += 1
+                if report.folder is not None and report.error and shown.get(report.folder) == report.error:
+                    report = replace(report, error="failed with its folder (the error above)")
+                elif report.folder is not None:
+                    shown[report.folder] = report.error
                 info(_line(report, done, total))
+                for note in report.notes:  # shared weights a merge untied
+                    info(f"    note: {note}")
                 advance()
 
             report = run_batch(
@@ -230,8 +254,16 @@ def finish(report: BatchReport, json_path: str | None, junit_path: str | None) -
         write_report(json_path, report)
     if junit_path:
         write_junit(junit_path, report)
+    folder_errors = {folder.path: folder.error for folder in report.folders if folder.error}
     for model in report.models:
+        if model.folder is not None and model.error and folder_errors.get(model.folder) == model.error:
+            continue  # said once, for its folder
         if model.status in ("failed", "mismatch"):
             render.error(f"{model.path}: {model.message}")
+    for folder in report.folders:
+        if folder.status in ("failed", "mismatch"):
+            name = folder.source if folder.path == "." else folder.path
+            why = f"{folder.error}; " if folder.error else ""
+            render.error(f"folder {name}: {why}none of its {len(folder.models)} file(s) was written")
     render.final(report.summary())
     return report.exit_code

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_onnx.cli.options import adapter_sources, dims_from_args
+from lora_onnx.cli.options import adapter_sources, dims_from_args, inputs_from_args
 from lora_onnx.cli.render import (
     VERBOSE,
     final,
@@ -74,6 +74,7 @@ def run_inject_folder(args: argparse.Namespace, source: str | list[str]) -> int:
         strength_input=args.strength_input, adapter_output=args.adapter_out, validate=args.validate,
         adapter_name=args.name, providers=args.providers, dims=dims_from_args(args),
         allow_nonfinite=args.allow_nonfinite, skip_unmatched=args.skip_unmatched, link_data=args.link_data,
+        inputs=inputs_from_args(args),
     )  # fmt: skip
     return _finish(args, result, "adapter modules")
 
@@ -204,6 +205,8 @@ def _check_json(args: argparse.Namespace, reads: list[str]) -> None:
 def _finish(args: argparse.Namespace, result: FolderResult, what: str) -> int:
     for message in result.warnings:
         warn(message)
+    for note in result.notes:
+        info(f"note: {note}")
     print_table(_table(result, what))
     for file in result.files:
         for title, report in file.validations:

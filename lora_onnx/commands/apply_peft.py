@@ -18,6 +18,7 @@ from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.save import check_output_paths, save_model
 from lora_onnx.proofs import validation
+from lora_onnx.proofs.quantized import dequantized_rtol
 from lora_onnx.proofs.validation import ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
 from lora_onnx.recipes.plan import Plan
@@ -138,7 +139,10 @@ def apply_peft(
     (:mod:`lora_onnx.adapters.peft.modules_to_save`); anything that does not fit raises
     :class:`~lora_onnx.errors.AdapterError` before anything is written.
     With ``validate`` the unmerged model is compared in onnxruntime with its own fold (the merged model
-    when ``merge``); a branch that cannot be folded (a grouped conv, as in PEFT) stays unproven, with a note.
+    when ``merge``); a branch on a quantized weight (MatMulNBits, QDQ) is proven against its fold into the
+    dequantized base, within the quantized kernels' measured rounding
+    (:func:`~lora_onnx.proofs.quantized.dequantized_rtol`); a branch that cannot be folded (a grouped conv,
+    as in PEFT) stays unproven, with a note.
     NaN / Inf outputs fail the proof unless ``allow_nonfinite`` (adapter tensors with any are refused).
     ``base_weights``: the base model's original parameters (safetensors), needed where the exporter
     folded a BatchNorm into an adapted weight (see :mod:`lora_onnx.sites.folded_weights`).
@@ -189,7 +193,10 @@ def apply_peft(
         plans.append(peft)
     peft, records = plans[0], tuple(all_records)
     folding = (merge or validate) and bool(records)
-    fold = fold_branches(rewritten, adapters=names, partial=True) if folding else None
+    # The proof of an unmerged model folds into dequantized weights where the base is quantized
+    # (MatMulNBits, QDQ): the reference is the branches folded into the float base; a merge never
+    # dequantizes (that is merge --dequantize's to ask).
+    fold = fold_branches(rewritten, adapters=names, partial=True, dequantize=not merge) if folding else None
     if fold is not None and fold.kept:
         first = fold.kept[0]
         where = f"the branch at node {first.branch.site!r} ({first.branch.module_path})"
@@ -212,9 +219,14 @@ def apply_peft(
             inputs=inputs,
         )  # fmt: skip
     elif validate and fold is not None and fold.folded:
+        # A quantized base runs its own kernels (int4 MatMulNBits, integer GEMMs) while the dequantized
+        # fold computes in float: their measured difference on the base is allowed (proofs.quantized).
+        # The baseline runs the base itself where the rewrite only added branches (no saved modules).
+        base = None if any(p.saved for p in plans) else source
+        rtol = None if merge else dequantized_rtol(rewritten, names, True, providers, dims, inputs, base)
         report = validation.validate(
-            rewritten, fold.model, providers=providers, dims=dims, allow_nonfinite=allow_nonfinite,
-            inputs=inputs,
+            rewritten, fold.model, providers=providers, rtol=rtol, dims=dims,
+            allow_nonfinite=allow_nonfinite, inputs=inputs,
         )  # fmt: skip
     written = None
     if output is not None and (report is None or report.ok):

@@ -9,6 +9,14 @@
   adapter from an :class:`AdapterSource`), optionally fold it (``merge``), optionally prove it in
   onnxruntime (``validate``), then write atomically. Every error becomes that model's record
   (:class:`~lora_onnx.commands.reports.ModelReport`); nothing is written for a model that fails or mismatches.
+- **Folders as units** (a trained adapter, ``AdapterSource``): a folder given as an INPUT is one export,
+  maybe split into several files (Optimum's encoder / decoder files, a genai folder, a diffusers pipeline
+  with ``unet/`` and ``text_encoder/``), so the adapter is routed across its files as ``inject FOLDER
+  --peft`` routes it (:func:`~lora_onnx.commands.folders.apply_peft_folder`): each file takes the modules
+  it carries, a module no file carries fails the folder, the side files are copied, and nothing of the
+  folder is written unless all of it converts (and validates). Its files keep one record each (their
+  ``folder`` says which unit), plus one :class:`~lora_onnx.commands.reports.FolderReport`. Files and
+  globs, and every input of a fresh recipe, stay independent models.
 - **Sharding** (``Shard(i, n)``): models sorted by relative path (POSIX form, byte order); the k-th
   (counting from 0) belongs to shard ``k % n + 1``. Every machine that sees the same inputs computes the
   same split, shard sizes differ by at most one, and the shards' reports merge into the whole run's.
@@ -39,13 +47,23 @@ from typing import Any
 import onnxruntime as ort
 
 from lora_onnx import __version__
+from lora_onnx.adapters.folders import find_models
 from lora_onnx.adapters.formats.detect import is_lora_file, read_lora_file
 from lora_onnx.adapters.peft.config import read_adapter_config
 from lora_onnx.adapters.peft.planning import adapter_folder
-from lora_onnx.commands.apply_peft import apply_peft
+from lora_onnx.commands.apply_peft import PeftResult, apply_peft
+from lora_onnx.commands.folders import FolderFile, apply_peft_folder
 from lora_onnx.commands.inject import inject
 from lora_onnx.commands.merge import merge
-from lora_onnx.commands.reports import BatchReport, ModelReport, Shard, SkippedNode, now_iso, sort_models
+from lora_onnx.commands.reports import (
+    BatchReport,
+    FolderReport,
+    ModelReport,
+    Shard,
+    SkippedNode,
+    now_iso,
+    sort_models,
+)
 from lora_onnx.errors import LoraOnnxError, OutputError, ProviderError
 from lora_onnx.model.load import LoadedModel, load_model
 from lora_onnx.model.manifest import read_branches
@@ -84,6 +102,8 @@ class BatchOptions:
     providers: tuple[str, ...] = ("cpu",)
     dims: Mapping[str, int] = field(default_factory=dict)
     skip_existing: bool = False
+    #: A trained adapter's keys no module has (of a folder unit: no model file) are skipped and listed.
+    skip_unmatched: bool = False
     #: Let proofs compare NaN / Inf outputs position by position (see lora_onnx.proofs.validation.compare).
     allow_nonfinite: bool = False
     #: hard-link unchanged data into the output folder instead of cloning / copying it (see save_model)
@@ -100,11 +120,28 @@ class BatchOptions:
 
 @dataclass(frozen=True)
 class ModelJob:
-    """One model: its file, its path relative to the inputs' root (the report key), its output."""
+    """One model: its file, its path relative to the inputs' root (the report key), its output.
+
+    A folder converted as one unit has the folder as ``source`` and ``output`` and its model files in
+    ``models`` (relative to the folder, POSIX separators); ``path`` is the folder's (``"."`` for the root).
+    """
 
     source: Path
     path: str
     output: Path
+    models: tuple[str, ...] = ()
+
+    @property
+    def is_folder(self) -> bool:
+        return bool(self.models)
+
+    def model_path(self, model: str) -> str:
+        """The report key of one of a folder unit's model files."""
+        return model if self.path == "." else f"{self.path}/{model}"
+
+    @property
+    def model_count(self) -> int:
+        return len(self.models) or 1
 
 
 @dataclass(frozen=True)
@@ -114,8 +151,14 @@ class BatchPlan:
     root: Path
     output_dir: Path
     jobs: tuple[ModelJob, ...]
+    #: model files of the whole run (every shard), a folder unit counting each of its files
     total: int
     shard: Shard | None = None
+
+    @property
+    def models(self) -> int:
+        """Model files of this shard's jobs."""
+        return sum(job.model_count for job in self.jobs)
 
 
 def _has_magic(text: str) -> bool:
@@ -156,11 +199,22 @@ def collect_models(
     when the output folder holds an input (outputs would overwrite or mix with inputs). A file that does
     not exist is kept: it fails on its own, as its model's record.
     """
+    root, files, _ = collect_inputs(inputs, output_dir)
+    return root, files
+
+
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, *, folders: bool = False
+) -> tuple[Path, list[Path], list[Path]]:
+    """:func:`collect_models`, and with ``folders`` the folder inputs as units: (root, the model files
+    outside them, the folders). A folder unit inside another, or one holding the output folder, is
+    refused (:class:`OutputError`); a file inside a folder unit is converted with it."""
     if not inputs:
         raise LoraOnnxError("no input given; pass .onnx files, folders or glob patterns")
     out = Path(output_dir).resolve()
     anchors: list[Path] = []
     files: list[Path] = []
+    units: list[Path] = []
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
@@ -191,7 +245,16 @@ def collect_models(
             if not found:
                 raise LoraOnnxError(f"{text}: no .onnx model in this folder")
             anchors.append(path)
-            files.extend(found)
+            if folders:
+                if _inside(out, path.resolve()):
+                    raise OutputError(
+                        f"the output folder {output_dir} is inside the input folder {text}, which --peft "
+                        "converts as one unit (all its files, side files included); choose an output folder "
+                        "outside it"
+                    )
+                units.append(Path(os.path.abspath(path)))
+            else:
+                files.extend(found)
         else:
             if _inside(path.resolve(), out):
                 raise OutputError(
@@ -201,10 +264,22 @@ def collect_models(
             anchors.append(path.parent)
             files.append(path)
     root = Path(os.path.commonpath([os.path.abspath(anchor) for anchor in anchors]))
+    folders_found: dict[Path, Path] = {}
+    for unit in units:
+        folders_found.setdefault(unit.resolve(), unit)
+    for one in folders_found:
+        for other in folders_found:
+            if one != other and _inside(one, other):
+                raise OutputError(
+                    f"the input folder {folders_found[one]} is inside the input folder "
+                    f"{folders_found[other]}; with --peft a folder is one unit: give one of them"
+                )
     unique: dict[Path, Path] = {}
     for file in files:
-        unique.setdefault(file.resolve(), Path(os.path.abspath(file)))
-    return root, list(unique.values())
+        resolved = file.resolve()
+        if not any(_inside(resolved, unit) for unit in folders_found):  # converted with its folder
+            unique.setdefault(resolved, Path(os.path.abspath(file)))
+    return root, list(unique.values()), list(folders_found.values())
 
 
 def shard_jobs(jobs: Sequence[ModelJob], shard: Shard | None) -> tuple[ModelJob, ...]:
@@ -216,16 +291,26 @@ def shard_jobs(jobs: Sequence[ModelJob], shard: Shard | None) -> tuple[ModelJob,
 
 
 def plan_batch(
-    inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, shard: Shard | None = None
+    inputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    shard: Shard | None = None,
+    *,
+    folders: bool = False,
 ) -> BatchPlan:
-    """Every model of ``inputs`` with its output path under ``output_dir``, then this shard's part."""
-    root, files = collect_models(inputs, output_dir)
+    """Every model of ``inputs`` with its output path under ``output_dir``, then this shard's part.
+    ``folders`` (a trained adapter): each folder input is one job, its model files converted as a unit."""
+    root, files, units = collect_inputs(inputs, output_dir, folders=folders)
     out = Path(output_dir)
     jobs = []
     for file in files:
         relative = file.relative_to(root)
         jobs.append(ModelJob(source=file, path=relative.as_posix(), output=out / relative))
-    return BatchPlan(root, out, shard_jobs(jobs, shard), len(jobs), shard)
+    for unit in units:
+        relative = unit.relative_to(root)
+        found = find_models(unit)
+        jobs.append(ModelJob(unit, relative.as_posix(), out / relative, found.models))
+    total = sum(job.model_count for job in jobs)
+    return BatchPlan(root, out, shard_jobs(jobs, shard), total, shard)
 
 
 @dataclass(frozen=True)
@@ -275,6 +360,7 @@ def apply_adapter(source: LoadedModel, adapter: AdapterSource, options: BatchOpt
         dims=options.dims,
         allow_nonfinite=options.allow_nonfinite,
         inputs=options.inputs,
+        skip_unmatched=options.skip_unmatched,
     )
     return Applied(
         result.model,
@@ -316,13 +402,14 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
         source = load_model(job.source)
         applied = apply_recipe(source, options)
         model, validation = applied.model, applied.validation
+        notes: tuple[str, ...] = ()
         if (validation is None or validation.ok) and options.merge:
             merged = merge(
                 model, validate=options.validate, providers=options.providers, dims=options.dims,
                 remedy=BATCH_MERGE_REMEDY,
                 allow_nonfinite=options.allow_nonfinite, inputs=options.inputs,
             )  # fmt: skip
-            model, validation = merged.model, merged.validation
+            model, validation, notes = merged.model, merged.validation, merged.notes  # notes: untied weights
         status = "ok"
         if validation is not None and not validation.ok:
             status = "mismatch"
@@ -338,6 +425,7 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
             skipped=applied.skipped,
             warnings=applied.warnings,
             validation=validation.to_json() if validation is not None else None,
+            notes=notes,
         )
     except LoraOnnxError as exc:
         return ModelReport(**base, status="failed", error=str(exc), seconds=time.perf_counter() - start)
@@ -345,10 +433,130 @@ def convert_model(job: ModelJob, options: BatchOptions) -> ModelReport:
         return ModelReport(
             **base,
             status="failed",
-            error=f"internal error ({type(exc).__name__}: {exc}); please report it with the traceback",
+            error=_internal(exc),
             traceback=traceback.format_exc(),
             seconds=time.perf_counter() - start,
         )
+
+
+def _internal(exc: Exception) -> str:
+    return f"internal error ({type(exc).__name__}: {exc}); please report it with the traceback"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one job made: one record per model file, and a folder unit's own record."""
+
+    models: tuple[ModelReport, ...]
+    folder: FolderReport | None = None
+
+
+def _file_record(
+    job: ModelJob, file: FolderFile, status: str, seconds: float, error: str | None
+) -> ModelReport:
+    """The record of one model file of a folder unit that ran to its proofs."""
+    result = file.result if isinstance(file.result, PeftResult) else None
+    plan = result.plan if result is not None else None
+    skipped = plan.skipped if plan is not None else ()
+    return ModelReport(
+        path=job.model_path(file.model),
+        source=str(job.source / file.model),
+        output=str(job.output / file.model),
+        status=status,
+        seconds=seconds,
+        sites=file.branches,
+        lora_params=plan.lora_params if plan is not None else 0,
+        skipped=tuple(SkippedNode(s.node, s.op, s.module_path, s.reason) for s in skipped),
+        warnings=result.warnings if result is not None else (),
+        validation=result.validation.to_json() if result is not None and result.validation else None,
+        error=error,
+        notes=result.fold_notes if result is not None else (),
+        folder=job.path,
+        modules=file.modules,
+    )
+
+
+def _folder_failed(job: ModelJob, error: str, seconds: float, trace: str | None = None) -> JobResult:
+    """Every model file of a folder unit failed with the folder's ``error`` (nothing was written)."""
+    share = seconds / job.model_count
+    models = tuple(
+        ModelReport(
+            job.model_path(model),
+            str(job.source / model),
+            str(job.output / model),
+            "failed",
+            seconds=share,
+            error=error,
+            traceback=trace,
+            folder=job.path,
+        )
+        for model in job.models
+    )
+    folder = FolderReport(
+        job.path, str(job.source), str(job.output), "failed", tuple(m.path for m in models), error=error,
+        seconds=seconds,
+    )  # fmt: skip
+    return JobResult(models, folder)
+
+
+def convert_folder(job: ModelJob, options: BatchOptions) -> JobResult:
+    """Convert a folder unit (``inject FOLDER --peft``, see the module doc); every error, expected or
+    not, fails each of its files."""
+    start = time.perf_counter()
+    assert isinstance(options.recipe, AdapterSource), "folder units take a trained adapter"
+    try:
+        if options.skip_existing:
+            existing = [_existing_sites(job.output / model) for model in job.models]
+            if all(sites is not None for sites in existing):
+                share = (time.perf_counter() - start) / job.model_count
+                models = tuple(
+                    ModelReport(
+                        job.model_path(model),
+                        str(job.source / model),
+                        str(job.output / model),
+                        "skipped",
+                        seconds=share,
+                        sites=sites or 0,
+                        folder=job.path,
+                    )
+                    for model, sites in zip(job.models, existing, strict=True)
+                )
+                folder = FolderReport(
+                    job.path, str(job.source), str(job.output), "skipped", tuple(m.path for m in models),
+                    seconds=time.perf_counter() - start,
+                )  # fmt: skip
+                return JobResult(models, folder)
+        result = apply_peft_folder(
+            job.source, options.recipe.path, job.output, merge=options.merge, validate=options.validate,
+            providers=options.providers, dims=options.dims, allow_nonfinite=options.allow_nonfinite,
+            link_data=options.link_data, inputs=options.inputs, skip_unmatched=options.skip_unmatched,
+        )  # fmt: skip
+    except LoraOnnxError as exc:
+        return _folder_failed(job, str(exc), time.perf_counter() - start)
+    except Exception as exc:  # a bug: recorded, the other jobs go on
+        return _folder_failed(job, _internal(exc), time.perf_counter() - start, traceback.format_exc())
+    seconds = time.perf_counter() - start
+    status = "ok" if result.ok else "mismatch"
+    disagreed = [file.model for file in result.files if not file.ok]
+    why = f"not written: {', '.join(disagreed)} of the folder disagreed in its proof" if disagreed else None
+    share = seconds / len(result.files)
+    models = tuple(_file_record(job, file, status, share, why if file.ok else None) for file in result.files)
+    # The files' own warnings are in their records; the folder keeps the rest.
+    own = tuple(f"{file.model}: " for file in result.files)
+    warnings = tuple(w for w in result.warnings if not w.startswith(own))
+    folder = FolderReport(
+        job.path, str(job.source), str(job.output), status, tuple(m.path for m in models),
+        tuple(str(path) for path in result.copied), warnings, seconds=seconds,
+        skipped_keys=result.skipped_keys,
+    )  # fmt: skip
+    return JobResult(models, folder)
+
+
+def convert_job(job: ModelJob, options: BatchOptions) -> JobResult:
+    """Convert one job: a model file, or a folder unit."""
+    if job.is_folder:
+        return convert_folder(job, options)
+    return JobResult((convert_model(job, options),))
 
 
 # --- parallel jobs --------------------------------------------------------------------------------
@@ -376,7 +584,7 @@ def _worker_main(
     os.environ.setdefault(THREADS_ENV, str(threads))
     try:
         while (job := connection.recv()) is not None:
-            connection.send(convert_model(job, options))
+            connection.send(convert_job(job, options))
     except (KeyboardInterrupt, EOFError):
         return
 
@@ -390,16 +598,17 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _died(job: ModelJob, exitcode: int | None, seconds: float) -> ModelReport:
+def _died(job: ModelJob, exitcode: int | None, seconds: float) -> JobResult:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
         why = f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     else:
         why = f"exited with code {exitcode} without a result"
-    return ModelReport(
-        job.path, str(job.source), str(job.output), "failed", seconds=seconds,
-        error=f"the worker process converting it {why}; nothing was written",
-    )  # fmt: skip
+    error = f"the worker process converting it {why}; nothing was written"
+    if job.is_folder:
+        return _folder_failed(job, error, seconds)
+    model = ModelReport(job.path, str(job.source), str(job.output), "failed", seconds, error=error)
+    return JobResult((model,))
 
 
 @dataclass
@@ -418,7 +627,7 @@ def _run_parallel(
     workers: int,
     on_start: Callable[[ModelJob], None],
     on_result: Callable[[ModelReport], None],
-) -> list[ModelReport]:
+) -> list[JobResult]:
     """Convert ``jobs`` on a pool of ``workers`` processes.
 
     Workers live for the whole run, so each model costs no process start-up; a worker that dies (a
@@ -428,7 +637,7 @@ def _run_parallel(
     threads = max(1, available_cpus() // workers)
     pending = deque(jobs)
     pool: list[_Worker] = []
-    results: list[ModelReport] = []
+    results: list[JobResult] = []
     spawned = 0
 
     def spawn() -> _Worker:
@@ -471,7 +680,8 @@ def _run_parallel(
                 else:
                     worker.job = None
                 results.append(report)
-                on_result(report)
+                for model in report.models:
+                    on_result(model)
                 if pending:
                     dispatch(worker)
                 else:
@@ -529,6 +739,8 @@ def options_record(options: BatchOptions) -> dict[str, Any]:
         record["allow_nonfinite"] = True
     if options.inputs is not None:  # likewise
         record["inputs"] = options.inputs
+    if options.skip_unmatched:  # likewise
+        record["skip_unmatched"] = True
     return record
 
 
@@ -570,7 +782,7 @@ def run_batch(
     """
     options = options or BatchOptions()
     check_options(options)
-    plan = plan or plan_batch(inputs, output_dir, shard)
+    plan = plan or plan_batch(inputs, output_dir, shard, folders=isinstance(options.recipe, AdapterSource))
     if jobs < 0:
         raise LoraOnnxError(f"--jobs must be 0 (one per CPU) or more, got {jobs}")
     workers = min(jobs or available_cpus(), max(1, len(plan.jobs)))
@@ -581,14 +793,17 @@ def run_batch(
         results = []
         for job in plan.jobs:
             on_start(job)
-            report = convert_model(job, options)
-            results.append(report)
-            on_result(report)
+            result = convert_job(job, options)
+            results.append(result)
+            for model in result.models:
+                on_result(model)
     else:
         results = _run_parallel(plan.jobs, options, workers, on_start, on_result)
     record = options_record(options)
+    folders = sorted((r.folder for r in results if r.folder is not None), key=lambda f: f.path)
     return BatchReport(
-        models=sort_models(results),
+        models=sort_models(m for r in results for m in r.models),
+        folders=tuple(folders),
         recipe=record,
         recipe_digest=recipe_digest(record),
         total=plan.total,

@@ -45,7 +45,7 @@ from lora_onnx.errors import AdapterError, FoldError, LoraOnnxError
 from lora_onnx.model.load import LoadedModel, load_model
 from lora_onnx.model.manifest import read_branches
 from lora_onnx.model.save import model_inputs, planned_writes, save_model
-from lora_onnx.proofs.validation import ValidationReport
+from lora_onnx.proofs.validation import InputsLike, ValidationReport
 from lora_onnx.recipes.config import DEFAULT_ADAPTER, LoraConfig
 from lora_onnx.sites.find import scan_sites
 
@@ -110,6 +110,8 @@ class FolderResult:
     copied: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
     command: str = "inject --peft"
+    #: Shared weights a merge untied, per file (``model: note``): information, not warnings.
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -125,6 +127,7 @@ class FolderResult:
             "skipped_keys": list(self.skipped_keys),
             "copied": [str(path) for path in self.copied],
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
         }
 
 
@@ -222,6 +225,7 @@ def apply_peft_folder(
     allow_nonfinite: bool = False,
     skip_unmatched: bool = False,
     link_data: bool = False,
+    inputs: InputsLike = None,
 ) -> FolderResult:
     """Apply the PEFT adapter in ``adapter_dir`` to the model files of ``folder`` (a folder, or several
     model files) and write them, with the folder's side files, to the folder ``output``.
@@ -232,7 +236,8 @@ def apply_peft_folder(
     adapter becomes constant branches (:func:`~lora_onnx.apply_peft`; ``merge``: folded) or, with
     ``as_inputs``, LoRA slots (:func:`~lora_onnx.commands.swap.inject_slots`; ``strength_input`` as there),
     each file's adapter file written to the folder ``adapter_output`` as ``<model>.onnx_adapter``.
-    ``validate`` proves every changed file before anything is written; the other options are those of
+    ``validate`` proves every changed file before anything is written (``inputs``: an .npz path or
+    arrays by input name, each file taking the arrays of its inputs); the other options are those of
     the single-model functions.
     """
     if merge and as_inputs:
@@ -262,6 +267,7 @@ def apply_peft_folder(
         routing = route_modules(found, modules, scans, source=source, skip_unmatched=skip_unmatched)
     results: dict[str, PeftResult | SlotInjectResult] = {}
     warnings: list[str] = []
+    notes: list[str] = []
     for name, model in models.items():
         taken = routing.files[name]
         if not taken:
@@ -277,15 +283,17 @@ def apply_peft_folder(
                 results[name] = inject_slots(
                     model, LoraConfig(adapter_name=adapter_name), peft=adapter, modules=chosen,
                     strength_input=strength_input, validate=validate, providers=providers, dims=dims,
-                    allow_nonfinite=allow_nonfinite,
+                    allow_nonfinite=allow_nonfinite, inputs=inputs,
                 )  # fmt: skip
                 warnings.extend(f"{name}: {message}" for message in results[name].source.warnings)
             else:
                 results[name] = apply_peft(
                     model, adapter, merge=merge, validate=validate, adapter_name=adapter_name,
                     providers=providers, dims=dims, allow_nonfinite=allow_nonfinite, modules=chosen,
+                    inputs=inputs,
                 )  # fmt: skip
                 warnings.extend(f"{name}: {message}" for message in results[name].warnings)
+                notes.extend(f"{name}: {note}" for note in results[name].fold_notes)
         except LoraOnnxError as exc:
             raise model_label(name, exc) from exc
     if routing.unmatched:
@@ -315,8 +323,9 @@ def apply_peft_folder(
         copied = copy_side_files(found, out, reads)
     command = "inject --peft" + (" --merge" if merge else " --as-inputs" if as_inputs else "")
     return FolderResult(
-        found.root, tuple(files), out if ok else None, routing.skipped_keys, copied, tuple(warnings), command
-    )
+        found.root, tuple(files), out if ok else None, routing.skipped_keys, copied, tuple(warnings), command,
+        tuple(notes),
+    )  # fmt: skip
 
 
 def merge_folder(
@@ -371,4 +380,5 @@ def merge_folder(
         for name, result in results.items()
         for kept in result.kept
     )
-    return FolderResult(found.root, tuple(files), out if ok else None, (), copied, warnings, "merge")
+    notes = tuple(f"{name}: {note}" for name, result in results.items() for note in result.notes)
+    return FolderResult(found.root, tuple(files), out if ok else None, (), copied, warnings, "merge", notes)

@@ -74,7 +74,9 @@ def prove(
     # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
     folded = fold_branches(rewritten, adapters=added, dequantize=True, remedy=FOLD_PROOF_REMEDY)
     rtol, atol = fold_tolerance(folded)
-    quantized_rtol = dequantized_rtol(rewritten, added, providers=providers, dims=dims, inputs=inputs)
+    quantized_rtol = dequantized_rtol(
+        rewritten, added, providers=providers, dims=dims, inputs=inputs, base=source
+    )
     return validate(
         rewritten, folded.model, providers=providers, rtol=quantized_rtol or rtol, atol=atol, dims=dims,
         allow_nonfinite=allow_nonfinite, inputs=inputs,

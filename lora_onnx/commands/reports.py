@@ -7,6 +7,11 @@ batch's exit code is 2 when any model failed, else 1 when any mismatched, else 0
 
 JUnit maps them to what CI systems display: ``failed`` -> ``<error>``, ``mismatch`` -> ``<failure>``,
 ``skipped`` -> ``<skipped>``, one ``<testcase>`` per model named by its path relative to the inputs' root.
+
+A folder converted as one unit (``batch FOLDER --peft ADAPTER``: one export split into several files, see
+:mod:`lora_onnx.commands.batch`) keeps one record per model file, each naming its ``folder``; the unit's
+verdict is every one of its files' status (nothing of a folder is written unless all of it is), and
+:class:`FolderReport` holds what belongs to the folder as a whole (side files copied, its error).
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ class ModelReport:
 
     ``validation`` is the :meth:`ValidationReport.to_json` record when the model was validated;
     ``mismatches`` lists its failing outputs in one line each. ``traceback`` is set only for an
-    unexpected internal error (a bug), so it can be reported.
+    unexpected internal error (a bug), so it can be reported. ``notes`` are what the user should know
+    that is no warning (shared weights a merge untied). A model file of a folder unit names its
+    ``folder`` (the :class:`FolderReport`'s path) and the adapter ``modules`` it took.
     """
 
     path: str
@@ -68,6 +75,9 @@ class ModelReport:
     validation: Mapping[str, Any] | None = None
     error: str | None = None
     traceback: str | None = None
+    notes: tuple[str, ...] = ()
+    folder: str | None = None
+    modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -95,11 +105,17 @@ class ModelReport:
         if self.status == "failed":
             return self.error or "failed"
         if self.status == "mismatch":
+            if not self.mismatches and self.error:  # a folder's file whose sibling disagreed
+                return self.error
             first = self.mismatches[0] if self.mismatches else "outputs disagree"
             return f"validation failed: {first}; nothing was written"
         if self.status == "skipped":
             return "the output exists (--skip-existing)"
         checked = ", validated" if self.validation else ""
+        if self.folder is not None:
+            if not self.sites:
+                return f"unchanged{checked}"
+            return f"{len(self.modules)} adapter module(s) on {self.sites} site(s){checked}"
         return f"{self.sites} site(s), {len(self.skipped)} skipped node(s){checked}"
 
     def to_json(self) -> dict[str, Any]:
@@ -117,6 +133,9 @@ class ModelReport:
             "mismatches": list(self.mismatches),
             "error": self.error,
             "traceback": self.traceback,
+            "notes": list(self.notes),
+            "folder": self.folder,
+            "modules": list(self.modules),
         }
 
     @classmethod
@@ -134,6 +153,62 @@ class ModelReport:
             validation=data.get("validation"),
             error=data.get("error"),
             traceback=data.get("traceback"),
+            notes=tuple(data.get("notes", [])),
+            folder=data.get("folder"),
+            modules=tuple(data.get("modules", [])),
+        )
+
+
+@dataclass(frozen=True)
+class FolderReport:
+    """A folder converted as one unit: its path relative to the inputs' root (``"."`` for the root
+    itself; its model records' paths start with it), where it was read and written, the unit's status
+    (its model files'), the paths of its model records, the side files copied (config.json, tokenizer
+    files, ...), warnings of the folder as a whole, the adapter keys no file took (``--skip-unmatched``)
+    and, when it failed, the error."""
+
+    path: str
+    source: str
+    output: str
+    status: str
+    models: tuple[str, ...] = ()
+    copied: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+    seconds: float = 0.0
+    skipped_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "source": self.source,
+            "output": self.output,
+            "status": self.status,
+            "seconds": round(self.seconds, 4),
+            "models": list(self.models),
+            "copied": list(self.copied),
+            "warnings": list(self.warnings),
+            "skipped_keys": list(self.skipped_keys),
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FolderReport:
+        return cls(
+            path=str(data["path"]),
+            source=str(data.get("source", "")),
+            output=str(data.get("output", "")),
+            status=str(data["status"]),
+            models=tuple(str(m) for m in data.get("models", [])),
+            copied=tuple(str(c) for c in data.get("copied", [])),
+            warnings=tuple(data.get("warnings", [])),
+            error=data.get("error"),
+            seconds=float(data.get("seconds", 0.0)),
+            skipped_keys=tuple(str(k) for k in data.get("skipped_keys", [])),
         )
 
 
@@ -165,7 +240,8 @@ class BatchReport:
     """A whole run (or a merge of shard runs): per-model records sorted by path, and the run's recipe.
 
     ``total`` is the number of models before sharding; ``shards`` the shard indices this report covers
-    (empty when the run was not sharded); ``recipe_digest`` tells runs with different recipes apart.
+    (empty when the run was not sharded); ``recipe_digest`` tells runs with different recipes apart;
+    ``folders`` the folders converted as units (their files are among ``models``).
     """
 
     models: tuple[ModelReport, ...]
@@ -178,6 +254,7 @@ class BatchReport:
     created: str = ""
     tool: str = ""
     output_dir: str = ""
+    folders: tuple[FolderReport, ...] = ()
 
     @property
     def counts(self) -> dict[str, int]:
@@ -219,6 +296,7 @@ class BatchReport:
             "recipe": dict(self.recipe),
             "recipe_digest": self.recipe_digest,
             "models": [model.to_json() for model in self.models],
+            "folders": [folder.to_json() for folder in self.folders],
         }
 
     @classmethod
@@ -234,6 +312,7 @@ class BatchReport:
             created=str(data.get("created", "")),
             tool=str(data.get("tool", "")),
             output_dir=str(data.get("output_dir", "")),
+            folders=tuple(FolderReport.from_json(item) for item in data.get("folders", [])),
         )
 
 
@@ -289,6 +368,7 @@ def merge_reports(reports: Sequence[tuple[str, BatchReport]], *, allow_missing: 
     seen: dict[str, str] = {}
     shards: dict[int, str] = {}
     models: list[ModelReport] = []
+    folders: list[FolderReport] = []
     for label, report in reports:
         if report.recipe_digest != first.recipe_digest:
             raise ReportError(
@@ -311,6 +391,7 @@ def merge_reports(reports: Sequence[tuple[str, BatchReport]], *, allow_missing: 
                 raise ReportError(f"model {model.path!r} is in both {seen[model.path]} and {label}")
             seen[model.path] = label
             models.append(model)
+        folders.extend(report.folders)
     missing = sorted(set(range(1, first.shard_count + 1)) - set(shards)) if first.shard_count else []
     if missing and not allow_missing:
         listed = ", ".join(f"{i}/{first.shard_count}" for i in missing)
@@ -324,6 +405,7 @@ def merge_reports(reports: Sequence[tuple[str, BatchReport]], *, allow_missing: 
     return replace(
         first,
         models=sort_models(models),
+        folders=tuple(sorted(folders, key=lambda f: f.path)),
         total=first.total if first.shard_count else len(models),
         shards=tuple(sorted(shards)),
         seconds=max(report.seconds for _, report in reports),
@@ -369,8 +451,12 @@ def junit_xml(report: BatchReport, suite: str = "lora-onnx batch") -> str:
 
 def _case_details(model: ModelReport) -> str:
     lines = [f"source: {model.source}", f"output: {model.output}", f"sites: {model.sites}"]
+    if model.folder is not None:
+        lines.append(f"folder: {model.folder} (converted as one unit)")
+        lines += [f"module: {m}" for m in model.modules]
     lines += [f"skipped {s.node} ({s.op}, {s.module_path}): {s.reason}" for s in model.skipped]
     lines += [f"warning: {w}" for w in model.warnings]
+    lines += [f"note: {n}" for n in model.notes]
     return "\n".join(lines)
 
 
