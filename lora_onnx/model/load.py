@@ -100,6 +100,15 @@ class LoadedModel:
         """The graph as an onnx-ir model a stage can rewrite: a copy, so this record never changes."""
         return to_ir(self.proto)
 
+    def ir_view(self) -> ir.Model:
+        """The graph as onnx-ir for look-ups (use-def chains, metadata), built once per record and shared:
+        never edit it (:meth:`to_ir` gives a copy to rewrite)."""
+        view = self.__dict__.get("_ir_view")
+        if view is None:
+            view = to_ir(self.proto)
+            object.__setattr__(self, "_ir_view", view)
+        return view
+
     def with_ir(self, model: ir.Model, overrides: Mapping[str, TensorProducer] | None = None) -> LoadedModel:
         """:meth:`with_proto` for a graph a stage rewrote in onnx-ir."""
         return self.with_proto(to_proto(model), overrides)

@@ -152,7 +152,7 @@ class FoldBranches(Stage):
         groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
         reasons = {
             **_refusals(index, chosen, branches, groups),
-            **quantized.fold_refusals(index, chosen, self.dequantize),
+            **quantized.fold_refusals(model.ir_view().graph, chosen, self.dequantize),
         }
         if reasons and not self.partial:
             first = next(iter(reasons.items()))
@@ -172,7 +172,7 @@ class FoldBranches(Stage):
         adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
         untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
         remaining = retarget(remaining, untied)
-        sources = quantized.dequantize_folded(proto, index, model, folding)
+        sources = quantized.dequantize_folded(proto, model.ir_view().graph, model, folding)
         write_branches(proto, remaining)
         producers = _weight_producers(model, folding, sources, untied)
         for variant, group in by_variant(folding).items():
