@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper
 
 from lora_onnx.kinds import kind_for_node
 from lora_onnx.model.dequantize import (
@@ -38,7 +37,7 @@ from lora_onnx.model.dequantize import (
     dequantize_step,
     nbits_node,
 )
-from lora_onnx.model.graph import FreshNames, nodes_by_name, retain, values_by_name
+from lora_onnx.model.graph import FreshNames, nodes_by_name, take_over, values_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches
 from lora_onnx.model.streaming import FloatSource
@@ -149,17 +148,17 @@ def fold_refusals(
 
 
 def dequantize_folded(
-    proto: onnx.ModelProto, source: ir.Graph, model: LoadedModel, folding: Sequence[BranchRecord]
+    graph: ir.Graph, source: ir.Graph, model: LoadedModel, folding: Sequence[BranchRecord]
 ) -> dict[str, FloatSource]:
-    """Make every quantized weight among ``folding`` a float weight in ``proto``'s graph.
+    """Make every quantized weight among ``folding`` a float weight in ``graph`` (edited in place).
 
-    ``source`` is the source graph (``model``'s, read only: :meth:`LoadedModel.ir_view`). Removes each
-    DequantizeLinear (its consumers read the weight directly) and replaces each MatMulNBits by a MatMul
-    (+ Add for a bias); changes the weight initializer's type (and, for MatMulNBits, shape to (K, N));
-    drops scales and zero points no node uses any more. Returns, per weight, the float source the fold
-    adds its deltas to.
+    ``source`` is the graph of ``model`` as loaded, read only (:meth:`LoadedModel.ir_view`): the weights'
+    quantization is traced there. Removes each DequantizeLinear (its readers read the weight directly)
+    and replaces each MatMulNBits by a MatMul (+ Add for a bias); gives the weight initializer its float
+    type (and, for MatMulNBits, the shape (K, N)); drops scales and zero points no node uses any more.
+    Returns, per weight, the float source the fold adds its deltas to.
     """
-    nodes = nodes_by_name(source)
+    nodes, edited = nodes_by_name(source), nodes_by_name(graph)
     sources: dict[str, FloatSource] = {}
     done: set[str] = set()
     names: FreshNames | None = None
@@ -168,87 +167,97 @@ def dequantize_folded(
         if quantized is None or quantized.weight in done:
             continue
         done.add(quantized.weight)
-        tensor = next(t for t in proto.graph.initializer if t.name == quantized.weight)
         if quantized.step is not None:
-            sources[quantized.weight] = _remove_dequantize(proto, tensor, quantized.step, model)
+            sources[quantized.weight] = _remove_dequantize(graph, edited, quantized, model)
         else:
             assert quantized.nbits is not None
             if names is None and quantized.nbits.bias:
-                names = _taken_names(source, proto)
-            sources[quantized.weight] = _replace_nbits(proto, tensor, quantized.nbits, names, model)
+                names = _taken_names(source, graph)
+            sources[quantized.weight] = _replace_nbits(graph, edited, quantized, names, model)
     if done:
-        _drop_unused_initializers(proto, source)
+        _drop_unused_initializers(graph, source)
     return sources
 
 
-def _taken_names(source: ir.Graph, proto: onnx.ModelProto) -> FreshNames:
+def _taken_names(source: ir.Graph, graph: ir.Graph) -> FreshNames:
     """Fresh names that avoid the source graph's names and those of the graph as edited so far."""
     names = FreshNames(source)
-    graph = proto.graph
-    for name in (
-        *(t.name for t in graph.initializer), *(v.name for v in graph.input),
-        *(n.name for n in graph.node), *(o for n in graph.node for o in n.output),
-    ):  # fmt: skip
-        names.reserve(name)
+    for value in (*graph.inputs, *graph.initializers.values()):
+        names.reserve(value.name or "")
+    for node in graph:
+        names.reserve(node.name or "")
+        for value in node.outputs:
+            names.reserve(value.name or "")
     return names
 
 
 def _remove_dequantize(
-    proto: onnx.ModelProto, tensor: onnx.TensorProto, step: DequantizeStep, model: LoadedModel
+    graph: ir.Graph, nodes: Mapping[str, ir.Node], quantized: QuantizedWeight, model: LoadedModel
 ) -> FloatSource:
-    graph = proto.graph
-    node = next(n for n in graph.node if n.name == step.node)
-    dequantized = node.output[0]
-    retain(graph.node, lambda n: n.name != step.node)
-    for other in graph.node:
-        for i, value in enumerate(other.input):
-            if value == dequantized:
-                other.input[i] = tensor.name
-    retain(graph.value_info, lambda value: value.name != dequantized)
-    shape = shape_of(tensor)
-    _retype(tensor, step.dtype, shape)
+    step = quantized.step
+    assert step is not None
+    node = nodes[step.node]
+    weight = graph.initializers[quantized.weight]
+    node.outputs[0].replace_all_uses_with(weight)
+    graph.remove(node, safe=True)
+    shape = _retype(weight, model, step.dtype, None)
     return FloatSource(shape, np_dtype(step.dtype), lambda: QdqRows(model, step))
 
 
 def _replace_nbits(
-    proto: onnx.ModelProto, tensor: onnx.TensorProto, info: NBitsNode, names: FreshNames | None,
+    graph: ir.Graph, nodes: Mapping[str, ir.Node], quantized: QuantizedWeight, names: FreshNames | None,
     model: LoadedModel,
 ) -> FloatSource:  # fmt: skip
-    graph = proto.graph
-    position = next(i for i, n in enumerate(graph.node) if n.name == info.node)
-    old = graph.node[position]
-    output = old.output[0]
-    replacement = [helper.make_node("MatMul", [old.input[0], tensor.name], [output], info.node)]
+    info = quantized.nbits
+    assert info is not None
+    old = nodes[info.node]
+    output = old.outputs[0]
+    weight = graph.initializers[quantized.weight]
+    result = ir.Value(name=output.name)
     if info.bias:
         assert names is not None
-        product = names(f"{info.node}.matmul_output")
-        replacement[0].output[0] = product
-        replacement.append(helper.make_node("Add", [product, info.bias], [output], f"{info.node}.bias_add"))
-    nodes = list(graph.node)
-    nodes[position : position + 1] = replacement
-    del graph.node[:]
-    graph.node.extend(nodes)
-    dtype = next(t for t in graph.initializer if t.name == info.scales).data_type
-    _retype(tensor, dtype, (info.k, info.n))
+        product = ir.Value(name=names(f"{info.node}.matmul_output"))
+        replacement = [
+            ir.node("MatMul", [old.inputs[0], weight], outputs=[product], name=info.node),
+            ir.node("Add", [product, old.inputs[5]], outputs=[result], name=f"{info.node}.bias_add"),
+        ]
+    else:
+        replacement = [ir.node("MatMul", [old.inputs[0], weight], outputs=[result], name=info.node)]
+    graph.insert_after(old, replacement)
+    take_over(output, result)
+    graph.remove(old, safe=True)
+    dtype = constant_dtype(graph.initializers[info.scales])
+    _retype(weight, model, dtype, (info.k, info.n))
     return FloatSource((info.k, info.n), np_dtype(dtype), lambda: NBitsRows(model, info))
 
 
-def _retype(tensor: onnx.TensorProto, dtype: int, shape: tuple[int, ...]) -> None:
-    """Give ``tensor`` a new type and shape; its value comes from the fold's producer at save time."""
+def _retype(
+    weight: ir.Value, model: LoadedModel, dtype: int, shape: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """Give the initializer ``weight`` a new type (and shape); its value comes from the fold's producer at
+    save time. The new tensor is a copy of the source's metadata (an external tensor keeps its entries),
+    so neither the loaded model nor its view changes."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(model.initializer(weight.name or ""))
+    shape = shape_of(tensor) if shape is None else shape
     tensor.data_type = dtype
     del tensor.dims[:]
     tensor.dims.extend(shape)
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         tensor.ClearField("raw_data")
+    wrapped = ir.TensorProtoTensor(tensor)
+    weight.const_value = wrapped
+    weight.type, weight.shape = ir.TensorType(wrapped.dtype), wrapped.shape
+    return shape
 
 
-def _drop_unused_initializers(proto: onnx.ModelProto, source: ir.Graph) -> None:
+def _drop_unused_initializers(graph: ir.Graph, source: ir.Graph) -> None:
     """Remove scales / zero points / g_idx the removed quantized nodes were the last users of."""
-    graph = proto.graph
-    used = {name for node in graph.node for name in node.input}
-    used |= {v.name for v in graph.output} | {v.name for v in graph.input}
     was_used = {value.name for node in source for value in node.inputs if value is not None}
-    retain(graph.initializer, lambda t: t.name in used or t.name not in was_used)
+    for name, value in list(graph.initializers.items()):
+        unused = not value.uses() and not value.is_graph_output() and not value.is_graph_input()
+        if name in was_used and unused:
+            graph.initializers.pop(name)
 
 
 # ---- proofs ------------------------------------------------------------------------------------------
