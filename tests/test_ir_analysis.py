@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from builders import make_model, rng_array
+from builders import make_model, rng_array, run
 from onnx import TensorProto, helper
 
 from lora_onnx import find_sites
+from lora_onnx.commands.inject import inject
 from lora_onnx.model.graph import nodes_by_name, to_ir, values_by_name
 from lora_onnx.model.load import load_model
 from lora_onnx.model.weights import WeightRef, resolve_weight, source_value
+from lora_onnx.recipes.config import LoraConfig
 
 
 def test_resolve_weight_follows_producers_to_the_initializer() -> None:
@@ -47,3 +49,39 @@ def test_find_sites_infers_ranks_on_its_own_copy_not_the_shared_view() -> None:
     (site,) = find_sites(loaded, ["matmul"]).sites
     assert (site.output, site.bias_add, site.data_input) == ("mm", "bias_add", "r")
     assert values_by_name(view.graph)["r"].shape is None
+
+
+def test_a_matmul_output_read_inside_a_subgraph_is_where_the_branch_joins() -> None:
+    # onnx-ir's uses include readers inside subgraph bodies: the MatMul's output has two readers (the bias
+    # Add and the If branch), so the branch joins the MatMul itself and both readers see it.
+    then_graph = helper.make_graph(
+        [helper.make_node("Identity", ["mm"], ["t"], name="then_id")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 3])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["e"], name="else_id")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 3])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm_node"),
+        helper.make_node("Add", ["mm", "b"], ["y"], name="bias_add"),
+        helper.make_node("If", ["flag"], ["z"], name="if", then_branch=then_graph, else_branch=else_graph),
+    ]
+    inputs = {"x": (TensorProto.FLOAT, [2, 4]), "flag": (TensorProto.BOOL, [])}
+    weights = {"W": rng_array((4, 3)), "b": np.zeros(3, np.float32)}
+    model = make_model(nodes, inputs, ["z"], weights)
+    (site,) = find_sites(model, ["matmul"]).sites
+    assert (site.output, site.bias_add) == ("mm", None)
+    # in onnxruntime, the If branch reads the MatMul with its LoRA delta (as PyTorch's module output has it)
+    result = inject(model, LoraConfig(rank=2, init="random", seed=3))
+    (branch,) = result.branches
+    a, b = result.model.array(branch.a), result.model.array(branch.b)
+    x = rng_array((2, 4))
+    expected = x @ weights["W"] + branch.scale * (x @ a) @ b
+    (got,) = run(result.model.proto, {"x": x, "flag": np.array(True)})
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(branch.scale * (x @ a) @ b).max() > 1e-3  # the delta is not negligible
