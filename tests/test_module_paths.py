@@ -7,7 +7,7 @@ from builders import MODELS, make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import find_sites
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import nodes_by_name, to_ir, values_by_name
 from lora_onnx.model.module_paths import FOLDED_FROM_KEY, NAME_SCOPES_KEY, module_path
 
 
@@ -46,7 +46,7 @@ def test_bundled_exports(model: str, expected: dict[str, str]) -> None:
     assert {node: paths[node] for node in expected} == expected
 
 
-def _node_and_index(name: str = "n", scopes: str | None = None, weight: str = "W", folded: str | None = None):
+def _node_values(name: str = "n", scopes: str | None = None, weight: str = "W", folded: str | None = None):
     node = helper.make_node("MatMul", ["x", weight], ["y"], name=name)
     if scopes is not None:
         entry = node.metadata_props.add()
@@ -57,18 +57,18 @@ def _node_and_index(name: str = "n", scopes: str | None = None, weight: str = "W
         info.name = weight
         entry = info.metadata_props.add()
         entry.key, entry.value = FOLDED_FROM_KEY, folded
-    index = GraphIndex(model.graph)
-    return index, index.nodes[name]
+    graph = to_ir(model).graph
+    return values_by_name(graph), nodes_by_name(graph)[name]
 
 
 def test_priority_of_sources() -> None:
-    index, node = _node_and_index(scopes="['', 'enc', 'enc.fc', 'linear']", weight="other.weight")
-    assert module_path(index, node, "other.weight") == "enc.fc"
-    index, node = _node_and_index(name="/enc/fc/MatMul", weight="val_3", folded="['enc.x.weight']")
-    assert module_path(index, node, "val_3") == "enc.fc"
-    index, node = _node_and_index(name="mm", weight="val_3", folded="['enc.x.weight']")
-    assert module_path(index, node, "val_3") == "enc.x"
-    index, node = _node_and_index(name="mm", weight="head.weight")
-    assert module_path(index, node, "head.weight") == "head"
-    index, node = _node_and_index(name="mm", weight="onnx::MatMul_7")
-    assert module_path(index, node, "onnx::MatMul_7") == "mm"
+    values, node = _node_values(scopes="['', 'enc', 'enc.fc', 'linear']", weight="other.weight")
+    assert module_path(node, values["other.weight"]) == "enc.fc"
+    values, node = _node_values(name="/enc/fc/MatMul", weight="val_3", folded="['enc.x.weight']")
+    assert module_path(node, values["val_3"]) == "enc.fc"
+    values, node = _node_values(name="mm", weight="val_3", folded="['enc.x.weight']")
+    assert module_path(node, values["val_3"]) == "enc.x"
+    values, node = _node_values(name="mm", weight="head.weight")
+    assert module_path(node, values["head.weight"]) == "head"
+    values, node = _node_values(name="mm", weight="onnx::MatMul_7")
+    assert module_path(node, values["onnx::MatMul_7"]) == "mm"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import LoadedModel, ModelLike, TensorProducer, load_model
 from lora_onnx.model.manifest import BranchRecord, adapter_names, read_branches
 from lora_onnx.model.save import check_output_paths, save_model
@@ -112,7 +112,7 @@ def inject(
         check_output_paths(source, output)
     refuse_existing_adapter(source, config.adapter_name)
     scan = scan_sites(source, config.ops)
-    plan = plan_branches(scan, config, GraphIndex(source.proto.graph)).require_branches()
+    plan = plan_branches(scan, config, FreshNames(source.ir_view().graph)).require_branches()
     # A model that keeps its weights outside the .onnx (the large ones) gets deferred LoRA tensors: each is
     # generated when it is written, so a rank-64 adapter on an LLM (~100s of MB) is never in memory whole.
     defer = bool(source.external_refs())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import numel, shape_of, type_name
@@ -73,7 +73,7 @@ def inspect_model(model: ModelLike, config: LoraConfig | None = None) -> Inspect
     config = config or LoraConfig()
     loaded = load_model(model)
     scan = scan_sites(loaded, config.ops)
-    plan = plan_branches(scan, config, GraphIndex(loaded.proto.graph))
+    plan = plan_branches(scan, config, FreshNames(loaded.ir_view().graph))
     if not plan.branches and scan.sites and not config.targets.selects_everything:
         plan.require_branches()  # a target that matches nothing is the user's mistake: say so
     rows = tuple(

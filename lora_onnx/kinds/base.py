@@ -25,7 +25,8 @@ import onnx
 import onnx_ir as ir
 
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.model.graph import FreshNames, GraphIndex
+from lora_onnx.model.graph import FreshNames
+from lora_onnx.model.values import is_constant, name_of
 from lora_onnx.model.weights import WeightRef, resolve_weight
 
 if TYPE_CHECKING:
@@ -280,8 +281,9 @@ class OpKind:
     #: Whether the table must equal its PyTorch parameter exactly (embeddings: no fold factor applies).
     exact_parameter: ClassVar[bool] = False
 
-    def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-        """``node`` as a site, or the reason it cannot take a branch."""
+    def site(self, node: ir.Node) -> Site | str:
+        """``node`` (of a main graph, read through its use-def chains) as a site, or the reason it cannot
+        take a branch."""
         raise NotImplementedError
 
     def source_layout(self, site: Site) -> str:
@@ -304,9 +306,9 @@ class OpKind:
         """Whether a probed data input already is [batch, tokens, in] (the mixed branch skips reshapes)."""
         return False
 
-    def output_width(self, node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> int | None:
-        """The last dim of the node's output from its attributes and the dims of its initializers
-        (``dims``), without a site scan; None when the kind cannot tell."""
+    def output_width(self, node: ir.Node) -> int | None:
+        """The last dim of the node's output from its attributes and the dims of its initializer inputs,
+        without a site scan; None when the kind cannot tell."""
         return None
 
     def torch_transposed(self, site: Site) -> bool:
@@ -350,25 +352,26 @@ class OpKind:
         """PEFT's DoRA weight norm per output channel (float32, flat) for this site."""
         raise LoraOnnxError(f"DoRA is not defined for {self.op_type} nodes")
 
-    def base_bias(self, index: GraphIndex, site: Site) -> str:
-        """The value the base node adds as its bias, "" when it adds none."""
+    def base_bias(self, nodes: Mapping[str, ir.Node], site: Site) -> str:
+        """The value the base node adds as its bias, "" when it adds none (``nodes``: the graph's nodes by
+        name, :func:`lora_onnx.model.graph.nodes_by_name`)."""
         if self.bias_input:
-            node = index.nodes[site.node]
-            return node.input[2] if len(node.input) > 2 else ""
+            node = nodes[site.node]
+            return name_of(node.inputs[2]) if len(node.inputs) > 2 else ""
         if site.bias_add is not None:
-            add = index.nodes[site.bias_add]
-            mm_out = index.nodes[site.node].output[0]
-            return add.input[1] if add.input[0] == mm_out else add.input[0]
+            add = nodes[site.bias_add]
+            mm_out = nodes[site.node].outputs[0]
+            return name_of(add.inputs[1] if add.inputs[0] is mm_out else add.inputs[0])
         return ""
 
 
-def float_weight(index: GraphIndex, node: onnx.NodeProto, constant_data: str) -> WeightRef | str:
+def float_weight(node: ir.Node, constant_data: str) -> WeightRef | str:
     """The float weight a MatMul / Gemm / Conv-like node reads as its second input, or why it has none
     (``constant_data``: the reason to give when the data input is the constant one)."""
-    data, weight_value = node.input[0], node.input[1]
-    if index.is_constant(data) or not isinstance(resolve_weight(index, data), str):
+    data, weight_value = node.inputs[0], node.inputs[1]
+    if is_constant(data) or not isinstance(resolve_weight(data), str):
         return constant_data
-    weight = resolve_weight(index, weight_value)
+    weight = resolve_weight(weight_value)
     if isinstance(weight, str):
         return weight
     if weight.node_dtype not in FLOAT_TYPES:
@@ -405,8 +408,9 @@ def kind_of(op: str) -> OpKind:
         raise LoraOnnxError(f"lora-onnx has no op kind {op!r} (it knows {', '.join(_KINDS)})") from None
 
 
-def kind_for_node(node: onnx.NodeProto) -> OpKind | None:
-    """The kind of ``node`` when its op type and domain are one's, else None."""
+def kind_for_node(node: ir.Node | onnx.NodeProto) -> OpKind | None:
+    """The kind of ``node`` (an onnx-ir node or a NodeProto) when its op type and domain are one's, else
+    None."""
     _load()
     kind = _KINDS.get(node.op_type)
     return kind if kind is not None and node.domain in kind.domains else None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds.base import (
@@ -28,18 +29,20 @@ from lora_onnx.kinds.base import (
 )
 from lora_onnx.kinds.deltas import ConvRows, DeltaRows
 from lora_onnx.kinds.site import ConvAttrs, Site
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import attribute_values
 from lora_onnx.model.module_paths import module_path
 from lora_onnx.model.tensors import np_dtype
+from lora_onnx.model.values import name_of
+from lora_onnx.model.weights import source_value
 
 if TYPE_CHECKING:
     from lora_onnx.model.manifest import BranchRecord
 
 
-def conv_attrs(index: GraphIndex, node: onnx.NodeProto, kernel: tuple[int, ...]) -> ConvAttrs:
+def conv_attrs(node: ir.Node, kernel: tuple[int, ...]) -> ConvAttrs:
     """A Conv / ConvTranspose node's attributes with ONNX's defaults filled in."""
     spatial = len(kernel)
-    attrs = index.attributes(node)
+    attrs = attribute_values(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     return ConvAttrs(
         kernel_shape=kernel,
@@ -339,10 +342,10 @@ class ConvKind(OpKind):
         """(in, out) features of a weight of ``shape`` at ``group``, or why they do not split."""
         return shape[1] * group, shape[0]
 
-    def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-        if len(node.input) < 2 or not node.input[1]:
+    def site(self, node: ir.Node) -> Site | str:
+        if len(node.inputs) < 2 or node.inputs[1] is None:
             return "has no weight input"
-        weight = float_weight(index, node, "the data input is a constant")
+        weight = float_weight(node, "the data input is a constant")
         if isinstance(weight, str):
             return weight
         shape = weight.node_shape
@@ -353,18 +356,18 @@ class ConvKind(OpKind):
             )
         if 0 in shape:
             return f"weight {weight.initializer!r} is empty (shape {list(shape)})"
-        attrs = index.attributes(node)
+        attrs = attribute_values(node)
         kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))  # type: ignore[union-attr]
         if kernel != tuple(shape[2:]):
             return f"kernel_shape {list(kernel)} disagrees with weight {weight.initializer!r} {list(shape)}"
-        conv = conv_attrs(index, node, kernel)
+        conv = conv_attrs(node, kernel)
         features = self.features(shape, conv.group)
         if isinstance(features, str):
             return features
         layout = self.layout_prefix + ",".join(f"k{i + 1}" for i in range(len(kernel)))
-        path = module_path(index, node, weight.initializer)
+        path = module_path(node, source_value(node.inputs[1]))
         return Site(
-            node.name, self.op_type, path, node.input[0], node.output[0], weight, layout,
+            node.name, self.op_type, path, name_of(node.inputs[0]), name_of(node.outputs[0]), weight, layout,
             in_features=features[0], out_features=features[1], conv=conv,
         )  # fmt: skip
 

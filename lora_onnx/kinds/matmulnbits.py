@@ -7,18 +7,16 @@ bias Add; folding into the packed weight lives with the quantized bases (:mod:`l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import onnx
+import onnx_ir as ir
 
 from lora_onnx.kinds.base import register
 from lora_onnx.kinds.dense import DenseKind
 from lora_onnx.kinds.matmul import join_after_bias
 from lora_onnx.kinds.site import Site
 from lora_onnx.model.dequantize import nbits_node
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import attribute_values
 from lora_onnx.model.module_paths import module_path
-from lora_onnx.model.tensors import shape_of
+from lora_onnx.model.values import constant_dtype, constant_shape, is_constant, name_of
 from lora_onnx.model.weights import WeightRef
 
 #: Suffixes onnxruntime's quantizers add to a weight's name (``fc.weight_Q4``, ``fc.weight_quantized``).
@@ -33,28 +31,30 @@ def parameter_name(weight: str) -> str:
     return weight
 
 
-def _nbits_site(index: GraphIndex, node: onnx.NodeProto) -> Site | str:
+def _nbits_site(node: ir.Node) -> Site | str:
     """A MatMulNBits node as a dense site (in = K, out = N), or the reason it cannot take a branch."""
-    info = nbits_node(index, node)
+    info = nbits_node(node)
     if isinstance(info, str):
         return info
-    data = node.input[0]
-    if index.is_constant(data):
+    data = node.inputs[0]
+    if is_constant(data):
         return "the data input is a constant"
-    b = index.initializers[info.b]
-    dtype = index.initializers[info.scales].data_type
+    b, scales = node.inputs[1], node.inputs[2]
+    assert b is not None and scales is not None
     weight = WeightRef(
         initializer=info.b,
-        source_shape=shape_of(b),
-        source_dtype=b.data_type,
+        source_shape=constant_shape(b),
+        source_dtype=constant_dtype(b),
         node_shape=(info.k, info.n),
-        node_dtype=dtype,
+        node_dtype=constant_dtype(scales),
     )
-    path = module_path(index, node, parameter_name(info.b))
-    output, bias_add = (node.output[0], None) if info.bias else join_after_bias(index, node, info.n)
+    parameter = parameter_name(info.b)
+    path = module_path(node, b if parameter == info.b else parameter)
+    output, bias_add = (name_of(node.outputs[0]), None) if info.bias else join_after_bias(node, info.n)
     return Site(
-        node.name, "MatMulNBits", path, data, output, weight, "in,out", info.k, info.n, bias_add=bias_add
-    )
+        node.name, "MatMulNBits", path, name_of(data), output, weight, "in,out", info.k, info.n,
+        bias_add=bias_add,
+    )  # fmt: skip
 
 
 class MatMulNBitsKind(DenseKind):
@@ -75,12 +75,12 @@ class MatMulNBitsKind(DenseKind):
             "apply the adapter to the float export, then quantize"
         )
 
-    def site(self, index: GraphIndex, node: onnx.NodeProto) -> Site | str:
-        return _nbits_site(index, node)
+    def site(self, node: ir.Node) -> Site | str:
+        return _nbits_site(node)
 
-    def output_width(self, node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> int | None:
-        n = next((a.i for a in node.attribute if a.name == "N"), 0)
-        return int(n) or None
+    def output_width(self, node: ir.Node) -> int | None:
+        n = attribute_values(node).get("N", 0)
+        return int(n) or None  # type: ignore[call-overload]
 
 
 MATMULNBITS = register(MatMulNBitsKind())

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import attribute_values
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.streaming import RowSource, tensor_rows
 from lora_onnx.model.tensors import external_ref, shape_of
+from lora_onnx.model.values import constant_dtype, constant_shape, inputs_of, is_constant, name_of
 
 DEQUANTIZE_OPS = ("DequantizeLinear",)
 #: DequantizeLinear exists in the ONNX domain and, for older opsets, in onnxruntime's contrib domain.
@@ -61,26 +63,25 @@ class DequantizeStep:
     dtype: int
 
 
-def dequantize_step(index: GraphIndex, node: onnx.NodeProto) -> DequantizeStep | str:
+def dequantize_step(node: ir.Node) -> DequantizeStep | str:
     """Describe a DequantizeLinear node whose scale and zero point are constants, else say why not."""
     if node.domain not in DEQUANTIZE_DOMAINS:
         return f"DequantizeLinear {node.name!r} is in the unknown domain {node.domain!r}"
-    inputs = [*node.input, "", ""]
-    scale, zero_point = inputs[1], inputs[2] or None
+    source, scale, zero_point = inputs_of(node, 3)
     for role, value in (("scale", scale), ("zero point", zero_point)):
-        if value is not None and not index.is_constant(value):
-            return f"the {role} {value!r} of DequantizeLinear {node.name!r} is not a constant initializer"
-    attrs = index.attributes(node)
-    scale_tensor = index.initializers[scale]
-    dtype = int(attrs.get("output_dtype", 0) or scale_tensor.data_type)  # type: ignore[call-overload]
-    source = index.initializers.get(node.input[0])
-    rank = len(shape_of(source)) if source is not None else 0
+        if (role == "scale" or value is not None) and not is_constant(value):
+            where = f"the {role} {name_of(value)!r} of DequantizeLinear {node.name!r}"
+            return f"{where} is not a constant initializer"
+    assert scale is not None
+    attrs = attribute_values(node)
+    dtype = int(attrs.get("output_dtype", 0) or constant_dtype(scale))  # type: ignore[call-overload]
+    rank = len(constant_shape(source)) if source is not None and is_constant(source) else 0
     axis = int(attrs.get("axis", 1))  # type: ignore[call-overload]
     return DequantizeStep(
-        node=node.name,
-        quantized=node.input[0],
-        scale=scale,
-        zero_point=zero_point,
+        node=node.name or "",
+        quantized=name_of(source),
+        scale=name_of(scale),
+        zero_point=name_of(zero_point) or None,
         axis=axis + rank if axis < 0 else axis,
         block_size=int(attrs.get("block_size", 0)),  # type: ignore[call-overload]
         dtype=dtype,
@@ -111,15 +112,16 @@ class NBitsNode:
         return (self.n, self.n_blocks, self.block_size * self.bits // 8)
 
 
-def nbits_node(index: GraphIndex, node: onnx.NodeProto) -> NBitsNode | str:
+def nbits_node(node: ir.Node) -> NBitsNode | str:
     """Describe a MatMulNBits node from its attributes and metadata, or say why it cannot take a branch."""
-    attrs = index.attributes(node)
+    attrs = attribute_values(node)
     missing = [key for key in ("K", "N", "block_size") if key not in attrs]
     if missing:
         return f"MatMulNBits {node.name!r} lacks the attribute(s) {', '.join(missing)}"
-    inputs = [*node.input, *[""] * 6][:6]
+    values = inputs_of(node, 6)
+    inputs = [name_of(value) for value in values]
     info = NBitsNode(
-        node=node.name,
+        node=node.name or "",
         k=int(attrs["K"]),  # type: ignore[call-overload]
         n=int(attrs["N"]),  # type: ignore[call-overload]
         bits=int(attrs.get("bits", 4)),  # type: ignore[call-overload]
@@ -135,10 +137,12 @@ def nbits_node(index: GraphIndex, node: onnx.NodeProto) -> NBitsNode | str:
             f"MatMulNBits {node.name!r} has bits={info.bits}, block_size={info.block_size}; "
             "expected bits 2, 4 or 8 and whole bytes per block"
         )
-    for role, value in (("B", info.b), ("scales", info.scales)):
-        if not value or not index.is_constant(value):
-            return f"the {role} input {value!r} of MatMulNBits {node.name!r} is not a constant initializer"
-    b_shape = shape_of(index.initializers[info.b])
+    for role, value in (("B", values[1]), ("scales", values[2])):
+        if not is_constant(value):
+            where = f"the {role} input {name_of(value)!r} of MatMulNBits {node.name!r}"
+            return f"{where} is not a constant initializer"
+    assert values[1] is not None
+    b_shape = constant_shape(values[1])
     if b_shape != info.b_shape:
         return (
             f"B {info.b!r} of MatMulNBits {node.name!r} has shape {list(b_shape)}, but K={info.k}, "

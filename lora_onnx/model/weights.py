@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx_ir as ir
+
 from lora_onnx.model.dequantize import DEQUANTIZE_OPS, dequantize_step
-from lora_onnx.model.graph import GraphIndex
-from lora_onnx.model.tensors import shape_of
+from lora_onnx.model.graph import attribute_values
+from lora_onnx.model.values import constant_dtype, constant_shape, is_constant, name_of
 
 #: Ops a weight may pass through on its way to the node, in any order and number.
 PASS_THROUGH_OPS = ("Identity", "Transpose", "Cast")
@@ -39,39 +41,43 @@ class WeightRef:
     dequantize: str | None = None
 
 
-def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
-    """Trace ``value`` to its initializer; on failure return the reason it cannot be a LoRA weight."""
+def resolve_weight(value: ir.Value | None) -> WeightRef | str:
+    """Trace ``value`` (a node's input) to its initializer through its producers; on failure return the
+    reason it cannot be a LoRA weight."""
+    label = name_of(value)
     chain: list[str] = []
     perms: list[tuple[str, list[int] | None]] = []
     cast_to: int | None = None
     dequantize: str | None = None
-    name = value
-    while not index.is_constant(name):
-        producer = index.producer.get(name)
+    current = value
+    while not is_constant(current):
+        producer = current.producer() if current is not None else None
         if producer is None:
-            return f"input {value!r} is a graph input, not a constant weight"
+            return f"input {label!r} is a graph input, not a constant weight"
         op = producer.op_type
         if op in DEQUANTIZE_OPS and dequantize is None:
-            step = dequantize_step(index, producer)
+            step = dequantize_step(producer)
             if isinstance(step, str):
                 return step
             # The node computes in the dequantized type unless a Cast nearer the node changed it.
             cast_to = step.dtype if cast_to is None else cast_to
             dequantize = producer.name
             chain.append(producer.name)
-            name = producer.input[0]
+            current = producer.inputs[0] if producer.inputs else None
             continue
         if op not in PASS_THROUGH_OPS:
-            return f"input {value!r} is not a constant weight: {op} {producer.name!r} computes it at run time"
+            return f"input {label!r} is not a constant weight: {op} {producer.name!r} computes it at run time"
         if op == "Transpose":
-            perm = index.attributes(producer).get("perm")
+            perm = attribute_values(producer).get("perm")
             perms.append((producer.name, list(perm) if perm is not None else None))  # type: ignore[call-overload]
         elif op == "Cast" and cast_to is None:
-            cast_to = int(index.attributes(producer)["to"])  # type: ignore[call-overload]
+            cast_to = int(attribute_values(producer)["to"])  # type: ignore[call-overload]
         chain.append(producer.name)
-        name = producer.input[0]
-    tensor = index.initializers[name]
-    source_shape = shape_of(tensor)
+        current = producer.inputs[0] if producer.inputs else None
+    assert current is not None
+    name = name_of(current)
+    source_shape = constant_shape(current)
+    source_dtype = constant_dtype(current)
     for node, perm in perms:
         if len(source_shape) != 2 or perm not in (None, [1, 0]):
             where = f"weight {name!r} {list(source_shape)} passes Transpose {node!r}"
@@ -80,10 +86,19 @@ def resolve_weight(index: GraphIndex, value: str) -> WeightRef | str:
     return WeightRef(
         initializer=name,
         source_shape=source_shape,
-        source_dtype=tensor.data_type,
+        source_dtype=source_dtype,
         node_shape=source_shape[::-1] if transposed else source_shape,
-        node_dtype=cast_to if cast_to is not None else tensor.data_type,
+        node_dtype=cast_to if cast_to is not None else source_dtype,
         chain=tuple(reversed(chain)),
         transposed=transposed,
         dequantize=dequantize,
     )
+
+
+def source_value(value: ir.Value | None) -> ir.Value | None:
+    """The initializer a traced weight (see :func:`resolve_weight`) comes from: its value in the graph,
+    whose metadata may name the parameter (``folded_from``); None when ``value`` is no constant's."""
+    while value is not None and not is_constant(value):
+        producer = value.producer()
+        value = producer.inputs[0] if producer is not None and producer.inputs else None
+    return value

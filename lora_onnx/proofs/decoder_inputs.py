@@ -31,6 +31,7 @@ from lora_onnx.kinds import kind_for_node
 
 if TYPE_CHECKING:  # annotations only: inputs.py imports this module, and onnx loads on first use
     import onnx
+    import onnx_ir as ir
 
     from lora_onnx.proofs.inputs import InputSpec
 
@@ -123,13 +124,18 @@ class _Graph:
     producers: Mapping[str, onnx.NodeProto]
     tables: Mapping[str, list[int]]
     infos: Mapping[str, onnx.ValueInfoProto]
+    #: The onnx-ir node writing each value (the kinds read nodes in onnx-ir).
+    ir_producers: Mapping[str, ir.Node] = field(default_factory=dict)
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> _Graph:
+        from onnx_ir import serde
+
         return cls(
             {out: node for node in graph.node for out in node.output},
             {t.name: list(t.dims) for t in graph.initializer},
             {v.name: v for v in (*graph.value_info, *graph.output)},
+            {out.name: node for node in serde.deserialize_graph(graph) for out in node.outputs if out.name},
         )
 
     def width(self, value: str) -> int | None:
@@ -145,8 +151,10 @@ class _Graph:
             if node is None:
                 return None
             kind = kind_for_node(node)  # a MatMul on an initializer, a MatMulNBits (its N)
-            if kind is not None and kind.output_width(node, self.tables) is not None:
-                return kind.output_width(node, self.tables)
+            ir_node = self.ir_producers.get(node.output[0]) if node.output else None
+            width = kind.output_width(ir_node) if kind is not None and ir_node is not None else None
+            if width is not None:
+                return width
             if node.op_type not in ("Add", "Cast"):
                 return None
             node = next(

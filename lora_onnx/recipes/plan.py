@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import TargetError
 from lora_onnx.kinds import BranchForm, kind_of
-from lora_onnx.model.graph import GraphIndex
 from lora_onnx.recipes.config import DEFAULT_ADAPTER, DEFAULT_RANK, LoraConfig
 from lora_onnx.sites.find import Site, SiteScan, Skipped
 from lora_onnx.sites.targets import module_matches, name_matches
@@ -94,20 +94,29 @@ def tensor_stem(module: str, adapter: str) -> str:
     return module if adapter == DEFAULT_ADAPTER else f"{module}.{adapter}"
 
 
+class NameSpace(Protocol):
+    """The names of one graph that are taken: :class:`~lora_onnx.model.graph.FreshNames`."""
+
+    def is_free(self, name: str) -> bool: ...
+
+    def reserve(self, name: str) -> None: ...
+
+
 def unique_stem(
-    index: GraphIndex, wanted: str, suffixes: Sequence[str] = (".lora_A.weight", ".lora_B.weight")
+    names: NameSpace, wanted: str, suffixes: Sequence[str] = (".lora_A.weight", ".lora_B.weight")
 ) -> str:
-    """``wanted`` (or ``wanted_1``...) such that every ``stem + suffix`` name is free; they are reserved."""
+    """``wanted`` (or ``wanted_1``...) such that every ``stem + suffix`` name is free in ``names`` (a
+    :class:`~lora_onnx.model.graph.FreshNames`); they are reserved."""
     stem, number = wanted, 0
-    while not all(index.is_free(stem + suffix) for suffix in suffixes):
+    while not all(names.is_free(stem + suffix) for suffix in suffixes):
         number += 1
         stem = f"{wanted}_{number}"
     for suffix in suffixes:
-        index.reserve(stem + suffix)
+        names.reserve(stem + suffix)
     return stem
 
 
-def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, check_ranks: bool = True) -> Plan:
+def plan_branches(scan: SiteScan, config: LoraConfig, names: NameSpace, *, check_ranks: bool = True) -> Plan:
     """Branches for the sites ``config`` targets (see :meth:`Plan.require_branches` for an empty plan).
 
     ``check_ranks`` weighs each rank against its site's min / max (in, out) (a warning, or a refusal when
@@ -130,7 +139,7 @@ def plan_branches(scan: SiteScan, config: LoraConfig, index: GraphIndex, *, chec
             continue
         key = (site.module_path, site.weight.initializer, rank)
         if key not in shared:
-            shared[key] = unique_stem(index, tensor_stem(site.module_path, config.adapter_name))
+            shared[key] = unique_stem(names, tensor_stem(site.module_path, config.adapter_name))
         stem = shared[key]
         branches.append(
             BranchPlan(

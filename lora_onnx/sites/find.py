@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Sequence
 
 import onnx
+import onnx_ir as ir
+from onnx_ir import serde
 
 from lora_onnx.common.constants import OP_KEYS
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.kinds import all_kinds, kind_for_node, kind_of
 from lora_onnx.kinds.matmul import data_rank
 from lora_onnx.kinds.site import ConvAttrs, GemmAttrs, Site, SiteScan, Skipped  # noqa: F401  (re-exported)
-from lora_onnx.model.graph import GraphIndex
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord, adapter_names, read_branches
 from lora_onnx.model.module_paths import module_path
@@ -43,46 +44,46 @@ def find_sites(
     ``ignore_nodes`` are left out entirely (the nodes of existing LoRA branches).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    graph = loaded.proto.graph
-    index = GraphIndex(graph)
+    ir_model = loaded.to_ir()  # this scan's own copy: inferred ranks go onto its values
+    graph = ir_model.graph
     kinds = [kind for kind in all_kinds() if kind.key in ops]
-    _infer_missing_ranks(index, loaded.proto, {k.op_type for k in kinds if k.wants_data_rank})
+    _infer_missing_ranks(graph, loaded.proto, {k.op_type for k in kinds if k.wants_data_rank})
     op_types = {kind.op_type for kind in kinds}
     twins = {twin: kind for kind in kinds for twin in kind.integer_twins}
     sites: list[Site] = []
     skipped: list[Skipped] = []
     ignored = set(ignore_nodes)
-    for node in graph.node:
+    for node in graph:
         if node.name in ignored:
             continue
         if node.op_type in twins and node.domain in ("", "ai.onnx"):
-            path = module_path(index, node, _weight_input(node))
+            path = module_path(node, _weight_input(node))
             skipped.append(Skipped(node.name, node.op_type, path, _integer_op_reason(node.op_type)))
             continue
         kind = kind_for_node(node)
         if kind is None or kind.op_type not in op_types:
             continue
-        found = kind.site(index, node)
+        found = kind.site(node)
         if isinstance(found, Site):
             sites.append(found)
         else:
-            weight = node.input[1] if len(node.input) > 1 else None
-            skipped.append(Skipped(node.name, node.op_type, module_path(index, node, weight), found))
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            skipped.append(Skipped(node.name, node.op_type, module_path(node, weight), found))
     # Nodes the rewrite cannot reach (subgraph bodies, model-local functions) are listed, never dropped.
-    for node, where in _unreachable_nodes(loaded.proto):
+    for node, where in _unreachable_nodes(ir_model):
         if node.op_type in op_types or node.op_type in twins:
-            path = module_path(index, node, _weight_input(node))
+            path = module_path(node, _weight_input(node))
             reason = f"{where}: subgraphs and function bodies are not rewritten, only the main graph"
             if where.startswith("inside model-local function"):
                 reason += " (inline the functions first: onnx.inliner.inline_local_functions)"
-            skipped.append(Skipped(node.name, node.op_type, path, reason))
+            skipped.append(Skipped(node.name or "", node.op_type, path, reason))
     return SiteScan(tuple(sites), tuple(skipped))
 
 
-def _weight_input(node: onnx.NodeProto) -> str | None:
+def _weight_input(node: ir.Node) -> ir.Value | None:
     """The weight input of a MatMul-like node (QLinear ops carry scales and zero points between)."""
     position = 3 if node.op_type.startswith("QLinear") else 1
-    return node.input[position] if len(node.input) > position and node.input[position] else None
+    return node.inputs[position] if len(node.inputs) > position else None
 
 
 def _integer_op_reason(op: str) -> str:
@@ -93,38 +94,45 @@ def _integer_op_reason(op: str) -> str:
     )
 
 
-def _unreachable_nodes(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _unreachable_nodes(model: ir.Model) -> Iterator[tuple[ir.Node, str]]:
     """Nodes inside subgraph bodies (If / Loop / Scan) and model-local functions, with where they are."""
-    yield from _subgraph_nodes(model.graph.node, "")
+    yield from _subgraph_nodes(model.graph, "")
     callers: dict[tuple[str, str], list[str]] = {}
-    for node in model.graph.node:
-        callers.setdefault((node.domain, node.op_type), []).append(node.name)
-    for function in model.functions:
+    for node in model.graph:
+        callers.setdefault((node.domain, node.op_type), []).append(node.name or "")
+    for function in model.functions.values():
         called = callers.get((function.domain, function.name), [])
         by = f", called by node {called[0]!r}" + (f" and {len(called) - 1} more" if len(called) > 1 else "")
         where = f"inside model-local function {function.domain}.{function.name}{by if called else ''}"
-        for node in function.node:
+        for node in function:
             yield node, where
-        yield from _subgraph_nodes(function.node, f" (in {where})")
+        yield from _subgraph_nodes(function, f" (in {where})")
 
 
-def _subgraph_nodes(nodes: Iterable[onnx.NodeProto], outer: str) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _subgraph_nodes(nodes: Iterable[ir.Node], outer: str) -> Iterator[tuple[ir.Node, str]]:
     for parent in nodes:
-        for attr in parent.attribute:
+        for attr in parent.attributes.values():
             where = f"inside the {attr.name} subgraph of {parent.op_type} {parent.name!r}{outer}"
-            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
-                for node in sub.node:
-                    yield node, where
-                yield from _subgraph_nodes(sub.node, f" ({where})")
+            if attr.type == ir.AttributeType.GRAPH:
+                subgraphs = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                subgraphs = list(attr.value)
+            else:
+                continue
+            for sub in subgraphs:
+                yield from ((node, where) for node in sub)
+                yield from _subgraph_nodes(sub, f" ({where})")
 
 
-def _infer_missing_ranks(index: GraphIndex, proto: onnx.ModelProto, op_types: Collection[str]) -> None:
+def _infer_missing_ranks(graph: ir.Graph, proto: onnx.ModelProto, op_types: Collection[str]) -> None:
     """Ranks of MatMul data inputs the graph does not annotate (TorchScript exports), from onnx shape
-    inference on the graph-only model (metadata only), added to ``index.value_info``."""
+    inference on the graph-only model (metadata only), set as the shapes of ``graph``'s values."""
     wanted = {
-        node.input[0]
-        for node in index.graph.node
-        if node.op_type in op_types and node.input and data_rank(index, node.input[0]) is None
+        value.name: value
+        for node in graph
+        if node.op_type in op_types and node.inputs
+        for value in node.inputs[:1]
+        if value is not None and data_rank(value) is None
     }
     if not wanted:
         return
@@ -134,7 +142,9 @@ def _infer_missing_ranks(index: GraphIndex, proto: onnx.ModelProto, op_types: Co
         return
     for info in inferred.graph.value_info:
         if info.name in wanted:
-            index.value_info[info.name] = info
+            shape = serde.deserialize_type_proto_for_shape(info.type)
+            if shape is not None:
+                wanted[info.name].shape = shape
 
 
 def source_layout(site: Site) -> str:

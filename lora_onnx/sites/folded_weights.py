@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from safetensors import SafetensorError, safe_open
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import kind_of
-from lora_onnx.model.graph import GraphIndex, retain
+from lora_onnx.model.graph import nodes_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.module_paths import REWRITE_RULE_KEY
 from lora_onnx.model.tensors import np_dtype
@@ -96,10 +97,10 @@ class FoldedWeight:
         )
 
 
-def folded_weight(index: GraphIndex, site: Site) -> FoldedWeight | None:
-    """The fold the graph shows for ``site``'s weight, or None when it shows none."""
-    node = index.nodes[site.node]
-    metadata = {entry.key: entry.value for entry in node.metadata_props}
+def folded_weight(nodes: Mapping[str, ir.Node], site: Site) -> FoldedWeight | None:
+    """The fold the graph shows for ``site``'s weight (``nodes``: the graph's nodes by name), or None when
+    it shows none."""
+    metadata = nodes[site.node].metadata_props
     rules = [rule.strip() for rule in metadata.get(REWRITE_RULE_KEY, "").split(",")]
     found = [rule for rule in rules if rule in FOLD_RULES]
     weight = site.weight.initializer
@@ -123,8 +124,8 @@ def folded_weight(index: GraphIndex, site: Site) -> FoldedWeight | None:
 
 def find_folded(model: LoadedModel, sites: Iterable[Site]) -> tuple[FoldedWeight, ...]:
     """Every site of ``sites`` whose weight the graph shows as folded by the exporter."""
-    index = GraphIndex(model.proto.graph)
-    found = (folded_weight(index, site) for site in sites)
+    nodes = nodes_by_name(model.ir_view().graph)
+    found = (folded_weight(nodes, site) for site in sites)
     return tuple(fold for fold in found if fold is not None)
 
 
@@ -297,7 +298,9 @@ def mark_scaled(proto: onnx.ModelProto, adapter: str, nodes: Iterable[str]) -> N
     listed = sorted(set(nodes) | scaled_nodes(proto, adapter))
     if not listed:
         return
-    retain(proto.metadata_props, lambda entry: entry.key != SCALED_KEY + adapter)
+    kept = [entry for entry in proto.metadata_props if entry.key != SCALED_KEY + adapter]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
     entry.key, entry.value = SCALED_KEY + adapter, json.dumps(listed)
 

@@ -20,12 +20,12 @@ Add for its bias). The float weight keeps the quantized initializer's name, so b
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.kinds import kind_for_node
 from lora_onnx.model.dequantize import (
@@ -37,11 +37,12 @@ from lora_onnx.model.dequantize import (
     dequantize_step,
     nbits_node,
 )
-from lora_onnx.model.graph import GraphIndex, retain
+from lora_onnx.model.graph import FreshNames, nodes_by_name, take_over, values_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches
 from lora_onnx.model.streaming import FloatSource
 from lora_onnx.model.tensors import np_dtype, shape_of, type_name
+from lora_onnx.model.values import constant_dtype
 from lora_onnx.model.weights import resolve_weight
 
 _T = onnx.TensorProto
@@ -68,38 +69,40 @@ class QuantizedWeight:
     def node(self) -> str:
         return self.step.node if self.step else self.nbits.node  # type: ignore[union-attr]
 
-    def describe(self, index: GraphIndex) -> str:
-        tensor = index.initializers[self.weight]
+    def describe(self, values: Mapping[str, ir.Value]) -> str:
         if self.nbits is not None:
             return f"{self.nbits.bits}-bit, MatMulNBits {self.nbits.node!r}"
-        return f"{type_name(tensor.data_type)}, DequantizeLinear {self.node!r}"
+        return f"{type_name(constant_dtype(values[self.weight]))}, DequantizeLinear {self.node!r}"
 
 
-def quantized_weight(index: GraphIndex, branch: BranchRecord) -> QuantizedWeight | None:
-    """The quantization of ``branch``'s weight as the graph has it now; None for a float weight."""
-    node = index.nodes.get(branch.site)
+def quantized_weight(nodes: Mapping[str, ir.Node], branch: BranchRecord) -> QuantizedWeight | None:
+    """The quantization of ``branch``'s weight as the graph has it now (``nodes``: its nodes by name);
+    None for a float weight."""
+    node = nodes.get(branch.site)
     if node is None:
         return None
     kind = kind_for_node(node)
     if kind is not None and kind.packed_weight:  # the node reads its packed blocks itself, no chain
-        info = nbits_node(index, node)
+        info = nbits_node(node)
         return QuantizedWeight(branch.weight, nbits=info) if not isinstance(info, str) else None
-    if len(node.input) < 2:
+    if len(node.inputs) < 2:
         return None
-    ref = resolve_weight(index, node.input[1])
+    ref = resolve_weight(node.inputs[1])
     if isinstance(ref, str) or ref.dequantize is None:
         return None
-    step = dequantize_step(index, index.nodes[ref.dequantize])
+    step = dequantize_step(nodes[ref.dequantize])
     return QuantizedWeight(ref.initializer, step=step) if not isinstance(step, str) else None
 
 
-def _dequantize_blocker(index: GraphIndex, quantized: QuantizedWeight) -> str | None:
+def _dequantize_blocker(
+    nodes: Mapping[str, ir.Node], values: Mapping[str, ir.Value], quantized: QuantizedWeight
+) -> str | None:
     """Why a dequantized fold of this weight is impossible, or None."""
-    users = index.consumers.get(quantized.weight, [])
+    weight = values[quantized.weight]
+    users = [use.node for use in weight.uses()]
     if len(users) != 1:
         names = ", ".join(repr(user.name) for user in users)
         return f"its quantized weight {quantized.weight!r} feeds several nodes ({names})"
-    tensor = index.initializers[quantized.weight]
     if quantized.nbits is not None:
         if quantized.nbits.g_idx:
             return (
@@ -112,119 +115,149 @@ def _dequantize_blocker(index: GraphIndex, quantized: QuantizedWeight) -> str | 
         return (
             f"{users[0].op_type} {users[0].name!r} sits between the quantized weight and its DequantizeLinear"
         )
-    if tensor.data_type not in _READABLE:
-        return (
-            f"its quantized weight has type {type_name(tensor.data_type)}, which cannot be dequantized here"
-        )
-    if index.nodes[step.node].output[0] in index.graph_outputs:
+    dtype = constant_dtype(weight)
+    if dtype not in _READABLE:
+        return f"its quantized weight has type {type_name(dtype)}, which cannot be dequantized here"
+    if nodes[step.node].outputs[0].is_graph_output():
         return f"the output of DequantizeLinear {step.node!r} is also a graph output"
     return None
 
 
 def fold_refusals(
-    index: GraphIndex, chosen: Sequence[BranchRecord], dequantize: bool
+    graph: ir.Graph, chosen: Sequence[BranchRecord], dequantize: bool
 ) -> dict[BranchRecord, str]:
-    """Branches on quantized weights that cannot be folded (all of them unless ``dequantize``), and why."""
+    """Branches on quantized weights that cannot be folded (all of them unless ``dequantize``), and why
+    (``graph``: the model's graph, read only, e.g. :meth:`LoadedModel.ir_view`)."""
+    nodes, values = nodes_by_name(graph), values_by_name(graph)
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
-        quantized = quantized_weight(index, branch)
+        quantized = quantized_weight(nodes, branch)
         if quantized is None:
             continue
         if not dequantize:
             reasons[branch] = (
-                f"its weight {quantized.weight!r} is quantized ({quantized.describe(index)}); folding into "
+                f"its weight {quantized.weight!r} is quantized ({quantized.describe(values)}); folding into "
                 "it would mean re-quantizing and changing the base, so merge with --dequantize for a float "
                 "weight, or keep the branch"
             )
             continue
-        blocker = _dequantize_blocker(index, quantized)
+        blocker = _dequantize_blocker(nodes, values, quantized)
         if blocker:
             reasons[branch] = f"cannot write a dequantized weight: {blocker}"
     return reasons
 
 
 def dequantize_folded(
-    proto: onnx.ModelProto, index: GraphIndex, model: LoadedModel, folding: Sequence[BranchRecord]
+    graph: ir.Graph, source: ir.Graph, model: LoadedModel, folding: Sequence[BranchRecord]
 ) -> dict[str, FloatSource]:
-    """Make every quantized weight among ``folding`` a float weight in ``proto``'s graph.
+    """Make every quantized weight among ``folding`` a float weight in ``graph`` (edited in place).
 
-    ``index`` indexes the source graph (``model.proto``). Removes each DequantizeLinear (its consumers
-    read the weight directly) and replaces each MatMulNBits by a MatMul (+ Add for a bias); changes the
-    weight initializer's type (and, for MatMulNBits, shape to (K, N)); drops scales and zero points no
-    node uses any more. Returns, per weight, the float source the fold adds its deltas to.
+    ``source`` is the graph of ``model`` as loaded, read only (:meth:`LoadedModel.ir_view`): the weights'
+    quantization is traced there. Removes each DequantizeLinear (its readers read the weight directly)
+    and replaces each MatMulNBits by a MatMul (+ Add for a bias); gives the weight initializer its float
+    type (and, for MatMulNBits, the shape (K, N)); drops scales and zero points no node uses any more.
+    Returns, per weight, the float source the fold adds its deltas to.
     """
+    nodes, edited = nodes_by_name(source), nodes_by_name(graph)
     sources: dict[str, FloatSource] = {}
     done: set[str] = set()
+    names: FreshNames | None = None
     for branch in folding:
-        quantized = quantized_weight(index, branch)
+        quantized = quantized_weight(nodes, branch)
         if quantized is None or quantized.weight in done:
             continue
         done.add(quantized.weight)
-        tensor = next(t for t in proto.graph.initializer if t.name == quantized.weight)
         if quantized.step is not None:
-            sources[quantized.weight] = _remove_dequantize(proto, tensor, quantized.step, model)
+            sources[quantized.weight] = _remove_dequantize(graph, edited, quantized, model)
         else:
             assert quantized.nbits is not None
-            sources[quantized.weight] = _replace_nbits(proto, tensor, quantized.nbits, index, model)
+            if names is None and quantized.nbits.bias:
+                names = _taken_names(source, graph)
+            sources[quantized.weight] = _replace_nbits(graph, edited, quantized, names, model)
     if done:
-        _drop_unused_initializers(proto, index)
+        _drop_unused_initializers(graph, source)
     return sources
 
 
+def _taken_names(source: ir.Graph, graph: ir.Graph) -> FreshNames:
+    """Fresh names that avoid the source graph's names and those of the graph as edited so far."""
+    names = FreshNames(source)
+    for value in (*graph.inputs, *graph.initializers.values()):
+        names.reserve(value.name or "")
+    for node in graph:
+        names.reserve(node.name or "")
+        for value in node.outputs:
+            names.reserve(value.name or "")
+    return names
+
+
 def _remove_dequantize(
-    proto: onnx.ModelProto, tensor: onnx.TensorProto, step: DequantizeStep, model: LoadedModel
+    graph: ir.Graph, nodes: Mapping[str, ir.Node], quantized: QuantizedWeight, model: LoadedModel
 ) -> FloatSource:
-    graph = proto.graph
-    node = next(n for n in graph.node if n.name == step.node)
-    dequantized = node.output[0]
-    retain(graph.node, lambda n: n.name != step.node)
-    for other in graph.node:
-        for i, value in enumerate(other.input):
-            if value == dequantized:
-                other.input[i] = tensor.name
-    retain(graph.value_info, lambda value: value.name != dequantized)
-    shape = shape_of(tensor)
-    _retype(tensor, step.dtype, shape)
+    step = quantized.step
+    assert step is not None
+    node = nodes[step.node]
+    weight = graph.initializers[quantized.weight]
+    node.outputs[0].replace_all_uses_with(weight)
+    graph.remove(node, safe=True)
+    shape = _retype(weight, model, step.dtype, None)
     return FloatSource(shape, np_dtype(step.dtype), lambda: QdqRows(model, step))
 
 
 def _replace_nbits(
-    proto: onnx.ModelProto, tensor: onnx.TensorProto, info: NBitsNode, index: GraphIndex, model: LoadedModel
-) -> FloatSource:
-    graph = proto.graph
-    position = next(i for i, n in enumerate(graph.node) if n.name == info.node)
-    old = graph.node[position]
-    output = old.output[0]
-    replacement = [helper.make_node("MatMul", [old.input[0], tensor.name], [output], info.node)]
+    graph: ir.Graph, nodes: Mapping[str, ir.Node], quantized: QuantizedWeight, names: FreshNames | None,
+    model: LoadedModel,
+) -> FloatSource:  # fmt: skip
+    info = quantized.nbits
+    assert info is not None
+    old = nodes[info.node]
+    output = old.outputs[0]
+    weight = graph.initializers[quantized.weight]
+    result = ir.Value(name=output.name)
     if info.bias:
-        product = index.unique_name(f"{info.node}.matmul_output")
-        replacement[0].output[0] = product
-        replacement.append(helper.make_node("Add", [product, info.bias], [output], f"{info.node}.bias_add"))
-    nodes = list(graph.node)
-    nodes[position : position + 1] = replacement
-    del graph.node[:]
-    graph.node.extend(nodes)
-    dtype = index.initializers[info.scales].data_type
-    _retype(tensor, dtype, (info.k, info.n))
+        assert names is not None
+        product = ir.Value(name=names(f"{info.node}.matmul_output"))
+        replacement = [
+            ir.node("MatMul", [old.inputs[0], weight], outputs=[product], name=info.node),
+            ir.node("Add", [product, old.inputs[5]], outputs=[result], name=f"{info.node}.bias_add"),
+        ]
+    else:
+        replacement = [ir.node("MatMul", [old.inputs[0], weight], outputs=[result], name=info.node)]
+    graph.insert_after(old, replacement)
+    take_over(output, result)
+    graph.remove(old, safe=True)
+    dtype = constant_dtype(graph.initializers[info.scales])
+    _retype(weight, model, dtype, (info.k, info.n))
     return FloatSource((info.k, info.n), np_dtype(dtype), lambda: NBitsRows(model, info))
 
 
-def _retype(tensor: onnx.TensorProto, dtype: int, shape: tuple[int, ...]) -> None:
-    """Give ``tensor`` a new type and shape; its value comes from the fold's producer at save time."""
+def _retype(
+    weight: ir.Value, model: LoadedModel, dtype: int, shape: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """Give the initializer ``weight`` a new type (and shape); its value comes from the fold's producer at
+    save time. The new tensor is a copy of the source's metadata (an external tensor keeps its entries),
+    so neither the loaded model nor its view changes."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(model.initializer(weight.name or ""))
+    shape = shape_of(tensor) if shape is None else shape
     tensor.data_type = dtype
     del tensor.dims[:]
     tensor.dims.extend(shape)
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         tensor.ClearField("raw_data")
+    wrapped = ir.TensorProtoTensor(tensor)
+    weight.const_value = wrapped
+    weight.type, weight.shape = ir.TensorType(wrapped.dtype), wrapped.shape
+    return shape
 
 
-def _drop_unused_initializers(proto: onnx.ModelProto, index: GraphIndex) -> None:
+def _drop_unused_initializers(graph: ir.Graph, source: ir.Graph) -> None:
     """Remove scales / zero points / g_idx the removed quantized nodes were the last users of."""
-    graph = proto.graph
-    used = {name for node in graph.node for name in node.input}
-    used |= {v.name for v in graph.output} | {v.name for v in graph.input}
-    was_used = set(index.consumers)
-    retain(graph.initializer, lambda t: t.name in used or t.name not in was_used)
+    was_used = {value.name for node in source for value in node.inputs if value is not None}
+    for name, value in list(graph.initializers.items()):
+        unused = not value.uses() and not value.is_graph_output() and not value.is_graph_input()
+        if name in was_used and unused:
+            graph.initializers.pop(name)
 
 
 # ---- proofs ------------------------------------------------------------------------------------------
@@ -236,8 +269,8 @@ def has_quantized_branches(model: LoadedModel, adapters: Collection[str] | None 
     branches = [b for b in read_branches(model.proto) if adapters is None or b.adapter in adapters]
     if not branches:
         return False
-    index = GraphIndex(model.proto.graph)
-    return any(quantized_weight(index, branch) is not None for branch in branches)
+    nodes = nodes_by_name(model.ir_view().graph)
+    return any(quantized_weight(nodes, branch) is not None for branch in branches)
 
 
 def without_deltas(model: LoadedModel) -> LoadedModel:

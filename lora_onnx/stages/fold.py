@@ -33,7 +33,7 @@ from lora_onnx.kinds.deltas import dense_delta as dense_delta
 from lora_onnx.kinds.deltas import folded_weight
 from lora_onnx.model import streaming
 from lora_onnx.model.dequantize import DEQUANTIZE_OPS
-from lora_onnx.model.graph import GraphIndex, rename_output, retain
+from lora_onnx.model.graph import GraphIndex, nodes_by_name, rename_output, retain, to_ir, to_proto
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.weights import PASS_THROUGH_OPS
@@ -152,7 +152,7 @@ class FoldBranches(Stage):
         groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
         reasons = {
             **_refusals(index, chosen, branches, groups),
-            **quantized.fold_refusals(index, chosen, self.dequantize),
+            **quantized.fold_refusals(model.ir_view().graph, chosen, self.dequantize),
         }
         if reasons and not self.partial:
             first = next(iter(reasons.items()))
@@ -172,7 +172,13 @@ class FoldBranches(Stage):
         adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
         untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
         remaining = retarget(remaining, untied)
-        sources = quantized.dequantize_folded(proto, index, model, folding)
+        sources: dict[str, streaming.FloatSource] = {}
+        source = model.ir_view().graph
+        if any(quantized.quantized_weight(nodes_by_name(source), branch) is not None for branch in folding):
+            # the dequantized fold edits an onnx-ir graph: this proto goes there and back for it
+            rewritten = to_ir(proto)
+            sources = quantized.dequantize_folded(rewritten.graph, source, model, folding)
+            proto = to_proto(rewritten)
         write_branches(proto, remaining)
         producers = _weight_producers(model, folding, sources, untied)
         for variant, group in by_variant(folding).items():

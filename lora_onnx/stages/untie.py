@@ -17,13 +17,16 @@ it); the untied fold equals the unmerged model.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
+import onnx_ir as ir
+from onnx_ir import serde
 
 from lora_onnx.kinds import kind_for_node
-from lora_onnx.model.graph import GraphIndex, retain, splice_nodes
+from lora_onnx.model.graph import GraphIndex, retain, splice_nodes, values_by_name
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import make_deferred, shape_of
 from lora_onnx.model.weights import PASS_THROUGH_OPS, WeightRef, resolve_weight
@@ -62,11 +65,22 @@ def untie_refusal(index: GraphIndex, weight: str, users: Iterable[str]) -> str |
     return None
 
 
+_IR_VALUES: weakref.WeakKeyDictionary[GraphIndex, dict[str, ir.Value]] = weakref.WeakKeyDictionary()
+
+
+def _ir_values(index: GraphIndex) -> dict[str, ir.Value]:
+    """The indexed graph's values in onnx-ir, for resolve_weight (built once per index)."""
+    values = _IR_VALUES.get(index)
+    if values is None:
+        values = _IR_VALUES[index] = values_by_name(serde.deserialize_graph(index.graph))
+    return values
+
+
 def _weight_position(index: GraphIndex, node: onnx.NodeProto, weight: str) -> tuple[int, WeightRef] | None:
     for position, value in enumerate(node.input):
         if not value:
             continue
-        ref = resolve_weight(index, value)
+        ref = resolve_weight(_ir_values(index).get(value))
         if isinstance(ref, WeightRef) and ref.initializer == weight and ref.dequantize is None:
             return position, ref
     return None

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+from onnx_ir import serde
 
 from lora_onnx.errors import FoldError
 from lora_onnx.kinds import kind_of
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import GraphIndex, values_by_name
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import make_tensor, np_dtype
@@ -98,6 +99,7 @@ def fold_lora_biases(
     if not branches:
         return {}
     index = GraphIndex(proto.graph)
+    values = values_by_name(serde.deserialize_graph(proto.graph))
     shared: dict[str, list[tuple[onnx.NodeProto, int, BranchRecord, WeightRef]]] = defaultdict(list)
     for branch in branches:
         node, slot = _bias_slot(index, branch)
@@ -110,7 +112,7 @@ def fold_lora_biases(
             else:
                 node.input.append(name)
             continue
-        ref = resolve_weight(index, node.input[slot])
+        ref = resolve_weight(values.get(node.input[slot]))
         if isinstance(ref, str):
             raise FoldError(
                 f"cannot fold the lora_B.bias of node {branch.site!r} ({branch.module_path}): {ref}"

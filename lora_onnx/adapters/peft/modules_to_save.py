@@ -24,12 +24,15 @@ were replaced is recorded in the model's metadata (:data:`SAVED_KEY_PREFIX` + ad
 from __future__ import annotations
 
 import json
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from onnx_ir import serde
 
 from lora_onnx.adapters.peft.mapping import AdapterModule, graph_path_of, strip_prefix
 from lora_onnx.adapters.peft.tensors import SafetensorsFile
@@ -37,7 +40,14 @@ from lora_onnx.common import json_input
 from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.kinds import kind_of
-from lora_onnx.model.graph import GraphIndex, rename_output, retain, splice_nodes
+from lora_onnx.model.graph import (
+    GraphIndex,
+    nodes_by_name,
+    rename_output,
+    retain,
+    splice_nodes,
+    values_by_name,
+)
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import ADAPTER_METADATA_PREFIXES
 from lora_onnx.model.module_paths import module_path
@@ -264,6 +274,20 @@ def _numel(shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+_IR: weakref.WeakKeyDictionary[GraphIndex, tuple[dict[str, ir.Value], dict[str, ir.Node]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _ir(index: GraphIndex) -> tuple[dict[str, ir.Value], dict[str, ir.Node]]:
+    """The indexed graph's values and nodes in onnx-ir, for resolve_weight / module_path (built once)."""
+    found = _IR.get(index)
+    if found is None:
+        graph = serde.deserialize_graph(index.graph)
+        found = _IR[index] = (values_by_name(graph), nodes_by_name(graph))
+    return found
+
+
 #: Input position meaning "the node has no bias: add an Add after it" (a MatMul whose zero bias the
 #: exporter dropped; a Gemm or Conv without one takes it as a new input instead).
 ADD_AFTER = -1
@@ -294,7 +318,7 @@ def _site_input(index: GraphIndex, site: Site, param: str) -> tuple[str, int, We
         return None
     if len(holder.input) <= position or not holder.input[position]:
         return None
-    ref = resolve_weight(index, holder.input[position])
+    ref = resolve_weight(_ir(index)[0].get(holder.input[position]))
     return (holder.name, position, ref) if isinstance(ref, WeightRef) else None
 
 
@@ -305,7 +329,7 @@ def _matmul_bias(index: GraphIndex, node: onnx.NodeProto, out: int) -> tuple[onn
         return None
     add = readers[0]
     position = 1 if add.input[0] == node.output[0] else 0
-    ref = resolve_weight(index, add.input[position])
+    ref = resolve_weight(_ir(index)[0].get(add.input[position]))
     if isinstance(ref, WeightRef) and ref.node_shape in ((out,), (1, out)):
         return add, position
     return None
@@ -324,7 +348,7 @@ def _norm_targets(
     first_key = params.get("weight") or next(iter(params.values()))
     paths: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in index.graph.node:
-        paths[module_path(index, node, None)].append(node)
+        paths[module_path(_ir(index)[1][node.name], None)].append(node)
     graph_path = graph_path_of(AdapterModule(module, {"weight": first_key}), list(paths), source)
     if graph_path is None:
         known = sorted({site.module_path for site in scan.sites} | set(paths))
@@ -339,7 +363,7 @@ def _norm_targets(
         for node in fused:
             position = NORM_INPUTS[node.op_type].get(param)
             if position is not None and len(node.input) > position and node.input[position]:
-                ref = resolve_weight(index, node.input[position])
+                ref = resolve_weight(_ir(index)[0].get(node.input[position]))
                 if isinstance(ref, WeightRef):
                     found.append((node.name, position, ref, False))
         if not found and not fused:
@@ -347,7 +371,7 @@ def _norm_targets(
                 if node.op_type != _DECOMPOSED[param]:
                     continue
                 for position, value in enumerate(node.input):
-                    ref = resolve_weight(index, value) if index.is_constant(value) else None
+                    ref = resolve_weight(_ir(index)[0].get(value)) if index.is_constant(value) else None
                     if isinstance(ref, WeightRef) and _numel(ref.node_shape) == _numel(
                         weights.tensors[key].shape
                     ):

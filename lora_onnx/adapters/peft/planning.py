@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
+import onnx_ir as ir
 
 from lora_onnx.adapters.formats.source import (
     FileAdapterConfig,
@@ -60,7 +61,7 @@ from lora_onnx.adapters.peft.packed import (
 from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import all_kinds, kind_of
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames, GraphIndex, nodes_by_name
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.tensors import np_dtype
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
@@ -192,13 +193,14 @@ def plan_peft_adapter(
         left_out = unmatched_modules(modules, matches)
         skipped_keys = tuple(key for module in left_out for key in module.keys.values())
         scalings = _scalings(loaded, matches, base_weights, source)
-        index = GraphIndex(loaded.proto.graph)
-        planner = _Planner(loaded, index, config, weights, adapter_name, scalings)
-        for match in sorted(matches, key=lambda m: min(index.position[s.node] for s in m.sites)):
+        graph = loaded.ir_view().graph
+        position = {node.name: number for number, node in enumerate(graph)}
+        planner = _Planner(loaded, graph, config, weights, adapter_name, scalings)
+        for match in sorted(matches, key=lambda m: min(position[s.node] for s in m.sites)):
             planner.add(match)
         for group in packed:
             planner.add_packed(group)
-        branches = tuple(sorted(planner.branches, key=lambda b: index.position[b.site.node]))
+        branches = tuple(sorted(planner.branches, key=lambda b: position[b.site.node]))
         warnings = list(planner.warnings)
         if left_out:
             paths = [module.full_path for module in left_out]
@@ -209,6 +211,8 @@ def plan_peft_adapter(
             )
         plan = Plan(branches, (), tuple(warnings))
         scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
+        # modules_to_save planning (ported on its own) still takes the graph's name index
+        index = GraphIndex(loaded.proto.graph)
         saved = plan_saved_modules(scan, saved_keys or (), weights, adapter_name, index)
     return PeftPlan(
         plan, planner.values, planner.extras, config, folder, scaled, fused, saved,
@@ -274,19 +278,14 @@ class _Planner:
     def __init__(
         self,
         model: LoadedModel,
-        index: GraphIndex,
+        graph: ir.Graph,
         config: PeftAdapterConfig,
         weights: SafetensorsFile | RemappedWeights,
         adapter: str,
         scalings: Mapping[str, SiteScaling],
     ) -> None:
-        self.model, self.index, self.config, self.weights, self.adapter = (
-            model,
-            index,
-            config,
-            weights,
-            adapter,
-        )
+        self.model, self.config, self.weights, self.adapter = model, config, weights, adapter
+        self.names, self.nodes = FreshNames(graph), nodes_by_name(graph)
         self.scalings = scalings
         self.source = str(weights.path)
         self.branches: list[BranchPlan] = []
@@ -328,7 +327,7 @@ class _Planner:
         a_packed, b_packed = block_branch(group, first.out_features, tensors, self.source)
         dtype = np_dtype(first.dtype)
         names = (".lora_A.weight", ".lora_B.weight")
-        stem = unique_stem(self.index, tensor_stem(group.graph_path, self.adapter), names)
+        stem = unique_stem(self.names, tensor_stem(group.graph_path, self.adapter), names)
         a_name, b_name = stem + names[0], stem + names[1]
         self.values[a_name] = np.ascontiguousarray(a_packed, dtype)
         self.values[b_name] = np.ascontiguousarray(b_packed, dtype)
@@ -341,7 +340,7 @@ class _Planner:
                 )
             )  # fmt: skip
             self.extras[site.node] = PeftBranchExtras(
-                adapter_path=group.peft_path, base_bias=_base_bias(self.index, site)
+                adapter_path=group.peft_path, base_bias=_base_bias(self.nodes, site)
             )
 
     def add(self, match: ModuleMatch) -> None:
@@ -378,7 +377,7 @@ class _Planner:
             )
             if role in module.keys
         )
-        stem = unique_stem(self.index, tensor_stem(match.graph_path, self.adapter), (*names, *optional))
+        stem = unique_stem(self.names, tensor_stem(match.graph_path, self.adapter), (*names, *optional))
         a_name, b_name = stem + names[0], stem + names[1]
         self.values[a_name], self.values[b_name] = a, b
         magnitude = lora_bias = ""
@@ -396,7 +395,7 @@ class _Planner:
             if magnitude:
                 norm = norms.get(site.weight.initializer, "")
                 if not norm:
-                    norm = self.index.unique_name(stem + ".lora_weight_norm")
+                    norm = self.names(stem + ".lora_weight_norm")
                     shape = self.weights.tensors[module.key("lora_magnitude_vector")].shape
                     scaling = self.scalings.get(site.node)
                     original = scaling.original if scaling is not None and factor is not None else None
@@ -424,7 +423,7 @@ class _Planner:
                 magnitude=magnitude,
                 weight_norm=norm,
                 lora_bias=lora_bias,
-                base_bias=_base_bias(self.index, site),
+                base_bias=_base_bias(self.nodes, site),
             )
             self.warnings.extend(kind.peft_notes(site))
 
@@ -475,6 +474,6 @@ class _Planner:
             self._check(module.base_weight, site, base_shape, "the saved base weight (a resized vocabulary?)")
 
 
-def _base_bias(index: GraphIndex, site: Site) -> str:
+def _base_bias(nodes: Mapping[str, ir.Node], site: Site) -> str:
     """The value the base node adds as its bias, "" when it adds none."""
-    return kind_of(site.op).base_bias(index, site)
+    return kind_of(site.op).base_bias(nodes, site)
