@@ -300,6 +300,7 @@ def remove_branches(
         take_over(joined, base)
         joined.name = None
         base.name = name
+        values[name] = base  # a branch stacked on this one now finds the base under the Add's name
     dropping = [nodes[name] for branch in folding for name in branch.nodes if name in nodes]
     try:
         graph.remove(list({id(node): node for node in dropping}.values()), safe=True)
@@ -311,7 +312,8 @@ def remove_branches(
     kept = {name for branch in remaining for name in branch.tensors}
     inputs = {value.name: value for value in graph.inputs}
     for name in dict.fromkeys(name for branch in folding for name in branch.tensors):
-        value = graph.initializers.get(name) or inputs.get(name)
+        value = graph.initializers.get(name)
+        value = inputs.get(name) if value is None else value
         if name in kept or value is None or value.uses() or value.is_graph_output():
             continue
         # Slot branches (lora_onnx.stages.slots) also declare their tensors as graph inputs.

@@ -54,7 +54,9 @@ def untie_refusal(index: GraphIndex, weight: str, users: Iterable[str]) -> str |
     """Why ``weight`` cannot be untied among ``users`` (None: it can): a node must reach it through plain
     pass-through chains (a quantized weight's DequantizeLinear is refused by the quantized fold)."""
     for user in users:
-        node = index.nodes[user]
+        node = index.nodes.get(user)
+        if node is None:  # the use-def chains also see a control-flow body reading an outer tensor
+            return f"node {user!r} reads weight {weight!r} inside a subgraph, which lora-onnx cannot copy"
         kind = kind_for_node(node)
         if kind is not None and kind.packed_weight:
             return f"node {user!r} reads {weight!r} as packed quantized blocks, which cannot be untied"
