@@ -277,12 +277,12 @@ def remove_branches(
 
     No weight changes here: folding pairs it with new weight values; :mod:`lora_onnx.stages.slots` uses it
     alone to drop LoRA slots (which add zeros when no adapter is active). A ``ModelProto`` (of a stage not
-    yet on onnx-ir) is edited through an onnx-ir copy written back into it.
+    yet on onnx-ir: slots, stacked) is edited through an onnx-ir copy whose graph is written back into it.
     """
     if isinstance(graph, onnx.ModelProto):
         edited = to_ir(graph)
         remove_branches(edited.graph, folding, remaining)
-        graph.CopyFrom(to_proto(edited))
+        graph.graph.CopyFrom(to_proto(edited).graph)  # the GraphProto in place: callers hold it
         return
     values = values_by_name(graph)
     nodes = nodes_by_name(graph)
