@@ -212,3 +212,39 @@ def test_merge_refuses_a_graph_edited_after_injection() -> None:
     assert GraphIndex(proto.graph).nodes
     with pytest.raises(FoldError, match="not in the graph as recorded"):
         lora_onnx.merge(proto)
+
+
+def test_merge_leaves_the_base_value_info_and_a_valid_graph(tmp_path) -> None:
+    """The fold's onnx-ir edit drops what the branches added, value_info included (a renamed-back base
+    output keeps its type), so the merged graph declares exactly the base's intermediate values."""
+    base = onnx.shape_inference.infer_shapes(_mixed_model())
+    assert base.graph.value_info  # the base declares its intermediates' types
+    injected = lora_onnx.inject(base, LoraConfig(rank=2, alpha=5, init="random", seed=1))
+    assert any(".lora_" in info.name for info in injected.model.proto.graph.value_info)
+    merged = lora_onnx.merge(injected.model)
+    proto = _materialize(merged.model, tmp_path, "merged.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    assert sorted(info.name for info in proto.graph.value_info) == sorted(
+        info.name for info in base.graph.value_info
+    )
+    kinds = {info.name: info.type for info in base.graph.value_info}
+    assert all(info.type == kinds[info.name] for info in proto.graph.value_info)
+    assert rel_err(run(proto, FEEDS)[1], run(injected.model.proto, FEEDS)[1]) <= 1e-4
+
+
+def test_fold_two_adapters_stacked_on_the_same_node_at_once(tmp_path) -> None:
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")
+    base = make_model([node], {"x": (F, [2, 8])}, ["y"], {"W": rng_array((8, 8), 1)})
+    first = lora_onnx.inject(base, LoraConfig(rank=2, init="random"))
+    both = lora_onnx.inject(first.model, LoraConfig(rank=2, init="random", adapter_name="b", seed=9))
+    feeds = {"x": FEEDS["x"][:2]}
+    want = run(both.model.proto, feeds)[0]
+    merged = lora_onnx.merge(both.model)
+    assert sorted(b.adapter for b in merged.folded) == ["b", "default"]
+    proto = _materialize(merged.model, tmp_path, "both.onnx")
+    assert [(n.name, list(n.input), list(n.output)) for n in proto.graph.node] == [
+        ("/fc/MatMul", ["x", "W"], ["y"])
+    ]
+    assert sorted(t.name for t in proto.graph.initializer) == ["W"]
+    assert rel_err(run(proto, feeds)[0], want) <= 1e-5
+    assert rel_err(run(base, feeds)[0], want) > 1e-3  # both adapters really changed the output

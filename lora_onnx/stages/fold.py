@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from lora_onnx.errors import FoldError
 
@@ -33,7 +34,7 @@ from lora_onnx.kinds.deltas import dense_delta as dense_delta
 from lora_onnx.kinds.deltas import folded_weight
 from lora_onnx.model import streaming
 from lora_onnx.model.dequantize import DEQUANTIZE_OPS
-from lora_onnx.model.graph import GraphIndex, nodes_by_name, rename_output, retain, to_ir, to_proto
+from lora_onnx.model.graph import nodes_by_name, take_over, to_ir, to_proto, values_by_name
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.weights import PASS_THROUGH_OPS
@@ -89,17 +90,19 @@ def fold_tolerance(result: FoldResult) -> tuple[float | None, float | None]:
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
-def _terminal_users(index: GraphIndex, weight: str) -> list[str]:
+def _terminal_users(weight: ir.Value) -> list[str]:
     """Nodes using ``weight`` directly or through pass-through chains (the chain nodes excluded)."""
-    users, pending = [], [weight]
+    users: list[str] = []
+    pending = [weight]
     while pending:
         value = pending.pop()
-        for node in index.consumers.get(value, []):
-            dequantizes = node.op_type in DEQUANTIZE_OPS and node.input[0] == value
+        for use in value.uses():
+            node = use.node
+            dequantizes = node.op_type in DEQUANTIZE_OPS and use.idx == 0
             if node.op_type in PASS_THROUGH_OPS or dequantizes:
-                pending.extend(node.output)
+                pending.extend(node.outputs)
             elif node.op_type not in SHAPE_ONLY_OPS:
-                users.append(node.name)
+                users.append(node.name or "")
     return users
 
 
@@ -148,11 +151,13 @@ class FoldBranches(Stage):
 
     def call(self, model: LoadedModel) -> FoldResult:
         branches, chosen = self._chosen(model)
-        index = GraphIndex(model.proto.graph)
+        source = model.ir_view().graph  # weights are traced on the input as it is
+        rewritten = model.to_ir()  # read as the input is, then rewritten once every refusal is known
+        graph = rewritten.graph
         groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}
         reasons = {
-            **_refusals(index, chosen, branches, groups),
-            **quantized.fold_refusals(model.ir_view().graph, chosen, self.dequantize),
+            **_refusals(source, graph, chosen, branches, groups),
+            **quantized.fold_refusals(source, chosen, self.dequantize),
         }
         if reasons and not self.partial:
             first = next(iter(reasons.items()))
@@ -165,43 +170,41 @@ class FoldBranches(Stage):
         kept = tuple(Kept(branch, reason) for branch, reason in reasons.items())
         remaining = tuple(b for b in branches if b not in folding)
 
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model.proto)
-        remove_branches(proto, folding, remaining)
+        remove_branches(graph, folding, remaining)
         refused = {branch.weight for branch in reasons}
         adapter = "_".join(sorted({b.adapter for b in folding})) or "lora"
-        untied = untie(proto, index, {w: g for w, g in groups.items() if w not in refused}, adapter)
+        untied = untie(graph, source, {w: g for w, g in groups.items() if w not in refused}, adapter)
         remaining = retarget(remaining, untied)
         sources: dict[str, streaming.FloatSource] = {}
-        source = model.ir_view().graph
         if any(quantized.quantized_weight(nodes_by_name(source), branch) is not None for branch in folding):
-            # the dequantized fold edits an onnx-ir graph: this proto goes there and back for it
-            rewritten = to_ir(proto)
-            sources = quantized.dequantize_folded(rewritten.graph, source, model, folding)
-            proto = to_proto(rewritten)
-        write_branches(proto, remaining)
+            sources = quantized.dequantize_folded(graph, source, model, folding)
         producers = _weight_producers(model, folding, sources, untied)
         for variant, group in by_variant(folding).items():
-            producers.update(variant.fold_beside_weight(model, proto, group))
+            producers.update(variant.fold_beside_weight(model, graph, group))
+        proto = to_proto(rewritten)
+        write_branches(proto, remaining)
         folded = model.with_proto(proto, producers)
         return FoldResult(folded, tuple(folding), kept=kept, untied=tuple(untied), modified=bool(folding))
 
 
 def _refusals(
-    index: GraphIndex,
+    source: ir.Graph,
+    graph: ir.Graph,
     chosen: Sequence[BranchRecord],
     branches: Sequence[BranchRecord] = (),
     groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] | None = None,
 ) -> dict[BranchRecord, str]:
     """Why each branch of ``chosen`` cannot be folded. A weight shared by nodes whose branches differ
     (or with nodes that have none) is untied (:mod:`lora_onnx.stages.untie`) when ``groups`` is given: it is
-    filled with each such weight's groups of nodes (one new copy each) and the nodes that keep the base."""
+    filled with each such weight's groups of nodes (one new copy each) and the nodes that keep the base.
+    ``graph`` is the fold's onnx-ir copy before any edit (its weights' readers are its use-def chains);
+    ``source`` is the input graph, where a node's weight is traced."""
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
         reason = variant_for(branch).fold_refusal(branch)
         if reason:
             reasons[branch] = reason
-        elif branch.weight not in index.initializers:
+        elif branch.weight not in graph.initializers:
             reasons[branch] = f"its weight {branch.weight!r} is no longer an initializer of the graph"
     by_weight: dict[str, list[BranchRecord]] = defaultdict(list)
     for branch in chosen:
@@ -210,11 +213,12 @@ def _refusals(
         per_node: dict[str, set[tuple[str, str, float]]] = defaultdict(set)
         for branch in group:
             per_node[branch.site].add((branch.a, branch.b, branch.scale))
-        users = _terminal_users(index, weight) if weight in index.initializers else []
+        initializer = graph.initializers.get(weight)
+        users = _terminal_users(initializer) if initializer is not None else []
         bare = [user for user in users if user not in per_node]
         distinct = {frozenset(deltas) for deltas in per_node.values()}
-        shared = weight in index.initializers and (bool(bare) or len(distinct) > 1)
-        reason = untie_refusal(index, weight, users) if shared and groups is not None else None
+        shared = initializer is not None and (bool(bare) or len(distinct) > 1)
+        reason = untie_refusal(source, weight, users) if shared and groups is not None else None
         if shared and (groups is None or reason):
             what = (
                 f"shared with node {bare[0]!r}, which has no branch to fold"
@@ -256,39 +260,56 @@ def _weight_refusal(weight: str, branches: Sequence[BranchRecord]) -> str | None
 
 
 def remove_branches(
-    proto: onnx.ModelProto, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
+    graph: ir.Graph | onnx.ModelProto, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
 ) -> None:
-    """Take ``folding``'s nodes and tensors out of ``proto`` (in place), reconnecting each base output.
+    """Take ``folding``'s nodes and tensors out of ``graph`` (in place), reconnecting each base output.
 
     No weight changes here: folding pairs it with new weight values; :mod:`lora_onnx.stages.slots` uses it
-    alone to drop LoRA slots (which add zeros when no adapter is active).
+    alone to drop LoRA slots (which add zeros when no adapter is active). A ``ModelProto`` (of a stage not
+    yet on onnx-ir: slots, stacked) is edited through an onnx-ir copy whose graph is written back into it.
     """
-    graph = proto.graph
-    nodes = {node.name: node for node in graph.node}
-    producer = {name: node for node in graph.node for name in node.output}
+    if isinstance(graph, onnx.ModelProto):
+        edited = to_ir(graph)
+        remove_branches(edited.graph, folding, remaining)
+        graph.graph.CopyFrom(to_proto(edited).graph)  # the GraphProto in place: callers hold it
+        return
+    values = values_by_name(graph)
+    nodes = nodes_by_name(graph)
     for branch in folding:
-        # The branch's Add may have been renamed by a branch stacked on it later, so rename the base
-        # producer to whatever the Add outputs *now*: the stacked branch then reads the base directly.
-        add, base = nodes.get(branch.nodes[-1]), producer.get(branch.base_join)
-        if add is None or base is None:
+        # The branch's Add may have been renamed by a branch stacked on it later, so the base output takes
+        # whatever the Add outputs *now*: the stacked branch then reads the base directly.
+        add, base = nodes.get(branch.nodes[-1]), values.get(branch.base_join)
+        if add is None or base is None or base.producer() is None:
             raise FoldError(
                 f"the branch at node {branch.site!r} is not in the graph as recorded; was the model edited "
                 "after lora-onnx rewrote it?"
             )
-        joined = add.output[0]
-        rename_output(base, branch.base_join, joined)
-        producer[joined] = base
-    drop_nodes = {name for branch in folding for name in branch.nodes}
-    retain(graph.node, lambda node: node.name not in drop_nodes)
-    kept_values = {name for node in graph.node for name in node.output}
-    dropped_values = {out for name in drop_nodes if name in nodes for out in nodes[name].output} - kept_values
-    still_used = {name for node in graph.node for name in node.input}
-    still_used |= {name for branch in remaining for name in branch.tensors}
-    drop_tensors = {name for branch in folding for name in branch.tensors} - still_used
-    retain(graph.initializer, lambda tensor: tensor.name not in drop_tensors)
-    # Slot branches (lora_onnx.stages.slots) also declare their tensors as graph inputs.
-    retain(graph.input, lambda value: value.name not in drop_tensors)
-    retain(graph.value_info, lambda value: value.name not in dropped_values)
+        joined = add.outputs[0]
+        name = joined.name
+        take_over(joined, base)
+        joined.name = None
+        base.name = name
+        values[name] = base  # a branch stacked on this one now finds the base under the Add's name
+    dropping = [nodes[name] for branch in folding for name in branch.nodes if name in nodes]
+    try:
+        graph.remove(list({id(node): node for node in dropping}.values()), safe=True)
+    except ValueError as exc:
+        raise FoldError(
+            f"a branch's nodes feed nodes outside it, so it cannot be removed; was the model edited after "
+            f"lora-onnx rewrote it? ({exc})"
+        ) from exc
+    kept = {name for branch in remaining for name in branch.tensors}
+    inputs = {value.name: value for value in graph.inputs}
+    for name in dict.fromkeys(name for branch in folding for name in branch.tensors):
+        value = graph.initializers.get(name)
+        value = inputs.get(name) if value is None else value
+        if name in kept or value is None or value.uses() or value.is_graph_output():
+            continue
+        # Slot branches (lora_onnx.stages.slots) also declare their tensors as graph inputs.
+        if value.is_graph_input():
+            graph.inputs.remove(value)
+        if value.is_initializer():
+            graph.initializers.pop(name)
 
 
 def _weight_producers(

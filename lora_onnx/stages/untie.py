@@ -17,18 +17,15 @@ it); the untied fold equals the unmerged model.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import onnx
 import onnx_ir as ir
-from onnx_ir import serde
 
 from lora_onnx.kinds import kind_for_node
-from lora_onnx.model.graph import GraphIndex, retain, splice_nodes, values_by_name
+from lora_onnx.model.graph import FreshNames, add_initializer, nodes_by_name
 from lora_onnx.model.manifest import BranchRecord
-from lora_onnx.model.tensors import make_deferred, shape_of
+from lora_onnx.model.tensors import make_deferred
 from lora_onnx.model.weights import PASS_THROUGH_OPS, WeightRef, resolve_weight
 
 
@@ -52,110 +49,133 @@ class Untied:
         )
 
 
-def untie_refusal(index: GraphIndex, weight: str, users: Iterable[str]) -> str | None:
+def untie_refusal(source: ir.Graph, weight: str, users: Iterable[str]) -> str | None:
     """Why ``weight`` cannot be untied among ``users`` (None: it can): a node must reach it through plain
     pass-through chains (a quantized weight's DequantizeLinear is refused by the quantized fold)."""
+    nodes = nodes_by_name(source)
     for user in users:
-        node = index.nodes[user]
+        node = nodes.get(user)
+        if node is None:  # the use-def chains also see a control-flow body reading an outer tensor
+            return f"node {user!r} reads weight {weight!r} inside a subgraph, which lora-onnx cannot copy"
         kind = kind_for_node(node)
         if kind is not None and kind.packed_weight:
             return f"node {user!r} reads {weight!r} as packed quantized blocks, which cannot be untied"
-        if _weight_position(index, node, weight) is None:
+        if _weight_position(node, weight) is None:
             return f"node {user!r} reads weight {weight!r} in a way lora-onnx cannot copy"
     return None
 
 
-_IR_VALUES: weakref.WeakKeyDictionary[GraphIndex, dict[str, ir.Value]] = weakref.WeakKeyDictionary()
-
-
-def _ir_values(index: GraphIndex) -> dict[str, ir.Value]:
-    """The indexed graph's values in onnx-ir, for resolve_weight (built once per index)."""
-    values = _IR_VALUES.get(index)
-    if values is None:
-        values = _IR_VALUES[index] = values_by_name(serde.deserialize_graph(index.graph))
-    return values
-
-
-def _weight_position(index: GraphIndex, node: onnx.NodeProto, weight: str) -> tuple[int, WeightRef] | None:
-    for position, value in enumerate(node.input):
-        if not value:
+def _weight_position(node: ir.Node, weight: str) -> tuple[int, WeightRef] | None:
+    for position, value in enumerate(node.inputs):
+        if value is None:
             continue
-        ref = resolve_weight(_ir_values(index).get(value))
+        ref = resolve_weight(value)
         if isinstance(ref, WeightRef) and ref.initializer == weight and ref.dequantize is None:
             return position, ref
     return None
 
 
 def untie(
-    proto: onnx.ModelProto,
-    index: GraphIndex,
+    graph: ir.Graph,
+    source: ir.Graph,
     groups: Mapping[str, Sequence[tuple[frozenset[str], tuple[str, ...]]]],
     adapter: str,
 ) -> list[Untied]:
-    """Give each group of nodes its own copy of its weight in ``proto`` (in place; ``index`` is the graph
-    before the fold). ``groups`` maps a weight to (nodes, kept nodes) pairs; each new initializer is
-    metadata only, its folded value comes from the fold's producer under the returned name."""
-    graph = proto.graph
-    fresh = GraphIndex(graph)
-    nodes = {node.name: node for node in graph.node}
-    tensors = {tensor.name: tensor for tensor in graph.initializer}
-    before: dict[str, list[onnx.NodeProto]] = {}
-    released: set[str] = set()
+    """Give each group of nodes its own copy of its weight in ``graph`` (the fold's onnx-ir copy, edited in
+    place; ``source`` is the graph before the fold, where weights are traced). ``groups`` maps a weight to
+    (nodes, kept nodes) pairs; each new initializer is metadata only, its folded value comes from the
+    fold's producer under the returned name."""
+    names = FreshNames(graph)
+    nodes = nodes_by_name(graph)
+    before = nodes_by_name(source)
+    order = {node.name: position for position, node in enumerate(source)}
+    released: list[ir.Value] = []
     done: list[Untied] = []
     for weight, pairs in groups.items():
-        base = tensors[weight]
+        base = graph.initializers[weight]
         for group, kept in pairs:
-            name = fresh.unique_name(f"{weight}.{adapter}.folded")
-            graph.initializer.append(make_deferred(name, shape_of(base), base.data_type))
-            for node_name in sorted(group, key=lambda n: index.position[n]):
+            name = names(f"{weight}.{adapter}.folded")
+            folded = add_initializer(graph, make_deferred(name, _shape(base), _dtype(base)))
+            for node_name in sorted(group, key=lambda n: order[n]):
                 node = nodes[node_name]
-                found = _weight_position(index, index.nodes[node_name], weight)
+                found = _weight_position(before[node_name], weight)
                 assert found is not None  # untie_refusal checked every user
                 position, ref = found
-                value = name
+                value, steps = folded, []
                 for chain_name in ref.chain:  # initializer side first: copy each step for the new tensor
-                    step = onnx.NodeProto()
-                    step.CopyFrom(index.nodes[chain_name])
-                    step.name = fresh.unique_name(f"{chain_name}.{name}")
-                    step.input[0] = value
-                    del step.output[:]
-                    step.output.append(fresh.unique_name(f"{index.nodes[chain_name].output[0]}.{name}"))
-                    before.setdefault(node_name, []).append(step)
-                    value = step.output[0]
-                released.add(node.input[position])
-                node.input[position] = value
+                    step = nodes[chain_name]
+                    step_name = names(f"{chain_name}.{name}")
+                    output = ir.Value(name=names(f"{step.outputs[0].name}.{name}"))
+                    steps.append(_copy_step(step, value, output, step_name))
+                    value = output
+                if steps:
+                    graph.insert_before(node, steps)
+                replaced = node.inputs[position]
+                assert replaced is not None
+                released.append(replaced)
+                node.replace_input_with(position, value)
             done.append(Untied(weight, name, tuple(sorted(group)), kept))
-    splice_nodes(graph, before=before)
     drop_released(graph, released)
     return done
 
 
-def drop_released(graph: onnx.GraphProto, released: Iterable[str]) -> None:
+def _shape(value: ir.Value) -> tuple[int, ...]:
+    tensor = value.const_value
+    assert tensor is not None
+    return tuple(int(dim) for dim in tensor.shape)
+
+
+def _dtype(value: ir.Value) -> int:
+    tensor = value.const_value
+    assert tensor is not None
+    return int(tensor.dtype)
+
+
+def _copy_step(step: ir.Node, source: ir.Value, output: ir.Value, name: str) -> ir.Node:
+    """A copy of pass-through node ``step`` reading ``source`` and writing ``output`` (its other inputs and
+    attributes kept)."""
+    attributes = [
+        ir.Attr(attr.name, attr.type, attr.value, doc_string=attr.doc_string)
+        for attr in step.attributes.values()
+    ]
+    return ir.Node(
+        step.domain,
+        step.op_type,
+        [source, *step.inputs[1:]],
+        attributes,
+        overload=step.overload,
+        outputs=[output],
+        name=name,
+        doc_string=step.doc_string,
+        metadata_props=dict(step.metadata_props),
+    )
+
+
+def drop_released(graph: ir.Graph, released: Iterable[ir.Value]) -> None:
     """Remove what reading ``released`` values kept alive and nothing reads any more: initializers and
     their Identity / Transpose / Cast chains (a tensor another node still reads stays)."""
-    outputs = {value.name for value in graph.output}
-    producers = {out: node for node in graph.node for out in node.output}
-    initializers = {tensor.name for tensor in graph.initializer}
-    drop_nodes: set[str] = set()
-    drop_values: set[str] = set()
+    drop_nodes: dict[int, ir.Node] = {}
+    drop_values: dict[int, ir.Value] = {}
     pending = list(released)
     while pending:
         value = pending.pop()
-        if value in outputs or value in drop_values:
+        if value.is_graph_output() or id(value) in drop_values:
             continue
-        if any(node.name not in drop_nodes and value in node.input for node in graph.node):
+        if any(id(use.node) not in drop_nodes for use in value.uses()):
             continue
-        producer = producers.get(value)
+        producer = value.producer()
         if producer is not None and producer.op_type in PASS_THROUGH_OPS:
-            drop_nodes.add(producer.name)
-            drop_values.add(value)
-            pending.extend(producer.input)
-        elif producer is None and value in initializers:
-            drop_values.add(value)
-    retain(graph.node, lambda node: node.name not in drop_nodes)
-    retain(graph.initializer, lambda tensor: tensor.name not in drop_values)
-    retain(graph.input, lambda value: value.name not in drop_values)
-    retain(graph.value_info, lambda value: value.name not in drop_values)
+            drop_nodes[id(producer)] = producer
+            drop_values[id(value)] = value
+            pending.extend(item for item in producer.inputs if item is not None)
+        elif producer is None and value.is_initializer():
+            drop_values[id(value)] = value
+    graph.remove(list(drop_nodes.values()), safe=True)
+    for value in drop_values.values():
+        if value.is_graph_input():
+            graph.inputs.remove(value)
+        if value.is_initializer() and value.name is not None:
+            graph.initializers.pop(value.name)
 
 
 def retarget(records: Sequence[BranchRecord], untied: Sequence[Untied]) -> tuple[BranchRecord, ...]:

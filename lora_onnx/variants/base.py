@@ -31,7 +31,7 @@ import numpy as np
 from lora_onnx.errors import LoraOnnxError
 
 if TYPE_CHECKING:  # the manifest reads the registry, so the records' modules are imported for types only
-    import onnx
+    import onnx_ir as ir
 
     from lora_onnx.model.load import LoadedModel, TensorProducer
     from lora_onnx.model.manifest import BranchRecord
@@ -92,10 +92,10 @@ class BranchVariant:
         return None
 
     def fold_beside_weight(
-        self, model: LoadedModel, proto: onnx.ModelProto, records: Sequence[BranchRecord]
+        self, model: LoadedModel, graph: ir.Graph, records: Sequence[BranchRecord]
     ) -> dict[str, TensorProducer]:
-        """Edit ``proto`` (the fold's copy, branches removed) for what ``records`` add beyond the weight's
-        delta; returns producers of tensors changed in place (run at save time)."""
+        """Edit ``graph`` (the fold's onnx-ir copy of ``model``, branches removed) for what ``records`` add
+        beyond the weight's delta; returns producers of tensors changed in place (run at save time)."""
         return {}
 
     def takes(self, choice: AdapterChoice) -> bool:

@@ -15,15 +15,15 @@ no bias").
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx_ir import serde
+import onnx_ir as ir
 
 from lora_onnx.errors import FoldError
 from lora_onnx.kinds import kind_of
-from lora_onnx.model.graph import GraphIndex, values_by_name
+from lora_onnx.model.graph import FreshNames, add_initializer, nodes_by_name, values_by_name
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.tensors import make_tensor, np_dtype
@@ -45,9 +45,9 @@ class LoraBiasBranch(ConstantBranch):
         return super().fold_refusal(record) or lora_bias_refusal(record)
 
     def fold_beside_weight(
-        self, model: LoadedModel, proto: onnx.ModelProto, records: Sequence[BranchRecord]
+        self, model: LoadedModel, graph: ir.Graph, records: Sequence[BranchRecord]
     ) -> dict[str, TensorProducer]:
-        return fold_lora_biases(model, proto, records)
+        return fold_lora_biases(model, graph, records)
 
 
 def lora_bias_refusal(branch: BranchRecord) -> str | None:
@@ -60,30 +60,32 @@ def lora_bias_refusal(branch: BranchRecord) -> str | None:
     return None
 
 
-def _bias_slot(index: GraphIndex, branch: BranchRecord) -> tuple[onnx.NodeProto, int | None]:
+def _bias_slot(nodes: Mapping[str, ir.Node], branch: BranchRecord) -> tuple[ir.Node, int | None]:
     """The node that adds ``branch``'s base bias and the input position of that bias (None: it has none)."""
-    node = index.nodes.get(branch.site)
+    node = nodes.get(branch.site)
     if node is not None and kind_of(branch.op).bias_input:
-        return node, 2 if len(node.input) > 2 and node.input[2] else None
+        return node, 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if node is not None:
-        for consumer in index.consumers.get(node.output[0], []):
-            if consumer.op_type == "Add" and branch.base_bias in consumer.input:
-                return consumer, list(consumer.input).index(branch.base_bias)
+        for use in node.outputs[0].uses():
+            consumer = use.node
+            inputs = [value.name if value is not None else "" for value in consumer.inputs]
+            if consumer.op_type == "Add" and branch.base_bias in inputs:
+                return consumer, inputs.index(branch.base_bias)
     raise FoldError(
         f"the bias of the branch at node {branch.site!r} ({branch.module_path}) is not in the graph as "
         "recorded; was the model edited after lora-onnx rewrote it?"
     )
 
 
-def _users(index: GraphIndex, name: str) -> set[str]:
-    """Nodes reading initializer ``name`` directly or through pass-through chains."""
-    users, pending = set(), [name]
+def _users(value: ir.Value) -> set[str | None]:
+    """Nodes reading ``value`` directly or through pass-through chains."""
+    users, pending = set(), [value]
     while pending:
-        for node in index.consumers.get(pending.pop(), []):
-            if node.op_type in PASS_THROUGH_OPS:
-                pending.extend(node.output)
+        for use in pending.pop().uses():
+            if use.node.op_type in PASS_THROUGH_OPS:
+                pending.extend(use.node.outputs)
             else:
-                users.add(node.name)
+                users.add(use.node.name)
     return users
 
 
@@ -92,27 +94,30 @@ def _scaled_lora_bias(model: LoadedModel, branch: BranchRecord) -> np.ndarray:
 
 
 def fold_lora_biases(
-    model: LoadedModel, proto: onnx.ModelProto, branches: Sequence[BranchRecord]
+    model: LoadedModel, graph: ir.Graph, branches: Sequence[BranchRecord]
 ) -> dict[str, TensorProducer]:
-    """Edit ``proto`` (the fold's copy, branches already removed) so each branch's base bias includes
-    ``s * lora_B.bias``; returns producers for biases changed in place (run at save time)."""
+    """Edit ``graph`` (the fold's onnx-ir copy, branches already removed) so each branch's base bias
+    includes ``s * lora_B.bias``; returns producers for biases changed in place (run at save time)."""
     if not branches:
         return {}
-    index = GraphIndex(proto.graph)
-    values = values_by_name(serde.deserialize_graph(proto.graph))
-    shared: dict[str, list[tuple[onnx.NodeProto, int, BranchRecord, WeightRef]]] = defaultdict(list)
+    source = values_by_name(model.ir_view().graph)  # the fold's input: bias inputs are traced there
+    names = FreshNames(graph)
+    nodes = nodes_by_name(graph)
+    shared: dict[str, list[tuple[ir.Node, int, BranchRecord, WeightRef]]] = defaultdict(list)
     for branch in branches:
-        node, slot = _bias_slot(index, branch)
+        node, slot = _bias_slot(nodes, branch)
         if slot is None:  # a Gemm or Conv without a bias: the folded bias becomes its new input
-            dtype = index.elem_type(node.input[1]) or onnx.TensorProto.FLOAT
-            name = index.unique_name(f"{branch.module_path}.bias")
-            proto.graph.initializer.append(make_tensor(name, _scaled_lora_bias(model, branch), dtype))
-            if len(node.input) > 2:  # an empty optional input
-                node.input[2] = name
-            else:
-                node.input.append(name)
+            weight = node.inputs[1]
+            dtype = (weight.dtype if weight is not None else None) or onnx.TensorProto.FLOAT
+            name = names(f"{branch.module_path}.bias")
+            bias = add_initializer(graph, make_tensor(name, _scaled_lora_bias(model, branch), int(dtype)))
+            if len(node.inputs) <= 2:
+                node.resize_inputs(3)
+            node.replace_input_with(2, bias)  # in place of an empty optional input, or a new one
             continue
-        ref = resolve_weight(values.get(node.input[slot]))
+        bias_input = node.inputs[slot]
+        assert bias_input is not None and bias_input.name is not None
+        ref = resolve_weight(source.get(bias_input.name))
         if isinstance(ref, str):
             raise FoldError(
                 f"cannot fold the lora_B.bias of node {branch.site!r} ({branch.module_path}): {ref}"
@@ -122,14 +127,13 @@ def fold_lora_biases(
     producers: dict[str, TensorProducer] = {}
     for source, uses in shared.items():
         deltas = {(branch.lora_bias, branch.scale) for _, _, branch, _ in uses}
-        if len(deltas) == 1 and _users(index, source) <= {node.name for node, _, _, _ in uses}:
+        if len(deltas) == 1 and _users(graph.initializers[source]) <= {node.name for node, _, _, _ in uses}:
             producers[source] = _in_place(model, source, uses[0][2])
             continue
         for node, slot, branch, ref in uses:  # shared with other nodes: give this node its own copy
             value = np.asarray(model.array(source), np.float32) + _scaled_lora_bias(model, branch)
-            name = index.unique_name(f"{branch.module_path}.bias")
-            proto.graph.initializer.append(make_tensor(name, value, ref.node_dtype))
-            node.input[slot] = name
+            name = names(f"{branch.module_path}.bias")
+            node.replace_input_with(slot, add_initializer(graph, make_tensor(name, value, ref.node_dtype)))
     return producers
 
 

@@ -25,12 +25,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import kind_of
-from lora_onnx.model.graph import GraphIndex, splice_nodes
+from lora_onnx.kinds.base import NodeMaker
+from lora_onnx.model.graph import (
+    FreshNames,
+    GraphIndex,
+    add_initializer,
+    nodes_by_name,
+    values_by_name,
+)
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype, shape_of
 from lora_onnx.sites.find import SiteScan
@@ -292,21 +298,21 @@ def fold_fused(model: LoadedModel, deltas: Sequence[FusedDelta]) -> LoadedModel:
     weight's type when the model is saved)."""
     if not deltas:
         return model
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+    rewritten = model.to_ir()
+    graph = rewritten.graph
     by_weight: dict[str, list[FusedDelta]] = {}
     for delta in deltas:
         by_weight.setdefault(delta.attention.weight, []).append(delta)
     producers: dict[str, TensorProducer] = {}
-    for position, tensor in enumerate(proto.graph.initializer):
-        group = by_weight.get(tensor.name)
-        if group is None:
+    for name, group in by_weight.items():
+        value = graph.initializers.get(name)
+        if value is None or value.const_value is None:
             continue
-        proto.graph.initializer[position].CopyFrom(
-            make_deferred(tensor.name, shape_of(tensor), tensor.data_type)
-        )
-        producers[tensor.name] = _producer(model, tensor.name, tensor.data_type, group)
-    return model.with_proto(proto, producers)
+        shape = tuple(int(dim) for dim in value.const_value.shape)
+        data_type = int(value.const_value.dtype)
+        value.const_value = ir.TensorProtoTensor(make_deferred(name, shape, data_type))  # valued when saved
+        producers[name] = _producer(model, name, data_type, group)
+    return model.with_ir(rewritten, producers)
 
 
 def _producer(model: LoadedModel, weight: str, data_type: int, group: list[FusedDelta]) -> TensorProducer:
@@ -333,49 +339,46 @@ def fused_reference(model: LoadedModel, deltas: Sequence[FusedDelta]) -> LoadedM
     :func:`fold_fused` (onnxruntime does the arithmetic and the placement of the blocks)."""
     if not deltas:
         return model
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
-    index = GraphIndex(graph)
+    rewritten = model.to_ir()
+    graph = rewritten.graph
+    names = FreshNames(graph)
+    graph_nodes = nodes_by_name(graph)
+    values = values_by_name(graph)
     by_node: dict[str, dict[int, FusedDelta]] = {}
     for delta in deltas:
         by_node.setdefault(delta.attention.node, {})[delta.part] = delta
-    before: dict[str, list[onnx.NodeProto]] = {}
     for name, parts in by_node.items():
-        node = index.nodes[name]
+        node = graph_nodes[name]
         attention = next(iter(parts.values())).attention
-        dtype = index.initializers[attention.weight].data_type
-        numpy_type = np_dtype(dtype)
+        weight_tensor = graph.initializers[attention.weight].const_value
+        assert weight_tensor is not None
+        numpy_type = np_dtype(int(weight_tensor.dtype))
         stem = f"{name}.lora_reference"
-        nodes: list[onnx.NodeProto] = []
+        make = NodeMaker(names, values)
         blocks = []
         for part, (start, end) in enumerate(attention.columns):
-            block = index.unique_name(f"{stem}.{PARTS[part]}")
+            block = names(f"{stem}.{PARTS[part]}")
             delta = parts.get(part)
             if delta is None:
                 zeros = np.zeros((attention.in_features, end - start), numpy_type)
-                graph.initializer.append(make_tensor(block, zeros))
+                values[block] = add_initializer(graph, make_tensor(block, zeros))
             else:
-                a, b, s = (index.unique_name(f"{block}.{role}") for role in ("A_t", "B_t", "scale"))
-                product = index.unique_name(f"{block}.product")
-                graph.initializer.extend(
-                    [
-                        make_tensor(a, delta.a.T.astype(numpy_type)),
-                        make_tensor(b, delta.b.T.astype(numpy_type)),
-                        make_tensor(s, np.array(delta.scale, numpy_type)),
-                    ]
-                )
-                nodes.append(helper.make_node("MatMul", [a, b], [product], index.unique_name(product)))
-                nodes.append(helper.make_node("Mul", [product, s], [block], index.unique_name(block)))
+                a, b, s = (names(f"{block}.{role}") for role in ("A_t", "B_t", "scale"))
+                product = names(f"{block}.product")
+                for tensor_name, tensor in (
+                    (a, delta.a.T.astype(numpy_type)),
+                    (b, delta.b.T.astype(numpy_type)),
+                    (s, np.array(delta.scale, numpy_type)),
+                ):
+                    values[tensor_name] = add_initializer(graph, make_tensor(tensor_name, tensor))
+                make.node("MatMul", [a, b], [product], names(product))
+                make.node("Mul", [product, s], [block], names(block))
             blocks.append(block)
-        packed_delta, weight = index.unique_name(f"{stem}.delta"), index.unique_name(f"{stem}.weight")
-        nodes.append(
-            helper.make_node("Concat", blocks, [packed_delta], index.unique_name(packed_delta), axis=1)
-        )
-        nodes.append(
-            helper.make_node("Add", [node.input[1], packed_delta], [weight], index.unique_name(weight))
-        )
-        node.input[1] = weight
-        before[name] = nodes
-    splice_nodes(graph, before=before)
-    return model.with_proto(proto)
+        packed_delta, weight = names(f"{stem}.delta"), names(f"{stem}.weight")
+        make.node("Concat", blocks, [packed_delta], names(packed_delta), axis=1)
+        packed = node.inputs[1]
+        assert packed is not None and packed.name is not None
+        add = make.node("Add", [packed.name, packed_delta], [weight], names(weight))
+        node.replace_input_with(1, add.outputs[0])
+        graph.insert_before(node, make.nodes)
+    return model.with_ir(rewritten)

@@ -41,11 +41,11 @@ from lora_onnx.common.names import nearest
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.kinds import kind_of
 from lora_onnx.model.graph import (
+    FreshNames,
     GraphIndex,
+    add_initializer,
     nodes_by_name,
-    rename_output,
-    retain,
-    splice_nodes,
+    take_over,
     values_by_name,
 )
 from lora_onnx.model.load import LoadedModel
@@ -394,56 +394,57 @@ def replace_saved(
     """A copy of ``model`` whose saved modules' nodes read new initializers holding the adapter's tensors."""
     if not saved:
         return model
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
-    nodes = {node.name: node for node in graph.node}
+    rewritten = model.to_ir()
+    graph = rewritten.graph
+    names = FreshNames(graph)
+    nodes = nodes_by_name(graph)
     producers = {}
-    index = GraphIndex(graph)
-    after: dict[str, list[onnx.NodeProto]] = {}
-    released: set[str] = set()
+    released: list[ir.Value] = []
     earlier = {
         t.name: entry.key.removeprefix(SAVED_KEY_PREFIX)
-        for entry in proto.metadata_props
+        for entry in model.proto.metadata_props
         if entry.key.startswith(SAVED_KEY_PREFIX)
-        for t in read_saved(proto, entry.key.removeprefix(SAVED_KEY_PREFIX))
+        for t in read_saved(model.proto, entry.key.removeprefix(SAVED_KEY_PREFIX))
     }
     for tensor in saved:
-        graph.initializer.append(make_deferred(tensor.name, tensor.shape, tensor.dtype))
+        names.reserve(tensor.name)
+        value = add_initializer(graph, make_deferred(tensor.name, tensor.shape, tensor.dtype))
         producers[tensor.name] = _producer(weights, tensor)
         for node_name, position in tensor.inputs:
             node = nodes.get(node_name)
             if node is None:
                 raise LoraOnnxError(f"node {node_name!r} changed while modules_to_save was applied")
             if position == ADD_AFTER:
-                after.setdefault(node_name, []).append(_bias_add(index, node, tensor))
+                graph.insert_after(node, _bias_add(names, node, tensor, value))
                 continue
-            if len(node.input) <= position:
-                node.input.extend([""] * (position + 1 - len(node.input)))
-                node.input[position] = tensor.name
+            if len(node.inputs) <= position:
+                node.resize_inputs(position + 1)
+                node.replace_input_with(position, value)
                 continue
-            if node.input[position] in earlier:
+            replaced = node.inputs[position]
+            if replaced is not None and replaced.name in earlier:
                 raise AdapterError(
                     f"module {tensor.module!r} was already replaced by adapter "
-                    f"{earlier[node.input[position]]!r}'s modules_to_save; apply this adapter to the base "
-                    "model"
+                    f"{earlier[replaced.name]!r}'s modules_to_save; apply this adapter to the base model"
                 )
-            released.add(node.input[position])
-            node.input[position] = tensor.name
-    splice_nodes(graph, after=after)
+            if replaced is not None:
+                released.append(replaced)
+            node.replace_input_with(position, value)
     drop_released(graph, released)  # the replaced base tensors and their chains, unless shared
-    write_saved(proto, adapter, saved)
-    return model.with_proto(proto, producers)
+    write_saved(rewritten, adapter, saved)
+    return model.with_ir(rewritten, producers)
 
 
-def _bias_add(index: GraphIndex, node: onnx.NodeProto, tensor: SavedTensor) -> onnx.NodeProto:
+def _bias_add(names: FreshNames, node: ir.Node, tensor: SavedTensor, bias: ir.Value) -> ir.Node:
     """``y = MatMul(...) + bias`` for a MatMul whose bias the exporter dropped: the MatMul now produces a
     new value, the Add the old one (every reader keeps its input)."""
-    joined = node.output[0]
-    raw = index.unique_name(f"{joined}.{tensor.name}.input")
-    rename_output(node, joined, raw)
-    name = index.unique_name(f"{tensor.graph_path}.modules_to_save.bias_add")
-    return onnx.helper.make_node("Add", [raw, tensor.name], [joined], name)
+    product = node.outputs[0]
+    joined = product.name
+    product.name = names(f"{joined}.{tensor.name}.input")
+    name = names(f"{tensor.graph_path}.modules_to_save.bias_add")
+    add = ir.node("Add", [product, bias], name=name, outputs=[ir.Value(name=joined)])
+    take_over(product, add.outputs[0], keep=[add])
+    return add
 
 
 def _producer(weights: SafetensorsFile, tensor: SavedTensor):  # type: ignore[no-untyped-def]
@@ -456,12 +457,11 @@ def _producer(weights: SafetensorsFile, tensor: SavedTensor):  # type: ignore[no
     return produce
 
 
-def write_saved(proto: onnx.ModelProto, adapter: str, saved: Sequence[SavedTensor]) -> None:
-    """Record ``saved`` for ``adapter`` in ``proto``'s metadata (replacing an earlier record)."""
+def write_saved(model: ir.Model, adapter: str, saved: Sequence[SavedTensor]) -> None:
+    """Record ``saved`` for ``adapter`` in ``model``'s metadata (replacing an earlier record)."""
     key = SAVED_KEY_PREFIX + adapter
-    retain(proto.metadata_props, lambda entry: entry.key != key)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = key, json.dumps([tensor.to_json() for tensor in saved], separators=(",", ":"))
+    model.metadata_props.pop(key, None)
+    model.metadata_props[key] = json.dumps([tensor.to_json() for tensor in saved], separators=(",", ":"))
 
 
 def read_saved(proto: onnx.ModelProto, adapter: str) -> tuple[SavedTensor, ...]:
