@@ -7,6 +7,8 @@ MLP, residual Adds, a final norm and an ``lm_head``. Linear weights are 2-D ``(i
 named like PyTorch parameters (``model.layers.0.self_attn.q_proj.weight``) on ``MatMul`` nodes named
 TorchScript-style (``/model/layers.0/self_attn/q_proj/MatMul``), so module paths resolve as usual.
 
+The graph is built with onnx-ir (an :class:`onnx_ir.tape.Tape` records the nodes; weights are
+:class:`onnx_ir.ExternalTensor` references) and serialised with :func:`lora_onnx.model.graph.to_proto`.
 The data file is written one tensor at a time in chunks, page-aligned like :mod:`lora_onnx.model.save`
 writes it, so building a 3 GB model needs a few MB of memory. ``fill="sparse"`` writes no bytes at all
 (the file is sized with ``truncate``, every weight reads as zero): a multi-GB model that costs no disk
@@ -23,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+import onnx_ir as ir
 
-from lora_onnx.model.tensors import ExternalRef, set_external_ref
+from lora_onnx.model.graph import to_proto
 
 FILLS = ("random", "zeros", "sparse")
 _ALIGN = 4096
@@ -117,32 +118,34 @@ def _round_to(value: int, multiple: int) -> int:
 
 
 class _Writer:
-    """Lays tensors out in one data file (page-aligned) and records their external references."""
+    """Lays tensors out in one data file (page-aligned) and records them on ``tape`` as initializers
+    referring to their bytes there."""
 
-    def __init__(self, data_path: Path, fill: str, seed: int) -> None:
+    def __init__(self, data_path: Path, fill: str, seed: int, tape: ir.tape.Tape) -> None:
         self.data_path = data_path
         self.fill = fill
         self.rng = np.random.default_rng(seed)
         self.offset = 0
         self.file = open(data_path, "wb")  # noqa: SIM115 - closed by finish()
-        self.initializers: list[TensorProto] = []
+        self.tape = tape
 
-    def add(self, name: str, shape: tuple[int, ...], dtype: str, init: str = "weight") -> str:
+    def add(self, name: str, shape: tuple[int, ...], dtype: str, init: str = "weight") -> ir.Value:
         """Append a tensor: ``init`` is ``weight`` (uniform, +-1/sqrt(fan_in)), ``ones`` or ``zeros``."""
         np_type = np.dtype(dtype)
         count = math.prod(shape)
         size = count * np_type.itemsize
         self.offset += -self.offset % (_ALIGN if size >= _ALIGN else 16)
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np_type))
-        tensor.dims.extend(shape)
-        set_external_ref(tensor, ExternalRef(self.data_path.name, self.offset, size))
-        self.initializers.append(tensor)
+        tensor = ir.ExternalTensor(
+            self.data_path.name, self.offset, size, ir.DataType.from_numpy(np_type), shape=ir.Shape(shape),
+            name=name, base_dir=self.data_path.parent,
+        )  # fmt: skip
+        value = self.tape.initializer(tensor)
         if self.fill != "sparse":
             self.file.seek(self.offset)
             for chunk in self._chunks(count, shape, np_type, init):
                 self.file.write(chunk.tobytes())
         self.offset += size
-        return name
+        return value
 
     def _chunks(
         self, count: int, shape: tuple[int, ...], np_type: np.dtype, init: str
@@ -173,50 +176,56 @@ def build_decoder(
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(output.with_name(output.name + ".data"), fill, seed)
+    tape = ir.tape.Tape()
+    writer = _Writer(output.with_name(output.name + ".data"), fill, seed, tape)
+    constants = _constants(spec)
+    input_ids = ir.val("input_ids", ir.DataType.INT64, ["batch", "sequence"])
     try:
-        nodes = _decoder_nodes(spec, writer)
+        logits = _decoder_nodes(spec, writer, input_ids, {value.name: value for value in constants})
     finally:
         writer.finish()
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
-    graph = helper.make_graph(
-        nodes,
-        "synthetic_decoder",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("logits", elem, ["batch", "sequence", spec.vocab])],
-        writer.initializers + _constants(spec),
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lora-onnx"
-    )
-    model.ir_version = 8
-    output.write_bytes(model.SerializeToString())
+    logits.name = "logits"
+    logits.dtype = ir.DataType.from_numpy(np.dtype(spec.dtype))
+    logits.shape = ir.Shape(["batch", "sequence", spec.vocab])
+    graph = ir.Graph(
+        [input_ids], [logits], nodes=tape.nodes, initializers=[*tape.initializers, *constants],
+        opset_imports={"": opset}, name="synthetic_decoder",
+    )  # fmt: skip
+    model = ir.Model(graph, ir_version=8, producer_name="lora-onnx")
+    output.write_bytes(to_proto(model).SerializeToString())
     return output
 
 
-def _constants(spec: DecoderSpec) -> list[TensorProto]:
+def _constants(spec: DecoderSpec) -> list[ir.Value]:
     dtype = np.dtype(spec.dtype)
     head_dim = spec.hidden // spec.heads
-    return [
-        onnx.numpy_helper.from_array(np.array(2.0, dtype), "const.two"),
-        onnx.numpy_helper.from_array(np.array(1e-6, dtype), "const.eps"),
-        onnx.numpy_helper.from_array(np.array(1 / math.sqrt(head_dim), dtype), "const.attn_scale"),
-        onnx.numpy_helper.from_array(np.array([0, 0, spec.heads, head_dim], np.int64), "const.split_heads"),
-        onnx.numpy_helper.from_array(np.array([0, 0, spec.hidden], np.int64), "const.merge_heads"),
-    ]
+    arrays = {
+        "const.two": np.array(2.0, dtype),
+        "const.eps": np.array(1e-6, dtype),
+        "const.attn_scale": np.array(1 / math.sqrt(head_dim), dtype),
+        "const.split_heads": np.array([0, 0, spec.heads, head_dim], np.int64),
+        "const.merge_heads": np.array([0, 0, spec.hidden], np.int64),
+    }
+    values = []
+    for name, array in arrays.items():
+        tensor = ir.tensor(array, name=name)
+        values.append(
+            ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+        )
+    return values
 
 
-def _decoder_nodes(spec: DecoderSpec, writer: _Writer) -> list[onnx.NodeProto]:
-    nodes: list[onnx.NodeProto] = []
+def _decoder_nodes(
+    spec: DecoderSpec, writer: _Writer, input_ids: ir.Value, const: dict[str, ir.Value]
+) -> ir.Value:
+    """Record the decoder's nodes on the writer's tape; returns the lm_head's output (the logits)."""
     dtype = spec.dtype
 
-    def node(op: str, inputs: list[str], scope: str, suffix: str = "", **attrs: object) -> str:
+    def node(op: str, inputs: list[ir.Value], scope: str, suffix: str = "", **attrs: object) -> ir.Value:
         name = f"/{scope.replace('.', '/')}/{op}{suffix}"
-        out = f"{name}_output_0"
-        nodes.append(helper.make_node(op, inputs, [out], name, **attrs))
-        return out
+        return writer.tape.op(op, inputs, attrs or None, name=name, output=ir.Value(name=f"{name}_output_0"))
 
-    def linear(x: str, module: str, n_in: int, n_out: int) -> str:
+    def linear(x: ir.Value, module: str, n_in: int, n_out: int) -> ir.Value:
         weight = writer.add(f"{module}.weight", (n_in, n_out), dtype)
         y = node("MatMul", [x, weight], module)
         if spec.bias:
@@ -224,16 +233,16 @@ def _decoder_nodes(spec: DecoderSpec, writer: _Writer) -> list[onnx.NodeProto]:
             y = node("Add", [y, bias], module)
         return y
 
-    def rms_norm(x: str, module: str) -> str:
+    def rms_norm(x: ir.Value, module: str) -> ir.Value:
         gamma = writer.add(f"{module}.weight", (spec.hidden,), dtype, "ones")
-        square = node("Pow", [x, "const.two"], module)
+        square = node("Pow", [x, const["const.two"]], module)
         mean = node("ReduceMean", [square], module, axes=[-1], keepdims=1)
-        std = node("Sqrt", [node("Add", [mean, "const.eps"], module)], module)
+        std = node("Sqrt", [node("Add", [mean, const["const.eps"]], module)], module)
         normed = node("Div", [x, std], module)
         return node("Mul", [normed, gamma], module)
 
     embed = writer.add("model.embed_tokens.weight", (spec.vocab, spec.hidden), dtype)
-    h = node("Gather", [embed, "input_ids"], "model.embed_tokens")
+    h = node("Gather", [embed, input_ids], "model.embed_tokens")
     for layer in range(spec.layers):
         prefix = f"model.layers.{layer}"
         attn = f"{prefix}.self_attn"
@@ -243,30 +252,30 @@ def _decoder_nodes(spec: DecoderSpec, writer: _Writer) -> list[onnx.NodeProto]:
         v = linear(x, f"{attn}.v_proj", spec.hidden, spec.hidden)
         q = node(
             "Transpose",
-            [node("Reshape", [q, "const.split_heads"], attn, "_q")],
+            [node("Reshape", [q, const["const.split_heads"]], attn, "_q")],
             attn,
             "_q",
             perm=[0, 2, 1, 3],
         )
         k = node(
             "Transpose",
-            [node("Reshape", [k, "const.split_heads"], attn, "_k")],
+            [node("Reshape", [k, const["const.split_heads"]], attn, "_k")],
             attn,
             "_k",
             perm=[0, 2, 3, 1],
         )
         v = node(
             "Transpose",
-            [node("Reshape", [v, "const.split_heads"], attn, "_v")],
+            [node("Reshape", [v, const["const.split_heads"]], attn, "_v")],
             attn,
             "_v",
             perm=[0, 2, 1, 3],
         )
-        scores = node("Mul", [node("MatMul", [q, k], attn, "_qk"), "const.attn_scale"], attn, "_scale")
+        scores = node("Mul", [node("MatMul", [q, k], attn, "_qk"), const["const.attn_scale"]], attn, "_scale")
         probs = node("Softmax", [scores], attn, axis=-1)
         context = node("MatMul", [probs, v], attn, "_pv")
         context = node("Transpose", [context], attn, "_ctx", perm=[0, 2, 1, 3])
-        context = node("Reshape", [context, "const.merge_heads"], attn, "_ctx")
+        context = node("Reshape", [context, const["const.merge_heads"]], attn, "_ctx")
         h = node(
             "Add", [h, linear(context, f"{attn}.o_proj", spec.hidden, spec.hidden)], prefix, "_attn_residual"
         )
@@ -280,7 +289,4 @@ def _decoder_nodes(spec: DecoderSpec, writer: _Writer) -> list[onnx.NodeProto]:
         )
         h = node("Add", [h, down], prefix, "_mlp_residual")
     x = rms_norm(h, "model.norm")
-    logits = linear(x, "lm_head", spec.hidden, spec.vocab)
-    nodes[-1].output[0] = "logits"
-    del logits
-    return nodes
+    return linear(x, "lm_head", spec.hidden, spec.vocab)

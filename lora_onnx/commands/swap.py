@@ -27,7 +27,7 @@ from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import finite_number, require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.kinds import form_of, kind_of
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord, read_branches
 from lora_onnx.model.save import model_inputs, planned_writes, save_model
@@ -72,8 +72,9 @@ def fresh_source(model: LoadedModel, config: LoraConfig, *, check_ranks: bool = 
     """A fresh adapter from a recipe, planned on ``model`` as ``inject`` plans it (``check_ranks``: see
     :func:`~lora_onnx.recipes.plan.plan_branches`)."""
     scan = scan_sites(model, config.ops)
-    index = GraphIndex(model.proto.graph)
-    plan = plan_branches(scan, config, index, check_ranks=check_ranks).require_branches()
+    # The stems of new branch tensors must be free in the graph (unique_stem asks is_free / reserve).
+    names = FreshNames(model.to_ir().graph)
+    plan = plan_branches(scan, config, names, check_ranks=check_ranks).require_branches()
     values: dict[str, np.ndarray] = {}
     for branch in plan.branches:
         if branch.a_name not in values:
@@ -108,7 +109,7 @@ def peft_source(
     _refuse_slotless(result, adapter_dir, purpose)
     plans_in = tuple(result.plan.require_branches().branches)
     sites = {site.node: site for site in scan_sites(model, DEFAULT_OPS).sites}
-    index = GraphIndex(model.proto.graph)
+    names = FreshNames(model.to_ir().graph)
     stems: dict[str, str] = {}
     plans: list[BranchPlan] = []
     values: dict[str, np.ndarray] = {}
@@ -117,7 +118,7 @@ def peft_source(
         if here is None:
             raise AdapterError(f"{model.name}: node {plan.site.node!r} of the PEFT plan is not a LoRA site")
         if plan.stem not in stems:
-            stems[plan.stem] = unique_stem(index, tensor_stem(plan.site.module_path, adapter))
+            stems[plan.stem] = unique_stem(names, tensor_stem(plan.site.module_path, adapter))
         stem = stems[plan.stem]
         moved = dataclasses.replace(
             plan, site=dataclasses.replace(plan.site, output=here.output), adapter=adapter, stem=stem,
@@ -184,7 +185,7 @@ def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSourc
 
 def _record_plan(record: BranchRecord, site: object, rank: int, alpha: float, scale: float) -> BranchPlan:
     return BranchPlan(
-        site=site, adapter=record.adapter, rank=rank, alpha=alpha, scale=scale,  # type: ignore[arg-type]
+        site=site, adapter=record.adapter, rank=rank, alpha=alpha, scale=scale,
         stem=record.a.removesuffix(".lora_A.weight"), a_name=record.a, b_name=record.b,
         a_group=record.a_group, b_group=record.b_group,
     )  # fmt: skip

@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from lora_onnx.kinds import all_kinds, form_of, kind_of
 from lora_onnx.kinds.base import BranchForm
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import attribute_values
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.sites.find import DEFAULT_OPS, Site, find_sites, source_layout
@@ -35,9 +35,7 @@ from lora_onnx.variants import SlotBranch
 
 #: The adapter name foreign slots are recorded under (PEFT's default adapter name).
 FOREIGN_ADAPTER = "default"
-_FLOAT_TYPES = frozenset(
-    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-)
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _NAME_SUFFIX = ".lora_A.weight"
 
 
@@ -48,32 +46,31 @@ class _Chain:
     kind: str
     a: str
     b: str
-    a_node: str
-    b_node: str
+    a_node: ir.Node
+    b_node: ir.Node
     data: str
     scale: float
     scale_tensor: str
     join: str
-    base_join: str
+    base_join: ir.Value
     nodes: tuple[str, ...]
 
 
 def foreign_slot_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
     """The slots of ``model`` recognised from its graph (see the module doc); empty if there are none."""
-    graph = model.proto.graph
-    index = GraphIndex(graph)
+    graph = model.to_ir().graph
     empties = _empty_inputs(graph)
     if len(empties) < 2:
         return ()
-    chains = [chain for a in empties if (chain := _chain(model, index, a, empties)) is not None]
+    chains = [chain for a in empties.values() if (chain := _chain(model, a, empties)) is not None]
     if not chains:
         return ()
     ignore = {name for chain in chains for name in chain.nodes}
     sites = {site.node: site for site in find_sites(model, DEFAULT_OPS, ignore_nodes=ignore).sites}
     records = []
     for chain in chains:
-        site = _site_of(index, chain, sites)
-        groups = _fits(index, chain, site, empties[chain.a], empties[chain.b]) if site else None
+        site = _site_of(chain, sites)
+        groups = _fits(chain, site, _dims(empties[chain.a]), _dims(empties[chain.b])) if site else None
         if site is not None and groups is not None:
             record = _record(chain, site, groups)
             if record is not None:
@@ -81,25 +78,32 @@ def foreign_slot_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
     return tuple(records)
 
 
-def _empty_inputs(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+def _empty_inputs(graph: ir.Graph) -> dict[str, ir.Value]:
     """Float graph inputs (2-D or more) backed by an initializer with one 0-sized dim (a rank-0
-    default), with their dims."""
-    initializers = {t.name: t for t in graph.initializer}
+    default), by name."""
     found = {}
-    for value in graph.input:
-        tensor = initializers.get(value.name)
-        if tensor is None or tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) < 2:
+    for value in graph.inputs:
+        tensor = value.const_value if value.is_initializer() else None
+        if tensor is None or tensor.dtype not in _FLOAT_TYPES or len(tensor.shape) < 2:
             continue
-        if list(tensor.dims).count(0) == 1:
-            found[value.name] = tuple(int(d) for d in tensor.dims)
-    return found
+        if _dims(value).count(0) == 1:
+            found[value.name] = value
+    return found  # type: ignore[return-value]
 
 
-def _only_consumer(index: GraphIndex, value: str) -> onnx.NodeProto | None:
-    users = index.consumers.get(value, [])
-    if len(users) != 1 or value in index.graph_outputs:
+def _dims(value: ir.Value) -> tuple[int, ...]:
+    """The dims of an initializer's stored tensor (a slot input declares its rank symbolically)."""
+    assert value.const_value is not None
+    return tuple(int(d) for d in value.const_value.shape.numpy())
+
+
+def _only_consumer(value: ir.Value | None) -> ir.Node | None:
+    if value is None:
         return None
-    return users[0]
+    users = value.uses()
+    if len(users) != 1 or value.is_graph_output():
+        return None
+    return next(iter(users)).node
 
 
 def _chain_forms() -> dict[str, BranchForm]:
@@ -108,58 +112,64 @@ def _chain_forms() -> dict[str, BranchForm]:
     return {kind.form.chain_op: kind.form for kind in all_kinds() if kind.form.chain_op}
 
 
-def _chain(
-    model: LoadedModel, index: GraphIndex, a: str, empties: dict[str, tuple[int, ...]]
-) -> _Chain | None:
-    users = index.consumers.get(a, [])
+def _chain(model: LoadedModel, a: ir.Value, empties: dict[str, ir.Value]) -> _Chain | None:
+    users = list(a.uses())
     forms = _chain_forms()
-    if len(users) != 1 or users[0].op_type not in forms or list(users[0].input[1:]) != [a]:
+    if len(users) != 1:
         return None
-    first = users[0]
+    first = users[0].node
+    if first.op_type not in forms or len(first.inputs) != 2 or first.inputs[1] is not a:
+        return None
     op = first.op_type
     form = forms[op]
     axis_a, axis_b = form.rank_axes
-    if empties[a][axis_a] != 0 or not form.fits_ndim(len(empties[a])):
+    a_dims = _dims(a)
+    if a_dims[axis_a] != 0 or not form.fits_ndim(len(a_dims)):
         return None
     nodes = [first.name]
     scale, scale_tensor = 1.0, ""
-    value, b, b_node = first.output[0], "", ""
+    value, b, b_node = first.outputs[0], None, None
     while True:
-        node = _only_consumer(index, value)
+        node = _only_consumer(value)
         if node is None:
             return None
         if node.op_type == "Mul":
-            factor = _scalar_factor(model, index, node, value)
+            factor = _scalar_factor(model, node, value)
             if factor is None:
                 return None
             scale *= factor[0]
             scale_tensor = factor[1] or scale_tensor
             nodes.extend(factor[2])
             nodes.append(node.name)
-        elif node.op_type == op and not b and list(node.input) == [value, node.input[1]]:
-            b, b_node = node.input[1], node.name
-            if b not in empties or len(empties[b]) != len(empties[a]) or empties[b][axis_b] != 0:
+        elif node.op_type == op and b is None and len(node.inputs) == 2 and node.inputs[0] is value:
+            b, b_node = node.inputs[1], node
+            if b is None or b.name not in empties or empties[b.name] is not b:
                 return None
-            if len(index.consumers.get(b, [])) != 1:
+            b_dims = _dims(b)
+            if len(b_dims) != len(a_dims) or b_dims[axis_b] != 0 or len(b.uses()) != 1:
                 return None
             nodes.append(node.name)
-        elif node.op_type == "Add" and b and len(node.input) == 2:
-            base_join = node.input[1] if node.input[0] == value else node.input[0]
+        elif node.op_type == "Add" and b is not None and b_node is not None and len(node.inputs) == 2:
+            base_join = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
             # Removing the slot renames the base output to the Add's: nothing else may read it.
-            if base_join == value or _only_consumer(index, base_join) is not node:
+            if base_join is None or base_join is value or _only_consumer(base_join) is not node:
                 return None
             nodes.append(node.name)
             return _Chain(
-                form.name, a, b, first.name, b_node, first.input[0], scale, scale_tensor, node.output[0],
-                base_join, tuple(nodes),
+                form.name, a.name, b.name, first, b_node, _name(first.inputs[0]), scale,  # type: ignore[arg-type]
+                scale_tensor, _name(node.outputs[0]), base_join, tuple(nodes),
             )  # fmt: skip
         else:
             return None
-        value = node.output[0]
+        value = node.outputs[0]
+
+
+def _name(value: ir.Value | None) -> str:
+    return (value.name or "") if value is not None else ""
 
 
 def _fits(
-    index: GraphIndex, chain: _Chain, site: Site, a_dims: tuple[int, ...], b_dims: tuple[int, ...]
+    chain: _Chain, site: Site, a_dims: tuple[int, ...], b_dims: tuple[int, ...]
 ) -> tuple[int, int] | None:
     """A's and B's groups if the chain computes the branch lora-onnx would put on ``site`` (shapes, and
     for convs every attribute: A the site's kernel, strides, dilations and padding; B 1x1, stride 1);
@@ -169,7 +179,7 @@ def _fits(
     conv = site.conv
     if conv is None or b_dims[0] != site.out_features or a_dims[2:] != conv.kernel_shape:
         return None
-    a_attrs, b_attrs = _conv_attrs(index, chain.a_node, a_dims), _conv_attrs(index, chain.b_node, b_dims)
+    a_attrs, b_attrs = _conv_attrs(chain.a_node, a_dims), _conv_attrs(chain.b_node, b_dims)
     a_group, b_group = a_attrs["group"], b_attrs["group"]
     if a_dims[1] * a_group != site.in_features or site.out_features % b_group:
         return None
@@ -184,9 +194,9 @@ def _fits(
     return (int(a_group), int(b_group)) if same_a and plain_b else None  # type: ignore[call-overload]
 
 
-def _conv_attrs(index: GraphIndex, name: str, dims: tuple[int, ...]) -> dict[str, object]:
+def _conv_attrs(node: ir.Node, dims: tuple[int, ...]) -> dict[str, object]:
     """A Conv node's attributes with ONNX's defaults filled in."""
-    attrs = index.attributes(index.nodes[name])
+    attrs = attribute_values(node)
     spatial = len(dims) - 2
     auto_pad = attrs.get("auto_pad", "NOTSET")
     return {
@@ -198,47 +208,47 @@ def _conv_attrs(index: GraphIndex, name: str, dims: tuple[int, ...]) -> dict[str
     }
 
 
-def _scalar_factor(
-    model: LoadedModel, index: GraphIndex, mul: onnx.NodeProto, value: str
-) -> tuple[float, str, list[str]] | None:
+def _scalar_factor(model: LoadedModel, mul: ir.Node, value: ir.Value) -> tuple[float, str, list[str]] | None:
     """The constant scalar ``mul`` multiplies ``value`` by: (factor, its initializer or "", Constant nodes
     that only this Mul reads, which go with the branch). None if the other input is not such a scalar."""
-    other = mul.input[1] if mul.input[0] == value else mul.input[0]
-    if other == value:
+    if len(mul.inputs) != 2:
         return None
-    if index.is_constant(other) and other not in index.graph_inputs:
-        array = np.asarray(model.array(other))
-        owned = "" if len(index.consumers.get(other, [])) > 1 else other
-        return (float(array.reshape(-1)[0]), owned, []) if array.size == 1 else None
-    producer = index.producer.get(other)
+    other = mul.inputs[1] if mul.inputs[0] is value else mul.inputs[0]
+    if other is None or other is value:
+        return None
+    if other.is_initializer() and not other.is_graph_input():
+        array = np.asarray(model.array(other.name))  # type: ignore[arg-type]
+        owned = "" if len(other.uses()) > 1 else other.name
+        return (float(array.reshape(-1)[0]), owned, []) if array.size == 1 else None  # type: ignore[return-value]
+    producer = other.producer()
     if producer is None or producer.op_type != "Constant":
         return None
-    attrs = {attr.name: attr for attr in producer.attribute}
+    attrs = producer.attributes
     if "value" in attrs:
-        array = onnx.numpy_helper.to_array(attrs["value"].t)
+        array = attrs["value"].as_tensor().numpy()
     elif "value_float" in attrs:
-        array = np.array(attrs["value_float"].f)
+        array = np.array(attrs["value_float"].as_float())
     else:
         return None
     if array.size != 1:
         return None
-    owned = [producer.name] if len(index.consumers.get(other, [])) == 1 else []
-    return float(array.reshape(-1)[0]), "", owned
+    owned = [producer.name] if len(other.uses()) == 1 else []
+    return float(array.reshape(-1)[0]), "", owned  # type: ignore[list-item]
 
 
-def _site_of(index: GraphIndex, chain: _Chain, sites: dict[str, Site]) -> Site | None:
+def _site_of(chain: _Chain, sites: dict[str, Site]) -> Site | None:
     """The site whose output (directly, or after its bias Add) is the chain's base side."""
-    producer = index.producer.get(chain.base_join)
+    producer = chain.base_join.producer()
     if producer is None:
         return None
-    site = sites.get(producer.name)
+    site = sites.get(producer.name)  # type: ignore[arg-type]
     if site is None and producer.op_type == "Add":
-        for name in producer.input:
-            upstream = index.producer.get(name)
+        for value in producer.inputs:
+            upstream = value.producer() if value is not None else None
             if upstream is not None and upstream.name in sites:
-                other = next(n for n in producer.input if n != name)
-                if index.is_constant(other):
-                    site = sites[upstream.name]
+                other = next(v for v in producer.inputs if v is not value)
+                if other is not None and other.is_initializer():
+                    site = sites[upstream.name]  # type: ignore[index]
     if site is None or site.data_input != chain.data or kind_of(site.op).form.name != chain.kind:
         return None
     if site.gemm is not None and site.gemm.trans_a:
@@ -256,7 +266,7 @@ def _record(chain: _Chain, site: Site, groups: tuple[int, int]) -> BranchRecord 
         weight=site.weight.initializer, source_layout=source_layout(site), rank=0, alpha=0.0,
         # A lora-onnx branch on a Gemm also applies its alpha (lora_onnx.stages.insert); the chain does not.
         scale=chain.scale / gemm_alpha, a=chain.a, b=chain.b, scale_tensor=chain.scale_tensor,
-        join=chain.join, base_join=chain.base_join, nodes=chain.nodes, a_group=groups[0],
+        join=chain.join, base_join=_name(chain.base_join), nodes=chain.nodes, a_group=groups[0],
         b_group=groups[1], base_group=site.group, gemm_alpha=gemm_alpha, zero_init=True,
         variant=SlotBranch.recorded_as,
     )  # fmt: skip

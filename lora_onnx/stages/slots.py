@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import form_of
-from lora_onnx.model.graph import GraphIndex, retain, splice_nodes
+from lora_onnx.model.graph import FreshNames, nodes_by_name, to_proto, values_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_tensor, np_dtype, scale_into_b
@@ -112,7 +112,7 @@ def choose_adapter(model: LoadedModel, adapter: str | None) -> str:
 
 def slot_specs(model: LoadedModel, adapter: str | None = None) -> dict[str, SlotSpec]:
     """Every tensor the slots (of ``adapter``, or all) accept, as the graph declares it."""
-    declared = {value.name: value for value in model.proto.graph.input}
+    declared = {value.name: value for value in model.to_ir().graph.inputs if value.name}
     specs: dict[str, SlotSpec] = {}
     for branch in slot_records(model, adapter):
         for role, name in (("A", branch.a), ("B", branch.b)):
@@ -126,7 +126,7 @@ def slot_specs(model: LoadedModel, adapter: str | None = None) -> dict[str, Slot
 
 def _spec(
     model: LoadedModel,
-    declared: Mapping[str, onnx.ValueInfoProto],
+    declared: Mapping[str, ir.Value],
     name: str,
     adapter: str,
     role: str,
@@ -138,9 +138,9 @@ def _spec(
             f"{model.name}: slot tensor {name!r} is not a graph input; was the model edited after lora-onnx "
             "added its slots?"
         )
-    tensor_type = value.type.tensor_type
-    dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in tensor_type.shape.dim)
-    return SlotSpec(name, adapter, role, dims, np_dtype(tensor_type.elem_type), branch)
+    # A dim with neither a size nor a name reads as 0, as in ONNX's protobuf.
+    dims = tuple(d if isinstance(d, int) else d.value or 0 for d in value.shape or ())
+    return SlotSpec(name, adapter, role, dims, np_dtype(value.dtype or 0), branch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,86 +187,82 @@ def _insert_slots(model: LoadedModel, plans: Sequence[BranchPlan], strength_inpu
         empties[plan.b_name] = np.zeros(plan.b_shape, dtype)
     inserted = insert_branches(model, plans, empties, zero_init=True)
     rewritten, records = inserted.model, inserted.records
-    proto = rewritten.proto  # a fresh copy owned by ``rewritten``: safe to edit in place
-    earlier = read_branches(proto)[: -len(records)]
-    editor = _SlotEditor(proto, plans[0].adapter, strength_input)
+    earlier = read_branches(rewritten.proto)[: -len(records)]
+    slotted = rewritten.to_ir()
+    editor = _SlotEditor(slotted.graph, plans[0].adapter, strength_input)
     slots = tuple(editor.convert(plan, record) for plan, record in zip(plans, records, strict=True))
     editor.finish()
-    stamp_branches(proto.graph, slots)
+    stamp_branches(slotted.graph, slots)
+    proto = to_proto(slotted)
     write_branches(proto, earlier + slots)
     return StageResult(rewritten.with_proto(proto), slots)
 
 
 class _SlotEditor:
-    """Turns freshly inserted constant branches into slots, in place on one proto."""
+    """Turns freshly inserted constant branches into slots, in place on one onnx-ir graph."""
 
-    def __init__(self, proto: onnx.ModelProto, adapter: str, strength: bool) -> None:
-        self.graph = proto.graph
-        self.index = GraphIndex(self.graph)
-        self.nodes = {node.name: node for node in self.graph.node}
-        self.strength = strength_name(adapter) if strength else None
+    def __init__(self, graph: ir.Graph, adapter: str, strength: bool) -> None:
+        self.graph = graph
+        self.names = FreshNames(graph)
+        self.values = values_by_name(graph)
+        self.nodes = nodes_by_name(graph)
         # float32 whatever the sites compute in, so applications feed one type; fp16 sites Cast it.
         self.strength_type = onnx.TensorProto.FLOAT
-        if self.strength is not None and not self.index.is_free(self.strength):
-            raise AdapterError(
-                f"the model already has a value named {self.strength!r}; choose another --name"
+        self.strength: ir.Value | None = None
+        if strength:
+            name = strength_name(adapter)
+            if not self.names.is_free(name):
+                raise AdapterError(f"the model already has a value named {name!r}; choose another --name")
+            self.names.reserve(name)
+            # A graph input with a same-named initializer (the default, 1.0), both added by finish().
+            self.strength = ir.Value(
+                name=name, type=ir.TensorType(ir.DataType(self.strength_type)), shape=ir.Shape([1])
             )
         self.inputs_added: set[str] = set()
-        self.drop_initializers: set[str] = set()
-        self.new_nodes: dict[str, list[onnx.NodeProto]] = {}  # existing node name -> nodes to put before it
 
     def convert(self, plan: BranchPlan, record: BranchRecord) -> BranchRecord:
         nodes = list(record.nodes)
-        mul = next(self.nodes[n] for n in nodes if record.scale_tensor in self.nodes[n].input)
-        consumer = next(self.nodes[n] for n in nodes if mul.output[0] in self.nodes[n].input)
+        branch = [self.nodes[name] for name in nodes]
+        scale = self.values[record.scale_tensor]
+        mul = next(node for node in branch if scale in node.inputs)
+        consumer = next(node for node in branch if mul.outputs[0] in node.inputs)
         scale_tensor = record.scale_tensor
-        before_mul: list[onnx.NodeProto] = []
-        factor = self._factor(plan, before_mul)
+        tape = ir.tape.Tape()  # nodes to put right before the scale Mul
+        factor = self._factor(plan, tape)
         if record.gemm_alpha == 1.0:
-            self.drop_initializers.add(scale_tensor)
             scale_tensor = ""
             if factor is None:  # nothing to multiply: B reads A's output directly
-                consumer.input[list(consumer.input).index(mul.output[0])] = mul.input[0]
+                consumer.replace_input_with(consumer.inputs.index(mul.outputs[0]), mul.inputs[0])
                 nodes.remove(mul.name)
-                self.graph.node.remove(mul)
+                self.graph.remove(mul, safe=True)
             else:
-                mul.input[1] = factor
+                mul.replace_input_with(1, factor)
+            self.graph.initializers.pop(record.scale_tensor)
         elif factor is not None:  # a Gemm alpha (constant Mul, kept) and a strength: two Muls
-            scaled = self.index.unique_name(f"{plan.stem}.lora_strength_mul.output")
-            before_mul.append(
-                helper.make_node(
-                    "Mul",
-                    [mul.input[0], factor],
-                    [scaled],
-                    self.index.unique_name(f"{plan.stem}.lora_strength_mul"),
-                )
-            )
-            mul.input[0] = scaled
-        if before_mul:
-            self.new_nodes.setdefault(mul.name, []).extend(before_mul)
+            scaled = ir.Value(name=self.names(f"{plan.stem}.lora_strength_mul.output"))
+            name = self.names(f"{plan.stem}.lora_strength_mul")
+            mul.replace_input_with(0, tape.op("Mul", [mul.inputs[0], factor], name=name, output=scaled))
+        if tape.nodes:
+            self.graph.insert_before(mul, tape.nodes)
             position = nodes.index(mul.name)
-            nodes[position:position] = [node.name for node in before_mul]
+            nodes[position:position] = [node.name for node in tape.nodes]
         for name in (record.a, record.b):
             self._declare_input(name, plan)
         return dataclasses.replace(
             record, nodes=tuple(nodes), scale_tensor=scale_tensor, variant=SLOT, rank=0, alpha=0.0, scale=1.0
         )
 
-    def _factor(self, plan: BranchPlan, before: list[onnx.NodeProto]) -> str | None:
+    def _factor(self, plan: BranchPlan, tape: ir.tape.Tape) -> ir.Value | None:
         if self.strength is None:
             return None
         if plan.site.dtype == self.strength_type:
             return self.strength
-        cast = self.index.unique_name(f"{plan.stem}.lora_strength_cast.output")
-        before.append(
-            helper.make_node(
-                "Cast", [self.strength], [cast], self.index.unique_name(f"{plan.stem}.lora_strength_cast"),
-                to=plan.site.dtype,
-            )
-        )  # fmt: skip
-        return cast
+        cast = ir.Value(name=self.names(f"{plan.stem}.lora_strength_cast.output"))
+        name = self.names(f"{plan.stem}.lora_strength_cast")
+        return tape.op("Cast", [self.strength], {"to": plan.site.dtype}, name=name, output=cast)
 
     def _declare_input(self, name: str, plan: BranchPlan) -> None:
+        """Make the initializer holding ``name``'s empty default a graph input too, its rank symbolic."""
         if name in self.inputs_added:
             return
         self.inputs_added.add(name)
@@ -275,17 +271,19 @@ class _SlotEditor:
         # The rank is the only zero dim of an empty default; a grouped conv's B holds rank / group.
         split = plan.form.rank_split(name == plan.a_name, plan.a_group, plan.b_group)
         symbol = rank if split == 1 else f"{rank}_per_group"
-        dims = [symbol if d == 0 else d for d in shape]
-        self.graph.input.append(helper.make_tensor_value_info(name, plan.site.dtype, dims))
+        value = self.values[name]
+        value.type = ir.TensorType(ir.DataType(plan.site.dtype))
+        value.shape = ir.Shape([symbol if d == 0 else d for d in shape])
+        self.graph.inputs.append(value)
 
     def finish(self) -> None:
-        if self.strength is not None:
-            self.graph.input.append(helper.make_tensor_value_info(self.strength, self.strength_type, [1]))
-            self.graph.initializer.append(make_tensor(self.strength, np.ones(1), self.strength_type))
-        if self.drop_initializers:
-            retain(self.graph.initializer, lambda t: t.name not in self.drop_initializers)
-        if self.new_nodes:
-            splice_nodes(self.graph, before=self.new_nodes)
+        strength = self.strength
+        if strength is not None and strength.name is not None:
+            self.graph.inputs.append(strength)
+            strength.const_value = ir.TensorProtoTensor(
+                make_tensor(strength.name, np.ones(1), self.strength_type)
+            )
+            self.graph.register_initializer(strength)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,13 +367,13 @@ def bake(model: LoadedModel, tensors: Mapping[str, np.ndarray]) -> LoadedModel:
 
     A reference for proofs; the graph (inputs, manifest) is unchanged.
     """
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    inputs = {value.name for value in proto.graph.input}
-    for tensor in proto.graph.initializer:
-        if tensor.name in tensors and tensor.name in inputs:
-            tensor.CopyFrom(make_tensor(tensor.name, tensors[tensor.name], tensor.data_type))
-    return model.with_proto(proto)
+    baked = model.to_ir()
+    for value in baked.graph.inputs:
+        default = value.const_value
+        if value.name in tensors and value.is_initializer() and default is not None:
+            tensor = make_tensor(value.name, tensors[value.name], default.dtype.value)
+            value.const_value = ir.TensorProtoTensor(tensor)
+    return model.with_ir(baked)
 
 
 def remove_slots(model: LoadedModel, records: Iterable[BranchRecord]) -> LoadedModel:
@@ -386,8 +384,7 @@ def remove_slots(model: LoadedModel, records: Iterable[BranchRecord]) -> LoadedM
     remaining = tuple(b for b in read_branches(proto) if b not in removing)
     remove_branches(proto, removing, remaining)
     write_branches(proto, remaining)
-    _drop_unused_strengths(proto)
-    return model.with_proto(proto)
+    return _without_unused_strengths(model.with_proto(proto))
 
 
 def base_view(model: LoadedModel) -> LoadedModel:
@@ -399,18 +396,20 @@ def base_view(model: LoadedModel) -> LoadedModel:
     proto.CopyFrom(model.proto)
     remove_branches(proto, branches, ())
     write_branches(proto, ())
-    _drop_unused_strengths(proto)
-    return model.with_proto(proto)
+    return _without_unused_strengths(model.with_proto(proto))
 
 
-def _drop_unused_strengths(proto: onnx.ModelProto) -> None:
-    graph = proto.graph
-    used = {name for node in graph.node for name in node.input}
-    unused = {v.name for v in graph.input if v.name.endswith(STRENGTH_SUFFIX) and v.name not in used}
+def _without_unused_strengths(model: LoadedModel) -> LoadedModel:
+    """``model`` without the strength inputs (and their defaults) no node reads any more."""
+    rewritten = model.to_ir()
+    graph = rewritten.graph
+    unused = [v for v in graph.inputs if v.name and v.name.endswith(STRENGTH_SUFFIX) and not v.uses()]
     if not unused:
-        return
-    retain(graph.input, lambda value: value.name not in unused)
-    retain(graph.initializer, lambda tensor: tensor.name not in unused)
+        return model
+    for value in unused:
+        graph.inputs.remove(value)
+        graph.initializers.pop(value.name, None)  # type: ignore[arg-type]
+    return model.with_ir(rewritten)
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,19 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.adapters.peft.planning import PeftBranchExtras, PeftPlan
 from lora_onnx.kinds import form_of
-from lora_onnx.model.graph import GraphIndex, splice_nodes
+from lora_onnx.kinds.base import NodeMaker
+from lora_onnx.model.graph import (
+    FreshNames,
+    add_initializer,
+    nodes_by_name,
+    take_over,
+    to_proto,
+    values_by_name,
+)
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches, write_peft_config
 from lora_onnx.model.tensors import make_tensor, np_dtype
@@ -54,35 +61,26 @@ def _insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> StageResult:
     plans = peft.plan.branches
     inserted = insert_branches(model, plans, peft.values)
     rewritten, records = inserted.model, inserted.records
-    proto = onnx.ModelProto()
-    proto.CopyFrom(rewritten.proto)
-    graph = proto.graph
-    index = GraphIndex(graph)
-    nodes = {node.name: node for node in graph.node}
-    before: dict[str, list[onnx.NodeProto]] = {}
-    after: dict[str, list[onnx.NodeProto]] = {}
-    added: set[str] = {t.name for t in graph.initializer}
+    extended = rewritten.to_ir()
+    graph = extended.graph
+    make = NodeMaker(FreshNames(graph), values_by_name(graph))
+    nodes = nodes_by_name(graph)
     updated = []
     for plan, record in zip(plans, records, strict=True):
         extras = peft.extras.get(plan.site.node, PeftBranchExtras(plan.site.module_path))
         dtype = plan.site.dtype
         for name in (extras.magnitude, extras.weight_norm, extras.lora_bias):
-            if name and name not in added:
-                graph.initializer.append(make_tensor(name, peft.values[name], dtype))
-                added.add(name)
+            if name and name not in graph.initializers:
+                make.values[name] = add_initializer(graph, make_tensor(name, peft.values[name], dtype))
         new_nodes: tuple[str, ...] = ()
         extra_tensors: tuple[str, ...] = ()
         if extras.lora_bias:
-            new_nodes = _add_lora_bias(index, nodes, record, extras, before, after)
+            new_nodes = _add_lora_bias(graph, make, nodes, record, extras)
         if extras.magnitude:
-            built = _add_dora(index, nodes, record, extras, len(plan.site.kernel), dtype, graph)
-            after.setdefault(record.nodes[-1], []).extend(built[0])
-            extra_tensors = built[1]
-        last = record.nodes[-1]
-        if extras.magnitude:
-            order = (*record.nodes, *(node.name for node in after[last]))
+            built, extra_tensors = _add_dora(graph, make, nodes, record, extras, len(plan.site.kernel), dtype)
+            order = (*record.nodes, *(node.name for node in built))
         else:
-            order = (*record.nodes[:-1], *new_nodes, last)
+            order = (*record.nodes[:-1], *new_nodes, record.nodes[-1])
         updated.append(
             dataclasses.replace(
                 record,
@@ -95,8 +93,8 @@ def _insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> StageResult:
                 nodes=order,
             )
         )
-    splice_nodes(graph, before=before, after=after)
     stamp_branches(graph, updated)
+    proto = to_proto(extended)
     kept = read_branches(proto)[: -len(records) or None]
     write_branches(proto, (*kept, *updated))
     if peft.config is not None:
@@ -107,84 +105,93 @@ def _insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> StageResult:
 
 
 def _add_lora_bias(
-    index: GraphIndex,
-    nodes: dict[str, onnx.NodeProto],
+    graph: ir.Graph,
+    make: NodeMaker,
+    nodes: dict[str, ir.Node],
     record: BranchRecord,
     extras: PeftBranchExtras,
-    before: dict[str, list[onnx.NodeProto]],
-    after: dict[str, list[onnx.NodeProto]],
 ) -> tuple[str, ...]:
     """``s * lora_B.bias`` into the branch: the conv B's bias input, or an Add after a dense B."""
     b_node, join = nodes[record.nodes[-2]], nodes[record.nodes[-1]]
     stem = record.a.rsplit(".lora_", 1)[0]
-    scaled = index.unique_name(f"{stem}.lora_B.bias_scaled")
-    mul = helper.make_node(
-        "Mul", [extras.lora_bias, record.scale_tensor], [scaled], index.unique_name(f"{stem}.lora_bias_mul")
-    )
-    before.setdefault(b_node.name, []).append(mul)
+    scaled = make.name(f"{stem}.lora_B.bias_scaled")
+    mul_name = make.name(f"{stem}.lora_bias_mul")
+    graph.insert_before(b_node, make.node("Mul", [extras.lora_bias, record.scale_tensor], [scaled], mul_name))
     if form_of(record.kind).b_takes_bias:  # a conv B's own bias input
-        b_node.input.append(scaled)
-        return (mul.name,)
-    biased = index.unique_name(f"{stem}.lora_B.output_biased")
-    add = helper.make_node(
-        "Add", [b_node.output[0], scaled], [biased], index.unique_name(f"{stem}.lora_bias_add")
-    )
-    after.setdefault(b_node.name, []).append(add)
-    join.input[list(join.input).index(b_node.output[0])] = biased
-    return mul.name, add.name
+        position = len(b_node.inputs)
+        b_node.resize_inputs(position + 1)
+        b_node.replace_input_with(position, make.values[scaled])
+        return (mul_name,)
+    b_out = b_node.outputs[0]
+    assert b_out.name is not None
+    biased = make.name(f"{stem}.lora_B.output_biased")
+    add_name = make.name(f"{stem}.lora_bias_add")
+    graph.insert_after(b_node, make.node("Add", [b_out.name, scaled], [biased], add_name))
+    join.replace_input_with(join.inputs.index(b_out), make.values[biased])
+    return mul_name, add_name
 
 
 def _add_dora(
-    index: GraphIndex,
-    nodes: dict[str, onnx.NodeProto],
+    graph: ir.Graph,
+    make: NodeMaker,
+    nodes: dict[str, ir.Node],
     record: BranchRecord,
     extras: PeftBranchExtras,
     spatial: int,
     dtype: int,
-    graph: onnx.GraphProto,
-) -> tuple[list[onnx.NodeProto], tuple[str, ...]]:
+) -> tuple[list[ir.Node], tuple[str, ...]]:
     """Rescale the branch's sum by ``f = m / norm`` and restore ``(1 - f) * bias``; returns the new
-    nodes (the last produces the joined value) and the constants added. ``spatial``: a conv's spatial
-    rank (its bias is reshaped to broadcast like the output), 0 for dense and embedding branches."""
+    nodes, put right after the branch's join (the last produces the joined value), and the constants
+    added. ``spatial``: a conv's spatial rank (its bias is reshaped to broadcast like the output), 0 for
+    dense and embedding branches."""
     join = nodes[record.nodes[-1]]
     stem = record.a.rsplit(".lora_", 1)[0]
-    joined = join.output[0]
-    summed = index.unique_name(f"{stem}.lora_dora_input")
-    join.output[0] = summed
-
-    def node(op: str, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
-        return helper.make_node(op, inputs, [output], index.unique_name(f"{stem}.{name}"))
-
-    factor = index.unique_name(f"{stem}.lora_dora_factor")
-    built = [node("Div", [extras.magnitude, extras.weight_norm], factor, "lora_dora_div")]
+    sum_value = join.outputs[0]
+    joined = sum_value.name
+    assert joined is not None
     # An N-d MatMul's branch joins before its bias Add (lora_onnx.sites.find): then the sum holds no bias, and
     # the bias Add after it already adds the bias unscaled.
+    base_bias = make.values.get(extras.base_bias) if extras.base_bias else None
     bias_in_sum = extras.base_bias and not any(
-        joined in other.input and extras.base_bias in other.input for other in graph.node
+        base_bias is not None and base_bias in use.node.inputs for use in sum_value.uses()
     )
+    # The join's output is renamed; the last DoRA node produces the joined value for every reader.
+    summed = make.name(f"{stem}.lora_dora_input")
+    sum_value.name = summed
+    make.values[summed] = make.values.pop(joined)
+    first = len(make.nodes)
+
+    def node(op: str, inputs: list[str], output: str, name: str) -> None:
+        make.node(op, inputs, [output], make.name(f"{stem}.{name}"))
+
+    def constant(wanted: str, value: np.ndarray) -> str:
+        name = make.name(f"{stem}.{wanted}")
+        make.values[name] = add_initializer(graph, make_tensor(name, value))
+        return name
+
+    factor = make.name(f"{stem}.lora_dora_factor")
+    node("Div", [extras.magnitude, extras.weight_norm], factor, "lora_dora_div")
+    constants: tuple[str, ...] = ()
     if not bias_in_sum:
-        built.append(node("Mul", [summed, factor], joined, "lora_dora_mul"))
-        return built, ()
-    one = index.unique_name(f"{stem}.lora_dora_one")
-    graph.initializer.append(make_tensor(one, np.array(1.0, np_dtype(dtype))))
-    constants: tuple[str, ...] = (one,)
-    scaled = index.unique_name(f"{stem}.lora_dora_scaled")
-    rest = index.unique_name(f"{stem}.lora_dora_rest")
-    bias_term = index.unique_name(f"{stem}.lora_dora_bias")
-    bias = extras.base_bias
-    built += [
-        node("Mul", [summed, factor], scaled, "lora_dora_mul"),
-        node("Sub", [one, factor], rest, "lora_dora_sub"),
-    ]
-    if spatial:  # a conv bias is (out,); the factor is (1, out, 1, ...) like the output
-        shape = index.unique_name(f"{stem}.lora_dora_bias_shape")
-        graph.initializer.append(make_tensor(shape, np.array([1, -1, *([1] * spatial)], np.int64)))
-        constants += (shape,)
-        reshaped = index.unique_name(f"{stem}.lora_dora_bias_reshaped")
-        built.append(node("Reshape", [bias, shape], reshaped, "lora_dora_reshape"))
-        bias = reshaped
-    built += [
-        node("Mul", [rest, bias], bias_term, "lora_dora_bias_mul"),
-        node("Add", [scaled, bias_term], joined, "lora_dora_add"),
-    ]
+        node("Mul", [summed, factor], joined, "lora_dora_mul")
+    else:
+        one = constant("lora_dora_one", np.array(1.0, np_dtype(dtype)))
+        constants += (one,)
+        scaled = make.name(f"{stem}.lora_dora_scaled")
+        rest = make.name(f"{stem}.lora_dora_rest")
+        bias_term = make.name(f"{stem}.lora_dora_bias")
+        bias = extras.base_bias
+        node("Mul", [summed, factor], scaled, "lora_dora_mul")
+        node("Sub", [one, factor], rest, "lora_dora_sub")
+        if spatial:  # a conv bias is (out,); the factor is (1, out, 1, ...) like the output
+            shape = constant("lora_dora_bias_shape", np.array([1, -1, *([1] * spatial)], np.int64))
+            constants += (shape,)
+            reshaped = make.name(f"{stem}.lora_dora_bias_reshaped")
+            node("Reshape", [bias, shape], reshaped, "lora_dora_reshape")
+            bias = reshaped
+        node("Mul", [rest, bias], bias_term, "lora_dora_bias_mul")
+        node("Add", [scaled, bias_term], joined, "lora_dora_add")
+    built = make.nodes[first:]
+    take_over(sum_value, built[-1].outputs[0], keep=built)
+    graph.insert_after(join, built)
     return built, constants
