@@ -24,7 +24,6 @@ were replaced is recorded in the model's metadata (:data:`SAVED_KEY_PREFIX` + ad
 from __future__ import annotations
 
 import json
-import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,7 +31,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir import serde
 
 from lora_onnx.adapters.peft.mapping import AdapterModule, graph_path_of, strip_prefix
 from lora_onnx.adapters.peft.tensors import SafetensorsFile
@@ -42,7 +40,6 @@ from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.kinds import kind_of
 from lora_onnx.model.graph import (
     FreshNames,
-    GraphIndex,
     add_initializer,
     nodes_by_name,
     take_over,
@@ -151,11 +148,13 @@ def plan_saved_modules(
     keys: Iterable[str],
     weights: SafetensorsFile,
     adapter: str,
-    index: GraphIndex,
+    graph: ir.Graph,
 ) -> tuple[SavedTensor, ...]:
-    """Where each saved key's tensor goes (see the module doc); raises :class:`AdapterError` for a key whose
-    module the graph does not have, a parameter the node has no input for, or a shape that disagrees."""
+    """Where each saved key's tensor goes (see the module doc) in ``graph`` (the model's, read only); raises
+    :class:`AdapterError` for a key whose module the graph does not have, a parameter the node has no input
+    for, or a shape that disagrees."""
     source = str(weights.path)
+    index = _Lookup(graph, values_by_name(graph), nodes_by_name(graph), FreshNames(graph))
     by_module: dict[str, dict[str, str]] = defaultdict(dict)
     for key in keys:
         module, param = _split(key)
@@ -175,7 +174,7 @@ def plan_saved_modules(
 
 def _plan_module(
     scan: SiteScan,
-    index: GraphIndex,
+    index: _Lookup,
     weights: SafetensorsFile,
     adapter: str,
     module: str,
@@ -239,7 +238,7 @@ def _plan_module(
                 f"({graph_path}) uses {param} {ref.initializer!r} of shape {list(wanted)}; the adapter was "
                 "trained on another base (a different number of labels, or a resized vocabulary?)"
             )
-        name = index.unique_name(f"{graph_path}.{adapter}.modules_to_save.{param}")
+        name = index.names(f"{graph_path}.{adapter}.modules_to_save.{param}")
         planned.append(
             SavedTensor(
                 key=key,
@@ -274,18 +273,14 @@ def _numel(shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-_IR: weakref.WeakKeyDictionary[GraphIndex, tuple[dict[str, ir.Value], dict[str, ir.Node]]] = (
-    weakref.WeakKeyDictionary()
-)
+@dataclass(frozen=True)
+class _Lookup:
+    """The planned model's graph (read only) and names for the replacing tensors."""
 
-
-def _ir(index: GraphIndex) -> tuple[dict[str, ir.Value], dict[str, ir.Node]]:
-    """The indexed graph's values and nodes in onnx-ir, for resolve_weight / module_path (built once)."""
-    found = _IR.get(index)
-    if found is None:
-        graph = serde.deserialize_graph(index.graph)
-        found = _IR[index] = (values_by_name(graph), nodes_by_name(graph))
-    return found
+    graph: ir.Graph
+    values: dict[str, ir.Value]
+    nodes: dict[str, ir.Node]
+    names: FreshNames
 
 
 #: Input position meaning "the node has no bias: add an Add after it" (a MatMul whose zero bias the
@@ -293,7 +288,7 @@ def _ir(index: GraphIndex) -> tuple[dict[str, ir.Value], dict[str, ir.Node]]:
 ADD_AFTER = -1
 
 
-def _site_input(index: GraphIndex, site: Site, param: str) -> tuple[str, int, WeightRef] | None:
+def _site_input(index: _Lookup, site: Site, param: str) -> tuple[str, int, WeightRef] | None:
     """(node, input position, traced tensor) of ``param`` at a site; a MatMul's bias is its Add's input.
 
     A bias the graph lacks (exporters drop zero biases; PEFT still saves them) gets a place: Gemm C or
@@ -307,36 +302,38 @@ def _site_input(index: GraphIndex, site: Site, param: str) -> tuple[str, int, We
         holder, position = node, kind.weight_input
     elif kind.bias_input:
         holder, position = node, 2
-        if len(node.input) <= position or not node.input[position]:
+        if len(node.inputs) <= position or node.inputs[position] is None:
             return node.name, position, missing
     elif kind.bias_after:
-        found = _matmul_bias(index, node, site.out_features)
+        found = _matmul_bias(node, site.out_features)
         if found is None:
             return node.name, ADD_AFTER, missing
         holder, position = found
     else:
         return None
-    if len(holder.input) <= position or not holder.input[position]:
+    if len(holder.inputs) <= position or holder.inputs[position] is None:
         return None
-    ref = resolve_weight(_ir(index)[0].get(holder.input[position]))
+    ref = resolve_weight(holder.inputs[position])
+    assert holder.name is not None
     return (holder.name, position, ref) if isinstance(ref, WeightRef) else None
 
 
-def _matmul_bias(index: GraphIndex, node: onnx.NodeProto, out: int) -> tuple[onnx.NodeProto, int] | None:
+def _matmul_bias(node: ir.Node, out: int) -> tuple[ir.Node, int] | None:
     """The Add after a MatMul that adds a constant ``(out,)`` bias (where Linear's bias went), if any."""
-    readers = index.consumers.get(node.output[0], [])
-    if len(readers) != 1 or readers[0].op_type != "Add":
+    output = node.outputs[0]
+    readers = list(output.uses())
+    if len(readers) != 1 or readers[0].node.op_type != "Add":
         return None
-    add = readers[0]
-    position = 1 if add.input[0] == node.output[0] else 0
-    ref = resolve_weight(_ir(index)[0].get(add.input[position]))
+    add = readers[0].node
+    position = 1 - readers[0].idx
+    ref = resolve_weight(add.inputs[position])
     if isinstance(ref, WeightRef) and ref.node_shape in ((out,), (1, out)):
         return add, position
     return None
 
 
 def _norm_targets(
-    index: GraphIndex,
+    index: _Lookup,
     module: str,
     params: Mapping[str, str],
     targets: dict[str, list[tuple[str, int, WeightRef, bool]]],
@@ -346,9 +343,9 @@ def _norm_targets(
     """Fill ``targets`` from the norm nodes of ``module``; returns the graph module path."""
     source = str(weights.path)
     first_key = params.get("weight") or next(iter(params.values()))
-    paths: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in index.graph.node:
-        paths[module_path(_ir(index)[1][node.name], None)].append(node)
+    paths: dict[str, list[ir.Node]] = defaultdict(list)
+    for node in index.graph:
+        paths[module_path(node, None)].append(node)
     graph_path = graph_path_of(AdapterModule(module, {"weight": first_key}), list(paths), source)
     if graph_path is None:
         known = sorted({site.module_path for site in scan.sites} | set(paths))
@@ -362,20 +359,21 @@ def _norm_targets(
         found: list[tuple[str, int, WeightRef, bool]] = []
         for node in fused:
             position = NORM_INPUTS[node.op_type].get(param)
-            if position is not None and len(node.input) > position and node.input[position]:
-                ref = resolve_weight(_ir(index)[0].get(node.input[position]))
+            if position is not None and len(node.inputs) > position and node.inputs[position] is not None:
+                ref = resolve_weight(node.inputs[position])
                 if isinstance(ref, WeightRef):
-                    found.append((node.name, position, ref, False))
+                    found.append((str(node.name), position, ref, False))
         if not found and not fused:
             for node in nodes:
                 if node.op_type != _DECOMPOSED[param]:
                     continue
-                for position, value in enumerate(node.input):
-                    ref = resolve_weight(_ir(index)[0].get(value)) if index.is_constant(value) else None
+                for position, value in enumerate(node.inputs):
+                    constant = value is not None and value.is_initializer()
+                    ref = resolve_weight(value) if constant else None
                     if isinstance(ref, WeightRef) and _numel(ref.node_shape) == _numel(
                         weights.tensors[key].shape
                     ):
-                        found.append((node.name, position, ref, False))
+                        found.append((str(node.name), position, ref, False))
         if len(found) != 1 and not (found and fused):
             ops = sorted({node.op_type for node in nodes})
             raise AdapterError(

@@ -61,7 +61,7 @@ from lora_onnx.adapters.peft.packed import (
 from lora_onnx.adapters.peft.tensors import SafetensorsFile
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import all_kinds, kind_of
-from lora_onnx.model.graph import FreshNames, GraphIndex, nodes_by_name
+from lora_onnx.model.graph import FreshNames, nodes_by_name
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.tensors import np_dtype
 from lora_onnx.recipes.config import DEFAULT_ADAPTER
@@ -211,9 +211,7 @@ def plan_peft_adapter(
             )
         plan = Plan(branches, (), tuple(warnings))
         scaled = tuple(node for node, scaling in scalings.items() if scaling.factor is not None)
-        # modules_to_save planning (ported on its own) still takes the graph's name index
-        index = GraphIndex(loaded.proto.graph)
-        saved = plan_saved_modules(scan, saved_keys or (), weights, adapter_name, index)
+        saved = plan_saved_modules(scan, saved_keys or (), weights, adapter_name, graph)
     return PeftPlan(
         plan, planner.values, planner.extras, config, folder, scaled, fused, saved,
         weights if saved else None, skipped_keys,
