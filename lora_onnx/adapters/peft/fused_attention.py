@@ -32,13 +32,14 @@ from lora_onnx.kinds import kind_of
 from lora_onnx.kinds.base import NodeMaker
 from lora_onnx.model.graph import (
     FreshNames,
-    GraphIndex,
     add_initializer,
+    attribute_values,
     nodes_by_name,
     values_by_name,
 )
 from lora_onnx.model.load import LoadedModel, TensorProducer
-from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype, shape_of
+from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype
+from lora_onnx.model.values import constant_shape
 from lora_onnx.sites.find import SiteScan
 
 if TYPE_CHECKING:
@@ -102,25 +103,24 @@ class FusedDelta:
 
 def find_fused_attention(model: LoadedModel, scan: SiteScan) -> tuple[FusedAttention, ...]:
     """Every fused Attention node with a constant packed 2-D weight, in graph order."""
-    graph = model.proto.graph
-    index = GraphIndex(graph)
     found: list[FusedAttention] = []
-    for node in graph.node:
-        if node.op_type != FUSED_OP or node.domain != FUSED_DOMAIN or len(node.input) < 2:
+    for node in model.ir_view().graph:
+        if node.op_type != FUSED_OP or node.domain != FUSED_DOMAIN or len(node.inputs) < 2:
             continue
-        weight = node.input[1]
-        if weight not in index.initializers:
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or weight.name is None:
             continue
-        shape = shape_of(index.initializers[weight])
+        shape = constant_shape(weight)
         if len(shape) != 2:
             continue
-        attrs = index.attributes(node)
-        sizes = [int(s) for s in attrs.get("qkv_hidden_sizes", [])] or [shape[1] // 3] * 3  # type: ignore[union-attr]
+        attrs = attribute_values(node)
+        sizes = [int(s) for s in attrs.get("qkv_hidden_sizes", [])] or [shape[1] // 3] * 3  # type: ignore[attr-defined]
         if len(sizes) != 3 or sum(sizes) != shape[1]:
             continue
         columns = ((0, sizes[0]), (sizes[0], sizes[0] + sizes[1]), (sizes[0] + sizes[1], shape[1]))
-        readers = tuple(site.module_path for site in scan.sites if site.data_input in node.output)
-        found.append(FusedAttention(node.name, len(found), weight, shape[0], columns, readers))
+        outputs = {value.name for value in node.outputs}
+        readers = tuple(site.module_path for site in scan.sites if site.data_input in outputs)
+        found.append(FusedAttention(str(node.name), len(found), weight.name, shape[0], columns, readers))
     return tuple(found)
 
 
