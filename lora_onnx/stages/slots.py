@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import form_of
-from lora_onnx.model.graph import FreshNames, nodes_by_name, to_proto, values_by_name
+from lora_onnx.model.graph import FreshNames, nodes_by_name, values_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_tensor, np_dtype, scale_into_b
@@ -187,15 +187,14 @@ def _insert_slots(model: LoadedModel, plans: Sequence[BranchPlan], strength_inpu
         empties[plan.b_name] = np.zeros(plan.b_shape, dtype)
     inserted = insert_branches(model, plans, empties, zero_init=True)
     rewritten, records = inserted.model, inserted.records
-    earlier = read_branches(rewritten.proto)[: -len(records)]
+    earlier = read_branches(rewritten.ir_model)[: -len(records)]
     slotted = rewritten.to_ir()
     editor = _SlotEditor(slotted.graph, plans[0].adapter, strength_input)
     slots = tuple(editor.convert(plan, record) for plan, record in zip(plans, records, strict=True))
     editor.finish()
     stamp_branches(slotted.graph, slots)
-    proto = to_proto(slotted)
-    write_branches(proto, earlier + slots)
-    return StageResult(rewritten.with_proto(proto), slots)
+    write_branches(slotted, earlier + slots)
+    return StageResult(rewritten.with_ir(slotted), slots)
 
 
 class _SlotEditor:
@@ -379,33 +378,29 @@ def bake(model: LoadedModel, tensors: Mapping[str, np.ndarray]) -> LoadedModel:
 def remove_slots(model: LoadedModel, records: Iterable[BranchRecord]) -> LoadedModel:
     """A copy without the slot branches ``records`` (and without strength inputs nothing uses any more)."""
     removing = list(records)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    remaining = tuple(b for b in read_branches(proto) if b not in removing)
-    remove_branches(proto, removing, remaining)
-    write_branches(proto, remaining)
-    return _without_unused_strengths(model.with_proto(proto))
+    rewritten = model.to_ir()
+    remaining = tuple(b for b in read_branches(rewritten) if b not in removing)
+    remove_branches(rewritten.graph, removing, remaining)
+    write_branches(rewritten, remaining)
+    return _without_unused_strengths(rewritten, model)
 
 
 def base_view(model: LoadedModel) -> LoadedModel:
     """``model`` without any lora-onnx branch (nothing folded): the base graph its branches were added to."""
-    branches = read_branches(model.proto)
+    branches = read_branches(model.ir_model)
     if not branches:
         return model
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    remove_branches(proto, branches, ())
-    write_branches(proto, ())
-    return _without_unused_strengths(model.with_proto(proto))
-
-
-def _without_unused_strengths(model: LoadedModel) -> LoadedModel:
-    """``model`` without the strength inputs (and their defaults) no node reads any more."""
     rewritten = model.to_ir()
+    remove_branches(rewritten.graph, branches, ())
+    write_branches(rewritten, ())
+    return _without_unused_strengths(rewritten, model)
+
+
+def _without_unused_strengths(rewritten: ir.Model, model: LoadedModel) -> LoadedModel:
+    """``rewritten`` (a copy of ``model``) without the strength inputs (and their defaults) no node reads
+    any more."""
     graph = rewritten.graph
     unused = [v for v in graph.inputs if v.name and v.name.endswith(STRENGTH_SUFFIX) and not v.uses()]
-    if not unused:
-        return model
     for value in unused:
         graph.inputs.remove(value)
         graph.initializers.pop(value.name, None)  # type: ignore[arg-type]
