@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.kinds import kind_of
+from lora_onnx.model.graph import values_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.proofs.inputs import make_inputs
 from lora_onnx.proofs.validation import (
@@ -203,17 +204,8 @@ def probe_sites(
     if not sites:
         return Probe((), ())
     provider = parse_providers(providers)[0]
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph_inputs = {v.name for v in proto.graph.input}
-    declared = {v.name for v in proto.graph.output}
-    watched = list(dict.fromkeys(s.data_input for s in sites if s.data_input not in graph_inputs))
-    for name in watched:
-        if name not in declared:
-            elem = next(s.dtype for s in sites if s.data_input == name)
-            proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     with ExitStack() as stack:
-        source = session_source(model.with_proto(proto), stack, "probe.onnx")
+        source = session_source(_probe_model(model, sites), stack, "probe.onnx")
         session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
         given = given_inputs(inputs, specs)
@@ -254,6 +246,24 @@ def probe_sites(
                 Skipped(site.node, site.op, site.module_path, f"input {site.data_input!r}: {reason}")
             )
     return Probe(tuple(kept), tuple(skipped), frozenset(batched))
+
+
+def _probe_model(model: LoadedModel, sites: Sequence[Site]) -> LoadedModel:
+    """``model`` with every site's data input (graph inputs aside) also a graph output, typed as the site
+    and without a declared shape (the runs fix it)."""
+    probe = model.to_ir()
+    graph = probe.graph
+    values = values_by_name(graph)
+    graph_inputs = {v.name for v in graph.inputs}
+    declared = {v.name for v in graph.outputs}
+    watched = list(dict.fromkeys(s.data_input for s in sites if s.data_input not in graph_inputs))
+    for name in watched:
+        if name not in declared:
+            elem = next(s.dtype for s in sites if s.data_input == name)
+            value = values[name]
+            value.type, value.shape = ir.TensorType(ir.DataType(elem)), None
+            graph.outputs.append(value)
+    return model.with_ir(probe)
 
 
 def _site_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]]) -> str | None:

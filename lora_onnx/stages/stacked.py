@@ -50,7 +50,6 @@ from lora_onnx.kinds import BranchForm, SiteForm, SitePair, form_of, kind_of
 from lora_onnx.kinds.base import NodeMaker
 from lora_onnx.model.graph import (
     FreshNames,
-    GraphIndex,
     add_initializer,
     nodes_by_name,
     take_over,
@@ -137,7 +136,7 @@ def mixed_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
 
 
 def _write_info(model: ir.Model, info: MixedInfo | None) -> None:
-    """Set (or, for None, remove) the :data:`MIXED_KEY` entry; a new entry goes last."""
+    """Set (or, for None, remove) the :data:`MIXED_KEY` entry."""
     model.metadata_props.pop(MIXED_KEY, None)
     if info is not None:
         model.metadata_props[MIXED_KEY] = info.to_json()
@@ -210,9 +209,9 @@ class MixedSite:
         return self.form_kind.name
 
 
-def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
+def stack_names(names: FreshNames, module_path: str) -> tuple[str, str, str]:
     """A free stem and its ``<stem>.lora_A.stack`` / ``<stem>.lora_B.stack`` names (reserved)."""
-    stem = unique_stem(index, module_path, (".lora_A.stack", ".lora_B.stack"))
+    stem = unique_stem(names, module_path, (".lora_A.stack", ".lora_B.stack"))  # type: ignore[arg-type]
     return stem, f"{stem}.lora_A.stack", f"{stem}.lora_B.stack"
 
 
@@ -507,8 +506,8 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
             for position in range(len(node.inputs)):
                 node.replace_input_with(position, None)
         graph.remove(shared)
-        for value in [value for value in graph.inputs if value.name == info.index]:
-            graph.inputs.remove(value)
+        for index_input in [v for v in graph.inputs if v.name == info.index]:
+            graph.inputs.remove(index_input)
         # The shared constants no node outside the mixed branches reads (those go with the branches).
         branch_nodes = {name for record in records for name in record.nodes}
         prefix = f"{info.index}."
@@ -516,6 +515,11 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
             read = value.is_graph_output() or any(use.node.name not in branch_nodes for use in value.uses())
             if name.startswith(prefix) and not read:
                 graph.initializers.pop(name)
+    # Each base output takes its branch's join name back below: no type info stays behind for its old name.
+    values = values_by_name(graph)
+    for record in records:
+        if record.base_join in values:
+            values[record.base_join].type = values[record.base_join].shape = None
     _write_info(rewritten, None)
     proto = to_proto(rewritten)
     remaining = tuple(b for b in read_branches(proto) if b not in records)
@@ -531,7 +535,7 @@ def pin_index(model: LoadedModel, value: int) -> LoadedModel:
         raise LoraOnnxError(f"{model.name} has no mixed-batch branches")
     rewritten = model.to_ir()
     graph = rewritten.graph
-    index_inputs = [value for value in graph.inputs if value.name == info.index]
+    index_inputs = [v for v in graph.inputs if v.name == info.index]
     for index_input in index_inputs:
         graph.inputs.remove(index_input)
     names = FreshNames(graph)
@@ -573,7 +577,7 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
         )
     stripped = strip_mixed(model)
     sites = {site.node: site for site in scan_sites(stripped, DEFAULT_OPS).sites}
-    names = GraphIndex(stripped.proto.graph)
+    names = FreshNames(stripped.to_ir().graph)
     adapter = f"{MIXED}_{index}"
     plans, values = [], {}
     for record in records:
@@ -585,7 +589,7 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
             raise LoraOnnxError(
                 f"{model.name}: the mixed branch's node {record.site!r} is no longer a LoRA site"
             )
-        stem = unique_stem(names, tensor_stem(site.module_path, adapter))
+        stem = unique_stem(names, tensor_stem(site.module_path, adapter))  # type: ignore[arg-type]
         plan = BranchPlan(
             site=site, adapter=adapter, rank=record.rank, alpha=float(record.rank), scale=1.0, stem=stem,
             a_name=f"{stem}.lora_A.weight", b_name=f"{stem}.lora_B.weight", a_group=record.a_group,
