@@ -142,7 +142,7 @@ def from_source(
         plans.append(dataclasses.replace(plan, site=site))
 
     def reference(kept: Collection[str]) -> LoadedModel:
-        names = FreshNames(host.to_ir().graph)
+        names = FreshNames(host.ir_model.graph)
         chosen, values = [], {}
         for plan in plans:
             if plan.site.node not in kept:
@@ -314,7 +314,7 @@ def inject_mixed(
     if not kept:
         reasons = "; ".join(f"{s.module_path}: {s.reason}" for s in skipped[:2])
         raise AdapterError(f"no site the adapters adapt can mix batch rows ({reasons})")
-    names = FreshNames(host.to_ir().graph)
+    names = FreshNames(host.ir_model.graph)
     items = []
     for site in kept:
         pairs = [adapter.pairs.get(site.node) for adapter in resolved]

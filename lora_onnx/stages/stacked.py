@@ -57,7 +57,13 @@ from lora_onnx.model.graph import (
     values_by_name,
 )
 from lora_onnx.model.load import LoadedModel
-from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.model.manifest import (
+    BranchRecord,
+    metadata_entries,
+    read_branches,
+    replace_metadata,
+    write_branches,
+)
 from lora_onnx.model.tensors import make_tensor, np_dtype
 from lora_onnx.recipes.plan import BranchPlan, tensor_stem, unique_stem
 from lora_onnx.sites.find import DEFAULT_OPS, Site, scan_sites, source_layout
@@ -119,10 +125,10 @@ class MixedInfo:
 
 def mixed_info(model: LoadedModel) -> MixedInfo | None:
     """The mixed-batch metadata of ``model``; None when it has no mixed branches."""
-    for entry in model.proto.metadata_props:
-        if entry.key == MIXED_KEY:
+    for key, text in metadata_entries(model.ir_model):
+        if key == MIXED_KEY:
             try:
-                data = json_input.loads(entry.value)
+                data = json_input.loads(text)
                 data.pop("version", None)
                 data["adapters"], data["nodes"] = tuple(data["adapters"]), tuple(data["nodes"])
                 return MixedInfo(**data)
@@ -132,14 +138,15 @@ def mixed_info(model: LoadedModel) -> MixedInfo | None:
 
 
 def mixed_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
-    return records_of(read_branches(model.proto), StackedBranch)
+    return records_of(read_branches(model.ir_model), StackedBranch)
 
 
 def _write_info(model: ir.Model, info: MixedInfo | None) -> None:
     """Set (or, for None, remove) the :data:`MIXED_KEY` entry."""
-    model.metadata_props.pop(MIXED_KEY, None)
-    if info is not None:
-        model.metadata_props[MIXED_KEY] = info.to_json()
+    if info is None:
+        replace_metadata(model, lambda key: key != MIXED_KEY, None)
+    else:
+        replace_metadata(model, lambda key: key != MIXED_KEY, MIXED_KEY, info.to_json())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,9 +475,8 @@ def _insert_mixed(
     _write_info(rewritten, info)
     stamp_branches(graph, records)
     stamp_shared(graph, info.nodes, records)
-    proto = to_proto(rewritten)
-    write_branches(proto, read_branches(proto) + tuple(records))
-    return StageResult(model.with_proto(proto), tuple(records))
+    write_branches(rewritten, read_branches(rewritten) + tuple(records))
+    return StageResult(model.with_ir(rewritten), tuple(records))
 
 
 def _stack_value(tensor: onnx.TensorProto) -> ir.Value:
@@ -496,6 +502,8 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
     """``model`` without its mixed branches, shared index nodes and index input (nothing folded)."""
     info = mixed_info(model)
     records = mixed_records(model)
+    if info is None and not records:
+        return model
     rewritten = model.to_ir()
     graph = rewritten.graph
     if info is not None:
@@ -577,7 +585,7 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
         )
     stripped = strip_mixed(model)
     sites = {site.node: site for site in scan_sites(stripped, DEFAULT_OPS).sites}
-    names = FreshNames(stripped.to_ir().graph)
+    names = FreshNames(stripped.ir_model.graph)
     adapter = f"{MIXED}_{index}"
     plans, values = [], {}
     for record in records:
