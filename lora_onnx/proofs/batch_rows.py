@@ -63,29 +63,27 @@ class Probe:
     batched: frozenset[str] = frozenset()
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
-    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+def _dims(value: ir.Value) -> list[int | str | None]:
+    """The declared dims of a graph input or output: sizes, symbolic names, None for unnamed ones."""
+    if value.shape is None:
         return []
-    return [
-        d.dim_param if d.HasField("dim_param") else (int(d.dim_value) if d.HasField("dim_value") else None)
-        for d in value.type.tensor_type.shape.dim
-    ]
+    return [dim if isinstance(dim, int) else dim.value for dim in value.shape]
 
 
 def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxes:
     """The model's batch dim: the symbolic dim most graph inputs have first (inputs backed by
     initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim.
     Without one, the fixed size most inputs have first: their axis 0 (outputs: where they start with it)."""
-    graph = model.proto.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers and v.name not in exclude]
+    graph = model.ir_model.graph
+    initializers = graph.initializers
+    inputs = [v for v in graph.inputs if v.name not in initializers and v.name not in exclude]
     firsts = Counter(dims[0] for v in inputs if (dims := _dims(v)) and isinstance(dims[0], str) and dims[0])
     if not firsts:
         fixed = Counter(d[0] for v in inputs if (d := _dims(v)) and isinstance(d[0], int) and d[0] >= 1)
         if fixed:
             size = fixed.most_common(1)[0][0]
             in_fixed = {v.name: 0 for v in inputs if (d := _dims(v)) and d[0] == size}
-            out_fixed = {v.name: 0 if (d := _dims(v)) and d[0] == size else None for v in graph.output}
+            out_fixed = {v.name: 0 if (d := _dims(v)) and d[0] == size else None for v in graph.outputs}
             return BatchAxes("", in_fixed, out_fixed, size)
         shapes = ", ".join(f"{v.name} {_dims(v)}" for v in inputs[:3]) or "no inputs"
         raise TargetError(
@@ -94,7 +92,7 @@ def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxe
         )
     name = firsts.most_common(1)[0][0]
     in_axes = {v.name: _dims(v).index(name) for v in inputs if name in _dims(v)}
-    out_axes = {v.name: _dims(v).index(name) if name in _dims(v) else None for v in graph.output}
+    out_axes = {v.name: _dims(v).index(name) if name in _dims(v) else None for v in graph.outputs}
     return BatchAxes(name, in_axes, out_axes)
 
 
@@ -146,7 +144,7 @@ def feeds_for(
     if given is not None:
         return given_rows(given, axes, rows, seed)
     sizes = {**(dims or {}), **({axes.name: rows} if axes.size is None else {})}
-    return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)  # type: ignore[arg-type]
+    return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)
 
 
 def given_rows(
