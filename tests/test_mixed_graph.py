@@ -10,7 +10,7 @@ from mixed_builders import run_rows
 from swap_builders import mixed_feeds, mixed_model
 
 from lora_onnx import LoraConfig
-from lora_onnx.commands.inject_mixed import inject_mixed
+from lora_onnx.commands.inject_mixed import MixedInjectResult, inject_mixed
 from lora_onnx.commands.swap import fresh_source
 from lora_onnx.model.load import load_model
 from lora_onnx.stages.contract import check_graph
@@ -27,7 +27,7 @@ def _graph(proto: onnx.ModelProto) -> dict[str, object]:
     }
 
 
-def _mixed(stacks_as_inputs: bool):  # noqa: ANN202
+def _mixed(stacks_as_inputs: bool) -> tuple[onnx.ModelProto, MixedInjectResult]:
     base = mixed_model()
     loaded = load_model(base)
     adapters = [fresh_source(loaded, LoraConfig(rank=r, init="random", seed=r)) for r in (2, 3)]
