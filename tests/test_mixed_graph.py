@@ -71,3 +71,18 @@ def test_strip_gives_back_the_host_graph_and_pin_equals_a_constant_index() -> No
             run(pinned.proto, feeds), run_rows(result.model.proto, feeds, [1, 1, 1]), strict=True
         ):
             assert np.array_equal(got, want)
+
+
+def test_a_fixed_output_shape_does_not_fix_the_branch_batch() -> None:
+    """An output may declare a batch its symbolic inputs do not (3 here): the branch still follows the
+    run's batch (the base output's Shape is not folded into the declared one)."""
+    base = mixed_model()
+    for output in base.graph.output:
+        if output.name == "y":
+            output.type.tensor_type.shape.dim[0].dim_value = 3
+    loaded = load_model(base)
+    adapters = [fresh_source(loaded, LoraConfig(rank=r, init="random", seed=r)) for r in (2, 3)]
+    mixed = inject_mixed(base, adapters).model
+    feeds = mixed_feeds(batch=2)
+    for got, want in zip(run_rows(mixed.proto, feeds, [-1, -1]), run(base, feeds), strict=True):
+        assert np.array_equal(got, want)
