@@ -53,7 +53,6 @@ from lora_onnx.model.graph import (
     add_initializer,
     nodes_by_name,
     take_over,
-    to_proto,
     values_by_name,
 )
 from lora_onnx.model.load import LoadedModel
@@ -218,7 +217,7 @@ class MixedSite:
 
 def stack_names(names: FreshNames, module_path: str) -> tuple[str, str, str]:
     """A free stem and its ``<stem>.lora_A.stack`` / ``<stem>.lora_B.stack`` names (reserved)."""
-    stem = unique_stem(names, module_path, (".lora_A.stack", ".lora_B.stack"))  # type: ignore[arg-type]
+    stem = unique_stem(names, module_path, (".lora_A.stack", ".lora_B.stack"))
     return stem, f"{stem}.lora_A.stack", f"{stem}.lora_B.stack"
 
 
@@ -519,24 +518,16 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
         graph.remove(shared)
         for index_input in [v for v in graph.inputs if v.name == info.index]:
             graph.inputs.remove(index_input)
-        # The shared constants no node outside the mixed branches reads (those go with the branches).
-        branch_nodes = {name for record in records for name in record.nodes}
+    remaining = tuple(b for b in read_branches(rewritten) if b not in records)
+    remove_branches(graph, records, remaining)
+    write_branches(rewritten, remaining)
+    if info is not None:  # the shared constants nothing reads any more
         prefix = f"{info.index}."
         for name, value in list(graph.initializers.items()):
-            read = value.is_graph_output() or any(use.node.name not in branch_nodes for use in value.uses())
-            if name.startswith(prefix) and not read:
+            if name.startswith(prefix) and not value.uses() and not value.is_graph_output():
                 graph.initializers.pop(name)
-    # Each base output takes its branch's join name back below: no type info stays behind for its old name.
-    values = values_by_name(graph)
-    for record in records:
-        if record.base_join in values:
-            values[record.base_join].type = values[record.base_join].shape = None
     _write_info(rewritten, None)
-    proto = to_proto(rewritten)
-    remaining = tuple(b for b in read_branches(proto) if b not in records)
-    remove_branches(proto, records, remaining)
-    write_branches(proto, remaining)
-    return model.with_proto(proto)
+    return model.with_ir(rewritten)
 
 
 def pin_index(model: LoadedModel, value: int) -> LoadedModel:
@@ -600,7 +591,7 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
             raise LoraOnnxError(
                 f"{model.name}: the mixed branch's node {record.site!r} is no longer a LoRA site"
             )
-        stem = unique_stem(names, tensor_stem(site.module_path, adapter))  # type: ignore[arg-type]
+        stem = unique_stem(names, tensor_stem(site.module_path, adapter))
         plan = BranchPlan(
             site=site, adapter=adapter, rank=record.rank, alpha=float(record.rank), scale=1.0, stem=stem,
             a_name=f"{stem}.lora_A.weight", b_name=f"{stem}.lora_B.weight", a_group=record.a_group,
