@@ -37,7 +37,7 @@ from lora_onnx.common.atomic import check_outputs
 from lora_onnx.common.finite import require_finite_tensors
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.kinds import form_of, kind_of
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord
 from lora_onnx.model.save import planned_writes, save_model
@@ -142,13 +142,13 @@ def from_source(
         plans.append(dataclasses.replace(plan, site=site))
 
     def reference(kept: Collection[str]) -> LoadedModel:
-        index = GraphIndex(host.proto.graph)
+        names = FreshNames(host.ir_model.graph)
         chosen, values = [], {}
         for plan in plans:
             if plan.site.node not in kept:
                 continue
-            a_name = index.unique_name(f"{plan.stem}.lora_ref_A")
-            b_name = index.unique_name(f"{plan.stem}.lora_ref_B")
+            a_name = names(f"{plan.stem}.lora_ref_A")
+            b_name = names(f"{plan.stem}.lora_ref_B")
             values[a_name], values[b_name] = source.values[plan.a_name], source.values[plan.b_name]
             chosen.append(dataclasses.replace(plan, a_name=a_name, b_name=b_name))
         return insert_branches(host, chosen, values).model if chosen else host
@@ -314,13 +314,13 @@ def inject_mixed(
     if not kept:
         reasons = "; ".join(f"{s.module_path}: {s.reason}" for s in skipped[:2])
         raise AdapterError(f"no site the adapters adapt can mix batch rows ({reasons})")
-    index = GraphIndex(host.proto.graph)
+    names = FreshNames(host.ir_model.graph)
     items = []
     for site in kept:
         pairs = [adapter.pairs.get(site.node) for adapter in resolved]
         form = site_form(kind_of(site.op).form.name, pairs)
         a_stack, b_stack = stack_pairs(site, pairs, form, labels)
-        stem, a_name, b_name = stack_names(index, site.module_path)
+        stem, a_name, b_name = stack_names(names, site.module_path)
         batched = site.node in probe.batched
         items.append(MixedSite(site, stem, a_name, b_name, a_stack, b_stack, form, batched))
     inserted = insert_mixed(host, items, axes, labels, stacks_as_inputs=stacks_as_inputs)

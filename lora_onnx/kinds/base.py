@@ -231,11 +231,10 @@ class BranchForm:
         """One adapter's A and B shapes inside the site's stacks."""
         return self.a_shape(site, form.rank, form.a_group), self.b_shape(site, form.rank, form.b_group)
 
-    def build_mixed(
-        self, builder: Any, item: Any, data: str, base: str, join: str, nodes: list[onnx.NodeProto]
-    ) -> None:
-        """The mixed branch of ``item`` (a :class:`lora_onnx.stages.stacked.MixedSite`): each batch row
-        runs the stacked adapter its index picks (``builder``: the stage's shared index values)."""
+    def build_mixed(self, builder: Any, item: Any, data: str, base: str, join: str, make: NodeMaker) -> None:
+        """The mixed branch of ``item`` (a :class:`lora_onnx.stages.stacked.MixedSite`) into ``make``, ending
+        in the Add of ``base`` that writes ``join``: each batch row runs the stacked adapter its index picks
+        (``builder``: the stage's shared index values and node helper)."""
         raise NotImplementedError
 
     def stack_dims(

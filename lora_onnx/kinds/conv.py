@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from lora_onnx.errors import AdapterError
@@ -247,9 +246,7 @@ class ConvForm(BranchForm):
             dims[1] = rank if form.b_group == 1 else f"{rank}_per_group"
         return dims
 
-    def build_mixed(
-        self, builder: Any, item: Any, data: str, base: str, join: str, nodes: list[onnx.NodeProto]
-    ) -> None:
+    def build_mixed(self, builder: Any, item: Any, data: str, base: str, join: str, make: NodeMaker) -> None:
         site, stem, form = item.site, item.stem, item.form
         assert site.conv is not None
         spatial = len(site.kernel)
@@ -259,50 +256,50 @@ class ConvForm(BranchForm):
         # (Reshape's 0 copies the dim at the same position, so the trailing dims are spelled out.)
         tail = [site.in_features // form.a_group, *site.kernel]
         split = builder.const("a_split", np.array([0, blocks, -1, *tail], np.int64))
-        a5 = builder.node(nodes, "Reshape", [item.a_name, split], f"{stem}.lora_A.split")
+        a5 = builder.node(make, "Reshape", [item.a_name, split], f"{stem}.lora_A.split")
         a_arr = builder.node(
-            nodes, "Transpose", [a5], f"{stem}.lora_A.grouped", perm=[1, 0, 2, *range(3, 4 + spatial)]
+            make, "Transpose", [a5], f"{stem}.lora_A.grouped", perm=[1, 0, 2, *range(3, 4 + spatial)]
         )
         flat = builder.const("a_flat", np.array([-1, *tail], np.int64))
-        a_cat = builder.node(nodes, "Reshape", [a_arr, flat], f"{stem}.lora_A.concat")
+        a_cat = builder.node(make, "Reshape", [a_arr, flat], f"{stem}.lora_A.concat")
         h = builder.node(
-            nodes, "Conv", [data, a_cat], f"{stem}.lora_A.output", kernel_shape=list(site.kernel),
+            make, "Conv", [data, a_cat], f"{stem}.lora_A.output", kernel_shape=list(site.kernel),
             strides=list(site.conv.strides), dilations=list(site.conv.dilations), group=form.a_group,
             **pad_attrs(site.conv),
         )  # fmt: skip
-        kept = mask_rank_channels(builder, item, grouped_lead(builder, item, a_arr, nodes), h, nodes)
+        kept = mask_rank_channels(builder, item, grouped_lead(builder, item, a_arr, make), h, make)
         # B [n, out, R/gb, 1...] -> [out, (R/gb-blocks,) n, R/blocks, 1...] -> [out, n*R/gb, 1...]
-        b_cat = concat_b(builder, item, nodes)
+        b_cat = concat_b(builder, item, make)
         d = builder.node(
-            nodes, "Conv", [kept, b_cat], f"{stem}.lora_B.output", kernel_shape=ones, strides=ones,
+            make, "Conv", [kept, b_cat], f"{stem}.lora_B.output", kernel_shape=ones, strides=ones,
             group=form.b_group,
         )  # fmt: skip
-        nodes.append(onnx.helper.make_node("Add", [base, d], [join], builder.name(f"{stem}.lora_add")))
+        make.node("Add", [base, d], [join], builder.name(f"{stem}.lora_add"))
 
 
-def grouped_lead(builder: Any, item: Any, a_arr: str, nodes: list[onnx.NodeProto]) -> str:
+def grouped_lead(builder: Any, item: Any, a_arr: str, make: NodeMaker) -> str:
     """[blocks, n, R/blocks]: the leading dims of a conv A stack arranged group-major."""
-    a_shape = builder.node(nodes, "Shape", [a_arr], f"{item.stem}.lora_A.grouped_shape")
+    a_shape = builder.node(make, "Shape", [a_arr], f"{item.stem}.lora_A.grouped_shape")
     starts, ends = (
         builder.const("start0", np.array([0], np.int64)),
         builder.const("end3", np.array([3], np.int64)),
     )
-    return builder.node(nodes, "Slice", [a_shape, starts, ends], f"{item.stem}.lora_mask_dims")
+    return builder.node(make, "Slice", [a_shape, starts, ends], f"{item.stem}.lora_mask_dims")
 
 
-def mask_rank_channels(builder: Any, item: Any, lead: str, h: str, nodes: list[onnx.NodeProto]) -> str:
+def mask_rank_channels(builder: Any, item: Any, lead: str, h: str, make: NodeMaker) -> str:
     """``h`` [B, n*R, ...] with every rank channel but the row's adapter's zeroed (base rows: all);
     ``lead`` holds [blocks, n, R/blocks], the order of h's rank channels."""
     site, stem = item.site, item.stem
     ones = [1] * len(site.kernel)
     # mask [B, 1, n, 1] expanded to [blocks, n, R/blocks] -> [B, n*R, 1...]
-    mask4 = builder.node(nodes, "Expand", [builder.onehot(site.dtype), lead], f"{stem}.lora_mask_grouped")
+    mask4 = builder.node(make, "Expand", [builder.onehot(site.dtype), lead], f"{stem}.lora_mask_grouped")
     mask_shape = builder.const("mask_shape", np.array([0, -1, *ones], np.int64))
-    mask = builder.node(nodes, "Reshape", [mask4, mask_shape], f"{stem}.lora_mask")
-    return builder.node(nodes, "Mul", [h, mask], f"{stem}.lora_kept")
+    mask = builder.node(make, "Reshape", [mask4, mask_shape], f"{stem}.lora_mask")
+    return builder.node(make, "Mul", [h, mask], f"{stem}.lora_kept")
 
 
-def concat_b(builder: Any, item: Any, nodes: list[onnx.NodeProto]) -> str:
+def concat_b(builder: Any, item: Any, make: NodeMaker) -> str:
     """The B stack [n, out, R/gb, 1...] as one 1x1 conv weight [out, n*R/gb, 1...] (group-major)."""
     site, stem, form = item.site, item.stem, item.form
     spatial = len(site.kernel)
@@ -310,16 +307,16 @@ def concat_b(builder: Any, item: Any, nodes: list[onnx.NodeProto]) -> str:
     blocks = form.blocks
     if form.b_group == blocks:
         b_arr = builder.node(
-            nodes, "Transpose", [item.b_name], f"{stem}.lora_B.grouped", perm=[1, 0, *range(2, 3 + spatial)]
+            make, "Transpose", [item.b_name], f"{stem}.lora_B.grouped", perm=[1, 0, *range(2, 3 + spatial)]
         )
     else:
         split_b = builder.const("b_split", np.array([0, 0, blocks, -1, *ones], np.int64))
-        b5 = builder.node(nodes, "Reshape", [item.b_name, split_b], f"{stem}.lora_B.split")
+        b5 = builder.node(make, "Reshape", [item.b_name, split_b], f"{stem}.lora_B.split")
         b_arr = builder.node(
-            nodes, "Transpose", [b5], f"{stem}.lora_B.grouped", perm=[1, 2, 0, *range(3, 4 + spatial)]
+            make, "Transpose", [b5], f"{stem}.lora_B.grouped", perm=[1, 2, 0, *range(3, 4 + spatial)]
         )
     b_flat = builder.const("b_flat", np.array([site.out_features, -1, *ones], np.int64))
-    return builder.node(nodes, "Reshape", [b_arr, b_flat], f"{stem}.lora_B.concat")
+    return builder.node(make, "Reshape", [b_arr, b_flat], f"{stem}.lora_B.concat")
 
 
 CONV_FORM = ConvForm()

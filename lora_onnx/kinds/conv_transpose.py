@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from lora_onnx.errors import AdapterError
 from lora_onnx.kinds.base import (
@@ -189,9 +188,7 @@ class ConvTransposeForm(ConvForm):
         dims[1] = rank if max(form.a_group, form.b_group) == 1 else f"{rank}_per_group"
         return dims
 
-    def build_mixed(
-        self, builder: Any, item: Any, data: str, base: str, join: str, nodes: list[onnx.NodeProto]
-    ) -> None:
+    def build_mixed(self, builder: Any, item: Any, data: str, base: str, join: str, make: NodeMaker) -> None:
         site, stem, form = item.site, item.stem, item.form
         assert site.conv is not None
         spatial = len(site.kernel)
@@ -199,7 +196,7 @@ class ConvTransposeForm(ConvForm):
         # A [n, in, R/g, k...] -> [in, n, R/g, k...] -> [in, n*R/g, k...]: group j's output block holds
         # every adapter's group-j rank channels, adapter by adapter (the order the mask follows).
         a_t = builder.node(
-            nodes,
+            make,
             "Transpose",
             [item.a_name],
             f"{stem}.lora_A.grouped",
@@ -208,32 +205,32 @@ class ConvTransposeForm(ConvForm):
         flat = builder.const(
             f"a_flat_t{site.in_features}", np.array([site.in_features, -1, *site.kernel], np.int64)
         )
-        a_cat = builder.node(nodes, "Reshape", [a_t, flat], f"{stem}.lora_A.concat")
+        a_cat = builder.node(make, "Reshape", [a_t, flat], f"{stem}.lora_A.concat")
         h = builder.node(
-            nodes,
+            make,
             "ConvTranspose",
             [data, a_cat],
             f"{stem}.lora_A.output",
             **transpose_attrs(site.conv, form.a_group),
         )
-        stack_shape = builder.node(nodes, "Shape", [item.a_name], f"{stem}.lora_A.stack_shape")
+        stack_shape = builder.node(make, "Shape", [item.a_name], f"{stem}.lora_A.stack_shape")
 
         def dims(start: int, end: int, wanted: str) -> str:
             bounds = [builder.const(f"start{start}", np.array([start], np.int64))]
             bounds.append(builder.const(f"end{end}", np.array([end], np.int64)))
-            return builder.node(nodes, "Slice", [stack_shape, *bounds], wanted)
+            return builder.node(make, "Slice", [stack_shape, *bounds], wanted)
 
         n = dims(0, 1, f"{stem}.lora_count")
         per = dims(2, 3, f"{stem}.lora_rank_per_group")
         blocks = builder.const(f"blocks{form.blocks}", np.array([form.blocks], np.int64))
-        lead = builder.node(nodes, "Concat", [blocks, n, per], f"{stem}.lora_mask_dims", axis=0)
-        kept = mask_rank_channels(builder, item, lead, h, nodes)
-        b_cat = concat_b(builder, item, nodes)
+        lead = builder.node(make, "Concat", [blocks, n, per], f"{stem}.lora_mask_dims", axis=0)
+        kept = mask_rank_channels(builder, item, lead, h, make)
+        b_cat = concat_b(builder, item, make)
         d = builder.node(
-            nodes, "Conv", [kept, b_cat], f"{stem}.lora_B.output", kernel_shape=ones, strides=ones,
+            make, "Conv", [kept, b_cat], f"{stem}.lora_B.output", kernel_shape=ones, strides=ones,
             group=form.b_group,
         )  # fmt: skip
-        nodes.append(onnx.helper.make_node("Add", [base, d], [join], builder.name(f"{stem}.lora_add")))
+        make.node("Add", [base, d], [join], builder.name(f"{stem}.lora_add"))
 
 
 CONV_TRANSPOSE_FORM = ConvTransposeForm()

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from lora_onnx.kinds.base import BranchForm, BranchNames, NodeMaker, OpKind, SiteForm, SitePair
 from lora_onnx.kinds.deltas import DeltaRows, DenseRows, dense_delta
@@ -94,13 +93,11 @@ class DenseForm(BranchForm):
         dims[1 if name_is_a else 0] = rank
         return dims
 
-    def build_mixed(
-        self, builder: Any, item: Any, data: str, base: str, join: str, nodes: list[onnx.NodeProto]
-    ) -> None:
+    def build_mixed(self, builder: Any, item: Any, data: str, base: str, join: str, make: NodeMaker) -> None:
         site, stem = item.site, item.stem
         _, _, safe = builder.checked()
-        a = builder.node(nodes, "Gather", [item.a_name, safe], f"{stem}.lora_A.rows", axis=0)
-        b = builder.node(nodes, "Gather", [item.b_name, safe], f"{stem}.lora_B.rows", axis=0)
+        a = builder.node(make, "Gather", [item.a_name, safe], f"{stem}.lora_A.rows", axis=0)
+        b = builder.node(make, "Gather", [item.b_name, safe], f"{stem}.lora_B.rows", axis=0)
 
         def make_shape() -> str:
             width = builder.const("rows_width", np.array([-1, site.in_features], np.int64))
@@ -112,15 +109,15 @@ class DenseForm(BranchForm):
         x = data
         if not item.batched:
             rows_shape = builder.shared_value(("rows", site.in_features), make_shape)
-            x = builder.node(nodes, "Reshape", [data, rows_shape], f"{stem}.lora_input_rows")
-        h = builder.node(nodes, "MatMul", [x, a], f"{stem}.lora_A.output")
+            x = builder.node(make, "Reshape", [data, rows_shape], f"{stem}.lora_input_rows")
+        h = builder.node(make, "MatMul", [x, a], f"{stem}.lora_A.output")
         alpha = site.gemm.alpha if site.gemm else 1.0
-        kept = builder.node(nodes, "Mul", [h, builder.keep(site.dtype, alpha)], f"{stem}.lora_kept")
-        delta = builder.node(nodes, "MatMul", [kept, b], f"{stem}.lora_B.output")
+        kept = builder.node(make, "Mul", [h, builder.keep(site.dtype, alpha)], f"{stem}.lora_kept")
+        delta = builder.node(make, "MatMul", [kept, b], f"{stem}.lora_B.output")
         if not item.batched:
-            shape = builder.node(nodes, "Shape", [base], f"{stem}.lora_output_shape")
-            delta = builder.node(nodes, "Reshape", [delta, shape], f"{stem}.lora_delta")
-        nodes.append(onnx.helper.make_node("Add", [base, delta], [join], builder.name(f"{stem}.lora_add")))
+            shape = builder.node(make, "Shape", [base], f"{stem}.lora_output_shape")
+            delta = builder.node(make, "Reshape", [delta, shape], f"{stem}.lora_delta")
+        make.node("Add", [base, delta], [join], builder.name(f"{stem}.lora_add"))
 
 
 DENSE = DenseForm()

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from lora_onnx.errors import LoraOnnxError, TargetError
 from lora_onnx.kinds import kind_of
+from lora_onnx.model.graph import values_by_name
 from lora_onnx.model.load import LoadedModel
 from lora_onnx.proofs.inputs import make_inputs
 from lora_onnx.proofs.validation import (
@@ -62,29 +63,27 @@ class Probe:
     batched: frozenset[str] = frozenset()
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
-    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+def _dims(value: ir.Value) -> list[int | str | None]:
+    """The declared dims of a graph input or output: sizes, symbolic names, None for unnamed ones."""
+    if value.shape is None:
         return []
-    return [
-        d.dim_param if d.HasField("dim_param") else (int(d.dim_value) if d.HasField("dim_value") else None)
-        for d in value.type.tensor_type.shape.dim
-    ]
+    return [dim if isinstance(dim, int) else dim.value for dim in value.shape]
 
 
 def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxes:
     """The model's batch dim: the symbolic dim most graph inputs have first (inputs backed by
     initializers and ``exclude`` left out); each input's and output's batch axis is where it has that dim.
     Without one, the fixed size most inputs have first: their axis 0 (outputs: where they start with it)."""
-    graph = model.proto.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers and v.name not in exclude]
+    graph = model.ir_model.graph
+    initializers = graph.initializers
+    inputs = [v for v in graph.inputs if v.name not in initializers and v.name not in exclude]
     firsts = Counter(dims[0] for v in inputs if (dims := _dims(v)) and isinstance(dims[0], str) and dims[0])
     if not firsts:
         fixed = Counter(d[0] for v in inputs if (d := _dims(v)) and isinstance(d[0], int) and d[0] >= 1)
         if fixed:
             size = fixed.most_common(1)[0][0]
             in_fixed = {v.name: 0 for v in inputs if (d := _dims(v)) and d[0] == size}
-            out_fixed = {v.name: 0 if (d := _dims(v)) and d[0] == size else None for v in graph.output}
+            out_fixed = {v.name: 0 if (d := _dims(v)) and d[0] == size else None for v in graph.outputs}
             return BatchAxes("", in_fixed, out_fixed, size)
         shapes = ", ".join(f"{v.name} {_dims(v)}" for v in inputs[:3]) or "no inputs"
         raise TargetError(
@@ -93,7 +92,7 @@ def batch_axes(model: LoadedModel, *, exclude: Collection[str] = ()) -> BatchAxe
         )
     name = firsts.most_common(1)[0][0]
     in_axes = {v.name: _dims(v).index(name) for v in inputs if name in _dims(v)}
-    out_axes = {v.name: _dims(v).index(name) if name in _dims(v) else None for v in graph.output}
+    out_axes = {v.name: _dims(v).index(name) if name in _dims(v) else None for v in graph.outputs}
     return BatchAxes(name, in_axes, out_axes)
 
 
@@ -145,7 +144,7 @@ def feeds_for(
     if given is not None:
         return given_rows(given, axes, rows, seed)
     sizes = {**(dims or {}), **({axes.name: rows} if axes.size is None else {})}
-    return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)  # type: ignore[arg-type]
+    return make_inputs(session_specs, sizes, seed, strict=True, graph=graph)
 
 
 def given_rows(
@@ -203,17 +202,8 @@ def probe_sites(
     if not sites:
         return Probe((), ())
     provider = parse_providers(providers)[0]
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph_inputs = {v.name for v in proto.graph.input}
-    declared = {v.name for v in proto.graph.output}
-    watched = list(dict.fromkeys(s.data_input for s in sites if s.data_input not in graph_inputs))
-    for name in watched:
-        if name not in declared:
-            elem = next(s.dtype for s in sites if s.data_input == name)
-            proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     with ExitStack() as stack:
-        source = session_source(model.with_proto(proto), stack, "probe.onnx")
+        source = session_source(_probe_model(model, sites), stack, "probe.onnx")
         session = create_session(source, provider, f"{model.name} (batch-row probe)")
         specs = input_specs(session)
         given = given_inputs(inputs, specs)
@@ -254,6 +244,24 @@ def probe_sites(
                 Skipped(site.node, site.op, site.module_path, f"input {site.data_input!r}: {reason}")
             )
     return Probe(tuple(kept), tuple(skipped), frozenset(batched))
+
+
+def _probe_model(model: LoadedModel, sites: Sequence[Site]) -> LoadedModel:
+    """``model`` with every site's data input (graph inputs aside) also a graph output, typed as the site
+    and without a declared shape (the runs fix it)."""
+    probe = model.to_ir()
+    graph = probe.graph
+    values = values_by_name(graph)
+    graph_inputs = {v.name for v in graph.inputs}
+    declared = {v.name for v in graph.outputs}
+    watched = list(dict.fromkeys(s.data_input for s in sites if s.data_input not in graph_inputs))
+    for name in watched:
+        if name not in declared:
+            elem = next(s.dtype for s in sites if s.data_input == name)
+            value = values[name]
+            value.type, value.shape = ir.TensorType(ir.DataType(elem)), None
+            graph.outputs.append(value)
+    return model.with_ir(probe)
 
 
 def _site_reason(site: Site, runs: Sequence[Mapping[str, np.ndarray]]) -> str | None:

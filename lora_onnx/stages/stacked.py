@@ -40,15 +40,29 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import numpy_helper
 
 from lora_onnx.common import json_input
 from lora_onnx.common.constants import ADAPTER_INDEX
 from lora_onnx.errors import AdapterError, LoraOnnxError
 from lora_onnx.kinds import BranchForm, SiteForm, SitePair, form_of, kind_of
-from lora_onnx.model.graph import GraphIndex, rename_output, retain, splice_nodes
+from lora_onnx.kinds.base import NodeMaker
+from lora_onnx.model.graph import (
+    FreshNames,
+    add_initializer,
+    nodes_by_name,
+    take_over,
+    values_by_name,
+)
 from lora_onnx.model.load import LoadedModel
-from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
+from lora_onnx.model.manifest import (
+    BranchRecord,
+    metadata_entries,
+    read_branches,
+    replace_metadata,
+    write_branches,
+)
 from lora_onnx.model.tensors import make_tensor, np_dtype
 from lora_onnx.recipes.plan import BranchPlan, tensor_stem, unique_stem
 from lora_onnx.sites.find import DEFAULT_OPS, Site, scan_sites, source_layout
@@ -110,10 +124,10 @@ class MixedInfo:
 
 def mixed_info(model: LoadedModel) -> MixedInfo | None:
     """The mixed-batch metadata of ``model``; None when it has no mixed branches."""
-    for entry in model.proto.metadata_props:
-        if entry.key == MIXED_KEY:
+    for key, text in metadata_entries(model.ir_model):
+        if key == MIXED_KEY:
             try:
-                data = json_input.loads(entry.value)
+                data = json_input.loads(text)
                 data.pop("version", None)
                 data["adapters"], data["nodes"] = tuple(data["adapters"]), tuple(data["nodes"])
                 return MixedInfo(**data)
@@ -123,14 +137,15 @@ def mixed_info(model: LoadedModel) -> MixedInfo | None:
 
 
 def mixed_records(model: LoadedModel) -> tuple[BranchRecord, ...]:
-    return records_of(read_branches(model.proto), StackedBranch)
+    return records_of(read_branches(model.ir_model), StackedBranch)
 
 
-def _write_info(proto: onnx.ModelProto, info: MixedInfo | None) -> None:
-    retain(proto.metadata_props, lambda entry: entry.key != MIXED_KEY)
-    if info is not None:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = MIXED_KEY, info.to_json()
+def _write_info(model: ir.Model, info: MixedInfo | None) -> None:
+    """Set (or, for None, remove) the :data:`MIXED_KEY` entry."""
+    if info is None:
+        replace_metadata(model, lambda key: key != MIXED_KEY, None)
+    else:
+        replace_metadata(model, lambda key: key != MIXED_KEY, MIXED_KEY, info.to_json())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,9 +215,9 @@ class MixedSite:
         return self.form_kind.name
 
 
-def stack_names(index: GraphIndex, module_path: str) -> tuple[str, str, str]:
+def stack_names(names: FreshNames, module_path: str) -> tuple[str, str, str]:
     """A free stem and its ``<stem>.lora_A.stack`` / ``<stem>.lora_B.stack`` names (reserved)."""
-    stem = unique_stem(index, module_path, (".lora_A.stack", ".lora_B.stack"))
+    stem = unique_stem(names, module_path, (".lora_A.stack", ".lora_B.stack"))
     return stem, f"{stem}.lora_A.stack", f"{stem}.lora_B.stack"
 
 
@@ -211,35 +226,43 @@ def require_opset(model: LoadedModel) -> None:
 
 
 class _Builder:
-    """Adds the shared index nodes and one mixed branch per site to a copy of the graph."""
+    """Adds the shared index nodes and one mixed branch per site to an onnx-ir graph.
 
-    def __init__(self, proto: onnx.ModelProto, axes: BatchAxes, index_name: str) -> None:
-        self.graph = proto.graph
-        self.index = GraphIndex(self.graph)
+    Nodes are made from value names (:class:`~lora_onnx.kinds.base.NodeMaker`): ``node(into, ...)`` adds
+    one to ``into`` (:attr:`shared`, or a site's maker from :meth:`maker`) and returns its output's name.
+    """
+
+    def __init__(self, graph: ir.Graph, axes: BatchAxes, index_name: str) -> None:
+        self.graph = graph
+        self.names = FreshNames(graph)
+        self.values = values_by_name(graph)
         self.axes = axes
         self.index_name = index_name
-        self.shared: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        #: The shared index nodes (placed first in the graph).
+        self.shared = NodeMaker(self.names, self.values)
         self.cache: dict[object, str] = {}
         self.first_stack = ""
 
     # -- helpers
     def name(self, wanted: str) -> str:
-        return self.index.unique_name(wanted)
+        return self.names(wanted)
+
+    def maker(self) -> NodeMaker:
+        """A maker for one site's nodes (same names and values as every other)."""
+        return NodeMaker(self.names, self.values)
 
     def const(self, wanted: str, value: np.ndarray) -> str:
         key = ("const", value.dtype.str, value.shape, value.tobytes())
         if key not in self.cache:
             name = self.name(f"{self.index_name}.{wanted}")
-            self.inits.append(numpy_helper.from_array(value, name))  # keeps 0-d scalars 0-d
+            # from_array keeps 0-d scalars 0-d
+            self.values[name] = add_initializer(self.graph, numpy_helper.from_array(value, name))
             self.cache[key] = name
         return self.cache[key]
 
-    def node(
-        self, into: list[onnx.NodeProto], op: str, inputs: list[str], wanted: str, **attrs: object
-    ) -> str:
+    def node(self, into: NodeMaker, op: str, inputs: list[str], wanted: str, **attrs: object) -> str:
         out = self.name(wanted)
-        into.append(helper.make_node(op, inputs, [out], self.name(f"{wanted}_node"), **attrs))
+        into.node(op, inputs, [out], self.name(f"{wanted}_node"), **attrs)
         return out
 
     def shared_value(self, key: object, make: object) -> str:
@@ -384,63 +407,86 @@ def _insert_mixed(
     stacks_as_inputs: bool,
     index_name: str,
 ) -> StageResult:
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    builder = _Builder(proto, axes, index_name)
-    if not builder.index.is_free(index_name):
+    rewritten = model.to_ir()
+    graph = rewritten.graph
+    builder = _Builder(graph, axes, index_name)
+    if not builder.names.is_free(index_name):
         raise LoraOnnxError(f"{model.name} already has a value named {index_name!r}")
-    builder.index.reserve(index_name)
+    builder.names.reserve(index_name)
+    index_dim = axes.name if axes.size is None else axes.size  # a fixed batch: a fixed-length index
+    int64 = ir.TensorType(ir.DataType.INT64)
+    index_input = ir.Value(name=index_name, type=int64, shape=ir.Shape([index_dim]))
+    builder.values[index_name] = index_input
+    stacks: list[ir.Value] = []
     for item in items:
-        builder.index.reserve(item.a_name)
-        builder.index.reserve(item.b_name)
+        for name, stack in ((item.a_name, item.a_stack), (item.b_name, item.b_stack)):
+            builder.names.reserve(name)
+            builder.values[name] = _stack_value(make_tensor(name, stack, item.site.dtype))
+            stacks.append(builder.values[name])
     builder.first_stack = items[0].a_name
-    graph = proto.graph
-    after: dict[str, list[onnx.NodeProto]] = {}
+    after: dict[int, tuple[ir.Node, list[ir.Node]]] = {}
     records: list[BranchRecord] = []
     for item in items:
         site = item.site
         join = site.output
         base = builder.name(f"{join}.lora_base")
-        producer = builder.index.producer[join]
+        base_value = builder.values[join]
+        producer = base_value.producer()
+        assert producer is not None, f"{join!r} is no node output"
         data = site.data_input
-        nodes: list[onnx.NodeProto] = []
+        make = builder.maker()
         if site.gemm is not None and site.gemm.trans_a:
-            data = builder.node(nodes, "Transpose", [data], f"{item.stem}.lora_input_t", perm=[1, 0])
-        item.form_kind.build_mixed(builder, item, data, base, join, nodes)
-        rename_output(producer, join, base)
-        after.setdefault(producer.name, []).extend(nodes)
+            data = builder.node(make, "Transpose", [data], f"{item.stem}.lora_input_t", perm=[1, 0])
+        # The base output is renamed and the branch's Add takes its name, so every reader keeps its input.
+        base_value.name = base
+        builder.values[base] = builder.values.pop(join)
+        item.form_kind.build_mixed(builder, item, data, base, join, make)
+        take_over(base_value, builder.values[join], keep=make.nodes)
+        # The join's declared shape stays with the join only: a graph output may declare a fixed batch its
+        # inputs do not (onnxruntime would then fold the branch's Shape(base) into that constant).
+        base_value.shape = None
+        after.setdefault(id(producer), (producer, []))[1].extend(make.nodes)
         records.append(
             BranchRecord(
                 adapter=MIXED, site=site.node, op=site.op, module_path=site.module_path, kind=item.kind,
                 weight=site.weight.initializer, source_layout=source_layout(site), rank=item.form.rank,
                 alpha=0.0, scale=1.0, a=item.a_name, b=item.b_name, scale_tensor="", join=join,
                 base_join=base,
-                nodes=tuple(n.name for n in nodes), a_group=item.form.a_group, b_group=item.form.b_group,
+                nodes=tuple(n.name for n in make.nodes), a_group=item.form.a_group, b_group=item.form.b_group,
                 base_group=site.group, gemm_alpha=site.gemm.alpha if site.gemm else 1.0, variant=MIXED,
             )
         )  # fmt: skip
-    splice_nodes(graph, after=after, first=builder.shared)
-    graph.initializer.extend(builder.inits)
-    for item in items:
-        graph.initializer.append(make_tensor(item.a_name, item.a_stack, item.site.dtype))
-        graph.initializer.append(make_tensor(item.b_name, item.b_stack, item.site.dtype))
-        if stacks_as_inputs:
-            for name, shape in ((item.a_name, item.a_stack.shape), (item.b_name, item.b_stack.shape)):
-                graph.input.append(
-                    helper.make_tensor_value_info(name, item.site.dtype, _stack_dims(item, name, shape))
-                )
-    index_dim = axes.name if axes.size is None else axes.size  # a fixed batch: a fixed-length index
-    graph.input.append(helper.make_tensor_value_info(index_name, TensorProto.INT64, [index_dim]))
+    first = graph[0]
+    for producer, nodes in after.values():
+        graph.insert_after(producer, nodes)
+    graph.insert_before(first, builder.shared.nodes)
+    for value in stacks:
+        graph.register_initializer(value)
+    if stacks_as_inputs:
+        for item in items:
+            for name in (item.a_name, item.b_name):
+                value = builder.values[name]
+                value.shape = ir.Shape(_stack_dims(item, name, tuple(value.const_value.shape)))
+                graph.inputs.append(value)
+    graph.inputs.append(index_input)
     info = MixedInfo(
         index=index_name, count=len(labels), adapters=tuple(labels), batch_dim=axes.name,
         batch_input=axes.anchor, batch_axis=axes.inputs[axes.anchor],
-        nodes=tuple(n.name for n in builder.shared), stacks_as_inputs=stacks_as_inputs,
+        nodes=tuple(n.name for n in builder.shared.nodes), stacks_as_inputs=stacks_as_inputs,
     )  # fmt: skip
-    _write_info(proto, info)
+    _write_info(rewritten, info)
     stamp_branches(graph, records)
     stamp_shared(graph, info.nodes, records)
-    write_branches(proto, read_branches(proto) + tuple(records))
-    return StageResult(model.with_proto(proto), tuple(records))
+    write_branches(rewritten, read_branches(rewritten) + tuple(records))
+    return StageResult(model.with_ir(rewritten), tuple(records))
+
+
+def _stack_value(tensor: onnx.TensorProto) -> ir.Value:
+    """A stack as a constant value, registered as an initializer once every branch reads it."""
+    wrapped = ir.TensorProtoTensor(tensor)
+    value = ir.Value(name=tensor.name, shape=wrapped.shape, type=ir.TensorType(wrapped.dtype))
+    value.const_value = wrapped
+    return value
 
 
 def _stack_dims(item: MixedSite, name: str, shape: tuple[int, ...]) -> list[int | str]:
@@ -458,25 +504,30 @@ def strip_mixed(model: LoadedModel) -> LoadedModel:
     """``model`` without its mixed branches, shared index nodes and index input (nothing folded)."""
     info = mixed_info(model)
     records = mixed_records(model)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
+    if info is None and not records:
+        return model
+    rewritten = model.to_ir()
+    graph = rewritten.graph
     if info is not None:
         # Shared nodes go first: they read a stack, which must not count as still used below.
-        shared = set(info.nodes)
-        dropped = {out for node in graph.node if node.name in shared for out in node.output}
-        retain(graph.node, lambda node: node.name not in shared)
-        retain(graph.value_info, lambda value: value.name not in dropped)
-        retain(graph.input, lambda value: value.name != info.index)
-    remaining = tuple(b for b in read_branches(proto) if b not in records)
-    remove_branches(proto, records, remaining)
-    write_branches(proto, remaining)
-    if info is not None:
-        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        nodes = nodes_by_name(graph)
+        shared = [nodes[name] for name in info.nodes if name in nodes]
+        for node in shared:
+            for position in range(len(node.inputs)):
+                node.replace_input_with(position, None)
+        graph.remove(shared)
+        for index_input in [v for v in graph.inputs if v.name == info.index]:
+            graph.inputs.remove(index_input)
+    remaining = tuple(b for b in read_branches(rewritten) if b not in records)
+    remove_branches(graph, records, remaining)
+    write_branches(rewritten, remaining)
+    if info is not None:  # the shared constants nothing reads any more
         prefix = f"{info.index}."
-        retain(graph.initializer, lambda t: not t.name.startswith(prefix) or t.name in used)
-    _write_info(proto, None)
-    return model.with_proto(proto)
+        for name, value in list(graph.initializers.items()):
+            if name.startswith(prefix) and not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(name)
+    _write_info(rewritten, None)
+    return model.with_ir(rewritten)
 
 
 def pin_index(model: LoadedModel, value: int) -> LoadedModel:
@@ -484,24 +535,27 @@ def pin_index(model: LoadedModel, value: int) -> LoadedModel:
     info = mixed_info(model)
     if info is None:
         raise LoraOnnxError(f"{model.name} has no mixed-batch branches")
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
-    retain(graph.input, lambda value: value.name != info.index)
-    index = GraphIndex(graph)
+    rewritten = model.to_ir()
+    graph = rewritten.graph
+    index_inputs = [v for v in graph.inputs if v.name == info.index]
+    for index_input in index_inputs:
+        graph.inputs.remove(index_input)
+    names = FreshNames(graph)
+    values = values_by_name(graph)
     prefix = f"{info.index}.pin"
-    shape, batch, axis = (index.unique_name(f"{prefix}_{part}") for part in ("shape", "batch", "axis"))
-    graph.initializer.append(make_tensor(axis, np.array([info.batch_axis], np.int64)))
-    pinned = [
-        helper.make_node("Shape", [info.batch_input], [shape], index.unique_name(f"{prefix}_shape_node")),
-        helper.make_node("Gather", [shape, axis], [batch], index.unique_name(f"{prefix}_batch_node"), axis=0),
-        helper.make_node(
-            "ConstantOfShape", [batch], [info.index], index.unique_name(prefix),
-            value=helper.make_tensor("value", TensorProto.INT64, [1], [value]),
-        ),
-    ]  # fmt: skip
-    splice_nodes(graph, first=pinned)
-    return model.with_proto(proto)
+    shape, batch, axis = (names(f"{prefix}_{part}") for part in ("shape", "batch", "axis"))
+    values[axis] = add_initializer(graph, make_tensor(axis, np.array([info.batch_axis], np.int64)))
+    make = NodeMaker(names, values)
+    make.node("Shape", [info.batch_input], [shape], names(f"{prefix}_shape_node"))
+    make.node("Gather", [shape, axis], [batch], names(f"{prefix}_batch_node"), axis=0)
+    pinned = make.node(
+        "ConstantOfShape", [batch], [info.index], names(prefix),
+        value=ir.tensor(np.array([value], np.int64), name="value"),
+    )  # fmt: skip
+    for index_input in index_inputs:
+        index_input.replace_all_uses_with(pinned.outputs[0])
+    graph.insert_before(graph[0], make.nodes)
+    return model.with_ir(rewritten)
 
 
 def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[BranchRecord, ...], LoadedModel]:
@@ -525,7 +579,7 @@ def bind_index(model: LoadedModel, index: int) -> tuple[LoadedModel, tuple[Branc
         )
     stripped = strip_mixed(model)
     sites = {site.node: site for site in scan_sites(stripped, DEFAULT_OPS).sites}
-    names = GraphIndex(stripped.proto.graph)
+    names = FreshNames(stripped.ir_model.graph)
     adapter = f"{MIXED}_{index}"
     plans, values = [], {}
     for record in records:
