@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from lora_onnx import LoraConfig, find_sites
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import LoadedModel, load_model
 from lora_onnx.recipes.init import initial_values
 from lora_onnx.recipes.plan import plan_branches
@@ -32,7 +32,9 @@ def _mlp() -> LoadedModel:
 
 
 def _planned(model: LoadedModel):
-    plan = plan_branches(find_sites(model), LoraConfig(rank=2, init="random"), GraphIndex(model.proto.graph))
+    plan = plan_branches(
+        find_sites(model), LoraConfig(rank=2, init="random"), FreshNames(model.ir_model.graph)
+    )
     values = {}
     for branch in plan.branches:
         values[branch.a_name], values[branch.b_name] = initial_values(branch, "random", 0)

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 import lora_onnx
 from lora_onnx import LoraConfig, TargetSelector
 from lora_onnx.errors import FoldError
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import to_ir
 from lora_onnx.model.load import load_model
 from lora_onnx.recipes.plan import BranchPlan
 from lora_onnx.sites.find import find_sites
@@ -209,7 +209,7 @@ def test_merge_refuses_a_graph_edited_after_injection() -> None:
     for n in proto.graph.node:
         if n.op_type == "Add":
             n.name = "renamed_by_another_tool"
-    assert GraphIndex(proto.graph).nodes
+    assert list(to_ir(proto).graph)
     with pytest.raises(FoldError, match="not in the graph as recorded"):
         lora_onnx.merge(proto)
 

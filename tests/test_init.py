@@ -7,7 +7,7 @@ from builders import make_model, rng_array
 from onnx import TensorProto, helper
 
 from lora_onnx import LoraConfig, find_sites
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames
 from lora_onnx.model.load import load_model
 from lora_onnx.recipes.init import initial_values
 from lora_onnx.recipes.plan import plan_branches
@@ -19,7 +19,9 @@ def _plan(rank: int = 8, conv: bool = False):
     else:
         node, x, w = helper.make_node("MatMul", ["x", "W"], ["y"], name="m"), [2, 256], (256, 128)
     model = load_model(make_model([node], {"x": (TensorProto.FLOAT, x)}, ["y"], {"W": rng_array(w)}))
-    return plan_branches(find_sites(model), LoraConfig(rank=rank), GraphIndex(model.proto.graph)).branches[0]
+    return plan_branches(find_sites(model), LoraConfig(rank=rank), FreshNames(model.ir_model.graph)).branches[
+        0
+    ]
 
 
 def test_default_is_kaiming_uniform_a_and_zero_b() -> None:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lora_onnx
 from lora_onnx import LoraConfig, find_sites
 from lora_onnx.errors import LoraOnnxError
-from lora_onnx.model.graph import GraphIndex
+from lora_onnx.model.graph import FreshNames, to_ir
 from lora_onnx.model.load import load_model
 from lora_onnx.recipes.plan import plan_branches
 
@@ -115,7 +115,7 @@ def test_ab_shapes_follow_the_weight_metadata(op, shape, rank, a_shape, b_shape)
         )
     model = load_model(make_model([node], {"x": (F, x)}, ["y"], {"W": rng_array(shape)}))
     scan = find_sites(model)
-    plan = plan_branches(scan, LoraConfig(rank=rank), GraphIndex(model.proto.graph))
+    plan = plan_branches(scan, LoraConfig(rank=rank), FreshNames(model.ir_model.graph))
     assert (plan.branches[0].a_shape, plan.branches[0].b_shape) == (a_shape, b_shape)
 
 
@@ -123,9 +123,9 @@ def test_depthwise_conv_needs_a_rank_multiple_of_its_group() -> None:
     node = helper.make_node("Conv", ["x", "W"], ["y"], name="/dw/Conv", group=8)
     model = load_model(make_model([node], {"x": (F, [1, 8, 5, 5])}, ["y"], {"W": rng_array((8, 1, 3, 3))}))
     scan = find_sites(model)
-    plan = plan_branches(scan, LoraConfig(rank=4), GraphIndex(model.proto.graph))
+    plan = plan_branches(scan, LoraConfig(rank=4), FreshNames(model.ir_model.graph))
     assert not plan.branches and "rank 4 is not a multiple of the conv's group 8" in plan.skipped[0].reason
-    ok = plan_branches(scan, LoraConfig(rank=16), GraphIndex(model.proto.graph))
+    ok = plan_branches(scan, LoraConfig(rank=16), FreshNames(model.ir_model.graph))
     assert ok.branches[0].a_shape == (16, 1, 3, 3) and ok.branches[0].b_shape == (8, 2, 1, 1)
 
 
@@ -339,13 +339,13 @@ def test_rank_bounds_are_per_group_for_a_grouped_conv() -> None:
     scan = find_sites(model)
     # Per group: W_g is (out/g = 8, in/g * k = 4 * 9 = 36): min 8, max 36; four groups.
     assert rank_bounds(scan.sites[0]) == (32, 144)
-    assert not plan_branches(scan, LoraConfig(rank=32), GraphIndex(model.graph)).warnings
-    warned = plan_branches(scan, LoraConfig(rank=40), GraphIndex(model.graph)).warnings
+    assert not plan_branches(scan, LoraConfig(rank=32), FreshNames(to_ir(model).graph)).warnings
+    warned = plan_branches(scan, LoraConfig(rank=40), FreshNames(to_ir(model).graph)).warnings
     assert len(warned) == 1 and "g (rank 40, min 32)" in warned[0] and "--rank-pattern g=32" in warned[0]
     refused = r"rank 148 exceeds both in and out features \(per group for a grouped conv\) of 1 site\(s\): g "
     refused += r"\(min 32, max 144\)"
     with pytest.raises(LoraOnnxError, match=refused):
-        plan_branches(scan, LoraConfig(rank=148), GraphIndex(model.graph))
+        plan_branches(scan, LoraConfig(rank=148), FreshNames(to_ir(model).graph))
 
 
 def test_toy_sites_keep_the_default_rank_with_a_warning() -> None:
@@ -355,7 +355,7 @@ def test_toy_sites_keep_the_default_rank_with_a_warning() -> None:
         {"W": rng_array((4, 3))},
     )  # fmt: skip
     scan = find_sites(model)
-    warned = plan_branches(scan, LoraConfig(), GraphIndex(model.graph)).warnings
+    warned = plan_branches(scan, LoraConfig(), FreshNames(to_ir(model).graph)).warnings
     assert len(warned) == 1 and "fc (rank 8, min 3)" in warned[0]
     with pytest.raises(LoraOnnxError, match=r"rank 9 exceeds both in and out features of 1 site\(s\): fc"):
-        plan_branches(scan, LoraConfig(rank=9), GraphIndex(model.graph))
+        plan_branches(scan, LoraConfig(rank=9), FreshNames(to_ir(model).graph))

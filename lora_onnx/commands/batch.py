@@ -384,7 +384,7 @@ def _existing_sites(output: Path) -> int | None:
     if not output.is_file():
         return None
     try:
-        return len(read_branches(load_model(output).proto))
+        return len(read_branches(load_model(output).ir_model))
     except LoraOnnxError:
         return None
 

@@ -250,7 +250,7 @@ def _export_peft_for(
 
 
 def _constant_adapters(model: LoadedModel) -> set[str]:
-    return {b.adapter for b in read_branches(model.proto) if variant_for(b).constant_tensors}
+    return {b.adapter for b in read_branches(model.ir_model) if variant_for(b).constant_tensors}
 
 
 def _export_branches(
@@ -343,7 +343,7 @@ def export_peft_folder(
     out = Path(output)
     reads = [p for m in models.values() for p in model_inputs(m)]
     check_peft_folder(out, reads)  # before any work
-    carried = {name: adapter_names(read_branches(m.proto)) for name, m in models.items()}
+    carried = {name: adapter_names(read_branches(m.ir_model)) for name, m in models.items()}
     if not any(carried.values()):
         raise AdapterError(f"no model file of {found.root} carries LoRA branches to export")
     if adapter is None:

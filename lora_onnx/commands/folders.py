@@ -352,7 +352,7 @@ def merge_folder(
     found = without_data_files(found, models)
     out = check_output_folder(found, output) if output is not None else None
     reads = _check_writes(found, models, out) if out is not None else []
-    with_branches = [name for name, model in models.items() if read_branches(model.proto)]
+    with_branches = [name for name, model in models.items() if read_branches(model.ir_model)]
     if not with_branches:
         raise FoldError(f"no model file of {found.root} has LoRA branches ({', '.join(found.models)})")
     results: dict[str, MergeResult] = {}

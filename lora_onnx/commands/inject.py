@@ -70,7 +70,8 @@ def prove(
         )  # fmt: skip
     # Fold only the adapters this rewrite added: earlier ones may be slots (lora_onnx.stages.slots), which
     # cannot fold.
-    added = set(adapter_names(read_branches(rewritten.proto))) - set(adapter_names(existing_branches(source)))
+    before = set(adapter_names(existing_branches(source)))
+    added = set(adapter_names(read_branches(rewritten.ir_model))) - before
     # A quantized base folds into a float weight; its own kernels' rounding is measured and allowed.
     folded = fold_branches(rewritten, adapters=added, dequantize=True, remedy=FOLD_PROOF_REMEDY)
     rtol, atol = fold_tolerance(folded)

@@ -152,7 +152,7 @@ def _refuse_slotless(peft: PeftPlan, adapter_dir: str | os.PathLike, purpose: st
 
 def model_source(model: LoadedModel, adapter: str | None = None) -> AdapterSource:
     """The adapter ``model`` carries as constant branches (``adapter``, or the model's only one)."""
-    records = [b for b in read_branches(model.proto) if variant_for(b).constant_tensors]
+    records = [b for b in read_branches(model.ir_model) if variant_for(b).constant_tensors]
     names = list(dict.fromkeys(b.adapter for b in records))
     if not records:
         kind = "only empty LoRA slots" if slot_records(model) else "no lora-onnx branches"
@@ -418,7 +418,7 @@ def model_slot_tensors(
     """The constant branches ``loaded`` carries for ``adapter`` in slot form: named for ``target``'s slots
     when given (``adapter`` may then name the target's slot adapter), else keeping ``loaded``'s names.
     Returns (tensors, the adapter's name, the source)."""
-    carried = {b.adapter for b in read_branches(loaded.proto) if variant_for(b).constant_tensors}
+    carried = {b.adapter for b in read_branches(loaded.ir_model) if variant_for(b).constant_tensors}
     # With a target, ``adapter`` may name the target's slots only (the source then has one adapter).
     source = model_source(loaded, adapter if target is None or adapter in carried else None)
     chosen = source.plans[0].adapter

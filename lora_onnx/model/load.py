@@ -131,6 +131,11 @@ class LoadedModel:
         present = set(model.graph.initializers)
         return LoadedModel(model, self.path, self.base_dir, self._overrides(present, overrides))
 
+    def with_overrides(self, overrides: Mapping[str, TensorProducer]) -> LoadedModel:
+        """The same graph with more tensors produced at save time (the graph itself is shared)."""
+        present = set(self.ir_model.graph.initializers)
+        return LoadedModel(self.ir_model, self.path, self.base_dir, self._overrides(present, overrides))
+
     def _overrides(
         self, present: set[str], overrides: Mapping[str, TensorProducer] | None
     ) -> dict[str, TensorProducer]:

@@ -43,7 +43,7 @@ def dequantized_rtol(
     """
     if not quantized.has_quantized_branches(model, adapters):
         return None
-    if base is not None and read_branches(base.proto):
+    if base is not None and read_branches(base.ir_model):
         base = None
     zeroed = quantized.without_deltas(model)
     float_base = fold_branches(zeroed, adapters=adapters, partial=partial, dequantize=True).model

@@ -153,7 +153,7 @@ def source_layout(site: Site) -> str:
 
 
 def existing_branches(model: LoadedModel) -> tuple[BranchRecord, ...]:
-    return read_branches(model.proto)
+    return read_branches(model.ir_model)
 
 
 def refuse_existing_adapter(model: LoadedModel, adapter: str) -> None:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from safetensors import SafetensorError, safe_open
 
@@ -36,6 +35,7 @@ from lora_onnx.errors import AdapterError
 from lora_onnx.kinds import kind_of
 from lora_onnx.model.graph import nodes_by_name
 from lora_onnx.model.load import LoadedModel
+from lora_onnx.model.manifest import ModelMetadata, metadata_entries, replace_metadata
 from lora_onnx.model.module_paths import REWRITE_RULE_KEY
 from lora_onnx.model.tensors import np_dtype
 from lora_onnx.sites.find import SITE_OPS, Site
@@ -293,28 +293,25 @@ def compare_site(model: LoadedModel, site: Site, base: BaseWeights, paths: Seque
 SCALED_KEY = "lora_onnx.folded_factor."
 
 
-def mark_scaled(proto: onnx.ModelProto, adapter: str, nodes: Iterable[str]) -> None:
+def mark_scaled(model: ModelMetadata, adapter: str, nodes: Iterable[str]) -> None:
     """Record that the branches of ``adapter`` at ``nodes`` carry the fold factor (B = f * PEFT's B)."""
-    listed = sorted(set(nodes) | scaled_nodes(proto, adapter))
+    listed = sorted(set(nodes) | scaled_nodes(model, adapter))
     if not listed:
         return
-    kept = [entry for entry in proto.metadata_props if entry.key != SCALED_KEY + adapter]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = SCALED_KEY + adapter, json.dumps(listed)
+    key = SCALED_KEY + adapter
+    replace_metadata(model, lambda name: name != key, key, json.dumps(listed))
 
 
-def scaled_nodes(proto: onnx.ModelProto, adapter: str) -> frozenset[str]:
+def scaled_nodes(model: ModelMetadata, adapter: str) -> frozenset[str]:
     """The nodes :func:`mark_scaled` recorded for ``adapter``."""
-    for entry in proto.metadata_props:
-        if entry.key == SCALED_KEY + adapter:
+    for key, text in metadata_entries(model):
+        if key == SCALED_KEY + adapter:
             try:
-                value = json.loads(entry.value)
+                value = json.loads(text)
             except ValueError:
                 value = None
             if not isinstance(value, list):
-                raise AdapterError(f"the model's {entry.key} metadata is not a list of node names")
+                raise AdapterError(f"the model's {key} metadata is not a list of node names")
             return frozenset(str(node) for node in value)
     return frozenset()
 
@@ -328,7 +325,7 @@ def refuse_peft_export(model: LoadedModel, adapter: str, nodes: Iterable[str]) -
     from lora_onnx.sites.find import scan_sites
 
     wanted = set(nodes)
-    scaled = scaled_nodes(model.proto, adapter) & wanted
+    scaled = scaled_nodes(model.ir_model, adapter) & wanted
     sites = [site for site in scan_sites(model, tuple(SITE_OPS)).sites if site.node in wanted]
     folds = find_folded(model, sites)
     if not folds and not scaled:

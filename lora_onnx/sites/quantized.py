@@ -266,7 +266,7 @@ def _drop_unused_initializers(graph: ir.Graph, source: ir.Graph) -> None:
 def has_quantized_branches(model: LoadedModel, adapters: Collection[str] | None = None) -> bool:
     """Whether a branch of ``adapters`` (all when None) sits on a quantized weight (its fold then needs
     ``dequantize``)."""
-    branches = [b for b in read_branches(model.proto) if adapters is None or b.adapter in adapters]
+    branches = [b for b in read_branches(model.ir_model) if adapters is None or b.adapter in adapters]
     if not branches:
         return False
     nodes = nodes_by_name(model.ir_view().graph)
@@ -279,10 +279,10 @@ def without_deltas(model: LoadedModel) -> LoadedModel:
     """
     initializers = {t.name: t for t in model.proto.graph.initializer}
     overrides = {}
-    for branch in read_branches(model.proto):
+    for branch in read_branches(model.ir_model):
         tensor = initializers.get(branch.b)
         if tensor is None:  # not a constant (a graph input): nothing to zero
             continue
         shape, dtype = shape_of(tensor), np_dtype(tensor.data_type)
         overrides[branch.b] = lambda shape=shape, dtype=dtype: np.zeros(shape, dtype)
-    return model.with_proto(model.proto, overrides)
+    return model.with_overrides(overrides)

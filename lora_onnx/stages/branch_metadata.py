@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from lora_onnx.model.graph import nodes_by_name
@@ -34,52 +32,31 @@ def branch_tag(branch: BranchRecord) -> str:
     return f"{branch.adapter}@{branch.site}"
 
 
-def scope_of(node: ir.Node | onnx.NodeProto) -> dict[str, str]:
+def scope_of(node: ir.Node) -> dict[str, str]:
     """The exporter scope metadata of ``node`` (empty for models from other exporters)."""
-    if isinstance(node, ir.Node):
-        return {key: value for key, value in node.metadata_props.items() if key in SCOPE_KEYS}
-    return {entry.key: entry.value for entry in node.metadata_props if entry.key in SCOPE_KEYS}
+    return {key: value for key, value in node.metadata_props.items() if key in SCOPE_KEYS}
 
 
-def _stamp(node: ir.Node | onnx.NodeProto, values: Mapping[str, str]) -> None:
-    if isinstance(node, ir.Node):
-        node.metadata_props.update(values)
-        return
-    keep = [entry for entry in node.metadata_props if entry.key not in values]
-    del node.metadata_props[:]
-    node.metadata_props.extend(keep)
-    for key, value in values.items():
-        node.metadata_props.add(key=key, value=value)
-
-
-def _nodes(graph: ir.Graph | onnx.GraphProto) -> dict[str, Any]:
-    if isinstance(graph, ir.Graph):
-        return nodes_by_name(graph)
-    return {node.name: node for node in graph.node}
-
-
-def stamp_branches(graph: ir.Graph | onnx.GraphProto, branches: Iterable[BranchRecord]) -> None:
+def stamp_branches(graph: ir.Graph, branches: Iterable[BranchRecord]) -> None:
     """Give every node of ``branches`` its base node's scope and its branch tag (in place)."""
-    nodes = _nodes(graph)
+    nodes = nodes_by_name(graph)
     for branch in branches:
         base = nodes.get(branch.site)
         values = {**(scope_of(base) if base is not None else {}), BRANCH_KEY: branch_tag(branch)}
         for name in branch.nodes:
             if name in nodes and name != branch.site:
-                _stamp(nodes[name], values)
+                nodes[name].metadata_props.update(values)
 
 
-def stamp_shared(
-    graph: ir.Graph | onnx.GraphProto, names: Iterable[str], branches: Sequence[BranchRecord]
-) -> None:
+def stamp_shared(graph: ir.Graph, names: Iterable[str], branches: Sequence[BranchRecord]) -> None:
     """Tag nodes shared by ``branches`` :data:`SHARED`, with the scope all their base nodes have in common
     (the innermost module holding every one of them)."""
-    nodes = _nodes(graph)
+    nodes = nodes_by_name(graph)
     scopes = [scope_of(nodes[b.site]) for b in branches if b.site in nodes]
     values = {**_common_scope(scopes), BRANCH_KEY: SHARED}
     for name in names:
         if name in nodes:
-            _stamp(nodes[name], values)
+            nodes[name].metadata_props.update(values)
 
 
 def _common_scope(scopes: Sequence[Mapping[str, str]]) -> dict[str, str]:

@@ -34,7 +34,7 @@ from lora_onnx.kinds.deltas import dense_delta as dense_delta
 from lora_onnx.kinds.deltas import folded_weight
 from lora_onnx.model import streaming
 from lora_onnx.model.dequantize import DEQUANTIZE_OPS
-from lora_onnx.model.graph import nodes_by_name, take_over, to_ir, to_proto, values_by_name
+from lora_onnx.model.graph import nodes_by_name, take_over, values_by_name
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.weights import PASS_THROUGH_OPS
@@ -136,7 +136,7 @@ class FoldBranches(Stage):
         self.adapters, self.partial, self.dequantize, self.remedy = adapters, partial, dequantize, remedy
 
     def _chosen(self, model: LoadedModel) -> tuple[tuple[BranchRecord, ...], list[BranchRecord]]:
-        branches = read_branches(model.proto)
+        branches = read_branches(model.ir_model)
         return branches, [b for b in branches if self.adapters is None or b.adapter in self.adapters]
 
     def requires(self, model: LoadedModel) -> None:
@@ -181,9 +181,8 @@ class FoldBranches(Stage):
         producers = _weight_producers(model, folding, sources, untied)
         for variant, group in by_variant(folding).items():
             producers.update(variant.fold_beside_weight(model, graph, group))
-        proto = to_proto(rewritten)
-        write_branches(proto, remaining)
-        folded = model.with_proto(proto, producers)
+        write_branches(rewritten, remaining)
+        folded = model.with_ir(rewritten, producers)
         return FoldResult(folded, tuple(folding), kept=kept, untied=tuple(untied), modified=bool(folding))
 
 
@@ -260,19 +259,13 @@ def _weight_refusal(weight: str, branches: Sequence[BranchRecord]) -> str | None
 
 
 def remove_branches(
-    graph: ir.Graph | onnx.ModelProto, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
+    graph: ir.Graph, folding: Sequence[BranchRecord], remaining: Sequence[BranchRecord]
 ) -> None:
     """Take ``folding``'s nodes and tensors out of ``graph`` (in place), reconnecting each base output.
 
     No weight changes here: folding pairs it with new weight values; :mod:`lora_onnx.stages.slots` uses it
-    alone to drop LoRA slots (which add zeros when no adapter is active). A ``ModelProto`` (of a stage not
-    yet on onnx-ir: slots, stacked) is edited through an onnx-ir copy whose graph is written back into it.
+    alone to drop LoRA slots (which add zeros when no adapter is active).
     """
-    if isinstance(graph, onnx.ModelProto):
-        edited = to_ir(graph)
-        remove_branches(edited.graph, folding, remaining)
-        graph.graph.CopyFrom(to_proto(edited).graph)  # the GraphProto in place: callers hold it
-        return
     values = values_by_name(graph)
     nodes = nodes_by_name(graph)
     for branch in folding:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.kinds import kind_of
 from lora_onnx.kinds.base import BranchNames, NodeMaker
-from lora_onnx.model.graph import FreshNames, add_initializer, take_over, to_proto, values_by_name
+from lora_onnx.model.graph import FreshNames, add_initializer, take_over, values_by_name
 from lora_onnx.model.load import LoadedModel, TensorProducer
 from lora_onnx.model.manifest import BranchRecord, read_branches, write_branches
 from lora_onnx.model.tensors import make_deferred, make_tensor, np_dtype
@@ -95,9 +95,8 @@ class InsertBranches(Stage):
                     known[name] = add_initializer(graph, make_tensor(name, value, plan.site.dtype))
         records = tuple(_insert(graph, names, known, plan, self.zero_init) for plan in plans)
         stamp_branches(graph, records)
-        proto = to_proto(rewritten)
-        write_branches(proto, read_branches(proto) + records)
-        return StageResult(model.with_proto(proto, deferred), records, modified=bool(records))
+        write_branches(rewritten, read_branches(rewritten) + records)
+        return StageResult(model.with_ir(rewritten, deferred), records, modified=bool(records))
 
 
 def _insert(

@@ -84,7 +84,7 @@ def slot_records(model: LoadedModel, adapter: str | None = None) -> tuple[Branch
     onnxruntime's LoRA test model): those are recognised from the graph
     (:mod:`lora_onnx.stages.foreign_slots`).
     """
-    slots = records_of(read_branches(model.proto), SlotBranch)
+    slots = records_of(read_branches(model.ir_model), SlotBranch)
     if not slots:
         slots = foreign_slot_records(model)
     return tuple(b for b in slots if adapter is None or b.adapter == adapter)

@@ -73,7 +73,7 @@ def check_peft_folder(folder: Path, reads: Sequence[Path]) -> None:
 def peft_export(loaded: LoadedModel, adapter: str | None = None, *, prefix: str = "") -> PeftExport:
     """``adapter`` (the model's only one when None) of ``loaded`` as a :class:`PeftExport`. ``prefix`` goes
     in front of every module path (a pipeline component's ``"unet."``; paths already under it are kept)."""
-    branches = read_branches(loaded.proto)
+    branches = read_branches(loaded.ir_model)
     names = adapter_names(branches)
     if not branches:
         raise AdapterError(f"{loaded.name} carries no LoRA branches to export")
@@ -90,12 +90,12 @@ def peft_export(loaded: LoadedModel, adapter: str | None = None, *, prefix: str 
     ]
     tensors = peft_tensors(loaded, chosen)
     # modules_to_save go back under the keys they were imported with (the replacing tensors' values).
-    for saved in read_saved(loaded.proto, adapter):
+    for saved in read_saved(loaded.ir_model, adapter):
         key = saved.key
         if prefix and key.startswith(PEFT_PREFIX):
             key = PEFT_PREFIX + _prefixed(prefix, key.removeprefix(PEFT_PREFIX))
         tensors[key] = saved.to_peft(loaded.array(saved.name))
-    return PeftExport(tensors, read_peft_config(loaded.proto, adapter), tuple(chosen))
+    return PeftExport(tensors, read_peft_config(loaded.ir_model, adapter), tuple(chosen))
 
 
 def _prefixed(prefix: str, path: str) -> str:

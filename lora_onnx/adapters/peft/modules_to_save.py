@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from lora_onnx.adapters.peft.mapping import AdapterModule, graph_path_of, strip_prefix
@@ -46,7 +45,7 @@ from lora_onnx.model.graph import (
     values_by_name,
 )
 from lora_onnx.model.load import LoadedModel
-from lora_onnx.model.manifest import ADAPTER_METADATA_PREFIXES
+from lora_onnx.model.manifest import ADAPTER_METADATA_PREFIXES, ModelMetadata, metadata_entries
 from lora_onnx.model.module_paths import module_path
 from lora_onnx.model.tensors import make_deferred, np_dtype
 from lora_onnx.model.weights import WeightRef, resolve_weight
@@ -399,10 +398,10 @@ def replace_saved(
     producers = {}
     released: list[ir.Value] = []
     earlier = {
-        t.name: entry.key.removeprefix(SAVED_KEY_PREFIX)
-        for entry in model.proto.metadata_props
-        if entry.key.startswith(SAVED_KEY_PREFIX)
-        for t in read_saved(model.proto, entry.key.removeprefix(SAVED_KEY_PREFIX))
+        t.name: key.removeprefix(SAVED_KEY_PREFIX)
+        for key, _ in metadata_entries(model.ir_model)
+        if key.startswith(SAVED_KEY_PREFIX)
+        for t in read_saved(model.ir_model, key.removeprefix(SAVED_KEY_PREFIX))
     }
     for tensor in saved:
         names.reserve(tensor.name)
@@ -462,24 +461,24 @@ def write_saved(model: ir.Model, adapter: str, saved: Sequence[SavedTensor]) -> 
     model.metadata_props[key] = json.dumps([tensor.to_json() for tensor in saved], separators=(",", ":"))
 
 
-def read_saved(proto: onnx.ModelProto, adapter: str) -> tuple[SavedTensor, ...]:
-    """The tensors ``adapter``'s modules_to_save replaced in ``proto`` (empty when none)."""
-    for entry in proto.metadata_props:
-        if entry.key == SAVED_KEY_PREFIX + adapter:
+def read_saved(model: ModelMetadata, adapter: str) -> tuple[SavedTensor, ...]:
+    """The tensors ``adapter``'s modules_to_save replaced in ``model`` (empty when none)."""
+    for key, text in metadata_entries(model):
+        if key == SAVED_KEY_PREFIX + adapter:
             try:
-                data = json_input.loads(entry.value)
+                data = json_input.loads(text)
                 if not isinstance(data, list):
                     raise ValueError("expected a list")
                 return tuple(SavedTensor.from_json(item) for item in data)
             except ValueError as exc:
-                raise LoraOnnxError(f"the model's {entry.key} metadata is unreadable: {exc}") from exc
+                raise LoraOnnxError(f"the model's {key} metadata is unreadable: {exc}") from exc
     return ()
 
 
 def refuse_saved_modules(model: LoadedModel, adapter: str) -> None:
     """Refuse to export ``adapter`` as slot tensors when its modules_to_save replaced base tensors: an
     adapter file holds LoRA tensors only, so the head would silently stay the base's."""
-    saved = read_saved(model.proto, adapter)
+    saved = read_saved(model.ir_model, adapter)
     if saved:
         modules = ", ".join(dict.fromkeys(tensor.module for tensor in saved))
         raise AdapterError(

@@ -28,7 +28,6 @@ from lora_onnx.model.graph import (
     add_initializer,
     nodes_by_name,
     take_over,
-    to_proto,
     values_by_name,
 )
 from lora_onnx.model.load import LoadedModel
@@ -94,14 +93,13 @@ def _insert_peft_branches(model: LoadedModel, peft: PeftPlan) -> StageResult:
             )
         )
     stamp_branches(graph, updated)
-    proto = to_proto(extended)
-    kept = read_branches(proto)[: -len(records) or None]
-    write_branches(proto, (*kept, *updated))
+    kept = read_branches(extended)[: -len(records) or None]
+    write_branches(extended, (*kept, *updated))
     if peft.config is not None:
-        write_peft_config(proto, plans[0].adapter, dict(peft.config.raw))
+        write_peft_config(extended, plans[0].adapter, dict(peft.config.raw))
     if peft.scaled:
-        mark_scaled(proto, plans[0].adapter, peft.scaled)
-    return StageResult(rewritten.with_proto(proto), tuple(updated), warnings=peft.plan.warnings)
+        mark_scaled(extended, plans[0].adapter, peft.scaled)
+    return StageResult(rewritten.with_ir(extended), tuple(updated), warnings=peft.plan.warnings)
 
 
 def _add_lora_bias(
