@@ -124,6 +124,7 @@ def test_take_over_keeps_every_reader_and_graph_output() -> None:
     add = make.node("Add", [base.name, "one"], ["y"], names("add"))
     take_over(base, add.outputs[0], keep=[add])
     graph.insert_after(base.producer(), make.nodes)
+    assert base.shape is None and add.outputs[0].shape == ir.Shape([3])  # the declared shape moved
     back = to_proto(rewritten)
     assert [o.name for o in back.graph.output] == ["y", "z"]
     assert back.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT

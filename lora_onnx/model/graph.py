@@ -110,8 +110,13 @@ def add_initializer(graph: ir.Graph, tensor: onnx.TensorProto) -> ir.Value:
 
 def take_over(old: ir.Value, new: ir.Value, *, keep: Collection[ir.Node] = ()) -> None:
     """Make ``new`` replace ``old`` for every reader except the nodes in ``keep`` (the branch that reads
-    ``old``), graph outputs included; ``new`` takes ``old``'s type, shape and metadata."""
+    ``old``), graph outputs included; ``new`` takes ``old``'s type, shape and metadata.
+
+    The declared shape moves rather than copies: a graph output may declare a fixed batch its inputs do not,
+    and onnxruntime would fold a ``Shape`` of ``old`` (a mixed branch reads one) into that constant.
+    """
     new.type, new.shape = old.type, old.shape
+    old.shape = None
     new.doc_string = old.doc_string
     for key, item in old.metadata_props.items():
         new.metadata_props[key] = item

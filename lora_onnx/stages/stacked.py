@@ -441,10 +441,7 @@ def _insert_mixed(
         base_value.name = base
         builder.values[base] = builder.values.pop(join)
         item.form_kind.build_mixed(builder, item, data, base, join, make)
-        take_over(base_value, builder.values[join], keep=make.nodes)
-        # The join's declared shape stays with the join only: a graph output may declare a fixed batch its
-        # inputs do not (onnxruntime would then fold the branch's Shape(base) into that constant).
-        base_value.shape = None
+        take_over(base_value, builder.values[join], keep=make.nodes)  # the declared shape moves too
         after.setdefault(id(producer), (producer, []))[1].extend(make.nodes)
         records.append(
             BranchRecord(
