@@ -25,6 +25,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lora_onnx.common.deferred_imports import defer
+
+defer()  # before onnx-ir is imported (lora_onnx.common.deferred_imports says why)
+
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time they load on first use
     from lora_onnx.adapters.check import AdapterCheck, check_adapter
     from lora_onnx.adapters.files import read_adapter_file, write_adapter_file
