@@ -50,6 +50,13 @@ _PRELUDE = """
 import json, os, resource, subprocess, sys, time
 args = json.loads(sys.argv[1])
 def rss_mb(who=resource.RUSAGE_SELF):
+    # Linux keeps ru_maxrss across execve, so a fresh interpreter would report its parent's (the bench's)
+    # peak; VmHWM is this process's own.
+    if who == resource.RUSAGE_SELF and os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     return resource.getrusage(who).ru_maxrss / 1024
 def cpu_s(who=resource.RUSAGE_SELF):
     usage = resource.getrusage(who)
