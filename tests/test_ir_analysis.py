@@ -8,6 +8,7 @@ from onnx import TensorProto, helper
 
 from lora_onnx import find_sites
 from lora_onnx.commands.inject import inject
+from lora_onnx.kinds.matmul import INFERRED_RANK
 from lora_onnx.model.graph import nodes_by_name, to_ir, values_by_name
 from lora_onnx.model.load import load_model
 from lora_onnx.model.weights import WeightRef, resolve_weight, source_value
@@ -34,9 +35,10 @@ def test_resolve_weight_follows_producers_to_the_initializer() -> None:
     assert resolve_weight(None) == "input '' is a graph input, not a constant weight"
 
 
-def test_find_sites_infers_ranks_on_its_own_copy_not_the_shared_view() -> None:
+def test_find_sites_infers_ranks_without_changing_the_shared_view() -> None:
     # The MatMul's data input has no declared shape (as TorchScript exports leave it): shape inference
-    # finds it 3-D, so the branch joins before the bias Add; the shared view must stay as loaded.
+    # finds it 3-D, so the branch joins before the bias Add; the shared view's graph stays as loaded (the
+    # rank is kept in the value's meta, which is never serialised).
     nodes = [
         helper.make_node("Relu", ["x"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "W"], ["mm"], name="mm_node"),
@@ -49,6 +51,8 @@ def test_find_sites_infers_ranks_on_its_own_copy_not_the_shared_view() -> None:
     (site,) = find_sites(loaded, ["matmul"]).sites
     assert (site.output, site.bias_add, site.data_input) == ("mm", "bias_add", "r")
     assert values_by_name(view.graph)["r"].shape is None
+    assert values_by_name(view.graph)["r"].meta[INFERRED_RANK] == 3
+    assert "r" not in {info.name for info in loaded.proto.graph.value_info}
 
 
 def test_a_matmul_output_read_inside_a_subgraph_is_where_the_branch_joins() -> None:

@@ -53,10 +53,18 @@ def dense_weight(node: ir.Node) -> WeightRef | str:
     return weight
 
 
+#: ``ir.Value.meta`` key of a rank onnx shape inference found for a value the graph does not annotate
+#: (:func:`lora_onnx.sites.find.find_sites` records it; meta is not serialised, the graph is unchanged).
+INFERRED_RANK = "lora_onnx.inferred_rank"
+
+
 def data_rank(value: ir.Value | None) -> int | None:
-    """The rank the graph declares for ``value`` (its type's shape), None when unknown."""
-    if value is None or value.shape is None:
+    """The rank the graph declares for ``value`` (its type's shape) or shape inference found for it, None
+    when unknown."""
+    if value is None:
         return None
+    if value.shape is None:
+        return value.meta.get(INFERRED_RANK)
     return len(value.shape)
 
 

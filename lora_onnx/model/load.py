@@ -88,6 +88,11 @@ class LoadedModel:
 
     def external_refs(self) -> dict[str, ExternalRef]:
         """Tensor name -> where its bytes live, for tensors stored as external data."""
+        return dict(self._external_refs)
+
+    @cached_property
+    def _external_refs(self) -> dict[str, ExternalRef]:
+        # Worked out once per record (it never changes): the save and the output checks ask several times.
         refs = {}
         for tensor in all_tensors(self.proto.graph):
             ref = external_ref(tensor)
@@ -96,10 +101,15 @@ class LoadedModel:
         return refs
 
     def initializer(self, name: str) -> onnx.TensorProto:
+        """The initializer ``name`` as a ``TensorProto`` (KeyError when the graph has none)."""
+        return self._initializers[name]
+
+    @cached_property
+    def _initializers(self) -> dict[str, onnx.TensorProto]:
+        found: dict[str, onnx.TensorProto] = {}
         for tensor in self.proto.graph.initializer:
-            if tensor.name == name:
-                return tensor
-        raise KeyError(name)
+            found.setdefault(tensor.name, tensor)  # the first of a repeated name, as before
+        return found
 
     def array(self, name: str) -> np.ndarray:
         """An initializer's current value (an override's, else read or memory-mapped from the source)."""

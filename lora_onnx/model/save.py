@@ -103,10 +103,13 @@ def _shared_data(output: Path, writes: list[Path]) -> None:
         except Exception:  # not a model onnx can read: it refers to nothing
             continue
         for tensor in all_tensors(proto.graph):
-            ref = external_ref(tensor)
-            if ref is not None and ref.location in existing:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            # the location as written is what names the file (that model's own load checks the rest)
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location in existing:
                 raise OutputError(
-                    f"{other} refers to {output.parent / ref.location}, which writing {output} would "
+                    f"{other} refers to {output.parent / location}, which writing {output} would "
                     "replace; choose another output name (or move that model away first)"
                 )
 

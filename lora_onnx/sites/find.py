@@ -22,7 +22,7 @@ from onnx_ir import serde
 from lora_onnx.common.constants import OP_KEYS
 from lora_onnx.errors import LoraOnnxError
 from lora_onnx.kinds import all_kinds, kind_for_node, kind_of
-from lora_onnx.kinds.matmul import data_rank
+from lora_onnx.kinds.matmul import INFERRED_RANK, data_rank
 from lora_onnx.kinds.site import ConvAttrs, GemmAttrs, Site, SiteScan, Skipped  # noqa: F401  (re-exported)
 from lora_onnx.model.load import LoadedModel, ModelLike, load_model
 from lora_onnx.model.manifest import BranchRecord, adapter_names, read_branches
@@ -44,10 +44,10 @@ def find_sites(
     ``ignore_nodes`` are left out entirely (the nodes of existing LoRA branches).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    ir_model = loaded.to_ir()  # this scan's own copy: inferred ranks go onto its values
-    graph = ir_model.graph
     kinds = [kind for kind in all_kinds() if kind.key in ops]
-    _infer_missing_ranks(graph, loaded.proto, {k.op_type for k in kinds if k.wants_data_rank})
+    rank_ops = {k.op_type for k in kinds if k.wants_data_rank}
+    graph = loaded.ir_view().graph
+    _infer_missing_ranks(graph, loaded.proto, rank_ops)
     op_types = {kind.op_type for kind in kinds}
     twins = {twin: kind for kind in kinds for twin in kind.integer_twins}
     sites: list[Site] = []
@@ -70,7 +70,7 @@ def find_sites(
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             skipped.append(Skipped(node.name, node.op_type, module_path(node, weight), found))
     # Nodes the rewrite cannot reach (subgraph bodies, model-local functions) are listed, never dropped.
-    for node, where in _unreachable_nodes(ir_model):
+    for node, where in _unreachable_nodes(loaded.ir_view()):
         if node.op_type in op_types or node.op_type in twins:
             path = module_path(node, _weight_input(node))
             reason = f"{where}: subgraphs and function bodies are not rewritten, only the main graph"
@@ -124,16 +124,22 @@ def _subgraph_nodes(nodes: Iterable[ir.Node], outer: str) -> Iterator[tuple[ir.N
                 yield from _subgraph_nodes(sub, f" ({where})")
 
 
-def _infer_missing_ranks(graph: ir.Graph, proto: onnx.ModelProto, op_types: Collection[str]) -> None:
-    """Ranks of MatMul data inputs the graph does not annotate (TorchScript exports), from onnx shape
-    inference on the graph-only model (metadata only), set as the shapes of ``graph``'s values."""
-    wanted = {
+def _missing_ranks(graph: ir.Graph, op_types: Collection[str]) -> dict[str, ir.Value]:
+    """The data inputs of ``op_types`` nodes whose rank the graph does not annotate, by name."""
+    return {
         value.name: value
         for node in graph
         if node.op_type in op_types and node.inputs
         for value in node.inputs[:1]
-        if value is not None and data_rank(value) is None
+        if value is not None and value.name is not None and data_rank(value) is None
     }
+
+
+def _infer_missing_ranks(graph: ir.Graph, proto: onnx.ModelProto, op_types: Collection[str]) -> None:
+    """Ranks of MatMul data inputs the graph does not annotate (TorchScript exports), from onnx shape
+    inference on the graph-only model (metadata only), kept in their values' meta (:data:`INFERRED_RANK`:
+    the graph itself is not changed, and a later scan of the same model finds them there)."""
+    wanted = _missing_ranks(graph, op_types)
     if not wanted:
         return
     try:
@@ -144,7 +150,7 @@ def _infer_missing_ranks(graph: ir.Graph, proto: onnx.ModelProto, op_types: Coll
         if info.name in wanted:
             shape = serde.deserialize_type_proto_for_shape(info.type)
             if shape is not None:
-                wanted[info.name].shape = shape
+                wanted[info.name].meta[INFERRED_RANK] = len(shape)
 
 
 def source_layout(site: Site) -> str:

@@ -176,7 +176,8 @@ class FoldBranches(Stage):
         untied = untie(graph, source, {w: g for w, g in groups.items() if w not in refused}, adapter)
         remaining = retarget(remaining, untied)
         sources: dict[str, streaming.FloatSource] = {}
-        if any(quantized.quantized_weight(nodes_by_name(source), branch) is not None for branch in folding):
+        source_nodes = nodes_by_name(source)
+        if any(quantized.quantized_weight(source_nodes, branch) is not None for branch in folding):
             sources = quantized.dequantize_folded(graph, source, model, folding)
         producers = _weight_producers(model, folding, sources, untied)
         for variant, group in by_variant(folding).items():
