@@ -478,25 +478,34 @@ def _file_record(
 
 def _folder_failed(job: ModelJob, error: str, seconds: float, trace: str | None = None) -> JobResult:
     """Every model file of a folder unit failed with the folder's ``error`` (nothing was written)."""
-    share = seconds / job.model_count
-    models = tuple(
-        ModelReport(
-            job.model_path(model),
-            str(job.source / model),
-            str(job.output / model),
-            "failed",
-            seconds=share,
-            error=error,
-            traceback=trace,
-            folder=job.path,
-        )
-        for model in job.models
-    )
+    models = _unit_models(job, "failed", seconds, error=error, traceback=trace)
     folder = FolderReport(
         job.path, str(job.source), str(job.output), "failed", tuple(m.path for m in models), error=error,
         seconds=seconds,
     )  # fmt: skip
     return JobResult(models, folder)
+
+
+def _unit_models(
+    job: ModelJob, status: str, seconds: float, sites: Sequence[int] = (), **fields: Any
+) -> tuple[ModelReport, ...]:
+    """One record per model file of a folder unit, all with the unit's ``status`` and an equal share of
+    its ``seconds`` (``sites``: per file, in order; ``fields``: the same for every file)."""
+    share = seconds / job.model_count
+    counts = list(sites) or [0] * job.model_count
+    return tuple(
+        ModelReport(
+            job.model_path(model),
+            str(job.source / model),
+            str(job.output / model),
+            status,
+            seconds=share,
+            sites=count,
+            folder=job.path,
+            **fields,
+        )
+        for model, count in zip(job.models, counts, strict=True)
+    )
 
 
 def convert_folder(job: ModelJob, options: BatchOptions) -> JobResult:
@@ -508,19 +517,8 @@ def convert_folder(job: ModelJob, options: BatchOptions) -> JobResult:
         if options.skip_existing:
             existing = [_existing_sites(job.output / model) for model in job.models]
             if all(sites is not None for sites in existing):
-                share = (time.perf_counter() - start) / job.model_count
-                models = tuple(
-                    ModelReport(
-                        job.model_path(model),
-                        str(job.source / model),
-                        str(job.output / model),
-                        "skipped",
-                        seconds=share,
-                        sites=sites or 0,
-                        folder=job.path,
-                    )
-                    for model, sites in zip(job.models, existing, strict=True)
-                )
+                counts = [sites or 0 for sites in existing]
+                models = _unit_models(job, "skipped", time.perf_counter() - start, counts)
                 folder = FolderReport(
                     job.path, str(job.source), str(job.output), "skipped", tuple(m.path for m in models),
                     seconds=time.perf_counter() - start,

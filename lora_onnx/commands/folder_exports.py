@@ -39,7 +39,7 @@ from lora_onnx.adapters.peft.export import (
 )
 from lora_onnx.adapters.peft.mapping import PEFT_PREFIX, AdapterModule
 from lora_onnx.adapters.peft.planning import PEFT_OPS
-from lora_onnx.commands.folders import _adapter_modules, _load, _part, _route_lora_file
+from lora_onnx.commands.folders import FolderSource, _adapter_modules, _load, _part, _route_lora_file
 from lora_onnx.commands.swap import model_slot_tensors, peft_slot_tensors, write_export
 from lora_onnx.common.atomic import check_outputs
 from lora_onnx.errors import AdapterError, LoraOnnxError, OutputError
@@ -49,8 +49,6 @@ from lora_onnx.model.save import model_inputs
 from lora_onnx.sites.find import scan_sites
 from lora_onnx.stages.slots import base_view, slot_records
 from lora_onnx.variants import variant_for
-
-FolderSource = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 @dataclass(frozen=True)
