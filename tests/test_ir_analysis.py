@@ -46,8 +46,8 @@ def test_find_sites_infers_ranks_without_changing_the_shared_view() -> None:
     ]
     weights = {"W": rng_array((4, 3)), "b": np.zeros(3, np.float32)}
     loaded = load_model(make_model(nodes, {"x": (TensorProto.FLOAT, [1, 2, 4])}, ["y"], weights))
-    view = loaded.ir_view()
-    assert loaded.ir_view() is view
+    view = loaded.ir_model
+    assert loaded.ir_model is view
     (site,) = find_sites(loaded, ["matmul"]).sites
     assert (site.output, site.bias_add, site.data_input) == ("mm", "bias_add", "r")
     assert values_by_name(view.graph)["r"].shape is None

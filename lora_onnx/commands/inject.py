@@ -113,7 +113,7 @@ def inject(
         check_output_paths(source, output)
     refuse_existing_adapter(source, config.adapter_name)
     scan = scan_sites(source, config.ops)
-    plan = plan_branches(scan, config, FreshNames(source.ir_view().graph)).require_branches()
+    plan = plan_branches(scan, config, FreshNames(source.ir_model.graph)).require_branches()
     # A model that keeps its weights outside the .onnx (the large ones) gets deferred LoRA tensors: each is
     # generated when it is written, so a rank-64 adapter on an LLM (~100s of MB) is never in memory whole.
     defer = bool(source.external_refs())

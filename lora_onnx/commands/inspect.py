@@ -73,7 +73,7 @@ def inspect_model(model: ModelLike, config: LoraConfig | None = None) -> Inspect
     config = config or LoraConfig()
     loaded = load_model(model)
     scan = scan_sites(loaded, config.ops)
-    plan = plan_branches(scan, config, FreshNames(loaded.ir_view().graph))
+    plan = plan_branches(scan, config, FreshNames(loaded.ir_model.graph))
     if not plan.branches and scan.sites and not config.targets.selects_everything:
         plan.require_branches()  # a target that matches nothing is the user's mistake: say so
     rows = tuple(

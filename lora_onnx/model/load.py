@@ -131,11 +131,6 @@ class LoadedModel:
         """The graph as an onnx-ir model a stage can rewrite: a copy (tensors shared, never edited)."""
         return self.ir_model.clone()
 
-    def ir_view(self) -> ir.Model:
-        """The record's own onnx-ir model, for look-ups (use-def chains, metadata): never edit it
-        (:meth:`to_ir` gives a copy to rewrite)."""
-        return self.ir_model
-
     def with_ir(self, model: ir.Model, overrides: Mapping[str, TensorProducer] | None = None) -> LoadedModel:
         """:meth:`with_proto` for a graph a stage rewrote in onnx-ir (which the new record then owns)."""
         present = set(model.graph.initializers)

@@ -46,7 +46,7 @@ def find_sites(
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     kinds = [kind for kind in all_kinds() if kind.key in ops]
     rank_ops = {k.op_type for k in kinds if k.wants_data_rank}
-    graph = loaded.ir_view().graph
+    graph = loaded.ir_model.graph
     _infer_missing_ranks(graph, loaded.proto, rank_ops)
     op_types = {kind.op_type for kind in kinds}
     twins = {twin: kind for kind in kinds for twin in kind.integer_twins}
@@ -70,7 +70,7 @@ def find_sites(
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             skipped.append(Skipped(node.name, node.op_type, module_path(node, weight), found))
     # Nodes the rewrite cannot reach (subgraph bodies, model-local functions) are listed, never dropped.
-    for node, where in _unreachable_nodes(loaded.ir_view()):
+    for node, where in _unreachable_nodes(loaded.ir_model):
         if node.op_type in op_types or node.op_type in twins:
             path = module_path(node, _weight_input(node))
             reason = f"{where}: subgraphs and function bodies are not rewritten, only the main graph"

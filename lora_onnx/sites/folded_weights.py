@@ -124,7 +124,7 @@ def folded_weight(nodes: Mapping[str, ir.Node], site: Site) -> FoldedWeight | No
 
 def find_folded(model: LoadedModel, sites: Iterable[Site]) -> tuple[FoldedWeight, ...]:
     """Every site of ``sites`` whose weight the graph shows as folded by the exporter."""
-    nodes = nodes_by_name(model.ir_view().graph)
+    nodes = nodes_by_name(model.ir_model.graph)
     found = (folded_weight(nodes, site) for site in sites)
     return tuple(fold for fold in found if fold is not None)
 

@@ -127,7 +127,7 @@ def fold_refusals(
     graph: ir.Graph, chosen: Sequence[BranchRecord], dequantize: bool
 ) -> dict[BranchRecord, str]:
     """Branches on quantized weights that cannot be folded (all of them unless ``dequantize``), and why
-    (``graph``: the model's graph, read only, e.g. :meth:`LoadedModel.ir_view`)."""
+    (``graph``: the model's graph, read only, e.g. ``LoadedModel.ir_model``)."""
     nodes, values = nodes_by_name(graph), values_by_name(graph)
     reasons: dict[BranchRecord, str] = {}
     for branch in chosen:
@@ -152,7 +152,7 @@ def dequantize_folded(
 ) -> dict[str, FloatSource]:
     """Make every quantized weight among ``folding`` a float weight in ``graph`` (edited in place).
 
-    ``source`` is the graph of ``model`` as loaded, read only (:meth:`LoadedModel.ir_view`): the weights'
+    ``source`` is the graph of ``model`` as loaded, read only (``LoadedModel.ir_model``): the weights'
     quantization is traced there. Removes each DequantizeLinear (its readers read the weight directly)
     and replaces each MatMulNBits by a MatMul (+ Add for a bias); gives the weight initializer its float
     type (and, for MatMulNBits, the shape (K, N)); drops scales and zero points no node uses any more.
@@ -269,7 +269,7 @@ def has_quantized_branches(model: LoadedModel, adapters: Collection[str] | None 
     branches = [b for b in read_branches(model.ir_model) if adapters is None or b.adapter in adapters]
     if not branches:
         return False
-    nodes = nodes_by_name(model.ir_view().graph)
+    nodes = nodes_by_name(model.ir_model.graph)
     return any(quantized_weight(nodes, branch) is not None for branch in branches)
 
 

@@ -151,7 +151,7 @@ class FoldBranches(Stage):
 
     def call(self, model: LoadedModel) -> FoldResult:
         branches, chosen = self._chosen(model)
-        source = model.ir_view().graph  # weights are traced on the input as it is
+        source = model.ir_model.graph  # weights are traced on the input as it is
         rewritten = model.to_ir()  # read as the input is, then rewritten once every refusal is known
         graph = rewritten.graph
         groups: dict[str, list[tuple[frozenset[str], tuple[str, ...]]]] = {}

@@ -100,7 +100,7 @@ def fold_lora_biases(
     includes ``s * lora_B.bias``; returns producers for biases changed in place (run at save time)."""
     if not branches:
         return {}
-    source = values_by_name(model.ir_view().graph)  # the fold's input: bias inputs are traced there
+    source = values_by_name(model.ir_model.graph)  # the fold's input: bias inputs are traced there
     names = FreshNames(graph)
     nodes = nodes_by_name(graph)
     shared: dict[str, list[tuple[ir.Node, int, BranchRecord, WeightRef]]] = defaultdict(list)

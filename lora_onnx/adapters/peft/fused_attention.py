@@ -104,7 +104,7 @@ class FusedDelta:
 def find_fused_attention(model: LoadedModel, scan: SiteScan) -> tuple[FusedAttention, ...]:
     """Every fused Attention node with a constant packed 2-D weight, in graph order."""
     found: list[FusedAttention] = []
-    for node in model.ir_view().graph:
+    for node in model.ir_model.graph:
         if node.op_type != FUSED_OP or node.domain != FUSED_DOMAIN or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]

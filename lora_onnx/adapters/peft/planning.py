@@ -193,7 +193,7 @@ def plan_peft_adapter(
         left_out = unmatched_modules(modules, matches)
         skipped_keys = tuple(key for module in left_out for key in module.keys.values())
         scalings = _scalings(loaded, matches, base_weights, source)
-        graph = loaded.ir_view().graph
+        graph = loaded.ir_model.graph
         position = {node.name: number for number, node in enumerate(graph)}
         planner = _Planner(loaded, graph, config, weights, adapter_name, scalings)
         for match in sorted(matches, key=lambda m: min(position[s.node] for s in m.sites)):
